@@ -1,0 +1,16 @@
+//! torpor: an io_uring, thread-per-core gateway between clients and actors hosted by runners.
+//!
+//! Layers (see ARCHITECTURE.md): the sans-IO core (`ws`, `http`, `protocol`, `tunnel`,
+//! `engine`) decides everything and never touches a socket, clock or thread; the shell
+//! (`shard`, `net`) owns sockets, timers and threads and pumps events through the core.
+
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod net;
+pub mod protocol;
+pub mod runner;
+pub mod shard;
+pub mod tunnel;
+pub mod ws;

@@ -1,0 +1,1 @@
+//! shard (placeholder; filled in by its owner).

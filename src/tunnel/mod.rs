@@ -1,0 +1,1 @@
+//! tunnel (placeholder; filled in by its owner).

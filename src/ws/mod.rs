@@ -1,0 +1,1 @@
+//! ws (placeholder; filled in by its owner).
