@@ -1,1 +1,380 @@
-//! Configuration (placeholder).
+//! Configuration: defaults, the TOML file, `TORPOR_*` environment variables and flags, in that
+//! order of precedence (later wins), validated once at start with clear errors.
+//!
+//! Every limit of the gateway has a key here. Unknown keys in the file are errors. This module
+//! never reads sockets or clocks; it only builds a validated [`Config`].
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole validated configuration of a running daemon.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Client and runner listener.
+    pub listen: SocketAddr,
+    /// Number of shards (threads, one per core); 0 means one per available core.
+    pub shards: usize,
+    /// When non-zero, shard `i` also listens on its own port `shard_port_base + i`, so a
+    /// client can choose its shard (tests, diagnostics). 0 = off.
+    pub shard_port_base: u16,
+    /// Pin each shard thread to a core.
+    pub pin_threads: bool,
+    /// Where the embedded store keeps its files.
+    pub data_dir: PathBuf,
+    /// Runner token; when set, runners must offer `rivet_token.<token>`.
+    pub runner_token: Option<String>,
+    /// Log format: `human` or `json`.
+    pub log_format: String,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+}
+
+/// Size limits (bytes and counts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub http_header_bytes: usize,
+    pub http_body_bytes: usize,
+    pub ws_max_frame_bytes: u64,
+    pub ws_max_message_bytes: u64,
+    /// Pending (unacknowledged) payload bytes per client WebSocket.
+    pub pending_bytes_per_socket: usize,
+    /// Pending messages per client WebSocket (at most 32767).
+    pub pending_messages_per_socket: usize,
+    /// Pending bytes of the whole process (split evenly between shards).
+    pub pending_bytes_global: u64,
+    /// Bytes queued towards one client before that client is closed as too slow.
+    pub client_outbound_bytes: usize,
+}
+
+/// Deadlines and periods, in milliseconds in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub handshake_ms: u64,
+    pub runner_init_ms: u64,
+    pub websocket_open_ms: u64,
+    pub response_start_ms: u64,
+    pub ack_timeout_ms: u64,
+    pub gc_interval_ms: u64,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    pub runner_lost_threshold_ms: u64,
+    pub actor_stop_threshold_ms: u64,
+    pub actor_wake_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:6420".parse().expect("static address"),
+            shards: 0,
+            shard_port_base: 0,
+            pin_threads: true,
+            data_dir: PathBuf::from("./torpor-data"),
+            runner_token: None,
+            log_format: "human".into(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            http_header_bytes: 16 * 1024,
+            http_body_bytes: 20 * 1024 * 1024,
+            ws_max_frame_bytes: 16 * 1024 * 1024,
+            ws_max_message_bytes: 64 * 1024 * 1024,
+            pending_bytes_per_socket: 1024 * 1024,
+            pending_messages_per_socket: 32767,
+            pending_bytes_global: 1024 * 1024 * 1024,
+            client_outbound_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake_ms: 10_000,
+            runner_init_ms: 5_000,
+            websocket_open_ms: 15_000,
+            response_start_ms: 300_000,
+            ack_timeout_ms: 30_000,
+            gc_interval_ms: 15_000,
+            ping_interval_ms: 3_000,
+            ping_timeout_ms: 15_000,
+            runner_lost_threshold_ms: 15_000,
+            actor_stop_threshold_ms: 30_000,
+            actor_wake_ms: 30_000,
+        }
+    }
+}
+
+/// A configuration error, said plainly.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("config file {path}: {err}")]
+    Parse { path: String, err: String },
+    #[error("environment variable {name}: {err}")]
+    Env { name: String, err: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+pub fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+impl Config {
+    /// Reads the TOML file (if any) over the defaults, then applies `TORPOR_*` variables.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|err| ConfigError::Read {
+                    path: p.display().to_string(),
+                    err,
+                })?;
+                Self::from_toml(&text).map_err(|err| ConfigError::Parse {
+                    path: p.display().to_string(),
+                    err,
+                })?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(std::env::vars())?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Applies `TORPOR_<KEY>` and `TORPOR_<SECTION>__<KEY>` variables (e.g.
+    /// `TORPOR_LISTEN`, `TORPOR_TIMEOUTS__ACK_TIMEOUT_MS`). Unknown names are errors.
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (name, value) in vars {
+            let Some(key) = name.strip_prefix("TORPOR_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            let (section, field) = match key.split_once("__") {
+                Some((s, f)) => (Some(s.to_string()), f.to_string()),
+                None => (None, key.clone()),
+            };
+            let literal = if value.parse::<f64>().is_ok() || value == "true" || value == "false"
+            {
+                value.clone()
+            } else {
+                toml::Value::String(value.clone()).to_string()
+            };
+            let snippet = match &section {
+                Some(s) => format!("[{s}]\n{field} = {literal}\n"),
+                None => format!("{field} = {literal}\n"),
+            };
+            let overlay: toml::Table = toml::from_str(&snippet).map_err(|e| ConfigError::Env {
+                name: name.clone(),
+                err: e.to_string(),
+            })?;
+            let mut current = toml::Table::try_from(&*self).map_err(|e| ConfigError::Env {
+                name: name.clone(),
+                err: e.to_string(),
+            })?;
+            merge(&mut current, overlay);
+            *self = toml::Value::Table(current)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Env {
+                    name: name.clone(),
+                    err: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Checks relations between settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let t = &self.timeouts;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if l.pending_messages_per_socket == 0 || l.pending_messages_per_socket > 32767 {
+            return bad("limits.pending_messages_per_socket must be in 1..=32767 (the wrapping index comparison is only sound below 32768)");
+        }
+        if l.pending_bytes_per_socket == 0 {
+            return bad("limits.pending_bytes_per_socket must be > 0");
+        }
+        if l.ws_max_frame_bytes == 0 || l.ws_max_message_bytes < l.ws_max_frame_bytes {
+            return bad("limits.ws_max_message_bytes must be >= limits.ws_max_frame_bytes > 0");
+        }
+        if l.http_header_bytes < 1024 {
+            return bad("limits.http_header_bytes must be >= 1024");
+        }
+        if t.actor_stop_threshold_ms <= 1000 {
+            return bad("timeouts.actor_stop_threshold_ms must be > 1000 (runners derive their sleep timeout from it minus 1000)");
+        }
+        if t.ping_interval_ms == 0 || t.ping_timeout_ms <= t.ping_interval_ms {
+            return bad("timeouts.ping_timeout_ms must be > timeouts.ping_interval_ms > 0");
+        }
+        if t.gc_interval_ms == 0 {
+            return bad("timeouts.gc_interval_ms must be > 0");
+        }
+        if self.shards > 256 {
+            return bad("shards must be <= 256");
+        }
+        if !matches!(self.log_format.as_str(), "human" | "json") {
+            return bad("log_format must be \"human\" or \"json\"");
+        }
+        if let Some(tok) = &self.runner_token {
+            if tok.is_empty() || !tok.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+                return bad("runner_token must be non-empty printable ASCII without commas");
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolved shard count.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+}
+
+impl serde::Serialize for Config {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Config", 9)?;
+        st.serialize_field("listen", &self.listen.to_string())?;
+        st.serialize_field("shards", &self.shards)?;
+        st.serialize_field("shard_port_base", &self.shard_port_base)?;
+        st.serialize_field("pin_threads", &self.pin_threads)?;
+        st.serialize_field("data_dir", &self.data_dir)?;
+        if let Some(t) = &self.runner_token {
+            st.serialize_field("runner_token", t)?;
+        }
+        st.serialize_field("log_format", &self.log_format)?;
+        st.serialize_field("limits", &LimitsSer(&self.limits))?;
+        st.serialize_field("timeouts", &TimeoutsSer(&self.timeouts))?;
+        st.end()
+    }
+}
+
+macro_rules! ser_fields {
+    ($wrap:ident, $ty:ty, $($f:ident),*) => {
+        struct $wrap<'a>(&'a $ty);
+        impl serde::Serialize for $wrap<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeStruct;
+                let mut st = s.serialize_struct(stringify!($ty), 16)?;
+                $( st.serialize_field(stringify!($f), &self.0.$f)?; )*
+                st.end()
+            }
+        }
+    };
+}
+ser_fields!(
+    LimitsSer,
+    Limits,
+    http_header_bytes,
+    http_body_bytes,
+    ws_max_frame_bytes,
+    ws_max_message_bytes,
+    pending_bytes_per_socket,
+    pending_messages_per_socket,
+    pending_bytes_global,
+    client_outbound_bytes
+);
+ser_fields!(
+    TimeoutsSer,
+    Timeouts,
+    handshake_ms,
+    runner_init_ms,
+    websocket_open_ms,
+    response_start_ms,
+    ack_timeout_ms,
+    gc_interval_ms,
+    ping_interval_ms,
+    ping_timeout_ms,
+    runner_lost_threshold_ms,
+    actor_stop_threshold_ms,
+    actor_wake_ms
+);
+
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (k, v) in overlay {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.listen.port(), 6420);
+        assert_eq!(c.limits.pending_bytes_per_socket, 1 << 20);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(Config::from_toml("bogus = 1").is_err());
+        assert!(Config::from_toml("[limits]\nnope = 2").is_err());
+        let c = Config::from_toml("shards = 2\n[timeouts]\nack_timeout_ms = 100").unwrap();
+        assert_eq!(c.shards, 2);
+        assert_eq!(c.timeouts.ack_timeout_ms, 100);
+        assert_eq!(c.timeouts.gc_interval_ms, 15_000);
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c = Config::default();
+        c.apply_env(vec![
+            ("TORPOR_SHARDS".to_string(), "3".to_string()),
+            ("TORPOR_LISTEN".to_string(), "127.0.0.1:1".to_string()),
+            (
+                "TORPOR_TIMEOUTS__ACK_TIMEOUT_MS".to_string(),
+                "250".to_string(),
+            ),
+            ("HOME".to_string(), "/x".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.timeouts.ack_timeout_ms, 250);
+        let mut c = Config::default();
+        assert!(c
+            .apply_env(vec![("TORPOR_NOPE".to_string(), "1".to_string())])
+            .is_err());
+    }
+
+    #[test]
+    fn validation_catches_bad_limits() {
+        let mut c = Config::default();
+        c.limits.pending_messages_per_socket = 40000;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.timeouts.actor_stop_threshold_ms = 1000;
+        assert!(c.validate().is_err());
+    }
+}

@@ -7,10 +7,12 @@
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod runner;
+pub mod server;
 pub mod shard;
 pub mod tunnel;
 pub mod ws;

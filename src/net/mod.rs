@@ -1,1 +1,356 @@
-//! net (placeholder; filled in by its owner).
+//! Drivers that move bytes between sockets and the core: the per-shard accept loop, the
+//! HTTP/1.1 connection (routing, engine API, metrics, health), the client WebSocket tunnel
+//! driver ([`client`]) and the runner connection driver ([`runner`]).
+//!
+//! Nothing here decides protocol behaviour: parsing is `crate::http`/`crate::ws`, the window
+//! is `crate::tunnel`, placement is `crate::engine`. These functions read, call the core,
+//! and queue what it returns.
+
+pub mod client;
+pub mod runner;
+pub mod writer;
+
+use crate::http::parse::{parse_request_head, split_path_query, BodyKind, RequestHead};
+use crate::http::response::Response;
+use crate::metrics::Counter;
+use crate::shard::control::ControlMsg;
+use crate::shard::mailbox::Inbox;
+use crate::shard::state::{ConnKind, Reply};
+use crate::shard::{ShardMsg, ShardState, Shared};
+use bytes::{Bytes, BytesMut};
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio_uring::net::{TcpListener, TcpStream};
+
+/// Initial read buffer of a connection; grows on demand for large frames.
+pub const READ_CHUNK: usize = 4096;
+
+/// Binds a listener with SO_REUSEPORT so every shard accepts on the same port.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+/// The body of one shard thread.
+pub fn run_shard(id: u16, shared: Shared, inbox: Inbox<ShardMsg>, listeners: Vec<std::net::TcpListener>) {
+    tokio_uring::start(async move {
+        let state = Rc::new(RefCell::new(ShardState::new(id, shared.clone())));
+        tokio_uring::spawn(mailbox_task(state.clone(), inbox));
+        tokio_uring::spawn(gc_task(state.clone()));
+        let mut accepts = Vec::new();
+        for l in listeners {
+            let listener = TcpListener::from_std(l);
+            accepts.push(tokio_uring::spawn(accept_loop(state.clone(), listener)));
+        }
+        for a in accepts {
+            let _ = a.await;
+        }
+    });
+}
+
+async fn accept_loop(state: Rc<RefCell<ShardState>>, listener: TcpListener) {
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if state.borrow().shared.draining.load(Ordering::Relaxed) {
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        state.borrow().metrics().inc(Counter::ClientConnections);
+        tokio_uring::spawn(conn_task(state.clone(), stream));
+    }
+}
+
+/// Drains the shard's mailbox on every eventfd wake-up.
+async fn mailbox_task(state: Rc<RefCell<ShardState>>, inbox: Inbox<ShardMsg>) {
+    let fd = match inbox.wake_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot duplicate the mailbox eventfd");
+            return;
+        }
+    };
+    let file = tokio_uring::fs::File::from_std(std::fs::File::from(fd));
+    let mut buf = vec![0u8; 8];
+    loop {
+        let (res, b) = file.read_at(buf, 0).await;
+        buf = b;
+        if res.is_err() {
+            return;
+        }
+        inbox.rearm();
+        let now = Instant::now();
+        let mut st = state.borrow_mut();
+        while let Some(msg) = inbox.try_recv() {
+            st.on_msg(msg, now);
+        }
+    }
+}
+
+/// Periodic ack-timeout pass (SPEC §2.5).
+async fn gc_task(state: Rc<RefCell<ShardState>>) {
+    let period = {
+        let st = state.borrow();
+        let t = &st.shared.config.timeouts;
+        // Check at least as often as the ack timeout so expiry is noticed promptly.
+        Duration::from_millis(t.gc_interval_ms.min(t.ack_timeout_ms.max(10)))
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        state.borrow_mut().gc(Instant::now());
+    }
+}
+
+/// Reads more bytes into `buf` (growing it if full). Returns false on EOF or error.
+pub async fn read_more(stream: &TcpStream, buf: &mut BytesMut, want: usize) -> bool {
+    let spare = buf.capacity() - buf.len();
+    if spare < want.max(1) {
+        buf.reserve(want.max(READ_CHUNK));
+    }
+    let b = std::mem::take(buf);
+    let (res, b) = stream.read(b).await;
+    *buf = b;
+    matches!(res, Ok(n) if n > 0)
+}
+
+/// Writes a whole response (head and body) to a connection that is not a WebSocket.
+pub async fn write_response(stream: &TcpStream, resp: &Response) -> bool {
+    let head = Bytes::from(resp.encode_head());
+    let mut chunks = vec![head];
+    if !resp.body.is_empty() {
+        chunks.push(resp.body.clone());
+    }
+    writer::write_all_vectored(stream, chunks).await.is_ok()
+}
+
+fn error_response(state: &Rc<RefCell<ShardState>>, status: u16, code: &str, msg: &str) -> Response {
+    state.borrow().metrics().error(code);
+    Response::error(status, code, msg)
+}
+
+/// One accepted connection: HTTP/1.1 requests until it upgrades or closes.
+async fn conn_task(state: Rc<RefCell<ShardState>>, stream: TcpStream) {
+    let stream = Rc::new(stream);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let (head_limit, body_limit, handshake) = {
+        let st = state.borrow();
+        let c = &st.shared.config;
+        (
+            c.limits.http_header_bytes,
+            c.limits.http_body_bytes,
+            Duration::from_millis(c.timeouts.handshake_ms),
+        )
+    };
+    loop {
+        // Read one request head within the handshake deadline.
+        let deadline = tokio::time::Instant::now() + handshake;
+        let head = loop {
+            match parse_request_head(&buf, head_limit) {
+                Ok(Some((head, n))) => {
+                    let _ = buf.split_to(n);
+                    break head;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let status = e.status();
+                    let code = match status {
+                        431 => "request.header_too_large",
+                        505 => "request.unsupported_version",
+                        _ => "request.bad_request",
+                    };
+                    let resp = error_response(&state, status, code, &e.to_string()).closing();
+                    write_response(&stream, &resp).await;
+                    return;
+                }
+            }
+            match tokio::time::timeout_at(deadline, read_more(&stream, &mut buf, READ_CHUNK)).await {
+                Ok(true) => {}
+                _ => return, // EOF, error or handshake deadline: just close
+            }
+        };
+        state.borrow().metrics().inc(Counter::HttpRequests);
+        let (path, query) = split_path_query(&head.path);
+        let path = path.to_string();
+        let query = query.to_string();
+        if path == "/runners/connect" {
+            runner::serve(state, stream, head, buf, &query).await;
+            return;
+        }
+        if is_upgrade(&head) {
+            client::serve(state, stream, head, buf, &path, &query).await;
+            return;
+        }
+        // Plain HTTP: read the body, answer, keep the connection alive.
+        let body = match read_body(&stream, &head, &mut buf, body_limit, deadline).await {
+            Ok(b) => b,
+            Err(resp) => {
+                write_response(&stream, &resp.closing()).await;
+                return;
+            }
+        };
+        let keep_alive = !head
+            .header("connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        let resp = route_http(&state, &head, &path, &query, body).await;
+        let resp = if keep_alive { resp } else { resp.closing() };
+        if !write_response(&stream, &resp).await || !keep_alive {
+            return;
+        }
+    }
+}
+
+fn is_upgrade(head: &RequestHead) -> bool {
+    head.header("upgrade")
+        .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+}
+
+async fn read_body(
+    stream: &TcpStream,
+    head: &RequestHead,
+    buf: &mut BytesMut,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, Response> {
+    let too_big = || Response::error(413, "request.body_too_large", "request body exceeds the limit");
+    match BodyKind::from_head(head).map_err(|e| Response::error(e.status(), "request.bad_request", &e.to_string()))? {
+        BodyKind::None => Ok(Bytes::new()),
+        BodyKind::Length(n) => {
+            if n > limit as u64 {
+                return Err(too_big());
+            }
+            let n = n as usize;
+            while buf.len() < n {
+                match tokio::time::timeout_at(deadline, read_more(stream, buf, n - buf.len())).await {
+                    Ok(true) => {}
+                    _ => return Err(Response::error(400, "request.bad_request", "incomplete body")),
+                }
+            }
+            Ok(buf.split_to(n).freeze())
+        }
+        BodyKind::Chunked => {
+            let mut dec = crate::http::parse::ChunkedDecoder::new(limit);
+            loop {
+                match dec.decode(buf) {
+                    Ok(Some(body)) => return Ok(body),
+                    Ok(None) => {}
+                    Err(e) => return Err(Response::error(e.status(), "request.bad_request", &e.to_string())),
+                }
+                match tokio::time::timeout_at(deadline, read_more(stream, buf, READ_CHUNK)).await {
+                    Ok(true) => {}
+                    _ => return Err(Response::error(400, "request.bad_request", "incomplete body")),
+                }
+            }
+        }
+    }
+}
+
+/// Asks the control plane and waits for its answer.
+pub async fn ask_control(
+    state: &Rc<RefCell<ShardState>>,
+    make: impl FnOnce(u64) -> ControlMsg,
+    timeout: Duration,
+) -> Option<Reply> {
+    let (waiter, rx) = {
+        let mut st = state.borrow_mut();
+        let (w, rx) = st.wait();
+        let id = st.waiter_id(w);
+        st.control(make(id));
+        (w, rx)
+    };
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(r)) => Some(r),
+        _ => {
+            let mut st = state.borrow_mut();
+            if st.waiters.contains(waiter as usize) {
+                st.waiters.remove(waiter as usize);
+            }
+            None
+        }
+    }
+}
+
+async fn route_http(
+    state: &Rc<RefCell<ShardState>>,
+    head: &RequestHead,
+    path: &str,
+    query: &str,
+    body: Bytes,
+) -> Response {
+    match path {
+        "/livez" => return Response::json(200, "{\"status\":\"ok\"}"),
+        "/readyz" => {
+            return if state.borrow().shared.draining.load(Ordering::Relaxed) {
+                Response::error(503, "guard.draining", "the gateway is shutting down")
+            } else {
+                Response::json(200, "{\"status\":\"ready\"}")
+            };
+        }
+        "/metrics" => {
+            let text = state.borrow().shared.metrics.render();
+            let mut r = Response::json(200, "");
+            r.body = Bytes::from(text);
+            r.headers
+                .retain(|(k, _)| !k.eq_ignore_ascii_case("content-type"));
+            r.headers
+                .push(("content-type".into(), "text/plain; version=0.0.4".into()));
+            return r;
+        }
+        _ => {}
+    }
+    if path.starts_with("/gateway/") {
+        // The HTTP tunnel (RequestStart/ResponseStart) arrives with a later change.
+        return error_response(
+            state,
+            501,
+            "request.not_implemented",
+            "HTTP requests through the tunnel are not supported yet; use a WebSocket",
+        );
+    }
+    let method = head.method.clone();
+    let path = path.to_string();
+    let query = crate::http::parse::parse_query(query);
+    let reply = ask_control(
+        state,
+        |waiter| ControlMsg::Api {
+            method,
+            path,
+            query,
+            body,
+            waiter,
+        },
+        Duration::from_secs(60),
+    )
+    .await;
+    match reply {
+        Some(Reply::Api { status, body }) => Response::json(status, &body),
+        _ => error_response(state, 503, "guard.control_unavailable", "control plane did not answer"),
+    }
+}
+
+/// Removes a connection's slab entry (its tasks end when they notice).
+pub fn remove_conn(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) {
+    let mut st = state.borrow_mut();
+    if st.get(slot, gen).is_some() {
+        let conn = st.conns.remove(slot as usize);
+        conn.out.notify.notify_one();
+        if let ConnKind::Client(cc) = conn.kind {
+            cc.resume.notify_one();
+        }
+    }
+}

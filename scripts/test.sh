@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command (README "Test"): installs what the tests need from pinned lockfiles,
+# then runs lints and every test against the real binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Node packages for the wire-compatibility and interop tests (pinned by package-lock.json).
+if ! command -v node >/dev/null 2>&1; then
+  echo "node is required for the interop tests (apt-get install nodejs npm)" >&2
+  exit 1
+fi
+if [ ! -d tests/interop/node_modules/@rivetkit/engine-runner ] || \
+   [ tests/interop/package-lock.json -nt tests/interop/node_modules/.package-lock.json ]; then
+  npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
+fi
+
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --locked --all-targets

@@ -1,0 +1,348 @@
+//! The client WebSocket driver: routes the upgrade to an actor, opens the tunnel
+//! (`WebSocketOpen`, index 0), completes the client's handshake once the runner answered, and
+//! then pumps frames: client data → the shard's window logic → the runner; runner traffic
+//! arrives through `ShardState::tunnel_in`.
+//!
+//! It owns the socket's lifetime: when its read loop ends it frees the slab entry, the
+//! window's bytes, and tells the runner if that is still owed.
+
+use super::{ask_control, read_more, remove_conn, write_response, writer, READ_CHUNK};
+use crate::http::parse::{parse_query, RequestHead};
+use crate::http::response::Response;
+use crate::metrics::{Counter, Gauge};
+use crate::protocol::{self, StrMap, ToClientTunnelMessageKind};
+use crate::shard::control::ControlMsg;
+use crate::shard::state::{ClientConn, ConnKind, Reply, ResolveError, ShardState, TunnelIn};
+use crate::tunnel::TunnelSocket;
+use crate::ws::frame::OpCode;
+use crate::ws::reader::{ReaderConfig, Role, WsEvent, WsReader};
+use bytes::{Bytes, BytesMut};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio_uring::net::TcpStream;
+
+/// Where a gateway request goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Target {
+    /// `/gateway/{actorId}[@token]/…` or the header/subprotocol form.
+    Actor { actor_id: String, path: String },
+    /// `/gateway/{name}/…?rvt-method=get|getOrCreate&rvt-key=…`.
+    Named {
+        namespace: String,
+        name: String,
+        key: Option<String>,
+        get_or_create: bool,
+        path: String,
+    },
+}
+
+/// Parses the gateway target from the path, query and headers (SPEC §2.1). `None` = not a
+/// gateway request.
+pub fn parse_target(head: &RequestHead, path: &str, query: &str) -> Option<Target> {
+    let params = parse_query(query);
+    let kept: Vec<String> = query
+        .split('&')
+        .filter(|kv| !kv.is_empty() && !kv.starts_with("rvt-"))
+        .map(str::to_string)
+        .collect();
+    let with_query = |p: &str| {
+        let p = if p.is_empty() { "/" } else { p };
+        if kept.is_empty() {
+            p.to_string()
+        } else {
+            format!("{p}?{}", kept.join("&"))
+        }
+    };
+    if let Some(rest) = path.strip_prefix("/gateway/") {
+        let (first, tail) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let first = crate::http::parse::percent_decode(first)?;
+        let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        if let Some(method) = param("rvt-method") {
+            return Some(Target::Named {
+                namespace: param("rvt-namespace").unwrap_or_else(|| "default".into()),
+                name: first,
+                key: param("rvt-key"),
+                get_or_create: method.eq_ignore_ascii_case("getOrCreate"),
+                path: with_query(tail),
+            });
+        }
+        let actor_id = match first.split_once('@') {
+            Some((id, _token)) => id.to_string(),
+            None => first,
+        };
+        if actor_id.is_empty() {
+            return None;
+        }
+        return Some(Target::Actor {
+            actor_id,
+            path: with_query(tail),
+        });
+    }
+    // Header form (HTTP) and subprotocol form (WebSocket).
+    if head
+        .header("x-rivet-target")
+        .is_some_and(|t| t == "actor")
+    {
+        if let Some(id) = head.header("x-rivet-actor") {
+            return Some(Target::Actor {
+                actor_id: id.to_string(),
+                path: with_query(path),
+            });
+        }
+    }
+    let protos: Vec<&str> = crate::ws::handshake::offered_protocols(head).collect();
+    if protos.contains(&"rivet_target.actor") {
+        if let Some(id) = protos.iter().find_map(|p| p.strip_prefix("rivet_actor.")) {
+            return Some(Target::Actor {
+                actor_id: id.to_string(),
+                path: with_query(path),
+            });
+        }
+    }
+    None
+}
+
+/// The upgrade headers as a map with unique keys (repeated headers joined with ", ").
+pub fn header_map(head: &RequestHead) -> StrMap {
+    let mut out: Vec<(String, String)> = Vec::with_capacity(head.headers.len());
+    for (k, v) in &head.headers {
+        match out.iter_mut().find(|(ek, _)| ek == k) {
+            Some((_, ev)) => {
+                ev.push_str(", ");
+                ev.push_str(v);
+            }
+            None => out.push((k.clone(), v.clone())),
+        }
+    }
+    StrMap(out)
+}
+
+async fn refuse(state: &Rc<RefCell<ShardState>>, stream: &TcpStream, status: u16, code: &str, msg: &str) {
+    state.borrow().metrics().error(code);
+    write_response(stream, &Response::error(status, code, msg).closing()).await;
+}
+
+pub async fn serve(
+    state: Rc<RefCell<ShardState>>,
+    stream: Rc<TcpStream>,
+    head: RequestHead,
+    mut buf: BytesMut,
+    path: &str,
+    query: &str,
+) {
+    let key = match crate::ws::handshake::validate_upgrade(&head) {
+        Ok(k) => k,
+        Err(e) => {
+            let code = if e.status() == 426 {
+                "request.unsupported_version"
+            } else {
+                "request.bad_request"
+            };
+            state.borrow().metrics().error(code);
+            write_response(&stream, &e.response().closing()).await;
+            return;
+        }
+    };
+    let Some(target) = parse_target(&head, path, query) else {
+        refuse(&state, &stream, 404, "request.not_found", "no such route").await;
+        return;
+    };
+    let (timeouts, max_frame, max_message) = {
+        let st = state.borrow();
+        let c = &st.shared.config;
+        (c.timeouts.clone(), c.limits.ws_max_frame_bytes, c.limits.ws_max_message_bytes)
+    };
+    let wake = Duration::from_millis(timeouts.actor_wake_ms);
+    let (actor_path, resolve) = match target {
+        Target::Actor { actor_id, path } => (path, move |waiter| ControlMsg::Resolve { actor_id, waiter }),
+        Target::Named { .. } => {
+            // Name+key addressing of WebSockets arrives with the engine API work; ids work now.
+            refuse(&state, &stream, 501, "request.not_implemented", "address the actor by id").await;
+            return;
+        }
+    };
+    let reply = ask_control(&state, resolve, wake + Duration::from_secs(1)).await;
+    let (actor_id, runner_idx, runner_conn) = match reply {
+        Some(Reply::Resolve(Ok(r))) => r,
+        Some(Reply::Resolve(Err(ResolveError::NotFound))) => {
+            refuse(&state, &stream, 404, "actor.not_found", "the actor does not exist").await;
+            return;
+        }
+        _ => {
+            refuse(&state, &stream, 503, "actor.wake_timeout", "the actor did not become ready").await;
+            return;
+        }
+    };
+
+    // Register the request and open the tunnel.
+    let (open_tx, open_rx) = oneshot::channel();
+    let (slot, gen, req) = {
+        let mut st = state.borrow_mut();
+        let limits = st.limits;
+        let (slot, gen) = st.insert(ConnKind::Http);
+        let req = st.request_key(slot, gen).encode();
+        let mut socket = TunnelSocket::new(limits);
+        let open_index = socket.take_open_index();
+        st.conns[slot as usize].kind = ConnKind::Client(ClientConn {
+            actor_id: actor_id.clone(),
+            runner_idx,
+            req,
+            socket,
+            open_tx: Some(open_tx),
+            resume: Rc::new(tokio::sync::Notify::new()),
+            runner_closed: false,
+        });
+        if st.runners.len() <= runner_idx as usize {
+            st.runners.resize(runner_idx as usize + 1, None);
+        }
+        st.runners[runner_idx as usize].get_or_insert(runner_conn);
+        let frames = st.tunnel_frames(
+            req,
+            open_index,
+            ToClientTunnelMessageKind::WebSocketOpen(protocol::ToClientWebSocketOpen {
+                actor_id: actor_id.to_string(),
+                path: actor_path,
+                headers: header_map(&head),
+            }),
+        );
+        st.send_to_runner(runner_idx, frames);
+        (slot, gen, req)
+    };
+    let _ = req;
+    let open = tokio::time::timeout(Duration::from_millis(timeouts.websocket_open_ms), open_rx).await;
+    let can_hibernate = match open {
+        Ok(Ok(TunnelIn::Open { can_hibernate })) => can_hibernate,
+        Ok(Ok(TunnelIn::Close { .. })) | Ok(Ok(_)) | Ok(Err(_)) => {
+            mark_runner_closed(&state, slot, gen);
+            remove_conn(&state, slot, gen);
+            refuse(&state, &stream, 503, "guard.websocket_open_refused", "the actor refused the WebSocket").await;
+            return;
+        }
+        Err(_) => {
+            // Tell the runner we gave up (it may still answer later).
+            {
+                let mut st = state.borrow_mut();
+                st.close_client(slot, gen, 1011, "guard.websocket_open_timeout", Instant::now());
+            }
+            remove_conn(&state, slot, gen);
+            refuse(&state, &stream, 503, "guard.websocket_open_timeout", "the actor did not accept the WebSocket in time").await;
+            return;
+        }
+    };
+    {
+        let mut st = state.borrow_mut();
+        if let Some(c) = st.get(slot, gen) {
+            if let ConnKind::Client(cc) = &mut c.kind {
+                cc.socket.on_runner_open(can_hibernate);
+            }
+        }
+        let m = st.metrics();
+        m.inc(Counter::ClientWebSockets);
+        m.gauge_add(Gauge::OpenClientWebSockets, 1);
+    }
+    let protocol = pick_protocol(&head);
+    let accept = crate::ws::handshake::accept_key(&key);
+    let resp = Bytes::from(crate::ws::handshake::response_101(&accept, protocol.as_deref()));
+    if writer::write_all_vectored(&stream, vec![resp]).await.is_err() {
+        finish(&state, slot, gen);
+        return;
+    }
+    tokio_uring::spawn(writer::writer_task(state.clone(), stream.clone(), slot, gen));
+
+    let mut reader = WsReader::new(ReaderConfig {
+        role: Role::Server,
+        max_frame: max_frame,
+        max_message: max_message,
+    });
+    'outer: loop {
+        loop {
+            if let Some(resume) = state.borrow().client_paused(slot, gen) {
+                resume.notified().await;
+                continue;
+            }
+            let ev = reader.next(&mut buf);
+            let now = Instant::now();
+            match ev {
+                Ok(Some(WsEvent::Message { text, data })) => {
+                    state.borrow_mut().client_message(slot, gen, data, !text, now);
+                }
+                Ok(Some(WsEvent::Ping(p))) => {
+                    let mut st = state.borrow_mut();
+                    let frames = st.ws_frame(OpCode::Pong, p);
+                    st.write_local(slot, gen, frames.to_vec());
+                }
+                Ok(Some(WsEvent::Pong(_))) => {}
+                Ok(Some(WsEvent::Close { code, reason })) => {
+                    let reason = String::from_utf8_lossy(&reason).into_owned();
+                    state
+                        .borrow_mut()
+                        .close_client(slot, gen, code.unwrap_or(1000), reason, now);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    state.borrow_mut().close_client(slot, gen, e.code, e.reason, now);
+                    // Stop parsing; wait for the socket to end.
+                    buf.clear();
+                    reader = WsReader::new(ReaderConfig {
+                        role: Role::Server,
+                        max_frame: 0,
+                        max_message: 0,
+                    });
+                    while read_more(&stream, &mut buf, READ_CHUNK).await {
+                        buf.clear();
+                    }
+                    break 'outer;
+                }
+            }
+        }
+        let want = reader.bytes_wanted(&buf);
+        if !read_more(&stream, &mut buf, want.saturating_sub(buf.len()).max(READ_CHUNK)).await {
+            break;
+        }
+        if state.borrow_mut().get(slot, gen).is_none() {
+            break;
+        }
+    }
+    finish(&state, slot, gen);
+}
+
+fn mark_runner_closed(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) {
+    if let Some(c) = state.borrow_mut().get(slot, gen) {
+        if let ConnKind::Client(cc) = &mut c.kind {
+            cc.runner_closed = true;
+        }
+    }
+}
+
+/// The socket ended: tell the runner if still owed, free the window and the slot.
+fn finish(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) {
+    {
+        let mut st = state.borrow_mut();
+        if st.get(slot, gen).is_none() {
+            return;
+        }
+        // close_client is a no-op if a close was already queued; it tells the runner.
+        st.close_client(slot, gen, 1000, "ws.closed", Instant::now());
+        st.release_window(slot);
+        st.metrics().gauge_add(Gauge::OpenClientWebSockets, -1);
+    }
+    remove_conn(state, slot, gen);
+}
+
+/// The subprotocol the gateway answers: `rivet` if offered, else the first offered.
+fn pick_protocol(head: &RequestHead) -> Option<String> {
+    let offered: Vec<&str> = crate::ws::handshake::offered_protocols(head).collect();
+    if offered.contains(&"rivet") {
+        return Some("rivet".into());
+    }
+    offered.first().map(|s| s.to_string())
+}
+
+#[allow(dead_code)]
+fn _assert_arc(_: Arc<str>) {}

@@ -1,0 +1,116 @@
+//! Process assembly: binds the listeners, starts the control-plane thread and one pinned
+//! shard thread per core, and handles SIGTERM/SIGINT (drain, tell runners, close clients with
+//! 1001, exit 0 within the grace period).
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::net::{bind_reuseport, run_shard};
+use crate::shard::control::{run_control, ControlMsg};
+use crate::shard::mailbox::mailbox;
+use crate::shard::{pin_to_core, ShardMsg, Shared};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long shards get to flush close frames after SIGTERM.
+const GRACE: Duration = Duration::from_millis(500);
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(cfg: Config) -> std::io::Result<()> {
+    let sigs = block_signals();
+    let n = cfg.shard_count();
+    let cfg = Arc::new(cfg);
+    let metrics = Metrics::new(n);
+    let gateway_id: [u8; 4] = rand::random();
+
+    // Listeners: one SO_REUSEPORT socket per shard on the same port (port 0 → the port the
+    // first one got), plus the optional per-shard ports.
+    let mut listeners: Vec<Vec<std::net::TcpListener>> = Vec::with_capacity(n);
+    let first = bind_reuseport(cfg.listen)?;
+    let addr: SocketAddr = first.local_addr()?;
+    listeners.push(vec![first]);
+    for _ in 1..n {
+        listeners.push(vec![bind_reuseport(addr)?]);
+    }
+    if cfg.shard_port_base != 0 {
+        for (i, l) in listeners.iter_mut().enumerate() {
+            let mut a = addr;
+            a.set_port(cfg.shard_port_base + i as u16);
+            l.push(bind_reuseport(a)?);
+        }
+    }
+
+    let mut mailboxes = Vec::with_capacity(n);
+    let mut inboxes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, rx) = mailbox::<ShardMsg>()?;
+        mailboxes.push(tx);
+        inboxes.push(rx);
+    }
+    let (control_tx, control_rx) = crossbeam_channel::unbounded::<ControlMsg>();
+    let shared = Shared {
+        config: cfg.clone(),
+        metrics: metrics.clone(),
+        gateway_id,
+        shards: mailboxes.into(),
+        control: control_tx.clone(),
+        draining: Arc::new(AtomicBool::new(false)),
+    };
+
+    let control = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("torpor-control".into())
+            .spawn(move || run_control(shared, control_rx))?
+    };
+    let mut threads = Vec::with_capacity(n);
+    for (i, (inbox, ls)) in inboxes.into_iter().zip(listeners).enumerate() {
+        let shared = shared.clone();
+        let pin = cfg.pin_threads;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("torpor-shard-{i}"))
+                .spawn(move || {
+                    if pin && !pin_to_core(i) {
+                        tracing::warn!(shard = i, "could not pin the shard thread");
+                    }
+                    run_shard(i as u16, shared, inbox, ls)
+                })?,
+        );
+    }
+    tracing::info!(%addr, shards = n, gateway_id = ?gateway_id, "torpor listening");
+    println!("torpor listening on {addr} shards={n}");
+
+    wait_for_signal(sigs);
+    tracing::info!("shutting down");
+    shared.draining.store(true, Ordering::SeqCst);
+    for mb in shared.shards.iter() {
+        mb.send(ShardMsg::Shutdown);
+    }
+    let _ = control_tx.send(ControlMsg::Shutdown);
+    std::thread::sleep(GRACE);
+    let _ = control.join();
+    drop(threads);
+    Ok(())
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-mask calls on a zeroed sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: libc::sigset_t) {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: waits for one of the blocked signals.
+    unsafe {
+        libc::sigwait(&set, &mut sig);
+    }
+}

@@ -1,0 +1,201 @@
+//! The control-plane thread: owns the sans-IO [`Engine`] and turns its actions into shard
+//! messages. It is off the data path: steady-state message forwarding never passes here, only
+//! runner sessions (Init, events, command acks), actor lookups and the engine HTTP API.
+
+use super::state::{Reply, ResolveError as ShardResolveError};
+use super::{ShardMsg, Shared};
+use crate::engine::{self, Action, ConnRef, Engine, EngineConfig, Resolve};
+use crate::protocol::{self, ToServer, ToServerInit};
+use crate::ws::frame::{encode_header, OpCode};
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Messages from shards to the control plane.
+pub enum ControlMsg {
+    RunnerInit {
+        conn: ConnRef,
+        namespace: String,
+        runner_key: String,
+        init: ToServerInit,
+    },
+    RunnerMsg {
+        conn: ConnRef,
+        msg: ToServer,
+    },
+    RunnerClosed {
+        conn: ConnRef,
+    },
+    /// Route a request to an actor by id (waking it if needed).
+    Resolve {
+        actor_id: String,
+        waiter: u64,
+    },
+    /// An engine API request (`/actors`, `/metadata`, …).
+    Api {
+        method: String,
+        path: String,
+        query: Vec<(String, String)>,
+        body: Bytes,
+        waiter: u64,
+    },
+    Shutdown,
+}
+
+fn engine_config(shared: &Shared) -> EngineConfig {
+    let t = &shared.config.timeouts;
+    let d = Duration::from_millis;
+    EngineConfig {
+        runner_lost_threshold: d(t.runner_lost_threshold_ms),
+        actor_stop_threshold: d(t.actor_stop_threshold_ms),
+        wake_timeout: d(t.actor_wake_ms),
+        public_url: format!("http://{}", shared.config.listen),
+        ..EngineConfig::default()
+    }
+}
+
+fn unix_ms() -> i64 {
+    crate::net::runner::now_ms()
+}
+
+/// Runs until `Shutdown` or until every sender is gone.
+pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
+    let mut engine = Engine::new(engine_config(&shared), rand::random(), Instant::now(), unix_ms());
+    let tick = Duration::from_millis(50);
+    let mut next_tick = Instant::now() + tick;
+    loop {
+        let timeout = next_tick.saturating_duration_since(Instant::now());
+        let first = match rx.recv_timeout(timeout) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch: Vec<ControlMsg> = first.into_iter().collect();
+        batch.extend(rx.try_iter());
+        for msg in batch {
+            let now = Instant::now();
+            let actions = match msg {
+                ControlMsg::Shutdown => return,
+                ControlMsg::RunnerInit {
+                    conn,
+                    namespace,
+                    runner_key,
+                    init,
+                } => engine.runner_init(conn, &namespace, &runner_key, init, now),
+                ControlMsg::RunnerMsg { conn, msg } => engine.runner_message(conn, msg, now),
+                ControlMsg::RunnerClosed { conn } => engine.runner_closed(conn, now),
+                ControlMsg::Resolve { actor_id, waiter } => {
+                    let r = engine.resolve(&actor_id, waiter, now);
+                    let reply = match r {
+                        Resolve::Ready(route) => Some(Ok(route)),
+                        Resolve::NotFound => Some(Err(ShardResolveError::NotFound)),
+                        Resolve::Pending { .. } => None,
+                    };
+                    if let Some(result) = reply {
+                        reply_resolve(&shared, waiter, result);
+                    }
+                    engine.take_actions()
+                }
+                ControlMsg::Api {
+                    method,
+                    path,
+                    query,
+                    body,
+                    waiter,
+                } => {
+                    let reply = engine::api::handle(&mut engine, &method, &path, &query, &body, now);
+                    send_reply(
+                        &shared,
+                        waiter,
+                        Reply::Api {
+                            status: reply.status,
+                            body: reply.body,
+                        },
+                    );
+                    engine.take_actions()
+                }
+            };
+            dispatch(&shared, actions);
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            let actions = engine.tick(now);
+            dispatch(&shared, actions);
+            next_tick = now + tick;
+        }
+    }
+}
+
+fn send_reply(shared: &Shared, waiter: u64, reply: Reply) {
+    let shard = (waiter >> 32) as usize;
+    if let Some(mb) = shared.shards.get(shard) {
+        mb.send(ShardMsg::Reply {
+            waiter: waiter as u32,
+            reply,
+        });
+    }
+}
+
+fn reply_resolve(shared: &Shared, waiter: u64, result: Result<engine::Route, ShardResolveError>) {
+    let reply = Reply::Resolve(result.map(|r| (Arc::<str>::from(r.actor_id), r.runner_idx, r.conn)));
+    send_reply(shared, waiter, reply);
+}
+
+fn frames(msg: &protocol::ToClient) -> Vec<Bytes> {
+    let body = Bytes::from(protocol::encode_to_client(msg));
+    let h = encode_header(true, OpCode::Binary, body.len() as u64, None);
+    vec![Bytes::copy_from_slice(h.as_bytes()), body]
+}
+
+fn broadcast(shared: &Shared, make: impl Fn() -> ShardMsg) {
+    for mb in shared.shards.iter() {
+        mb.send(make());
+    }
+}
+
+fn dispatch(shared: &Shared, actions: Vec<Action>) {
+    for a in actions {
+        match a {
+            Action::Send { conn, msg } => {
+                if let Some(mb) = shared.shards.get(conn.shard as usize) {
+                    mb.send(ShardMsg::ToRunner {
+                        slot: conn.slot,
+                        gen: conn.gen,
+                        frames: frames(&msg),
+                    });
+                }
+            }
+            Action::CloseRunner { conn, code, reason } => {
+                if let Some(mb) = shared.shards.get(conn.shard as usize) {
+                    mb.send(ShardMsg::CloseConn {
+                        slot: conn.slot,
+                        gen: conn.gen,
+                        code,
+                        reason: reason.into(),
+                    });
+                }
+            }
+            Action::RunnerAttached { runner_idx, conn } => {
+                broadcast(shared, || ShardMsg::RunnerAttached { runner_idx, conn })
+            }
+            Action::RunnerDetached { runner_idx } | Action::RunnerLost { runner_idx } => {
+                broadcast(shared, || ShardMsg::RunnerDetached { runner_idx })
+            }
+            Action::ActorRunning { .. } => {}
+            Action::ActorStopped { actor_id } | Action::ActorDestroyed { actor_id } => {
+                let id: Arc<str> = actor_id.into();
+                broadcast(shared, || ShardMsg::ActorStopped {
+                    actor_id: id.clone(),
+                })
+            }
+            Action::Resolved { waiter, result } => {
+                let result = result.map_err(|e| match e {
+                    engine::ResolveError::Timeout => ShardResolveError::Timeout,
+                    engine::ResolveError::Destroyed => ShardResolveError::NotFound,
+                });
+                reply_resolve(shared, waiter, result);
+            }
+        }
+    }
+}

@@ -1,0 +1,733 @@
+//! One shard's state: its slab of connections, the runner routing table it learned from the
+//! control plane, its share of the pending budget, and the routing of tunnel traffic.
+//!
+//! Everything here runs on the shard's own thread inside `Rc<RefCell<…>>`; a borrow is never
+//! held across an `.await`. Decisions about a client socket's window are delegated to
+//! [`crate::tunnel::TunnelSocket`]; this file only applies the actions it returns.
+
+use super::control::ControlMsg;
+use super::{RequestKey, Shared};
+use crate::engine::ConnRef;
+use crate::metrics::{Counter, Gauge, ShardMetrics};
+use crate::protocol::{self, ToClient, ToClientTunnelMessage, ToClientTunnelMessageKind};
+use crate::tunnel::{AckResult, ClientMsg, CloseReason, Detach, TunnelSocket, WindowLimits};
+use crate::ws::frame::{encode_header, OpCode};
+use bytes::{Bytes, BytesMut};
+use slab::Slab;
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{oneshot, Notify};
+
+/// Messages between shards and from the control plane to a shard.
+pub enum ShardMsg {
+    /// Complete WebSocket frames to write on a runner connection owned by this shard.
+    ToRunner { slot: u32, gen: u32, frames: Vec<Bytes> },
+    /// A tunnel message from a runner for a request owned by this shard.
+    Tunnel { key: RequestKey, msg: TunnelIn },
+    /// Close a connection owned by this shard.
+    CloseConn {
+        slot: u32,
+        gen: u32,
+        code: u16,
+        reason: Cow<'static, str>,
+    },
+    /// The runner `runner_idx` is now reachable at `conn` (after Init).
+    RunnerAttached { runner_idx: u32, conn: ConnRef },
+    /// The runner's current connection is gone (it may come back).
+    RunnerDetached { runner_idx: u32 },
+    /// The actor stopped: its sockets close (`actor.stopped`).
+    ActorStopped { actor_id: Arc<str> },
+    /// Answer to a request this shard made to the control plane.
+    Reply { waiter: u32, reply: Reply },
+    /// Stop accepting and close everything (SIGTERM).
+    Shutdown,
+}
+
+/// Runner → request traffic, already decoded.
+#[derive(Debug)]
+pub enum TunnelIn {
+    Open {
+        can_hibernate: bool,
+    },
+    Message {
+        data: Bytes,
+        binary: bool,
+    },
+    Ack(u16),
+    Close {
+        code: Option<u16>,
+        reason: Option<String>,
+        hibernate: bool,
+    },
+    /// HTTP response kinds and anything else this shard does not tunnel yet.
+    Other(protocol::ToServerTunnelMessageKind),
+}
+
+/// Answers from the control plane.
+#[derive(Debug)]
+pub enum Reply {
+    /// (actor id, runner index, the runner's connection).
+    Resolve(Result<(Arc<str>, u32, ConnRef), ResolveError>),
+    Api { status: u16, body: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolveError {
+    NotFound,
+    Timeout,
+    Unavailable,
+}
+
+/// Bytes waiting to be written on one socket, flushed by its writer task with one vectored
+/// write per turn.
+pub struct OutQueue {
+    pub chunks: VecDeque<Bytes>,
+    pub bytes: usize,
+    pub notify: Rc<Notify>,
+    /// Set once a close frame is queued: the writer half-closes after flushing.
+    pub closing: bool,
+}
+
+impl OutQueue {
+    fn new() -> OutQueue {
+        OutQueue {
+            chunks: VecDeque::new(),
+            bytes: 0,
+            notify: Rc::new(Notify::new()),
+            closing: false,
+        }
+    }
+
+    pub fn push(&mut self, chunk: Bytes) {
+        if chunk.is_empty() || self.closing {
+            return;
+        }
+        self.bytes += chunk.len();
+        self.chunks.push_back(chunk);
+    }
+
+    pub fn push_all(&mut self, frames: impl IntoIterator<Item = Bytes>) {
+        for f in frames {
+            self.push(f);
+        }
+        self.notify.notify_one();
+    }
+}
+
+/// A client WebSocket tunnelled to an actor.
+pub struct ClientConn {
+    pub actor_id: Arc<str>,
+    pub runner_idx: u32,
+    pub req: [u8; 4],
+    pub socket: TunnelSocket,
+    /// Waiting for the runner's `WebSocketOpen` answer.
+    pub open_tx: Option<oneshot::Sender<TunnelIn>>,
+    /// Woken when a paused socket may be read again.
+    pub resume: Rc<Notify>,
+    /// The runner was told the socket closed (or owes nothing).
+    pub runner_closed: bool,
+}
+
+pub struct RunnerConn {
+    pub last_pong: Instant,
+}
+
+pub enum ConnKind {
+    Http,
+    Runner(RunnerConn),
+    Client(ClientConn),
+}
+
+pub struct Conn {
+    pub gen: u32,
+    pub out: OutQueue,
+    pub kind: ConnKind,
+    /// Shuts the socket down from outside its reader (set by the net layer).
+    pub kill: Rc<Notify>,
+}
+
+pub struct ShardState {
+    pub id: u16,
+    pub shared: Shared,
+    pub conns: Slab<Conn>,
+    next_gen: u32,
+    /// runner_idx → where that runner's current connection lives.
+    pub runners: Vec<Option<ConnRef>>,
+    pub waiters: Slab<oneshot::Sender<Reply>>,
+    pub budget: crate::tunnel::Budget,
+    pub limits: WindowLimits,
+    scratch: BytesMut,
+}
+
+pub const TRUE_BYTE: Bytes = Bytes::from_static(&[1]);
+pub const FALSE_BYTE: Bytes = Bytes::from_static(&[0]);
+
+impl ShardState {
+    pub fn new(id: u16, shared: Shared) -> ShardState {
+        let n = shared.shards.len().max(1) as u64;
+        let cfg = &shared.config.limits;
+        ShardState {
+            id,
+            budget: crate::tunnel::Budget::new(cfg.pending_bytes_global / n),
+            limits: WindowLimits {
+                max_bytes: cfg.pending_bytes_per_socket,
+                max_messages: cfg.pending_messages_per_socket,
+            },
+            shared,
+            conns: Slab::new(),
+            next_gen: 0,
+            runners: Vec::new(),
+            waiters: Slab::new(),
+            scratch: BytesMut::with_capacity(64 * 1024),
+        }
+    }
+
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.shared.metrics.shards[self.id as usize]
+    }
+
+    pub fn insert(&mut self, kind: ConnKind) -> (u32, u32) {
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let gen = self.next_gen;
+        let slot = self.conns.insert(Conn {
+            gen,
+            out: OutQueue::new(),
+            kind,
+            kill: Rc::new(Notify::new()),
+        }) as u32;
+        (slot, gen)
+    }
+
+    pub fn conn_ref(&self, slot: u32, gen: u32) -> ConnRef {
+        ConnRef {
+            shard: self.id,
+            slot,
+            gen,
+        }
+    }
+
+    pub fn get(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(slot as usize)
+            .filter(|c| c.gen == gen)
+    }
+
+    pub fn request_key(&self, slot: u32, gen: u32) -> RequestKey {
+        RequestKey {
+            shard: self.id,
+            slot,
+            gen,
+        }
+    }
+
+    /// Finds the client conn a request id names, checking its generation bits.
+    fn client_by_key(&mut self, key: RequestKey) -> Option<(u32, u32)> {
+        let c = self.conns.get(key.slot as usize)?;
+        match &c.kind {
+            ConnKind::Client(cc) if RequestKey::decode(cc.req) == key => {
+                Some((key.slot, c.gen))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn wait(&mut self) -> (u32, oneshot::Receiver<Reply>) {
+        let (tx, rx) = oneshot::channel();
+        (self.waiters.insert(tx) as u32, rx)
+    }
+
+    pub fn waiter_id(&self, waiter: u32) -> u64 {
+        ((self.id as u64) << 32) | waiter as u64
+    }
+
+    pub fn control(&self, msg: ControlMsg) {
+        let _ = self.shared.control.send(msg);
+    }
+
+    // ---- framing -------------------------------------------------------------------------
+
+    /// A small header chunk carved from the shard's scratch buffer (no allocation per
+    /// message in steady state).
+    fn small(&mut self, parts: &[&[u8]]) -> Bytes {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if self.scratch.capacity() - self.scratch.len() < len {
+            self.scratch.reserve(64 * 1024);
+        }
+        for p in parts {
+            self.scratch.extend_from_slice(p);
+        }
+        self.scratch.split().freeze()
+    }
+
+    /// Server frame carrying `payload` (header chunk + the payload itself, not copied).
+    pub fn ws_frame(&mut self, op: OpCode, payload: Bytes) -> [Bytes; 2] {
+        let h = encode_header(true, op, payload.len() as u64, None);
+        [self.small(&[h.as_bytes()]), payload]
+    }
+
+    /// A whole `ToClient` message as one binary frame (control-plane and rare messages).
+    pub fn runner_frame(&mut self, msg: &ToClient) -> Vec<Bytes> {
+        let body = Bytes::from(protocol::encode_to_client(msg));
+        self.ws_frame(OpCode::Binary, body).to_vec()
+    }
+
+    /// The hot path: `TunnelMessage(WebSocketMessage)` framed as
+    /// [ws header + protocol prefix][payload][binary flag] — the payload is not copied.
+    pub fn ws_message_frames(&mut self, req: [u8; 4], index: u16, data: Bytes, binary: bool) -> Vec<Bytes> {
+        let prefix =
+            protocol::hot::encode_ws_message_prefix(self.shared.gateway_id, req, index, data.len());
+        let total = prefix.as_bytes().len() + data.len() + 1;
+        let h = encode_header(true, OpCode::Binary, total as u64, None);
+        let head = self.small(&[h.as_bytes(), prefix.as_bytes()]);
+        vec![head, data, if binary { TRUE_BYTE } else { FALSE_BYTE }]
+    }
+
+    pub fn tunnel_frames(&mut self, req: [u8; 4], index: u16, kind: ToClientTunnelMessageKind) -> Vec<Bytes> {
+        let msg = ToClient::TunnelMessage(ToClientTunnelMessage {
+            message_id: protocol::MessageId {
+                gateway_id: self.shared.gateway_id,
+                request_id: req,
+                message_index: index,
+            },
+            message_kind: kind,
+        });
+        self.runner_frame(&msg)
+    }
+
+    // ---- routing -------------------------------------------------------------------------
+
+    /// Writes frames to a connection of this shard.
+    pub fn write_local(&mut self, slot: u32, gen: u32, frames: Vec<Bytes>) -> bool {
+        match self.get(slot, gen) {
+            Some(c) => {
+                c.out.push_all(frames);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sends frames to the runner's current connection, wherever it lives.
+    pub fn send_to_runner(&mut self, runner_idx: u32, frames: Vec<Bytes>) -> bool {
+        let Some(Some(conn)) = self.runners.get(runner_idx as usize).copied() else {
+            return false;
+        };
+        self.send_to_conn(conn, frames)
+    }
+
+    pub fn send_to_conn(&mut self, conn: ConnRef, frames: Vec<Bytes>) -> bool {
+        if conn.shard == self.id {
+            self.write_local(conn.slot, conn.gen, frames)
+        } else {
+            self.shared.shards[conn.shard as usize].send(ShardMsg::ToRunner {
+                slot: conn.slot,
+                gen: conn.gen,
+                frames,
+            });
+            true
+        }
+    }
+
+    /// Routes a runner's tunnel message to the request it names.
+    pub fn route_tunnel(&mut self, req: [u8; 4], msg: TunnelIn, now: Instant) {
+        let key = RequestKey::decode(req);
+        if key.shard == self.id {
+            self.tunnel_in(key, msg, now);
+        } else if let Some(mb) = self.shared.shards.get(key.shard as usize) {
+            mb.send(ShardMsg::Tunnel { key, msg });
+        } else {
+            self.metrics().inc(Counter::UnroutableTunnelMessages);
+        }
+    }
+
+    /// Applies runner → client traffic to a local client socket.
+    pub fn tunnel_in(&mut self, key: RequestKey, msg: TunnelIn, now: Instant) {
+        let Some((slot, gen)) = self.client_by_key(key) else {
+            self.metrics().inc(Counter::UnroutableTunnelMessages);
+            return;
+        };
+        match msg {
+            TunnelIn::Message { data, binary } => {
+                let len = data.len();
+                let op = if binary { OpCode::Binary } else { OpCode::Text };
+                let frames = self.ws_frame(op, data);
+                let limit = self.shared.config.limits.client_outbound_bytes;
+                let m = self.metrics();
+                m.inc(Counter::MessagesToClient);
+                m.add(Counter::BytesToClient, len as u64);
+                let conn = self.get(slot, gen).expect("checked above");
+                conn.out.push_all(frames);
+                if conn.out.bytes > limit {
+                    self.close_client(slot, gen, 1011, "guard.client_too_slow", now);
+                }
+            }
+            TunnelIn::Ack(index) => self.on_ack(slot, gen, index, now),
+            TunnelIn::Open { .. } | TunnelIn::Close { .. } | TunnelIn::Other(_) => {
+                let conn = self.get(slot, gen).expect("checked above");
+                let ConnKind::Client(cc) = &mut conn.kind else {
+                    return;
+                };
+                if let Some(tx) = cc.open_tx.take() {
+                    let _ = tx.send(msg);
+                    return;
+                }
+                match msg {
+                    TunnelIn::Close { code, reason, .. } => {
+                        // Hibernation arrives with a later change; for now the client closes.
+                        cc.runner_closed = true;
+                        let reason = reason.unwrap_or_else(|| "ws.closed".to_string());
+                        self.close_client(slot, gen, code.unwrap_or(1000), reason, now);
+                    }
+                    _ => self.metrics().inc(Counter::UnroutableTunnelMessages),
+                }
+            }
+        }
+    }
+
+    fn on_ack(&mut self, slot: u32, gen: u32, index: u16, _now: Instant) {
+        let Some(conn) = self.conns.get_mut(slot as usize).filter(|c| c.gen == gen) else {
+            return;
+        };
+        let ConnKind::Client(cc) = &mut conn.kind else {
+            return;
+        };
+        let AckResult {
+            freed_messages,
+            freed_bytes,
+            ignored,
+            resumed,
+            resume_reading,
+        } = cc.socket.on_ack(index, &mut self.budget);
+        let runner_idx = cc.runner_idx;
+        let req = cc.req;
+        if resume_reading {
+            cc.resume.notify_one();
+        }
+        let m = &self.shared.metrics.shards[self.id as usize];
+        m.inc(Counter::Acks);
+        if ignored {
+            m.inc(Counter::AcksIgnored);
+        }
+        m.add(Counter::AckedMessages, freed_messages as u64);
+        m.gauge_add(Gauge::PendingBytes, -(freed_bytes as i64));
+        m.gauge_add(Gauge::PendingMessages, -(freed_messages as i64));
+        if resume_reading {
+            m.gauge_add(Gauge::PausedClientWebSockets, -1);
+        }
+        if let Some(ClientMsg::Send { index, data, binary }) = resumed {
+            let len = data.len();
+            m.gauge_add(Gauge::PendingBytes, len as i64);
+            m.gauge_add(Gauge::PendingMessages, 1);
+            m.inc(Counter::MessagesToRunner);
+            m.add(Counter::BytesToRunner, len as u64);
+            let frames = self.ws_message_frames(req, index, data, binary);
+            self.send_to_runner(runner_idx, frames);
+        }
+    }
+
+    /// A data frame from a client: the window decides, this applies.
+    pub fn client_message(&mut self, slot: u32, gen: u32, data: Bytes, binary: bool, now: Instant) {
+        let Some(conn) = self.conns.get_mut(slot as usize).filter(|c| c.gen == gen) else {
+            return;
+        };
+        let ConnKind::Client(cc) = &mut conn.kind else {
+            return;
+        };
+        let len = data.len();
+        let outcome = cc.socket.on_client_message(data, binary, now, &mut self.budget);
+        let hib = cc.socket.is_hibernatable();
+        let (pb, pm) = (cc.socket.pending_bytes(), cc.socket.pending_len());
+        let runner_idx = cc.runner_idx;
+        let req = cc.req;
+        let m = &self.shared.metrics.shards[self.id as usize];
+        match outcome {
+            ClientMsg::Send { index, data, binary } => {
+                if hib {
+                    m.gauge_add(Gauge::PendingBytes, len as i64);
+                    m.gauge_add(Gauge::PendingMessages, 1);
+                    m.gauge_max(Gauge::MaxSocketPendingBytes, pb as i64);
+                    m.gauge_max(Gauge::MaxSocketPendingMessages, pm as i64);
+                }
+                m.inc(Counter::MessagesToRunner);
+                m.add(Counter::BytesToRunner, len as u64);
+                let frames = self.ws_message_frames(req, index, data, binary);
+                self.send_to_runner(runner_idx, frames);
+            }
+            ClientMsg::Held => {
+                m.gauge_add(Gauge::PendingBytes, len as i64);
+                m.gauge_add(Gauge::PendingMessages, 1);
+                m.gauge_max(Gauge::MaxSocketPendingBytes, pb as i64);
+                m.gauge_max(Gauge::MaxSocketPendingMessages, pm as i64);
+            }
+            ClientMsg::Paused => {
+                m.inc(Counter::BackpressurePauses);
+                m.gauge_add(Gauge::PausedClientWebSockets, 1);
+            }
+            ClientMsg::Close(reason) => {
+                self.close_client(slot, gen, reason.code, reason.reason, now);
+            }
+        }
+    }
+
+    /// Is this client socket paused (window full)? The reader waits on `resume` then.
+    pub fn client_paused(&self, slot: u32, gen: u32) -> Option<Rc<Notify>> {
+        let c = self.conns.get(slot as usize).filter(|c| c.gen == gen)?;
+        match &c.kind {
+            ConnKind::Client(cc) if cc.socket.is_paused() => Some(cc.resume.clone()),
+            _ => None,
+        }
+    }
+
+    /// Queues a close frame to a client, tells the runner, and frees the window. The reader
+    /// task removes the slab entry when the socket ends.
+    pub fn close_client(
+        &mut self,
+        slot: u32,
+        gen: u32,
+        code: u16,
+        reason: impl Into<Cow<'static, str>>,
+        _now: Instant,
+    ) {
+        let reason = reason.into();
+        let Some(conn) = self.conns.get_mut(slot as usize).filter(|c| c.gen == gen) else {
+            return;
+        };
+        if conn.out.closing {
+            return;
+        }
+        let m = &self.shared.metrics.shards[self.id as usize];
+        m.close(code, &reason);
+        let payload = crate::ws::writer::close_payload(code, &reason);
+        let h = encode_header(true, OpCode::Close, payload.len() as u64, None);
+        let head = Bytes::copy_from_slice(h.as_bytes());
+        conn.out.push_all([head, payload]);
+        conn.out.closing = true;
+        let mut tell_runner = None;
+        if let ConnKind::Client(cc) = &mut conn.kind {
+            self.release_window(slot);
+            let ConnKind::Client(cc2) = &mut self.conns[slot as usize].kind else {
+                return;
+            };
+            if !cc2.runner_closed {
+                cc2.runner_closed = true;
+                tell_runner = Some((cc2.runner_idx, cc2.req, cc2.socket.peek_index(), code, reason));
+            }
+            let _ = cc;
+        }
+        if let Some((runner_idx, req, index, code, reason)) = tell_runner {
+            let frames = self.tunnel_frames(
+                req,
+                index,
+                ToClientTunnelMessageKind::WebSocketClose(protocol::ToClientWebSocketClose {
+                    code: Some(code),
+                    reason: Some(reason.into_owned()),
+                }),
+            );
+            self.send_to_runner(runner_idx, frames);
+        }
+    }
+
+    /// Frees a client's pending window (bytes back to the shard budget, gauges down).
+    pub fn release_window(&mut self, slot: u32) {
+        let Some(conn) = self.conns.get_mut(slot as usize) else {
+            return;
+        };
+        let ConnKind::Client(cc) = &mut conn.kind else {
+            return;
+        };
+        let (pb, pm) = (cc.socket.pending_bytes(), cc.socket.pending_len());
+        let was_paused = cc.socket.is_paused();
+        cc.socket.close(&mut self.budget);
+        cc.resume.notify_one();
+        let m = &self.shared.metrics.shards[self.id as usize];
+        m.gauge_add(Gauge::PendingBytes, -(pb as i64));
+        m.gauge_add(Gauge::PendingMessages, -(pm as i64));
+        if was_paused {
+            m.gauge_add(Gauge::PausedClientWebSockets, -1);
+        }
+    }
+
+    /// Ack-timeout pass: closes the sockets whose oldest pending message is too old.
+    pub fn gc(&mut self, now: Instant) {
+        let timeout = crate::config::ms(self.shared.config.timeouts.ack_timeout_ms);
+        let expired: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .filter_map(|(slot, c)| match &c.kind {
+                ConnKind::Client(cc) if !c.out.closing && cc.socket.ack_expired(now, timeout) => {
+                    Some((slot as u32, c.gen))
+                }
+                _ => None,
+            })
+            .collect();
+        for (slot, gen) in expired {
+            let r = CloseReason::NOT_ACKED;
+            self.close_client(slot, gen, r.code, r.reason, now);
+        }
+    }
+
+    /// Messages from other shards and the control plane.
+    pub fn on_msg(&mut self, msg: ShardMsg, now: Instant) {
+        match msg {
+            ShardMsg::ToRunner { slot, gen, frames } => {
+                self.write_local(slot, gen, frames);
+            }
+            ShardMsg::Tunnel { key, msg } => self.tunnel_in(key, msg, now),
+            ShardMsg::CloseConn {
+                slot,
+                gen,
+                code,
+                reason,
+            } => self.close_conn(slot, gen, code, reason),
+            ShardMsg::RunnerAttached { runner_idx, conn } => self.runner_attached(runner_idx, conn, now),
+            ShardMsg::RunnerDetached { runner_idx } => self.runner_detached(runner_idx, now),
+            ShardMsg::ActorStopped { actor_id } => self.actor_stopped(&actor_id, now),
+            ShardMsg::Reply { waiter, reply } => {
+                if self.waiters.contains(waiter as usize) {
+                    let _ = self.waiters.remove(waiter as usize).send(reply);
+                }
+            }
+            ShardMsg::Shutdown => self.shutdown(now),
+        }
+    }
+
+    /// Closes any connection (runner or client) with a close frame.
+    pub fn close_conn(&mut self, slot: u32, gen: u32, code: u16, reason: Cow<'static, str>) {
+        let now = Instant::now();
+        let Some(conn) = self.get(slot, gen) else {
+            return;
+        };
+        match conn.kind {
+            ConnKind::Client(_) => self.close_client(slot, gen, code, reason, now),
+            _ => {
+                if conn.out.closing {
+                    return;
+                }
+                let payload = crate::ws::writer::close_payload(code, &reason);
+                let h = encode_header(true, OpCode::Close, payload.len() as u64, None);
+                conn.out.push_all([Bytes::copy_from_slice(h.as_bytes()), payload]);
+                conn.out.closing = true;
+                self.shared.metrics.shards[self.id as usize].close(code, &reason);
+            }
+        }
+    }
+
+    fn runner_attached(&mut self, runner_idx: u32, conn: ConnRef, now: Instant) {
+        let i = runner_idx as usize;
+        if self.runners.len() <= i {
+            self.runners.resize(i + 1, None);
+        }
+        self.runners[i] = Some(conn);
+        // Replay every detached socket of this runner, in order, original indices.
+        let slots: Vec<u32> = self
+            .conns
+            .iter()
+            .filter_map(|(s, c)| match &c.kind {
+                ConnKind::Client(cc) if cc.runner_idx == runner_idx && cc.socket.is_detached() => {
+                    Some(s as u32)
+                }
+                _ => None,
+            })
+            .collect();
+        for slot in slots {
+            let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
+                continue;
+            };
+            let req = cc.req;
+            let replay = cc.socket.on_runner_attached(now);
+            let m = &self.shared.metrics.shards[self.id as usize];
+            m.inc(Counter::Replays);
+            m.add(Counter::ReplayedMessages, replay.len() as u64);
+            let mut frames = Vec::with_capacity(replay.len() * 3);
+            for (index, data, binary) in replay {
+                frames.extend(self.ws_message_frames(req, index, data, binary));
+            }
+            if !frames.is_empty() {
+                self.send_to_conn(conn, frames);
+            }
+        }
+    }
+
+    fn runner_detached(&mut self, runner_idx: u32, now: Instant) {
+        if let Some(r) = self.runners.get_mut(runner_idx as usize) {
+            *r = None;
+        }
+        let affected: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .filter_map(|(s, c)| match &c.kind {
+                ConnKind::Client(cc) if cc.runner_idx == runner_idx && !c.out.closing => {
+                    Some((s as u32, c.gen))
+                }
+                _ => None,
+            })
+            .collect();
+        for (slot, gen) in affected {
+            let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
+                continue;
+            };
+            if let Some(tx) = cc.open_tx.take() {
+                // Still opening: refuse it.
+                let _ = tx.send(TunnelIn::Close {
+                    code: Some(1011),
+                    reason: Some("ws.runner_disconnected".into()),
+                    hibernate: false,
+                });
+                continue;
+            }
+            match cc.socket.on_runner_detached(&mut self.budget) {
+                Detach::Keep => {}
+                Detach::Close(r) => {
+                    cc.runner_closed = true;
+                    self.close_client(slot, gen, r.code, r.reason, now);
+                }
+            }
+        }
+    }
+
+    fn actor_stopped(&mut self, actor_id: &str, now: Instant) {
+        let affected: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .filter_map(|(s, c)| match &c.kind {
+                ConnKind::Client(cc) if &*cc.actor_id == actor_id && !c.out.closing => {
+                    Some((s as u32, c.gen))
+                }
+                _ => None,
+            })
+            .collect();
+        for (slot, gen) in affected {
+            if let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind {
+                cc.runner_closed = true;
+                if let Some(tx) = cc.open_tx.take() {
+                    let _ = tx.send(TunnelIn::Close {
+                        code: Some(1000),
+                        reason: Some("actor.stopped".into()),
+                        hibernate: false,
+                    });
+                    continue;
+                }
+            }
+            let r = CloseReason::ACTOR_STOPPED;
+            self.close_client(slot, gen, r.code, r.reason, now);
+        }
+    }
+
+    fn shutdown(&mut self, now: Instant) {
+        let all: Vec<(u32, u32, bool)> = self
+            .conns
+            .iter()
+            .map(|(s, c)| (s as u32, c.gen, matches!(c.kind, ConnKind::Client(_))))
+            .collect();
+        for (slot, gen, client) in all {
+            if client {
+                self.close_client(slot, gen, 1001, "ws.going_away", now);
+            } else {
+                self.close_conn(slot, gen, 1001, "ws.going_away".into());
+            }
+        }
+    }
+}
