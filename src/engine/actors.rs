@@ -397,8 +397,7 @@ impl Engine {
         }
         self.wake(actor_id, now);
         let out = self.take_out();
-        // The wake may not have produced a route synchronously; it never does (Running comes
-        // from the runner), so the answer is Pending.
+        // A wake never yields a route at once (only the runner's `Running` does).
         (
             Resolve::Pending {
                 actor_id: actor_id.to_string(),
