@@ -44,8 +44,9 @@ pub struct RunnerStatus {
 pub struct Runner;
 
 impl Runner {
-    /// Spawns the runner on the current tokio runtime and returns its handle. It connects in
-    /// the background and keeps reconnecting until [`RunnerHandle::shutdown`].
+    /// Spawns the runner on the current tokio runtime (call it from within one) and returns
+    /// its handle. It connects in the background and keeps reconnecting until
+    /// [`RunnerHandle::shutdown`] or an eviction; dropping every handle does not stop it.
     pub fn start(
         config: RunnerConfig,
         factory: impl ActorFactory,

@@ -31,7 +31,7 @@ use super::actor::{
     RequestKey, WsOpen, WsOpenReply, WsRestore,
 };
 use super::counters::Counters;
-use super::index::{InboundIndex, Verdict};
+use super::index::{after, InboundIndex, Verdict};
 
 /// Largest request body collected from a streamed request (as the TS runner's payload cap).
 pub(crate) const MAX_BODY: usize = 20 * 1024 * 1024;
@@ -329,8 +329,14 @@ impl Io {
 
     fn set_ack(&mut self, key: RequestKey, index: u16) {
         if let Some(Req::Ws(ws)) = self.requests.get_mut(&key) {
-            if ws.ack_to.replace(index).is_none() {
-                self.pending_acks.push(key);
+            match ws.ack_to {
+                None => {
+                    ws.ack_to = Some(index);
+                    self.pending_acks.push(key);
+                }
+                // Acks are cumulative: a late, older ack never lowers a pending newer one.
+                Some(prev) if after(prev, index) => {}
+                Some(_) => ws.ack_to = Some(index),
             }
         }
     }
@@ -650,6 +656,9 @@ impl Core {
                 self.io.events.clear();
                 self.io.backlog.clear();
                 self.io.pending_acks.clear();
+                self.io.requests.clear();
+                self.io.remembered.clear();
+                self.io.remembered_len = 0;
                 self.io.set_queued();
             }
         }

@@ -483,6 +483,13 @@ fn manual_ack_policy_acks_only_on_request() {
         .any(|(_, k)| matches!(k, ToServerTunnelMessageKind::WebSocketMessageAck(_))));
     h.core.handle_actor_op("a1", 0, ActorOp::Ack(KEY, 1));
     assert_eq!(tunnel_of(&h.out(), KEY), vec![(2, ack(1))]);
+    // Acks arriving out of order coalesce to the newest index.
+    h.core.handle(ws_msg(KEY, 2, b"y"));
+    h.core.handle(ws_msg(KEY, 3, b"z"));
+    h.out();
+    h.core.handle_actor_op("a1", 0, ActorOp::Ack(KEY, 3));
+    h.core.handle_actor_op("a1", 0, ActorOp::Ack(KEY, 2));
+    assert_eq!(tunnel_of(&h.out(), KEY), vec![(5, ack(3))]);
 }
 
 #[test]
