@@ -118,7 +118,6 @@ pub(crate) fn write_uvarint(out: &mut Vec<u8>, mut v: u64) {
 
 /// Write `v` as a BARE uvarint into `buf`, returning the number of bytes written (≤ 10).
 #[inline]
-#[allow(dead_code)] // used by the hot path
 pub(crate) fn put_uvarint(buf: &mut [u8; 10], mut v: u64) -> usize {
     let mut i = 0;
     while v >= 0x80 {
@@ -401,17 +400,11 @@ impl<'de> de::Deserializer<'de> for &mut BareDeserializer<'de> {
         visitor: V,
     ) -> Result<V::Value, ProtocolError> {
         let offset = self.pos;
-        let tag = match self.uvarint() {
-            Ok(t) => t,
-            // A tag byte >= 0x80 is an unknown tag for the TS decoder (it reads a u8).
-            Err(ProtocolError::InvalidUint { .. }) => {
-                return Err(ProtocolError::InvalidTag {
-                    offset,
-                    tag: self.buf.get(offset).copied().map_or(0, u64::from),
-                })
-            }
-            Err(e) => return Err(e),
-        };
+        // Union tags are uvarints; no union here has 128 members, so a valid tag is always a
+        // single byte < 0x80. The TS decoder reads a u8 and rejects every other value as an
+        // unknown tag; do the same.
+        let [b] = self.take_array::<1>()?;
+        let tag = u64::from(b);
         if tag >= variants.len() as u64 {
             return Err(ProtocolError::InvalidTag { offset, tag });
         }
