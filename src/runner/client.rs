@@ -17,10 +17,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::actor::ActorFactory;
 use super::backoff::Backoff;
-use super::core::{Core, Ctl, InitInfo, Phase};
+use super::core::{Core, Ctl, InitInfo, Outgoing, Phase};
 use super::counters::{CounterSnapshot, Counters};
 use super::{RunnerConfig, RunnerError, PROTOCOL_VERSION};
-use crate::protocol::{encode_to_server, ToServer};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -214,7 +213,7 @@ struct Shell {
     ctl_rx: mpsc::UnboundedReceiver<Ctl>,
     status: watch::Sender<RunnerStatus>,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
-    out_buf: Vec<ToServer>,
+    out_buf: Vec<Outgoing>,
 }
 
 impl Shell {
@@ -474,8 +473,7 @@ impl Shell {
             return Ok(());
         }
         for msg in self.out_buf.drain(..) {
-            ws.feed(Message::Binary(encode_to_server(&msg).into()))
-                .await?;
+            ws.feed(Message::Binary(msg.encode().into())).await?;
         }
         ws.flush().await
     }

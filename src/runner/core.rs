@@ -22,8 +22,12 @@ use crate::protocol::{
     ToClientInit, ToClientRequestStart, ToClientTunnelMessage, ToClientTunnelMessageKind,
     ToClientWebSocketOpen, ToServer, ToServerAckCommands, ToServerInit, ToServerPong,
     ToServerResponseStart, ToServerTunnelMessage, ToServerTunnelMessageKind,
-    ToServerWebSocketClose, ToServerWebSocketMessage, ToServerWebSocketMessageAck,
-    ToServerWebSocketOpen,
+    ToServerWebSocketClose, ToServerWebSocketMessageAck, ToServerWebSocketOpen,
+};
+
+use crate::protocol::encode_to_server;
+use crate::protocol::hot::{
+    decode_to_client_hot, encode_ws_message_prefix_to_server, ws_message_trailer, ToClientHot,
 };
 
 use super::actor::{
@@ -118,9 +122,9 @@ pub(crate) struct Io {
     phase: Phase,
     requests: HashMap<RequestKey, Req>,
     /// Messages ready for the socket, in order.
-    out: VecDeque<ToServer>,
+    out: VecDeque<Outgoing>,
     /// Tunnel messages produced while not connected, sent after the next `Init`.
-    backlog: VecDeque<ToServerTunnelMessage>,
+    backlog: VecDeque<Outgoing>,
     /// Unacknowledged events per (actor, generation), resent after every `Init`.
     events: HashMap<(Arc<str>, u32), VecDeque<EventWrapper>>,
     pending_acks: Vec<RequestKey>,
@@ -129,6 +133,66 @@ pub(crate) struct Io {
     remembered_len: usize,
     pub(crate) counters: Arc<Counters>,
     pub(crate) ctl_tx: UnboundedSender<Ctl>,
+}
+
+/// One message for the gateway. WebSocket data stays a `Bytes` (possibly a slice of the
+/// received frame) until it is encoded, so it is copied once, into the outgoing frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outgoing {
+    Msg(ToServer),
+    WsData {
+        id: MessageId,
+        data: Bytes,
+        binary: bool,
+    },
+}
+
+impl Outgoing {
+    fn is_tunnel(&self) -> bool {
+        matches!(
+            self,
+            Outgoing::WsData { .. } | Outgoing::Msg(ToServer::TunnelMessage(_))
+        )
+    }
+
+    /// The BARE encoding of this `ToServer` message.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        match self {
+            Outgoing::Msg(m) => encode_to_server(m),
+            Outgoing::WsData { id, data, binary } => {
+                let prefix = encode_ws_message_prefix_to_server(
+                    id.gateway_id,
+                    id.request_id,
+                    id.message_index,
+                    data.len(),
+                );
+                let mut buf = Vec::with_capacity(prefix.len() + data.len() + 1);
+                buf.extend_from_slice(prefix.as_bytes());
+                buf.extend_from_slice(data);
+                buf.extend_from_slice(&ws_message_trailer(*binary));
+                buf
+            }
+        }
+    }
+
+    /// The equivalent fully typed message (copies WebSocket data).
+    #[cfg(test)]
+    pub(crate) fn into_to_server(self) -> ToServer {
+        match self {
+            Outgoing::Msg(m) => m,
+            Outgoing::WsData { id, data, binary } => {
+                ToServer::TunnelMessage(ToServerTunnelMessage {
+                    message_id: id,
+                    message_kind: ToServerTunnelMessageKind::WebSocketMessage(
+                        crate::protocol::ToServerWebSocketMessage {
+                            data: data.to_vec(),
+                            binary,
+                        },
+                    ),
+                })
+            }
+        }
+    }
 }
 
 /// Runner identity sent in `Init`.
@@ -228,22 +292,28 @@ impl Io {
     /// Queues a control message; dropped while no socket is open (it is recomputed later).
     fn push_control(&mut self, msg: ToServer) {
         if self.phase != Phase::Disconnected {
+            self.out.push_back(Outgoing::Msg(msg));
+        }
+    }
+
+    /// Queues a tunnel message: now if connected, else in the backlog.
+    fn push_out(&mut self, msg: Outgoing) {
+        if self.phase == Phase::Connected {
             self.out.push_back(msg);
+        } else {
+            self.backlog.push_back(msg);
+            self.set_queued();
         }
     }
 
     /// Queues a tunnel message with an explicit index: now if connected, else in the backlog.
     fn push_tunnel(&mut self, key: RequestKey, index: u16, kind: ToServerTunnelMessageKind) {
-        let msg = ToServerTunnelMessage {
-            message_id: msg_id(key, index),
-            message_kind: kind,
-        };
-        if self.phase == Phase::Connected {
-            self.out.push_back(ToServer::TunnelMessage(msg));
-        } else {
-            self.backlog.push_back(msg);
-            self.set_queued();
-        }
+        self.push_out(Outgoing::Msg(ToServer::TunnelMessage(
+            ToServerTunnelMessage {
+                message_id: msg_id(key, index),
+                message_kind: kind,
+            },
+        )));
     }
 
     /// Queues a tunnel message on a known WebSocket, numbering it with the socket's counter.
@@ -278,13 +348,17 @@ impl Io {
         if self.owns(meta, key).is_none() {
             return false;
         }
-        self.push_ws(
-            key,
-            ToServerTunnelMessageKind::WebSocketMessage(ToServerWebSocketMessage {
-                data: Vec::from(data),
-                binary,
-            }),
-        )
+        let Some(Req::Ws(ws)) = self.requests.get_mut(&key) else {
+            return false;
+        };
+        let index = ws.next_out;
+        ws.next_out = ws.next_out.wrapping_add(1);
+        self.push_out(Outgoing::WsData {
+            id: msg_id(key, index),
+            data,
+            binary,
+        });
+        true
     }
 
     pub(crate) fn ws_close(
@@ -408,10 +482,11 @@ impl Io {
             .push_back(ev.clone());
         if self.phase == Phase::Connected {
             // Batch consecutive events into one `Events` message.
-            if let Some(ToServer::Events(list)) = self.out.back_mut() {
+            if let Some(Outgoing::Msg(ToServer::Events(list))) = self.out.back_mut() {
                 list.push(ev);
             } else {
-                self.out.push_back(ToServer::Events(vec![ev]));
+                self.out
+                    .push_back(Outgoing::Msg(ToServer::Events(vec![ev])));
             }
         }
     }
@@ -487,7 +562,7 @@ impl Core {
     }
 
     /// Drains everything ready to be written, in order.
-    pub(crate) fn take_out(&mut self, buf: &mut Vec<ToServer>) {
+    pub(crate) fn take_out(&mut self, buf: &mut Vec<Outgoing>) {
         self.io.flush_acks();
         buf.extend(self.io.out.drain(..));
     }
@@ -496,13 +571,15 @@ impl Core {
     pub(crate) fn connection_opened(&mut self) {
         self.io.phase = Phase::AwaitingInit;
         self.io.out.clear();
-        self.io.out.push_back(ToServer::Init(ToServerInit {
-            name: self.init.name.clone(),
-            version: self.init.version,
-            total_slots: self.init.total_slots,
-            prepopulate_actor_names: Some(ActorNameMap::default()),
-            metadata: self.init.metadata.clone(),
-        }));
+        self.io
+            .out
+            .push_back(Outgoing::Msg(ToServer::Init(ToServerInit {
+                name: self.init.name.clone(),
+                version: self.init.version,
+                total_slots: self.init.total_slots,
+                prepopulate_actor_names: Some(ActorNameMap::default()),
+                metadata: self.init.metadata.clone(),
+            })));
     }
 
     /// The socket is gone (or was dropped). Unwritten tunnel messages return to the backlog;
@@ -510,15 +587,8 @@ impl Core {
     pub(crate) fn connection_lost(&mut self, now: Instant) {
         let was = self.io.phase;
         self.io.phase = Phase::Disconnected;
-        let mut unsent: VecDeque<ToServerTunnelMessage> = self
-            .io
-            .out
-            .drain(..)
-            .filter_map(|m| match m {
-                ToServer::TunnelMessage(t) => Some(t),
-                _ => None,
-            })
-            .collect();
+        let mut unsent: VecDeque<Outgoing> =
+            self.io.out.drain(..).filter(Outgoing::is_tunnel).collect();
         unsent.append(&mut self.io.backlog);
         self.io.backlog = unsent;
         self.io.set_queued();
@@ -578,10 +648,26 @@ impl Core {
         });
     }
 
-    /// Decodes and handles one binary message from the gateway.
-    pub(crate) fn handle_bytes(&mut self, buf: &[u8]) {
-        match crate::protocol::decode_to_client(buf) {
-            Ok(msg) => self.handle(msg),
+    /// Decodes and handles one binary message from the gateway. WebSocket data reaches the
+    /// actor as a slice of `buf`, without a copy.
+    pub(crate) fn handle_bytes(&mut self, buf: &Bytes) {
+        match decode_to_client_hot(buf) {
+            Ok(ToClientHot::WsMessage {
+                gateway_id,
+                request_id,
+                message_index,
+                data,
+                binary,
+            }) => self.on_ws_message(
+                RequestKey {
+                    gateway_id,
+                    request_id,
+                },
+                message_index,
+                data,
+                binary,
+            ),
+            Ok(ToClientHot::Other(msg)) => self.handle(msg),
             Err(e) => {
                 Counters::bump(&self.io.counters.protocol_errors);
                 tracing::warn!(error = %e, "undecodable message from gateway");
@@ -676,19 +762,21 @@ impl Core {
             .flat_map(|k| self.io.events[k].iter().cloned())
             .collect();
         if !events.is_empty() {
-            self.io.out.push_back(ToServer::Events(events));
+            self.io
+                .out
+                .push_back(Outgoing::Msg(ToServer::Events(events)));
         }
         while let Some(t) = self.io.backlog.pop_front() {
-            self.io.out.push_back(ToServer::TunnelMessage(t));
+            self.io.out.push_back(t);
         }
         self.io.set_queued();
         let cps = self.command_checkpoints();
         if !cps.is_empty() {
             self.io
                 .out
-                .push_back(ToServer::AckCommands(ToServerAckCommands {
+                .push_back(Outgoing::Msg(ToServer::AckCommands(ToServerAckCommands {
                     last_command_checkpoints: cps,
-                }));
+                })));
         }
     }
 
@@ -1077,12 +1165,12 @@ impl Core {
                 })
             }
         };
-        let msg = ToServerTunnelMessage {
+        let msg = Outgoing::Msg(ToServer::TunnelMessage(ToServerTunnelMessage {
             message_id: msg_id(key, 0),
             message_kind: kind,
-        };
+        }));
         if connected {
-            self.io.out.insert(mark, ToServer::TunnelMessage(msg));
+            self.io.out.insert(mark, msg);
         } else {
             self.io.backlog.insert(mark, msg);
             self.io.set_queued();

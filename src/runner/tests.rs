@@ -140,6 +140,10 @@ const KEY2: RequestKey = RequestKey {
     request_id: [0, 0, 0, 2],
 };
 
+fn typed_encoding(m: &ToServer) -> Vec<u8> {
+    encode_to_server(m)
+}
+
 fn harness(opts: Opts) -> Harness {
     let log = Arc::new(Mutex::new(Vec::new()));
     let created = Arc::new(Mutex::new(0u32));
@@ -258,14 +262,27 @@ impl Harness {
     fn out(&mut self) -> Vec<ToServer> {
         let mut v = Vec::new();
         self.core.take_out(&mut v);
-        v
+        // Every outgoing message must encode to what the typed encoder produces.
+        v.into_iter()
+            .map(|m| {
+                let bytes = m.encode();
+                let typed = m.into_to_server();
+                assert_eq!(bytes, typed_encoding(&typed));
+                typed
+            })
+            .collect()
     }
 
     /// Opens a socket and completes `Init`, returning what was sent.
     fn connect(&mut self, id: &str) -> Vec<ToServer> {
         self.core.connection_opened();
-        self.core.handle(init(id, 5_000));
+        self.feed(init(id, 5_000));
         self.out()
+    }
+
+    /// Delivers a gateway message the way the shell does: encoded, through the hot decoder.
+    fn feed(&mut self, msg: ToClient) {
+        self.core.handle_bytes(&Bytes::from(encode_to_client(&msg)));
     }
 
     fn calls(&self) -> Vec<Call> {
@@ -334,10 +351,10 @@ fn init_first_then_ping_pong() {
         })]
     );
     assert_eq!(h.core.phase(), Phase::AwaitingInit);
-    h.core.handle(init("r1", 5_000));
+    h.feed(init("r1", 5_000));
     assert_eq!(h.core.phase(), Phase::Connected);
     assert_eq!(h.core.runner_id(), Some("r1"));
-    h.core.handle(ToClient::Ping(ToClientPing { ts: 42 }));
+    h.feed(ToClient::Ping(ToClientPing { ts: 42 }));
     assert_eq!(h.out(), vec![ToServer::Pong(ToServerPong { ts: 42 })]);
 }
 
@@ -345,7 +362,7 @@ fn init_first_then_ping_pong() {
 fn start_and_stop_report_events_and_ack_commands() {
     let mut h = harness(Opts::default());
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
     let out = h.out();
     assert_eq!(
         out,
@@ -358,11 +375,11 @@ fn start_and_stop_report_events_and_ack_commands() {
     );
     assert_eq!(h.calls(), vec![Call::Start("a1".into(), 0)]);
     // A repeated start of the same generation is not a second actor.
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
     assert_eq!(*h.created.lock().unwrap(), 1);
     h.out();
 
-    h.core.handle(stop_cmd("a1", 0, 1));
+    h.feed(stop_cmd("a1", 0, 1));
     let out = h.out();
     assert_eq!(
         events(&out),
@@ -387,7 +404,7 @@ fn start_and_stop_report_events_and_ack_commands() {
 fn intents_and_alarm_are_numbered_events() {
     let mut h = harness(Opts::default());
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 3, 0, vec![]));
+    h.feed(start_cmd("a1", 3, 0, vec![]));
     h.out();
     h.core.handle_actor_op("a1", 3, ActorOp::Sleep);
     h.core.handle_actor_op("a1", 3, ActorOp::SetAlarm(Some(99)));
@@ -415,11 +432,11 @@ fn intents_and_alarm_are_numbered_events() {
 fn websocket_open_echo_and_coalesced_ack() {
     let mut h = harness(Opts::default());
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
     h.out();
-    h.core.handle(ws_open(KEY, "a1"));
-    h.core.handle(ws_msg(KEY, 1, b"x"));
-    h.core.handle(ws_msg(KEY, 2, b"y"));
+    h.feed(ws_open(KEY, "a1"));
+    h.feed(ws_msg(KEY, 1, b"x"));
+    h.feed(ws_msg(KEY, 2, b"y"));
     let out = h.out();
     assert_eq!(
         tunnel_of(&out, KEY),
@@ -446,9 +463,9 @@ fn send_from_open_callback_follows_the_open_answer() {
         ..Opts::default()
     });
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
     h.out();
-    h.core.handle(ws_open(KEY, "a1"));
+    h.feed(ws_open(KEY, "a1"));
     let t = tunnel_of(&h.out(), KEY);
     assert_eq!(t.len(), 2);
     assert!(matches!(
@@ -474,9 +491,9 @@ fn manual_ack_policy_acks_only_on_request() {
         ..Opts::default()
     });
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
-    h.core.handle(ws_open(KEY, "a1"));
-    h.core.handle(ws_msg(KEY, 1, b"x"));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
+    h.feed(ws_msg(KEY, 1, b"x"));
     let out = h.out();
     assert!(!tunnel_of(&out, KEY)
         .iter()
@@ -484,8 +501,8 @@ fn manual_ack_policy_acks_only_on_request() {
     h.core.handle_actor_op("a1", 0, ActorOp::Ack(KEY, 1));
     assert_eq!(tunnel_of(&h.out(), KEY), vec![(2, ack(1))]);
     // Acks arriving out of order coalesce to the newest index.
-    h.core.handle(ws_msg(KEY, 2, b"y"));
-    h.core.handle(ws_msg(KEY, 3, b"z"));
+    h.feed(ws_msg(KEY, 2, b"y"));
+    h.feed(ws_msg(KEY, 3, b"z"));
     h.out();
     h.core.handle_actor_op("a1", 0, ActorOp::Ack(KEY, 3));
     h.core.handle_actor_op("a1", 0, ActorOp::Ack(KEY, 2));
@@ -496,21 +513,21 @@ fn manual_ack_policy_acks_only_on_request() {
 fn duplicates_dropped_and_gap_closes_like_ts() {
     let mut h = harness(Opts::default());
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
-    h.core.handle(ws_open(KEY, "a1"));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
     for i in 1..=3 {
-        h.core.handle(ws_msg(KEY, i, &[i as u8]));
+        h.feed(ws_msg(KEY, i, &[i as u8]));
     }
     for i in 1..=3 {
-        h.core.handle(ws_msg(KEY, i, &[i as u8]));
+        h.feed(ws_msg(KEY, i, &[i as u8]));
     }
-    h.core.handle(ws_msg(KEY, 0, b"open-index"));
+    h.feed(ws_msg(KEY, 0, b"open-index"));
     assert_eq!(h.counters.snapshot().duplicates_dropped, 4);
     assert_eq!(h.counters.snapshot().messages, 3);
     h.out();
     h.calls();
     // Index 5 skips 4.
-    h.core.handle(ws_msg(KEY, 5, b"z"));
+    h.feed(ws_msg(KEY, 5, b"z"));
     assert_eq!(h.counters.snapshot().gaps, 1);
     let out = h.out();
     assert_eq!(
@@ -533,7 +550,7 @@ fn duplicates_dropped_and_gap_closes_like_ts() {
         )]
     );
     // The socket is gone: later messages reach nobody.
-    h.core.handle(ws_msg(KEY, 4, b"late"));
+    h.feed(ws_msg(KEY, 4, b"late"));
     assert!(h.out().is_empty());
     assert!(h.calls().is_empty());
 }
@@ -545,11 +562,11 @@ fn non_hibernatable_sockets_are_not_index_checked() {
         ..Opts::default()
     });
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
-    h.core.handle(ws_open(KEY, "a1"));
-    h.core.handle(ws_msg(KEY, 1, b"a"));
-    h.core.handle(ws_msg(KEY, 1, b"b"));
-    h.core.handle(ws_msg(KEY, 7, b"c"));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
+    h.feed(ws_msg(KEY, 1, b"a"));
+    h.feed(ws_msg(KEY, 1, b"b"));
+    h.feed(ws_msg(KEY, 7, b"c"));
     assert_eq!(h.counters.snapshot().messages, 3);
     assert_eq!(h.counters.snapshot().gaps, 0);
     // And never acked: the gateway keeps no window for them.
@@ -565,13 +582,13 @@ fn restored_socket_wraps_through_u16_max() {
         ..Opts::default()
     });
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![KEY]));
+    h.feed(start_cmd("a1", 0, 0, vec![KEY]));
     assert_eq!(
         h.calls(),
         vec![Call::Start("a1".into(), 0), Call::Restore(KEY, None)]
     );
     for i in [65535u16, 0, 1, 65535, 0, 2] {
-        h.core.handle(ws_msg(KEY, i, &i.to_le_bytes()));
+        h.feed(ws_msg(KEY, i, &i.to_le_bytes()));
     }
     let delivered: Vec<u16> = h
         .calls()
@@ -592,9 +609,9 @@ fn messages_queue_while_disconnected_and_flush_in_order_after_init() {
         ..Opts::default()
     });
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
-    h.core.handle(ws_open(KEY, "a1"));
-    h.core.handle(ws_msg(KEY, 1, b"m1"));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
+    h.feed(ws_msg(KEY, 1, b"m1"));
     // Echo of m1 produced but never written: the connection drops first.
     h.core.connection_lost(Instant::now());
     assert_eq!(h.core.phase(), Phase::Disconnected);
@@ -611,7 +628,7 @@ fn messages_queue_while_disconnected_and_flush_in_order_after_init() {
     }
     h.core.handle_actor_op("a1", 0, ActorOp::Ack(KEY, 1));
     h.core.handle_actor_op("a1", 0, ActorOp::Sleep);
-    h.core.handle(ToClient::Ping(ToClientPing { ts: 1 })); // no socket: no pong queued
+    h.feed(ToClient::Ping(ToClientPing { ts: 1 })); // no socket: no pong queued
     assert_eq!(h.core.backlog_len(), 5, "open answer, m1 echo, q1..q3");
     assert_eq!(h.counters.snapshot().queued, 5);
 
@@ -622,7 +639,7 @@ fn messages_queue_while_disconnected_and_flush_in_order_after_init() {
     assert!(matches!(before[0], ToServer::Init(_)));
     // The coalesced ack joined the backlog, behind the messages.
     assert_eq!(h.core.backlog_len(), 6);
-    h.core.handle(init("r1", 5_000));
+    h.feed(init("r1", 5_000));
     let mut out = before;
     out.extend(h.out());
     // Unacked events (Running, Sleep intent) come first after Init, then the tunnel backlog.
@@ -651,12 +668,12 @@ fn messages_queue_while_disconnected_and_flush_in_order_after_init() {
 fn events_resent_until_acknowledged() {
     let mut h = harness(Opts::default());
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
     h.out();
     h.core.connection_lost(Instant::now());
     let out = h.connect("r1");
     assert_eq!(events(&out), vec![running("a1", 0, 0)]);
-    h.core.handle(ToClient::AckEvents(ToClientAckEvents {
+    h.feed(ToClient::AckEvents(ToClientAckEvents {
         last_event_checkpoints: vec![cp("a1", 0, 0)],
     }));
     h.core.connection_lost(Instant::now());
@@ -668,11 +685,11 @@ fn events_resent_until_acknowledged() {
 fn reconnect_keeps_indices_and_closes_non_hibernatable() {
     let mut h = harness(Opts::default());
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
-    h.core.handle(start_cmd("b1", 0, 0, vec![]));
-    h.core.handle(ws_open(KEY, "a1"));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(start_cmd("b1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
     for i in 1..=3 {
-        h.core.handle(ws_msg(KEY, i, b"x"));
+        h.feed(ws_msg(KEY, i, b"x"));
     }
     h.out();
     h.calls();
@@ -680,7 +697,7 @@ fn reconnect_keeps_indices_and_closes_non_hibernatable() {
     h.connect("r1");
     // The gateway replays 2..=5 with the original indices.
     for i in 2..=5 {
-        h.core.handle(ws_msg(KEY, i, b"x"));
+        h.feed(ws_msg(KEY, i, b"x"));
     }
     let delivered: Vec<u16> = h
         .calls()
@@ -698,8 +715,8 @@ fn reconnect_keeps_indices_and_closes_non_hibernatable() {
         ..Opts::default()
     });
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
-    h.core.handle(ws_open(KEY2, "a1"));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY2, "a1"));
     h.calls();
     h.core.connection_lost(Instant::now());
     assert_eq!(
@@ -716,8 +733,8 @@ fn reconnect_keeps_indices_and_closes_non_hibernatable() {
 fn new_runner_id_stops_all_actors() {
     let mut h = harness(Opts::default());
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
-    h.core.handle(ws_open(KEY, "a1"));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
     h.core.connection_lost(Instant::now());
     h.core.handle_actor_op(
         "a1",
@@ -741,7 +758,7 @@ fn new_runner_id_stops_all_actors() {
 fn runner_lost_threshold_stops_actors() {
     let mut h = harness(Opts::default());
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
     let t0 = Instant::now();
     h.core.connection_lost(t0);
     assert_eq!(
@@ -771,21 +788,21 @@ fn runner_lost_threshold_stops_actors() {
 fn sleep_and_wake_in_process_remembers_indices() {
     let mut h = harness(Opts::default());
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
-    h.core.handle(ws_open(KEY, "a1"));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
     for i in 1..=3 {
-        h.core.handle(ws_msg(KEY, i, b"x"));
+        h.feed(ws_msg(KEY, i, b"x"));
     }
-    h.core.handle(stop_cmd("a1", 0, 1));
+    h.feed(stop_cmd("a1", 0, 1));
     h.out();
     h.calls();
-    h.core.handle(start_cmd("a1", 1, 0, vec![KEY]));
+    h.feed(start_cmd("a1", 1, 0, vec![KEY]));
     assert_eq!(
         h.calls(),
         vec![Call::Start("a1".into(), 1), Call::Restore(KEY, Some(3))]
     );
-    h.core.handle(ws_msg(KEY, 3, b"x"));
-    h.core.handle(ws_msg(KEY, 4, b"x"));
+    h.feed(ws_msg(KEY, 3, b"x"));
+    h.feed(ws_msg(KEY, 4, b"x"));
     assert_eq!(h.counters.snapshot().duplicates_dropped, 1);
     let t = tunnel_of(&h.out(), KEY);
     // The outbound counter continues too: open(0) + 3 echoes + ack(4) before the stop.
@@ -796,10 +813,10 @@ fn sleep_and_wake_in_process_remembers_indices() {
 fn http_request_response_and_unknown_actor() {
     let mut h = harness(Opts::default());
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
     h.out();
     h.calls();
-    h.core.handle(tunnel(
+    h.feed(tunnel(
         KEY,
         0,
         ToClientTunnelMessageKind::RequestStart(ToClientRequestStart {
@@ -837,7 +854,7 @@ fn http_request_response_and_unknown_actor() {
     );
 
     // Streamed request bodies are collected.
-    h.core.handle(tunnel(
+    h.feed(tunnel(
         KEY2,
         0,
         ToClientTunnelMessageKind::RequestStart(ToClientRequestStart {
@@ -850,7 +867,7 @@ fn http_request_response_and_unknown_actor() {
         }),
     ));
     for (i, (b, fin)) in [(&b"ab"[..], false), (b"cd", true)].into_iter().enumerate() {
-        h.core.handle(tunnel(
+        h.feed(tunnel(
             KEY2,
             i as u16 + 1,
             ToClientTunnelMessageKind::RequestChunk(ToClientRequestChunk {
@@ -864,7 +881,7 @@ fn http_request_response_and_unknown_actor() {
         vec![Call::Http("PUT".into(), "/s".into(), b"abcd".to_vec())]
     );
 
-    h.core.handle(tunnel(
+    h.feed(tunnel(
         KEY,
         0,
         ToClientTunnelMessageKind::RequestStart(ToClientRequestStart {
@@ -891,11 +908,11 @@ fn http_request_response_and_unknown_actor() {
 fn gateway_close_reaches_actor_and_is_answered() {
     let mut h = harness(Opts::default());
     h.connect("r1");
-    h.core.handle(start_cmd("a1", 0, 0, vec![]));
-    h.core.handle(ws_open(KEY, "a1"));
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
     h.out();
     h.calls();
-    h.core.handle(tunnel(
+    h.feed(tunnel(
         KEY,
         1,
         ToClientTunnelMessageKind::WebSocketClose(ToClientWebSocketClose {
@@ -917,7 +934,7 @@ fn gateway_close_reaches_actor_and_is_answered() {
         })
     ));
     // Unknown actor on open.
-    h.core.handle(ws_open(KEY2, "ghost"));
+    h.feed(ws_open(KEY2, "ghost"));
     let t = tunnel_of(&h.out(), KEY2);
     assert!(matches!(
         &t[0],
@@ -935,9 +952,37 @@ fn gateway_close_reaches_actor_and_is_answered() {
 fn garbage_from_the_gateway_is_counted_not_fatal() {
     let mut h = harness(Opts::default());
     h.core.connection_opened();
-    h.core.handle_bytes(&[0xff, 0xff, 0xff]);
-    h.core.handle_bytes(&[]);
+    h.core
+        .handle_bytes(&Bytes::from_static(&[0xff, 0xff, 0xff]));
+    h.core.handle_bytes(&Bytes::new());
     assert_eq!(h.counters.snapshot().protocol_errors, 2);
-    h.core.handle_bytes(&encode_to_client(&init("r1", 0)));
+    h.core
+        .handle_bytes(&Bytes::from(encode_to_client(&init("r1", 0))));
     assert_eq!(h.core.phase(), Phase::Connected);
+}
+
+#[test]
+fn echoed_payload_is_a_slice_of_the_received_frame() {
+    let mut h = harness(Opts::default());
+    h.connect("r1");
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
+    h.out();
+    let frame = Bytes::from(encode_to_client(&ws_msg(KEY, 1, &[7u8; 1000])));
+    h.core.handle_bytes(&frame);
+    let mut raw = Vec::new();
+    h.core.take_out(&mut raw);
+    let data = raw
+        .iter()
+        .find_map(|m| match m {
+            super::core::Outgoing::WsData { data, .. } => Some(data.clone()),
+            _ => None,
+        })
+        .expect("an echo");
+    let range = frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len();
+    assert_eq!(data.len(), 1000);
+    assert!(
+        range.contains(&(data.as_ptr() as usize)),
+        "payload was copied"
+    );
 }
