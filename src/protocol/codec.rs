@@ -116,19 +116,6 @@ pub(crate) fn write_uvarint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-/// Write `v` as a BARE uvarint into `buf`, returning the number of bytes written (≤ 10).
-#[inline]
-pub(crate) fn put_uvarint(buf: &mut [u8; 10], mut v: u64) -> usize {
-    let mut i = 0;
-    while v >= 0x80 {
-        buf[i] = (v as u8) | 0x80;
-        v >>= 7;
-        i += 1;
-    }
-    buf[i] = v as u8;
-    i + 1
-}
-
 /// Read a canonical BARE uvarint at `*pos`. On success advances `*pos`.
 #[inline]
 pub(crate) fn read_uvarint(buf: &[u8], pos: &mut usize) -> Result<u64, ProtocolError> {
