@@ -11,7 +11,9 @@
 
 use bytes::Bytes;
 
-use super::codec::{decode_to_client, decode_to_server, read_uvarint, ProtocolError};
+use super::codec::{
+    decode_to_client, decode_to_server, read_uvarint, ProtocolError, MAX_MESSAGE_LEN,
+};
 use super::types::{
     GatewayId, MessageId, MessageIndex, RequestId, ToClient, ToClientTunnelMessage,
     ToClientTunnelMessageKind, ToClientWebSocketMessage, ToServer, ToServerTunnelMessage,
@@ -263,7 +265,7 @@ struct Header {
 
 #[inline]
 fn header(buf: &[u8], outer_tag: u8) -> Option<Header> {
-    if buf.len() < HEADER_LEN + 1 || buf[0] != outer_tag {
+    if buf.len() < HEADER_LEN + 1 || buf.len() > MAX_MESSAGE_LEN || buf[0] != outer_tag {
         return None;
     }
     let mut gateway_id = [0u8; 4];
