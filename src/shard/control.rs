@@ -61,7 +61,12 @@ fn unix_ms() -> i64 {
 
 /// Runs until `Shutdown` or until every sender is gone.
 pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
-    let mut engine = Engine::new(engine_config(&shared), rand::random(), Instant::now(), unix_ms());
+    let mut engine = Engine::new(
+        engine_config(&shared),
+        rand::random(),
+        Instant::now(),
+        unix_ms(),
+    );
     let tick = Duration::from_millis(50);
     let mut next_tick = Instant::now() + tick;
     loop {
@@ -104,7 +109,8 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                     body,
                     waiter,
                 } => {
-                    let reply = engine::api::handle(&mut engine, &method, &path, &query, &body, now);
+                    let reply =
+                        engine::api::handle(&mut engine, &method, &path, &query, &body, now);
                     send_reply(
                         &shared,
                         waiter,
@@ -138,7 +144,8 @@ fn send_reply(shared: &Shared, waiter: u64, reply: Reply) {
 }
 
 fn reply_resolve(shared: &Shared, waiter: u64, result: Result<engine::Route, ShardResolveError>) {
-    let reply = Reply::Resolve(result.map(|r| (Arc::<str>::from(r.actor_id), r.runner_idx, r.conn)));
+    let reply =
+        Reply::Resolve(result.map(|r| (Arc::<str>::from(r.actor_id), r.runner_idx, r.conn)));
     send_reply(shared, waiter, reply);
 }
 
