@@ -19,7 +19,6 @@ use crate::ws::reader::{Role, WsEvent, WsReader, WsReaderConfig};
 use bytes::{Bytes, BytesMut};
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_uring::net::TcpStream;
