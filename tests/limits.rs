@@ -72,20 +72,33 @@ fn close_cleanly(mut ws: Ws) {
     while ws.read().is_ok() {}
 }
 
-/// Runs the slow-ack scenario with the given caps and checks the window's bounds.
-fn slow_acks(max_bytes: usize, max_messages: usize, n: usize, seed: u64) {
+/// Runs the slow-ack scenario with the given caps and checks the window's bounds. With
+/// `cross_shard`, two shards with per-shard ports: the runner is on shard 0 and the client on
+/// shard 1, so every message, echo and ack crosses shards.
+fn slow_acks(max_bytes: usize, max_messages: usize, n: usize, seed: u64, cross_shard: bool) {
     let bytes = max_bytes.to_string();
     let msgs = max_messages.to_string();
-    let daemon = Daemon::start(
-        1,
-        &[
-            ("TORPOR_LIMITS__PENDING_BYTES_PER_SOCKET", bytes.as_str()),
-            ("TORPOR_LIMITS__PENDING_MESSAGES_PER_SOCKET", msgs.as_str()),
-        ],
-    );
-    let _runner = Runner::start(&daemon.endpoint(), &["--ack", "delay-ms=20"]);
+    let base = free_port_pair().to_string();
+    let mut env = vec![
+        ("TORPOR_LIMITS__PENDING_BYTES_PER_SOCKET", bytes.as_str()),
+        ("TORPOR_LIMITS__PENDING_MESSAGES_PER_SOCKET", msgs.as_str()),
+    ];
+    if cross_shard {
+        env.push(("TORPOR_SHARD_PORT_BASE", base.as_str()));
+    }
+    let daemon = Daemon::start(if cross_shard { 2 } else { 1 }, &env);
+    let (runner_endpoint, client_addr) = if cross_shard {
+        let base: u16 = base.parse().unwrap();
+        (
+            format!("http://127.0.0.1:{base}"),
+            format!("127.0.0.1:{}", base + 1).parse().unwrap(),
+        )
+    } else {
+        (daemon.endpoint(), daemon.addr)
+    };
+    let _runner = Runner::start(&runner_endpoint, &["--ack", "delay-ms=20"]);
     let actor = create_actor(daemon.addr, "echo", None);
-    let mut ws = ws_connect(daemon.addr, &actor, "/slow");
+    let mut ws = ws_connect(client_addr, &actor, "/slow");
     let r = stream_and_check(&mut ws, n, 1024, 8 * 1024, seed);
 
     let pauses = daemon.metric("torpor_tunnel_backpressure_pauses_total");
@@ -126,14 +139,19 @@ fn slow_acks(max_bytes: usize, max_messages: usize, n: usize, seed: u64) {
 /// 64 KiB byte cap, messages of 1–8 KiB, runner acking each message 20 ms late.
 #[test]
 fn slow_acks_byte_cap_backpressure_without_loss() {
-    slow_acks(64 * 1024, 32767, 2_000, 0x11a1_0001);
+    slow_acks(64 * 1024, 32767, 2_000, 0x11a1_0001, false);
+}
+
+/// The byte-cap scenario with the runner and the client on different shards.
+#[test]
+fn slow_acks_byte_cap_across_shards() {
+    slow_acks(64 * 1024, 32767, 2_000, 0x11a1_0005, true);
 }
 
 /// A message cap of 8 (the byte cap is out of reach).
 #[test]
 fn slow_acks_message_cap_backpressure_without_loss() {
-    slow_acks(1 << 20, 8, 2_000, 0x11a1_0002);
-    // (The message-cap bound itself is asserted inside.)
+    slow_acks(1 << 20, 8, 2_000, 0x11a1_0002, false);
 }
 
 /// A runner that never acks: once the oldest pending message is older than the ack timeout,
@@ -161,7 +179,8 @@ fn never_acked_message_closes_the_client() {
     let closes = daemon
         .metric("torpor_websocket_closes_total{reason=\"guard.websocket_message_not_acked\"}");
     assert!(closes >= 1.0, "close not counted");
-    // The request is freed: nothing pending, no open socket left.
+    while ws.read().is_ok() {} // finish the close handshake
+                               // The request is freed: nothing pending, no open socket left.
     daemon.wait_metric("torpor_tunnel_pending_bytes", |v| v == 0.0);
     daemon.wait_metric("torpor_tunnel_pending_messages", |v| v == 0.0);
     daemon.wait_metric("torpor_client_websockets_open", |v| v == 0.0);
@@ -241,4 +260,16 @@ fn global_pending_cap_closes_the_offender_only() {
         1.0
     );
     close_cleanly(ws2);
+}
+
+/// Two consecutive free ports (bound and released; the daemon binds them right after).
+fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = a.local_addr().unwrap().port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no two consecutive free ports");
 }
