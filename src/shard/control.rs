@@ -88,6 +88,20 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                     runner_key,
                     init,
                 } => engine.runner_init(conn, &namespace, &runner_key, init, now),
+                ControlMsg::RunnerMsg {
+                    conn,
+                    msg: ToServer::KvRequest(kv),
+                } => {
+                    // Every KvRequest gets exactly one KvResponse; the store is not built yet.
+                    let reply = protocol::ToClient::KvResponse(protocol::ToClientKvResponse {
+                        request_id: kv.request_id,
+                        data: protocol::KvResponseData::Error(protocol::KvErrorResponse {
+                            message: "kv.unavailable: the actor KV store is not available yet"
+                                .into(),
+                        }),
+                    });
+                    vec![Action::Send { conn, msg: reply }]
+                }
                 ControlMsg::RunnerMsg { conn, msg } => engine.runner_message(conn, msg, now),
                 ControlMsg::RunnerClosed { conn } => engine.runner_closed(conn, now),
                 ControlMsg::Resolve { actor_id, waiter } => {
