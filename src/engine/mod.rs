@@ -1,1 +1,402 @@
-//! engine (placeholder; filled in by its owner).
+//! engine: the control plane. Runner sessions (identity, eviction, loss), actors (records,
+//! generations, placement on runners with free slots), the command/event exchange with runners
+//! (indices, de-duplication, acknowledgements, re-delivery after a reconnect), routing lookups
+//! for the data path (with wake-on-demand and waiter timeouts), alarms, hibernating-request
+//! records, and the engine HTTP API that rivetkit's client calls (`api`).
+//!
+//! Sans-IO: plain synchronous state. Time comes in as `now: Instant` (plus one wall-clock
+//! anchor given at construction, for the millisecond timestamps the protocol and the API carry);
+//! randomness comes from a seeded rng owned by the engine; outputs are [`Action`]s that the shell
+//! executes in order. It must never touch a socket, a clock or a thread, never panic on input
+//! from the network, and never act on a message from a connection that is not its runner's
+//! current one.
+//!
+//! # Command delivery across reconnects
+//!
+//! The runner (`@rivetkit/engine-runner@2.2.1`) does not de-duplicate commands: a second
+//! `CommandStartActor` for the same actor replaces the running instance and starts it again. It
+//! acknowledges commands only every 5 minutes (`AckCommands`), and only start commands; it
+//! keeps each actor's unacknowledged events and re-sends them right after every `Init`, but
+//! forgets them when it removes the actor. So "received" is decided from proof, never from "it
+//! was written to a socket":
+//!
+//! * a command is *delivered* when (a) an `AckCommands` checkpoint covers it, or (b) the runner
+//!   sent any event for that (actor, generation) — it emits `Running` synchronously when it
+//!   handles a start; for a stop, `Stopped` makes the command moot — or (c) a *fence*
+//!   answered: the engine sent `Ping { ts < 0 }` on a connection after the command and the
+//!   matching `Pong` came back on that connection (the runner handles messages in order).
+//! * commands sent on a connection that went away without proof are *in doubt*. When the same
+//!   runnerId reconnects, the engine answers `Init`, sends a fence ping, and holds every
+//!   in-doubt command (and every later command of the same actors) until the pong.
+//! * at the pong, a start still in doubt means the runner does not hold that instance: had it
+//!   held it, its unacknowledged `Running` would have come back before the pong. It either
+//!   never got the start, or got it and already removed the instance (its events lost with the
+//!   socket). So the start is **never sent again**: that generation is over (`ActorStopped`),
+//!   and an actor that should run is allocated anew with generation + 1. Stops still in doubt
+//!   are sent again (stopping an absent instance is a no-op for the runner).
+//! * a `Stopped` lost with a socket is never re-sent by the runner; the engine takes an actor
+//!   as stopped `actor_stop_threshold` after `CommandStopActor` (and stops an actor that has
+//!   not reported `Running` `actor_start_threshold` after its start).
+//!
+//! The shard must pass a connection's `Events`, `AckCommands`, `Stopping` and every `Pong` with
+//! `ts < 0` to the engine in arrival order (and leave those pongs out of RTT measurements).
+
+mod actors;
+pub mod api;
+mod runners;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use slab::Slab;
+
+use crate::protocol::{HibernatingRequest, ToClient, ToServer};
+
+pub use actors::{ActorInfo, ActorStatus, CrashPolicy, CreateActor, CreateError};
+
+/// One runner WebSocket connection, as the shards name it: owning shard, slab slot, and the
+/// slot's generation (so that a reused slot is a different connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnRef {
+    pub shard: u16,
+    pub slot: u32,
+    pub gen: u32,
+}
+
+/// Stable small integer naming a runner record (a slab key) for the data path's routing table.
+/// Valid from `RunnerAttached` until `RunnerLost`; reused afterwards.
+pub type RunnerIdx = u32;
+
+/// Where a routable actor lives right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub actor_id: String,
+    pub generation: u32,
+    pub runner_idx: RunnerIdx,
+    pub conn: ConnRef,
+}
+
+/// Why a waiting lookup failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolveError {
+    /// The actor did not become routable within `wake_timeout`.
+    Timeout,
+    /// The actor was destroyed while the waiter waited.
+    Destroyed,
+}
+
+/// Immediate answer to a routing lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolve {
+    /// Routable now.
+    Ready(Route),
+    /// Waking (or waiting for its runner): answered later by [`Action::Resolved`].
+    Pending { actor_id: String },
+    /// No such actor (or destroyed, or another namespace).
+    NotFound,
+}
+
+/// What the shell must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Encode and send this message on the runner connection.
+    Send { conn: ConnRef, msg: ToClient },
+    /// Close the runner connection (WebSocket close code and `{group}.{code}` reason).
+    CloseRunner {
+        conn: ConnRef,
+        code: u16,
+        reason: &'static str,
+    },
+    /// `conn` is now the live connection of runner `runner_idx` (after `Init` and commands).
+    RunnerAttached {
+        runner_idx: RunnerIdx,
+        conn: ConnRef,
+    },
+    /// Runner `runner_idx` has no live connection (it may come back until it is lost).
+    RunnerDetached { runner_idx: RunnerIdx },
+    /// Runner `runner_idx` is lost and its record gone; the index may be reused later.
+    RunnerLost { runner_idx: RunnerIdx },
+    /// The actor reported `Running`: route its traffic to `runner_idx`.
+    ActorRunning {
+        actor_id: String,
+        generation: u32,
+        runner_idx: RunnerIdx,
+    },
+    /// The actor is down (stopped, slept, or its runner was lost).
+    ActorStopped { actor_id: String },
+    /// The actor is destroyed for good.
+    ActorDestroyed { actor_id: String },
+    /// Late answer to a [`Resolve::Pending`].
+    Resolved {
+        waiter: u64,
+        result: Result<Route, ResolveError>,
+    },
+}
+
+/// Control-plane settings. Durations are what the protocol carries in milliseconds.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A runner disconnected longer than this is lost (`ProtocolMetadata.runnerLostThreshold`).
+    pub runner_lost_threshold: Duration,
+    /// `ProtocolMetadata.actorStopThreshold`; rivetkit sleeps after this minus 1 s. Also how
+    /// long the engine waits for `Stopped` after `CommandStopActor` before it considers the
+    /// actor stopped (the runner forgets an actor's unacknowledged events when it removes it,
+    /// so a `Stopped` lost with a socket is never re-sent).
+    pub actor_stop_threshold: Duration,
+    /// How long the engine waits for `Running` after `CommandStartActor`; then it stops the
+    /// actor (and frees the slot once stopped or after `actor_stop_threshold`).
+    pub actor_start_threshold: Duration,
+    /// `ProtocolMetadata.serverlessDrainGracePeriod`.
+    pub serverless_drain_grace_period: Option<Duration>,
+    /// How long a routing lookup waits for an actor to become routable.
+    pub wake_timeout: Duration,
+    /// Hibernating-request records older than this are not restored on wake.
+    pub hibernation_eligible: Duration,
+    /// How long a destroyed actor stays visible to `GET /actors?actor_ids=`.
+    pub destroyed_retention: Duration,
+    /// Live (not destroyed) actors at most; creation beyond is refused.
+    pub max_actors: usize,
+    /// Largest decoded `input` accepted on create.
+    pub max_input_bytes: usize,
+    /// Largest actor name / key, in bytes.
+    pub max_name_bytes: usize,
+    pub max_key_bytes: usize,
+    /// Runner name used when a create request does not name one.
+    pub default_runner_name: String,
+    /// Datacenter name reported by `/datacenters` and on actors.
+    pub datacenter: String,
+    /// Public URL of this gateway reported by `/datacenters`.
+    pub public_url: String,
+    /// Version string reported by `/metadata` and `/health`.
+    pub version: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            runner_lost_threshold: Duration::from_millis(15_000),
+            actor_stop_threshold: Duration::from_millis(30_000),
+            actor_start_threshold: Duration::from_millis(30_000),
+            serverless_drain_grace_period: None,
+            wake_timeout: Duration::from_secs(30),
+            hibernation_eligible: Duration::from_secs(90),
+            destroyed_retention: Duration::from_secs(600),
+            max_actors: 1_000_000,
+            max_input_bytes: 4 * 1024 * 1024,
+            max_name_bytes: 256,
+            max_key_bytes: 1024,
+            default_runner_name: "default".to_string(),
+            datacenter: "default".to_string(),
+            public_url: "http://127.0.0.1:6420".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// A routing lookup waiting for its actor.
+#[derive(Debug)]
+struct Waiter {
+    actor_id: String,
+    deadline: Instant,
+}
+
+/// The control plane. One instance, driven by one thread.
+pub struct Engine {
+    cfg: EngineConfig,
+    rng: StdRng,
+    /// Wall-clock anchor: `anchor_ms` (Unix ms) was the time at `anchor`.
+    anchor: Instant,
+    anchor_ms: i64,
+
+    runners: Slab<runners::Runner>,
+    runner_by_identity: HashMap<runners::Identity, usize>,
+    runner_by_conn: HashMap<ConnRef, usize>,
+    next_fence: i64,
+
+    actors: HashMap<String, actors::Actor>,
+    /// (namespace, name, key) → live actor id.
+    actor_by_key: HashMap<(String, String, String), String>,
+    /// Creation order (for listing): sequence → actor id.
+    actor_order: BTreeMap<u64, String>,
+    next_actor_seq: u64,
+    live_actors: usize,
+    /// Actors that want a runner and found none with room, oldest first.
+    pending: VecDeque<String>,
+    /// (alarm Unix ms, actor id).
+    alarms: BTreeSet<(i64, String)>,
+    /// Start/stop deadlines of starting and stopping actors: (deadline, actor id).
+    actor_deadlines: BTreeSet<(Instant, String)>,
+    /// Destroyed actors to forget: (forget at, actor id).
+    destroyed_gc: VecDeque<(Instant, String)>,
+    /// Actor names announced by runners: namespace → name → metadata JSON text.
+    actor_names: BTreeMap<String, BTreeMap<String, String>>,
+
+    waiters: HashMap<u64, Waiter>,
+    waiter_deadlines: BTreeSet<(Instant, u64)>,
+
+    out: Vec<Action>,
+}
+
+impl Engine {
+    /// `now` and `now_unix_ms` are the same moment: the monotonic clock and the wall clock.
+    pub fn new(cfg: EngineConfig, seed: u64, now: Instant, now_unix_ms: i64) -> Self {
+        Engine {
+            cfg,
+            rng: StdRng::seed_from_u64(seed),
+            anchor: now,
+            anchor_ms: now_unix_ms,
+            runners: Slab::new(),
+            runner_by_identity: HashMap::new(),
+            runner_by_conn: HashMap::new(),
+            next_fence: 1,
+            actors: HashMap::new(),
+            actor_by_key: HashMap::new(),
+            actor_order: BTreeMap::new(),
+            next_actor_seq: 0,
+            live_actors: 0,
+            pending: VecDeque::new(),
+            alarms: BTreeSet::new(),
+            actor_deadlines: BTreeSet::new(),
+            destroyed_gc: VecDeque::new(),
+            actor_names: BTreeMap::new(),
+            waiters: HashMap::new(),
+            waiter_deadlines: BTreeSet::new(),
+            out: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Wall-clock milliseconds at `now`.
+    pub fn unix_ms(&self, now: Instant) -> i64 {
+        let since = now.saturating_duration_since(self.anchor).as_millis();
+        self.anchor_ms
+            .saturating_add(i64::try_from(since).unwrap_or(i64::MAX))
+    }
+
+    /// Dispatch one decoded runner message. `Init` goes to [`Engine::runner_init`] instead (it
+    /// needs the connect query); KV and tunnel messages are not the control plane's and are
+    /// ignored here.
+    pub fn runner_message(&mut self, conn: ConnRef, msg: ToServer, now: Instant) -> Vec<Action> {
+        match msg {
+            ToServer::Events(events) => self.runner_events(conn, events, now),
+            ToServer::AckCommands(ack) => {
+                self.runner_ack_commands(conn, &ack.last_command_checkpoints, now)
+            }
+            ToServer::Stopping => self.runner_stopping(conn, now),
+            ToServer::Pong(p) => self.runner_pong(conn, p.ts, now),
+            ToServer::Init(_) | ToServer::KvRequest(_) | ToServer::TunnelMessage(_) => Vec::new(),
+        }
+    }
+
+    /// Time-driven work: lost runners, start/stop deadlines, waiter timeouts, alarms,
+    /// forgetting destroyed actors.
+    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        self.expire_runners(now);
+        self.expire_actor_deadlines(now);
+        self.expire_waiters(now);
+        self.fire_alarms(now);
+        self.gc_destroyed(now);
+        self.take_out()
+    }
+
+    /// The earliest moment at which [`Engine::tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut best: Option<Instant> = None;
+        let mut consider = |t: Instant| {
+            best = Some(match best {
+                Some(b) if b <= t => b,
+                _ => t,
+            })
+        };
+        for (_, r) in self.runners.iter() {
+            if let Some(since) = r.disconnected_at {
+                consider(since + self.cfg.runner_lost_threshold);
+            }
+        }
+        if let Some((t, _)) = self.waiter_deadlines.first() {
+            consider(*t);
+        }
+        if let Some((t, _)) = self.actor_deadlines.first() {
+            consider(*t);
+        }
+        if let Some((ms, _)) = self.alarms.first() {
+            consider(self.instant_of_ms(*ms));
+        }
+        if let Some((t, _)) = self.destroyed_gc.front() {
+            consider(*t);
+        }
+        best
+    }
+
+    /// Record that a hibernating client socket of `actor_id` exists (refresh it every so often;
+    /// records older than `hibernation_eligible` are not sent in `CommandStartActor`).
+    pub fn hibernating_upsert(&mut self, actor_id: &str, req: HibernatingRequest, now: Instant) {
+        if let Some(a) = self.actors.get_mut(actor_id) {
+            if a.status == ActorStatus::Destroyed {
+                return;
+            }
+            match a.hibernating.iter_mut().find(|(r, _)| *r == req) {
+                Some(entry) => entry.1 = now,
+                None => a.hibernating.push((req, now)),
+            }
+        }
+    }
+
+    /// Forget a hibernating client socket.
+    pub fn hibernating_remove(&mut self, actor_id: &str, req: HibernatingRequest) {
+        if let Some(a) = self.actors.get_mut(actor_id) {
+            a.hibernating.retain(|(r, _)| *r != req);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // internals shared by the sub-modules
+
+    fn take_out(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn instant_of_ms(&self, ms: i64) -> Instant {
+        let delta = ms.saturating_sub(self.anchor_ms);
+        if delta <= 0 {
+            self.anchor
+        } else {
+            self.anchor + Duration::from_millis(delta as u64)
+        }
+    }
+
+    fn random_hex(&mut self, bytes: usize) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(bytes * 2);
+        for _ in 0..bytes {
+            let b: u8 = self.rng.random();
+            s.push(HEX[(b >> 4) as usize] as char);
+            s.push(HEX[(b & 15) as usize] as char);
+        }
+        s
+    }
+
+    /// A random RFC 4122 version-4 style id (`8-4-4-4-12` hex).
+    fn random_uuid(&mut self) -> String {
+        let mut b = [0u8; 16];
+        self.rng.fill(&mut b);
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        )
+    }
+}

@@ -1,0 +1,405 @@
+//! The engine HTTP API (JSON) that rivetkit@2.2.1's client calls on its engine endpoint:
+//! `/actors` (list, create, get-or-create), `/actors/{id}` (get, destroy), `/actors/names`,
+//! `/metadata`, `/health`, `/datacenters`. Request and response shapes follow what that client
+//! sends and reads; they are written down with their sources in `tests/interop/api_shapes.md`.
+//!
+//! Sans-IO: takes a parsed request and returns status, JSON body and the engine actions that the
+//! request caused (a create starts its actor). Must never wait: every route answers at once.
+//! Errors are `{"group","code","message"}` JSON, which the client turns into an `ActorError`.
+
+use std::time::Instant;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::{Action, ActorInfo, CrashPolicy, CreateActor, CreateError, Engine};
+
+/// Most actors returned by one list call, and the default.
+pub const LIST_LIMIT_MAX: usize = 1000;
+pub const LIST_LIMIT_DEFAULT: usize = 100;
+/// Most ids accepted in `actor_ids`.
+pub const ACTOR_IDS_MAX: usize = 100;
+
+/// What to answer. The body is always JSON (`content-type: application/json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiReply {
+    pub status: u16,
+    pub body: String,
+    /// Engine actions caused by the request, for the shell to execute.
+    pub actions: Vec<Action>,
+}
+
+impl ApiReply {
+    fn ok(v: Value) -> Self {
+        ApiReply {
+            status: 200,
+            body: v.to_string(),
+            actions: Vec::new(),
+        }
+    }
+
+    fn error(status: u16, group: &str, code: &str, message: &str) -> Self {
+        ApiReply {
+            status,
+            body: json!({ "group": group, "code": code, "message": message }).to_string(),
+            actions: Vec::new(),
+        }
+    }
+
+    fn bad_request(message: &str) -> Self {
+        Self::error(400, "api", "bad_request", message)
+    }
+
+    fn actor_not_found() -> Self {
+        Self::error(
+            404,
+            "actor",
+            "not_found",
+            "The actor does not exist or was destroyed.",
+        )
+    }
+}
+
+/// Handle one API request. `path` has no query string; `query` holds the decoded query pairs
+/// (see [`parse_query`]).
+pub fn handle(
+    engine: &mut Engine,
+    method: &str,
+    path: &str,
+    query: &[(String, String)],
+    body: &[u8],
+    now: Instant,
+) -> ApiReply {
+    let trimmed = path.trim_matches('/');
+    let segs: Vec<&str> = if trimmed.is_empty() {
+        Vec::new()
+    } else {
+        trimmed.split('/').collect()
+    };
+    let namespace = param(query, "namespace")
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+        .to_string();
+    match (method, segs.as_slice()) {
+        ("GET", ["actors"]) => list_actors(engine, &namespace, query),
+        ("POST", ["actors"]) => create_actor(engine, &namespace, body, now),
+        ("PUT", ["actors"]) => get_or_create_actor(engine, &namespace, body, now),
+        ("GET", ["actors", "names"]) => actor_names(engine, &namespace),
+        ("GET", ["actors", id]) => match percent_decode(id) {
+            Some(id) => get_actor(engine, &namespace, &id),
+            None => ApiReply::bad_request("invalid actor id"),
+        },
+        ("DELETE", ["actors", id]) => match percent_decode(id) {
+            Some(id) => destroy_actor(engine, &namespace, &id, now),
+            None => ApiReply::bad_request("invalid actor id"),
+        },
+        ("GET", ["metadata"]) => ApiReply::ok(json!({
+            "runtime": "engine",
+            "version": engine.config().version,
+        })),
+        ("GET", ["health"]) => ApiReply::ok(json!({
+            "runtime": "engine",
+            "status": "ok",
+            "version": engine.config().version,
+        })),
+        ("GET", ["datacenters"]) => ApiReply::ok(json!({
+            "datacenters": [{
+                "label": 1,
+                "name": engine.config().datacenter,
+                "url": engine.config().public_url,
+            }],
+            "pagination": { "cursor": null },
+        })),
+        (_, ["runner-configs", ..]) => ApiReply::error(
+            501,
+            "api",
+            "not_implemented",
+            "Runner configurations (serverless runner pools) are not supported.",
+        ),
+        (_, ["actors"] | ["actors", _] | ["metadata"] | ["health"] | ["datacenters"]) => {
+            ApiReply::error(405, "api", "method_not_allowed", "Method not allowed.")
+        }
+        _ => ApiReply::error(404, "api", "not_found", "No such route."),
+    }
+}
+
+/// Split a raw query string into percent-decoded pairs (`+` is a space). Pairs that do not
+/// decode to UTF-8 are dropped.
+pub fn parse_query(raw: &str) -> Vec<(String, String)> {
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let k = percent_decode(&k.replace('+', " "))?;
+            let v = percent_decode(&v.replace('+', " "))?;
+            Some((k, v))
+        })
+        .collect()
+}
+
+/// Decode `%XX` escapes; `None` on a malformed escape or invalid UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_string());
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hi = hex_val(*b.get(i + 1)?)?;
+            let lo = hex_val(*b.get(i + 2)?)?;
+            out.push(hi << 4 | lo);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn param<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    query
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The actor object rivetkit reads (`actor_id`, `name`, `key`, `create_ts`, `start_ts`,
+/// `connectable_ts`, `sleep_ts`, `destroy_ts`, `error`) plus the rest of the engine's shape.
+pub fn actor_json(engine: &Engine, a: &ActorInfo) -> Value {
+    json!({
+        "actor_id": a.actor_id,
+        "name": a.name,
+        "key": a.key,
+        "namespace_id": a.namespace,
+        "datacenter": engine.config().datacenter,
+        "runner_name_selector": a.runner_name,
+        "crash_policy": a.crash_policy.as_str(),
+        "create_ts": a.create_ts,
+        "start_ts": a.start_ts,
+        "pending_allocation_ts": a.pending_allocation_ts,
+        "connectable_ts": a.connectable_ts,
+        "sleep_ts": a.sleep_ts,
+        "reschedule_ts": null,
+        "destroy_ts": a.destroy_ts,
+    })
+}
+
+fn list_actors(engine: &Engine, namespace: &str, query: &[(String, String)]) -> ApiReply {
+    let name = param(query, "name").filter(|s| !s.is_empty());
+    let key = param(query, "key");
+    let include_destroyed = param(query, "include_destroyed") == Some("true");
+    let limit = match param(query, "limit") {
+        None => LIST_LIMIT_DEFAULT,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if n >= 1 => n.min(LIST_LIMIT_MAX),
+            _ => return ApiReply::bad_request("limit must be a positive integer"),
+        },
+    };
+    let cursor = match param(query, "cursor").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => return ApiReply::bad_request("invalid cursor"),
+        },
+    };
+
+    if let Some(ids) = param(query, "actor_ids") {
+        let ids: Vec<&str> = ids
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if ids.len() > ACTOR_IDS_MAX {
+            return ApiReply::bad_request("too many actor ids");
+        }
+        let actors: Vec<Value> = ids
+            .iter()
+            .filter_map(|id| engine.actor(id))
+            .filter(|a| a.namespace == namespace && name.is_none_or(|n| n == a.name))
+            .map(|a| actor_json(engine, &a))
+            .collect();
+        return ApiReply::ok(json!({ "actors": actors, "pagination": { "cursor": null } }));
+    }
+
+    if let Some(key) = key {
+        let Some(name) = name else {
+            return ApiReply::bad_request("name is required when key is provided");
+        };
+        let actors: Vec<Value> = engine
+            .actor_by_key(namespace, name, key)
+            .map(|a| actor_json(engine, &a))
+            .into_iter()
+            .collect();
+        return ApiReply::ok(json!({ "actors": actors, "pagination": { "cursor": null } }));
+    }
+
+    let (list, next) = engine.list_actors(namespace, name, include_destroyed, cursor, limit);
+    let actors: Vec<Value> = list.iter().map(|a| actor_json(engine, a)).collect();
+    ApiReply::ok(json!({
+        "actors": actors,
+        "pagination": { "cursor": next.map(|n| n.to_string()) },
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateBody {
+    name: String,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    runner_name_selector: Option<String>,
+    #[serde(default)]
+    crash_policy: Option<String>,
+    #[serde(default)]
+    input: Option<String>,
+    #[serde(default)]
+    datacenter: Option<String>,
+}
+
+fn parse_create(engine: &Engine, namespace: &str, body: &[u8]) -> Result<CreateActor, ApiReply> {
+    let b: CreateBody = serde_json::from_slice(body)
+        .map_err(|e| ApiReply::bad_request(&format!("invalid request body: {e}")))?;
+    if let Some(dc) = &b.datacenter {
+        if dc != &engine.config().datacenter {
+            return Err(ApiReply::error(
+                400,
+                "datacenter",
+                "not_found",
+                "The datacenter does not exist.",
+            ));
+        }
+    }
+    let crash_policy = match b.crash_policy.as_deref() {
+        None => CrashPolicy::Sleep,
+        Some(s) => CrashPolicy::parse(s).ok_or_else(|| {
+            ApiReply::bad_request("crash_policy must be sleep, destroy or restart")
+        })?,
+    };
+    let input = match b.input {
+        None => None,
+        Some(s) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(s.as_bytes())
+                .map_err(|_| ApiReply::bad_request("input must be base64"))?,
+        ),
+    };
+    Ok(CreateActor {
+        namespace: namespace.to_string(),
+        name: b.name,
+        key: b.key,
+        runner_name: b.runner_name_selector,
+        input,
+        crash_policy,
+    })
+}
+
+fn create_error(e: CreateError) -> ApiReply {
+    match e {
+        CreateError::DuplicateKey => ApiReply::error(
+            400,
+            "actor",
+            "duplicate_key",
+            "An actor with this name and key already exists.",
+        ),
+        CreateError::TooManyActors => ApiReply::error(
+            429,
+            "actor",
+            "too_many_actors",
+            "The gateway holds its maximum number of actors.",
+        ),
+        CreateError::InvalidName => ApiReply::bad_request("invalid actor name"),
+        CreateError::KeyTooLong => ApiReply::bad_request("actor key too long"),
+        CreateError::InputTooLarge => ApiReply::error(
+            413,
+            "actor",
+            "input_too_large",
+            "The actor input is too large.",
+        ),
+    }
+}
+
+fn create_actor(engine: &mut Engine, namespace: &str, body: &[u8], now: Instant) -> ApiReply {
+    let req = match parse_create(engine, namespace, body) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    match engine.create_actor(req, now) {
+        Ok((info, actions)) => {
+            let mut reply = ApiReply::ok(json!({ "actor": actor_json(engine, &info) }));
+            reply.actions = actions;
+            reply
+        }
+        Err(e) => create_error(e),
+    }
+}
+
+fn get_or_create_actor(
+    engine: &mut Engine,
+    namespace: &str,
+    body: &[u8],
+    now: Instant,
+) -> ApiReply {
+    let req = match parse_create(engine, namespace, body) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    if req.key.is_none() {
+        return ApiReply::bad_request("key is required");
+    }
+    match engine.get_or_create_actor(req, now) {
+        Ok((info, created, actions)) => {
+            let mut reply = ApiReply::ok(json!({
+                "actor": actor_json(engine, &info),
+                "created": created,
+            }));
+            reply.actions = actions;
+            reply
+        }
+        Err(e) => create_error(e),
+    }
+}
+
+fn get_actor(engine: &Engine, namespace: &str, id: &str) -> ApiReply {
+    match engine.actor(id) {
+        Some(a) if a.namespace == namespace => {
+            ApiReply::ok(json!({ "actor": actor_json(engine, &a) }))
+        }
+        _ => ApiReply::actor_not_found(),
+    }
+}
+
+fn destroy_actor(engine: &mut Engine, namespace: &str, id: &str, now: Instant) -> ApiReply {
+    match engine.destroy_actor(namespace, id, now) {
+        Some(actions) => {
+            let mut reply = ApiReply::ok(json!({}));
+            reply.actions = actions;
+            reply
+        }
+        None => ApiReply::actor_not_found(),
+    }
+}
+
+fn actor_names(engine: &Engine, namespace: &str) -> ApiReply {
+    let mut names = Map::new();
+    for (name, metadata) in engine.actor_names(namespace) {
+        let metadata = match serde_json::from_str::<Value>(&metadata) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => json!({}),
+        };
+        names.insert(name, json!({ "metadata": metadata }));
+    }
+    ApiReply::ok(json!({ "names": names, "pagination": { "cursor": null } }))
+}

@@ -1,0 +1,401 @@
+//! Runner registry: identity → runnerId, the live connection of each runner (eviction, stale
+//! connections), loss after `runner_lost_threshold`, graceful drain, and each runner's command
+//! outbox with the delivery rules described in the parent module.
+//!
+//! Must never act on a message from a connection that is not the runner's current one, and
+//! never send a command twice unless a fence proved the first copy was not received.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Instant;
+
+use super::{Action, ConnRef, Engine, RunnerIdx};
+use crate::protocol::{
+    ActorCheckpoint, Command, CommandWrapper, ProtocolMetadata, ToClient, ToClientInit,
+    ToClientPing, ToServerInit,
+};
+
+/// (namespace, runner name, runner_key).
+pub(super) type Identity = (String, String, String);
+
+/// Where a command stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CmdState {
+    /// Never written to any connection.
+    Unsent,
+    /// Written on `conn` in batch number `seq`; no proof of receipt yet.
+    Sent { conn: ConnRef, seq: u64 },
+    /// Sent on a connection that went away without proof: waits for the fence.
+    Held,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct OutCmd {
+    pub cmd: CommandWrapper,
+    pub state: CmdState,
+}
+
+/// A ping whose pong proves that every batch sent on `conn` before batch `seq` was received.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Fence {
+    pub ts: i64,
+    pub conn: ConnRef,
+    pub seq: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct Runner {
+    pub runner_id: String,
+    pub namespace: String,
+    pub name: String,
+    pub key: String,
+    pub version: u32,
+    pub total_slots: u32,
+    pub metadata: Option<String>,
+    pub conn: Option<ConnRef>,
+    pub disconnected_at: Option<Instant>,
+    pub stopping: bool,
+    /// Actors placed here (starting, running or stopping); each takes one slot.
+    pub actors: BTreeSet<String>,
+    /// Commands not yet proven received, in the order they were issued.
+    pub outbox: Vec<OutCmd>,
+    pub send_seq: u64,
+    pub fence: Option<Fence>,
+}
+
+impl Runner {
+    pub fn free_slots(&self) -> u32 {
+        let used = u32::try_from(self.actors.len()).unwrap_or(u32::MAX);
+        self.total_slots.saturating_sub(used)
+    }
+
+    /// Connected, not draining, with room.
+    pub fn placeable(&self) -> bool {
+        self.conn.is_some() && !self.stopping && self.free_slots() > 0
+    }
+
+    /// Drop commands of `actor_id` issued for generations up to and including `generation`.
+    pub fn prune_actor(&mut self, actor_id: &str, generation: u32) {
+        self.outbox.retain(|c| {
+            !(c.cmd.checkpoint.actor_id == actor_id && c.cmd.checkpoint.generation <= generation)
+        });
+    }
+
+    /// Drop the start command of (actor, generation): an event of that generation proves it.
+    pub fn prune_start(&mut self, actor_id: &str, generation: u32) {
+        self.outbox.retain(|c| {
+            let cp = &c.cmd.checkpoint;
+            !(cp.actor_id == actor_id
+                && (cp.generation < generation || (cp.generation == generation && cp.index == 0)))
+        });
+    }
+}
+
+impl Engine {
+    /// A runner connection sent `Init`. `namespace` and `runner_key` come from the connect
+    /// query. Answers `Init`, evicts an older live connection of the same identity, re-sends
+    /// what the runner has not received, and attaches the connection.
+    pub fn runner_init(
+        &mut self,
+        conn: ConnRef,
+        namespace: &str,
+        runner_key: &str,
+        init: ToServerInit,
+        now: Instant,
+    ) -> Vec<Action> {
+        if self.runner_by_conn.contains_key(&conn) {
+            // A second Init on a live connection changes nothing.
+            return Vec::new();
+        }
+        if let Some(names) = &init.prepopulate_actor_names {
+            let ns = self.actor_names.entry(namespace.to_string()).or_default();
+            for (name, an) in &names.0 {
+                ns.insert(name.clone(), an.metadata.clone());
+            }
+        }
+        let identity: Identity = (
+            namespace.to_string(),
+            init.name.clone(),
+            runner_key.to_string(),
+        );
+        let idx = match self.runner_by_identity.get(&identity) {
+            Some(&idx) => {
+                let r = &mut self.runners[idx];
+                if let Some(old) = r.conn.take() {
+                    self.runner_by_conn.remove(&old);
+                    self.out.push(Action::CloseRunner {
+                        conn: old,
+                        code: 1000,
+                        reason: "ws.eviction",
+                    });
+                }
+                r.total_slots = init.total_slots;
+                r.version = init.version;
+                r.metadata = init.metadata;
+                idx
+            }
+            None => {
+                let runner_id = self.random_uuid();
+                let idx = self.runners.insert(Runner {
+                    runner_id,
+                    namespace: namespace.to_string(),
+                    name: init.name,
+                    key: runner_key.to_string(),
+                    version: init.version,
+                    total_slots: init.total_slots,
+                    metadata: init.metadata,
+                    conn: None,
+                    disconnected_at: None,
+                    stopping: false,
+                    actors: BTreeSet::new(),
+                    outbox: Vec::new(),
+                    send_seq: 0,
+                    fence: None,
+                });
+                self.runner_by_identity.insert(identity, idx);
+                idx
+            }
+        };
+        let Ok(runner_idx) = RunnerIdx::try_from(idx) else {
+            // Only reachable with more than 2^32 runner records.
+            self.out.push(Action::CloseRunner {
+                conn,
+                code: 1011,
+                reason: "engine.too_many_runners",
+            });
+            return self.take_out();
+        };
+        self.runner_by_conn.insert(conn, idx);
+        let metadata = ProtocolMetadata {
+            runner_lost_threshold: ms_i64(self.cfg.runner_lost_threshold),
+            actor_stop_threshold: ms_i64(self.cfg.actor_stop_threshold),
+            serverless_drain_grace_period: self.cfg.serverless_drain_grace_period.map(ms_i64),
+        };
+        let fence_ts = -self.next_fence;
+        let r = &mut self.runners[idx];
+        r.conn = Some(conn);
+        r.disconnected_at = None;
+        self.out.push(Action::Send {
+            conn,
+            msg: ToClient::Init(ToClientInit {
+                runner_id: r.runner_id.clone(),
+                metadata,
+            }),
+        });
+        // Whatever went out on an earlier connection without proof is in doubt.
+        let mut in_doubt = false;
+        for c in &mut r.outbox {
+            match c.state {
+                CmdState::Sent { .. } | CmdState::Held => {
+                    c.state = CmdState::Held;
+                    in_doubt = true;
+                }
+                CmdState::Unsent => {}
+            }
+        }
+        r.fence = if in_doubt {
+            self.next_fence += 1;
+            Some(Fence {
+                ts: fence_ts,
+                conn,
+                seq: 0,
+            })
+        } else {
+            None
+        };
+        self.flush(idx);
+        // New placements (actors waiting for room) go out with the re-sent commands; the fence
+        // ping follows every batch of this connection so far.
+        self.place_pending(now);
+        let r = &mut self.runners[idx];
+        if let Some(f) = &mut r.fence {
+            f.seq = r.send_seq;
+            self.out.push(Action::Send {
+                conn,
+                msg: ToClient::Ping(ToClientPing { ts: f.ts }),
+            });
+        }
+        self.out.push(Action::RunnerAttached { runner_idx, conn });
+        self.answer_runner_waiters(idx);
+        self.take_out()
+    }
+
+    /// A runner connection closed. Ignored unless it is its runner's current connection.
+    pub fn runner_closed(&mut self, conn: ConnRef, now: Instant) -> Vec<Action> {
+        let Some(idx) = self.runner_by_conn.remove(&conn) else {
+            return Vec::new();
+        };
+        let r = &mut self.runners[idx];
+        if r.conn != Some(conn) {
+            return Vec::new();
+        }
+        r.conn = None;
+        r.disconnected_at = Some(now);
+        r.fence = None;
+        if let Ok(runner_idx) = RunnerIdx::try_from(idx) {
+            self.out.push(Action::RunnerDetached { runner_idx });
+        }
+        self.take_out()
+    }
+
+    /// `ToServer::AckCommands`: the runner has these commands; forget them.
+    pub fn runner_ack_commands(
+        &mut self,
+        conn: ConnRef,
+        checkpoints: &[ActorCheckpoint],
+        _now: Instant,
+    ) -> Vec<Action> {
+        let Some(&idx) = self.runner_by_conn.get(&conn) else {
+            return Vec::new();
+        };
+        let r = &mut self.runners[idx];
+        for cp in checkpoints {
+            r.outbox.retain(|c| {
+                let k = &c.cmd.checkpoint;
+                !(k.actor_id == cp.actor_id
+                    && (k.generation < cp.generation
+                        || (k.generation == cp.generation && k.index <= cp.index)))
+            });
+        }
+        self.flush(idx);
+        self.take_out()
+    }
+
+    /// `ToServer::Stopping`: drain. No new placements here; stop every actor placed here.
+    pub fn runner_stopping(&mut self, conn: ConnRef, now: Instant) -> Vec<Action> {
+        let Some(&idx) = self.runner_by_conn.get(&conn) else {
+            return Vec::new();
+        };
+        let r = &mut self.runners[idx];
+        r.stopping = true;
+        let ids: Vec<String> = r.actors.iter().cloned().collect();
+        for id in ids {
+            self.request_stop(&id, false, now);
+        }
+        self.take_out()
+    }
+
+    /// `ToServer::Pong`. Only pongs of the engine's own fence pings (`ts < 0`) matter here.
+    pub fn runner_pong(&mut self, conn: ConnRef, ts: i64, now: Instant) -> Vec<Action> {
+        let Some(&idx) = self.runner_by_conn.get(&conn) else {
+            return Vec::new();
+        };
+        let r = &mut self.runners[idx];
+        let fence = match r.fence {
+            Some(f) if f.ts == ts && f.conn == conn => f,
+            _ => return Vec::new(),
+        };
+        r.fence = None;
+        r.outbox.retain(|c| {
+            !matches!(c.state, CmdState::Sent { conn: c2, seq } if c2 == conn && seq < fence.seq)
+        });
+        // A start still in doubt now was not received, or was received and the instance is
+        // already gone (stopped, its events lost with the socket): had the runner held the
+        // instance, its unacknowledged `Running` would have come back before this pong. Either
+        // way that generation is over; it is never started twice.
+        let vanished: Vec<(String, u32)> = r
+            .outbox
+            .iter()
+            .filter(|c| c.state == CmdState::Held && matches!(c.cmd.inner, Command::StartActor(_)))
+            .map(|c| {
+                (
+                    c.cmd.checkpoint.actor_id.clone(),
+                    c.cmd.checkpoint.generation,
+                )
+            })
+            .collect();
+        for (actor_id, generation) in &vanished {
+            r.prune_actor(actor_id, *generation);
+        }
+        // Stops in doubt are sent again: stopping an absent instance is a no-op for the runner.
+        for c in &mut r.outbox {
+            if c.state == CmdState::Held {
+                c.state = CmdState::Unsent;
+            }
+        }
+        for (actor_id, generation) in vanished {
+            self.placement_vanished(&actor_id, generation, idx, now);
+        }
+        self.flush(idx);
+        self.place_pending(now);
+        self.take_out()
+    }
+
+    /// The runnerId a runner record currently has (tests, metrics, logs).
+    pub fn runner_id(&self, runner_idx: RunnerIdx) -> Option<&str> {
+        self.runners
+            .get(runner_idx as usize)
+            .map(|r| r.runner_id.as_str())
+    }
+
+    /// Number of runner records (connected or waiting to reconnect).
+    pub fn runner_count(&self) -> usize {
+        self.runners.len()
+    }
+
+    /// Send every command that may go out now, as one `Commands` message.
+    pub(super) fn flush(&mut self, idx: usize) {
+        let Some(r) = self.runners.get_mut(idx) else {
+            return;
+        };
+        let Some(conn) = r.conn else {
+            return;
+        };
+        let mut blocked: HashSet<&str> = HashSet::new();
+        let mut batch = Vec::new();
+        let seq = r.send_seq;
+        for c in r.outbox.iter_mut() {
+            match c.state {
+                CmdState::Held => {
+                    blocked.insert(c.cmd.checkpoint.actor_id.as_str());
+                }
+                CmdState::Unsent => {
+                    if !blocked.contains(c.cmd.checkpoint.actor_id.as_str()) {
+                        batch.push(c.cmd.clone());
+                        c.state = CmdState::Sent { conn, seq };
+                    }
+                }
+                CmdState::Sent { .. } => {}
+            }
+        }
+        if !batch.is_empty() {
+            r.send_seq += 1;
+            self.out.push(Action::Send {
+                conn,
+                msg: ToClient::Commands(batch),
+            });
+        }
+    }
+
+    /// Runners disconnected longer than the threshold are lost.
+    pub(super) fn expire_runners(&mut self, now: Instant) {
+        let lost: Vec<usize> = self
+            .runners
+            .iter()
+            .filter(|(_, r)| {
+                r.disconnected_at.is_some_and(|t| {
+                    now.saturating_duration_since(t) >= self.cfg.runner_lost_threshold
+                })
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        for idx in lost {
+            let r = self.runners.remove(idx);
+            self.runner_by_identity
+                .remove(&(r.namespace.clone(), r.name.clone(), r.key.clone()));
+            for id in &r.actors {
+                self.actor_down(id, None, now);
+            }
+            if let Ok(runner_idx) = RunnerIdx::try_from(idx) {
+                self.out.push(Action::RunnerLost { runner_idx });
+            }
+        }
+        self.place_pending(now);
+    }
+}
+
+fn ms_i64(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,1739 @@
+//! Unit tests of the control plane and its HTTP API. Deterministic: time is an `Instant` base
+//! plus offsets; the rng is seeded.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::api::{self, handle};
+use super::*;
+use crate::protocol::*;
+
+const T0_MS: i64 = 1_700_000_000_000;
+
+fn c(slot: u32) -> ConnRef {
+    ConnRef {
+        shard: 0,
+        slot,
+        gen: 1,
+    }
+}
+
+fn new_engine() -> (Engine, Instant) {
+    let t0 = Instant::now();
+    (Engine::new(EngineConfig::default(), 7, t0, T0_MS), t0)
+}
+
+fn init(name: &str, slots: u32) -> ToServerInit {
+    ToServerInit {
+        name: name.to_string(),
+        version: 1,
+        total_slots: slots,
+        prepopulate_actor_names: None,
+        metadata: None,
+    }
+}
+
+fn secs(t: Instant, s: f64) -> Instant {
+    t + Duration::from_secs_f64(s)
+}
+
+fn runner_id_of(actions: &[Action]) -> String {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                msg: ToClient::Init(i),
+                ..
+            } => Some(i.runner_id.clone()),
+            _ => None,
+        })
+        .expect("an Init reply")
+}
+
+fn commands(actions: &[Action]) -> Vec<(ConnRef, CommandWrapper)> {
+    let mut out = Vec::new();
+    for a in actions {
+        if let Action::Send {
+            conn,
+            msg: ToClient::Commands(cmds),
+        } = a
+        {
+            for c in cmds {
+                out.push((*conn, c.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn starts(actions: &[Action]) -> Vec<CommandWrapper> {
+    commands(actions)
+        .into_iter()
+        .filter(|(_, c)| matches!(c.inner, Command::StartActor(_)))
+        .map(|(_, c)| c)
+        .collect()
+}
+
+fn stops(actions: &[Action]) -> Vec<CommandWrapper> {
+    commands(actions)
+        .into_iter()
+        .filter(|(_, c)| matches!(c.inner, Command::StopActor))
+        .map(|(_, c)| c)
+        .collect()
+}
+
+fn acks(actions: &[Action]) -> Vec<Vec<ActorCheckpoint>> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                msg: ToClient::AckEvents(ack),
+                ..
+            } => Some(ack.last_event_checkpoints.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn fence_ts(actions: &[Action]) -> Option<i64> {
+    actions.iter().find_map(|a| match a {
+        Action::Send {
+            msg: ToClient::Ping(p),
+            ..
+        } => Some(p.ts),
+        _ => None,
+    })
+}
+
+fn cp(actor: &str, generation: u32, index: i64) -> ActorCheckpoint {
+    ActorCheckpoint {
+        actor_id: actor.to_string(),
+        generation,
+        index,
+    }
+}
+
+fn ev(actor: &str, generation: u32, index: i64, inner: Event) -> EventWrapper {
+    EventWrapper {
+        checkpoint: cp(actor, generation, index),
+        inner,
+    }
+}
+
+fn running() -> Event {
+    Event::ActorStateUpdate(EventActorStateUpdate {
+        state: ActorState::Running,
+    })
+}
+
+fn stopped(code: StopCode) -> Event {
+    Event::ActorStateUpdate(EventActorStateUpdate {
+        state: ActorState::Stopped(ActorStateStopped {
+            code,
+            message: None,
+        }),
+    })
+}
+
+fn intent(i: ActorIntent) -> Event {
+    Event::ActorIntent(EventActorIntent { intent: i })
+}
+
+fn create(e: &mut Engine, name: &str, key: Option<&str>, t: Instant) -> (String, Vec<Action>) {
+    let (info, actions) = e
+        .create_actor(
+            CreateActor {
+                namespace: "default".into(),
+                name: name.into(),
+                key: key.map(str::to_string),
+                runner_name: None,
+                input: None,
+                crash_policy: CrashPolicy::Sleep,
+            },
+            t,
+        )
+        .expect("create");
+    (info.actor_id, actions)
+}
+
+fn status(e: &Engine, id: &str) -> ActorStatus {
+    e.actor(id).expect("actor").status
+}
+
+/// A runner on `c(1)` with one running actor; returns (engine, t0, actor id, runner id).
+fn running_actor() -> (Engine, Instant, String, String) {
+    let (mut e, t0) = new_engine();
+    let a = e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    let rid = runner_id_of(&a);
+    let (id, a) = create(&mut e, "counter", Some("x"), t0);
+    assert_eq!(starts(&a).len(), 1);
+    let a = e.runner_events(c(1), vec![ev(&id, 0, 0, running())], t0);
+    assert!(a.contains(&Action::ActorRunning {
+        actor_id: id.clone(),
+        generation: 0,
+        runner_idx: 0
+    }));
+    (e, t0, id, rid)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runner sessions
+
+#[test]
+fn init_reply_carries_configured_metadata_then_attaches() {
+    let (mut e, t0) = new_engine();
+    let a = e.runner_init(c(1), "default", "k1", init("default", 5), t0);
+    match &a[0] {
+        Action::Send {
+            conn,
+            msg: ToClient::Init(i),
+        } => {
+            assert_eq!(*conn, c(1));
+            assert_eq!(
+                i.metadata,
+                ProtocolMetadata {
+                    runner_lost_threshold: 15000,
+                    actor_stop_threshold: 30000,
+                    serverless_drain_grace_period: None
+                }
+            );
+            assert_eq!(i.runner_id.len(), 36);
+        }
+        other => panic!("first action must be Init, got {other:?}"),
+    }
+    assert_eq!(
+        a.last(),
+        Some(&Action::RunnerAttached {
+            runner_idx: 0,
+            conn: c(1)
+        })
+    );
+}
+
+#[test]
+fn identity_keeps_runner_id_across_reconnect() {
+    let (mut e, t0) = new_engine();
+    let id1 = runner_id_of(&e.runner_init(c(1), "default", "k1", init("default", 5), t0));
+    assert_eq!(
+        e.runner_closed(c(1), t0),
+        vec![Action::RunnerDetached { runner_idx: 0 }]
+    );
+    let a = e.runner_init(c(2), "default", "k1", init("default", 5), secs(t0, 5.0));
+    assert_eq!(runner_id_of(&a), id1);
+    assert!(a.contains(&Action::RunnerAttached {
+        runner_idx: 0,
+        conn: c(2)
+    }));
+    // Another key, name or namespace is another runner.
+    let other = runner_id_of(&e.runner_init(c(3), "default", "k2", init("default", 5), t0));
+    assert_ne!(other, id1);
+    let other2 = runner_id_of(&e.runner_init(c(4), "default", "k1", init("other", 5), t0));
+    assert_ne!(other2, id1);
+    let other3 = runner_id_of(&e.runner_init(c(5), "ns2", "k1", init("default", 5), t0));
+    assert_ne!(other3, id1);
+    assert_eq!(e.runner_count(), 4);
+}
+
+#[test]
+fn second_live_connection_evicts_the_first() {
+    let (mut e, t0) = new_engine();
+    let id1 = runner_id_of(&e.runner_init(c(1), "default", "k1", init("default", 5), t0));
+    let a = e.runner_init(c(2), "default", "k1", init("default", 5), t0);
+    assert_eq!(
+        a[0],
+        Action::CloseRunner {
+            conn: c(1),
+            code: 1000,
+            reason: "ws.eviction"
+        }
+    );
+    assert_eq!(runner_id_of(&a), id1);
+    // The evicted socket's close and late messages touch nothing.
+    assert!(e.runner_closed(c(1), t0).is_empty());
+    assert!(e.runner_stopping(c(1), t0).is_empty());
+    let (id, a) = create(&mut e, "counter", None, t0);
+    assert_eq!(commands(&a)[0].0, c(2));
+    assert!(e
+        .runner_events(c(1), vec![ev(&id, 0, 0, running())], t0)
+        .is_empty());
+    assert_eq!(status(&e, &id), ActorStatus::Starting);
+}
+
+#[test]
+fn stale_close_after_reconnect_is_ignored() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 5), t0);
+    assert_eq!(e.runner_closed(c(1), t0).len(), 1);
+    e.runner_init(c(2), "default", "k1", init("default", 5), t0);
+    assert!(e.runner_closed(c(1), t0).is_empty(), "old close repeated");
+    // Connection never initialised.
+    assert!(e.runner_closed(c(9), t0).is_empty());
+    // Long after, the runner is still attached on c(2): not lost.
+    assert!(e.tick(secs(t0, 100.0)).is_empty());
+    assert_eq!(
+        e.runner_closed(c(2), t0),
+        vec![Action::RunnerDetached { runner_idx: 0 }]
+    );
+}
+
+#[test]
+fn second_init_on_same_connection_is_ignored() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 5), t0);
+    assert!(e
+        .runner_init(c(1), "default", "k1", init("default", 5), t0)
+        .is_empty());
+}
+
+#[test]
+fn runner_lost_after_threshold_stops_actors_and_forgets_runner_id() {
+    let (mut e, t0, id, rid) = running_actor();
+    e.runner_closed(c(1), t0);
+    assert!(e.tick(secs(t0, 14.9)).is_empty());
+    assert_eq!(e.next_deadline(), Some(secs(t0, 15.0)));
+    let a = e.tick(secs(t0, 15.0));
+    assert_eq!(
+        a,
+        vec![
+            Action::ActorStopped {
+                actor_id: id.clone()
+            },
+            Action::RunnerLost { runner_idx: 0 }
+        ]
+    );
+    assert_eq!(status(&e, &id), ActorStatus::Sleeping);
+    assert_eq!(e.runner_count(), 0);
+    let a = e.runner_init(c(2), "default", "k1", init("default", 5), secs(t0, 16.0));
+    assert_ne!(runner_id_of(&a), rid);
+    // Nobody asked for the actor: it stays asleep.
+    assert!(starts(&a).is_empty());
+}
+
+#[test]
+fn reconnect_in_time_keeps_actors() {
+    let (mut e, t0, id, rid) = running_actor();
+    e.runner_closed(c(1), t0);
+    let a = e.runner_init(c(2), "default", "k1", init("default", 10), secs(t0, 10.0));
+    assert_eq!(runner_id_of(&a), rid);
+    assert!(commands(&a).is_empty());
+    assert!(
+        fence_ts(&a).is_none(),
+        "nothing in doubt: Running proved the start"
+    );
+    assert!(e.tick(secs(t0, 60.0)).is_empty());
+    assert_eq!(status(&e, &id), ActorStatus::Running);
+    let (r, _) = e.resolve(&id, 1, secs(t0, 60.0));
+    assert_eq!(
+        r,
+        Resolve::Ready(Route {
+            actor_id: id.clone(),
+            generation: 0,
+            runner_idx: 0,
+            conn: c(2)
+        })
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command delivery across reconnects
+
+#[test]
+fn start_received_before_disconnect_is_not_resent() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    let (id, a) = create(&mut e, "counter", None, t0);
+    assert_eq!(starts(&a).len(), 1);
+    // The socket dies before we see any reply.
+    e.runner_closed(c(1), t0);
+    let a = e.runner_init(c(2), "default", "k1", init("default", 10), t0);
+    assert!(commands(&a).is_empty(), "in-doubt start held");
+    let ts = fence_ts(&a).expect("fence ping");
+    assert!(ts < 0);
+    // The runner had it: after Init it re-sends its unacknowledged Running event...
+    let a = e.runner_events(c(2), vec![ev(&id, 0, 0, running())], t0);
+    assert_eq!(acks(&a), vec![vec![cp(&id, 0, 0)]]);
+    // ...then answers the fence. Nothing is re-sent.
+    let a = e.runner_pong(c(2), ts, t0);
+    assert!(commands(&a).is_empty());
+    assert_eq!(status(&e, &id), ActorStatus::Running);
+}
+
+#[test]
+fn start_lost_with_the_socket_is_reissued_as_a_new_generation() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    let (id, a) = create(&mut e, "counter", Some("k"), t0);
+    assert_eq!(starts(&a)[0].checkpoint, cp(&id, 0, 0));
+    e.runner_closed(c(1), t0);
+    let a = e.runner_init(c(2), "default", "k1", init("default", 10), t0);
+    let ts = fence_ts(&a).expect("fence ping");
+    // A pong for some other ping (liveness) does not release anything.
+    assert!(e.runner_pong(c(2), 12345, t0).is_empty());
+    // No event came back before the fence: the runner does not hold generation 0. It is
+    // never started twice; generation 1 is allocated instead.
+    let a = e.runner_message(c(2), ToServer::Pong(ToServerPong { ts }), t0);
+    assert!(a.contains(&Action::ActorStopped {
+        actor_id: id.clone()
+    }));
+    let again = starts(&a);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].checkpoint, cp(&id, 1, 0));
+    assert_eq!(status(&e, &id), ActorStatus::Starting);
+    assert!(e.runner_pong(c(2), ts, t0).is_empty(), "fence used up");
+    // Late events of generation 0 are ignored.
+    assert!(e
+        .runner_events(c(2), vec![ev(&id, 0, 0, running())], t0)
+        .is_empty());
+}
+
+#[test]
+fn fence_pong_proves_commands_sent_on_the_same_connection() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    let (id1, _) = create(&mut e, "a", None, t0);
+    e.runner_closed(c(1), t0);
+    // Reconnect: a's start is in doubt; b, created meanwhile, goes out at once.
+    let a = e.runner_init(c(2), "default", "k1", init("default", 10), t0);
+    let ts = fence_ts(&a).unwrap();
+    let (id2, a) = create(&mut e, "b", None, t0);
+    assert_eq!(starts(&a)[0].checkpoint, cp(&id2, 0, 0));
+    // b's start went out after the ping: the pong proves nothing about it.
+    let a = e.runner_pong(c(2), ts, t0);
+    let s: Vec<ActorCheckpoint> = starts(&a).into_iter().map(|w| w.checkpoint).collect();
+    assert_eq!(s, vec![cp(&id1, 1, 0)]);
+    // The socket dies again: both starts are in doubt; neither is proven by the next fence.
+    e.runner_closed(c(2), t0);
+    let a = e.runner_init(c(3), "default", "k1", init("default", 10), t0);
+    assert!(commands(&a).is_empty());
+    let ts = fence_ts(&a).unwrap();
+    let a = e.runner_pong(c(3), ts, t0);
+    let mut s: Vec<ActorCheckpoint> = starts(&a).into_iter().map(|w| w.checkpoint).collect();
+    s.sort_by_key(|x| x.generation);
+    assert_eq!(s, vec![cp(&id2, 1, 0), cp(&id1, 2, 0)]);
+    // Had the runner proven b's start with its Running event, a fence would leave it alone.
+    e.runner_closed(c(3), t0);
+    let a = e.runner_init(c(4), "default", "k1", init("default", 10), t0);
+    let ts = fence_ts(&a).unwrap();
+    e.runner_events(c(4), vec![ev(&id2, 1, 0, running())], t0);
+    let a = e.runner_pong(c(4), ts, t0);
+    let s: Vec<ActorCheckpoint> = starts(&a).into_iter().map(|w| w.checkpoint).collect();
+    assert_eq!(s, vec![cp(&id1, 3, 0)]);
+    assert_eq!(status(&e, &id2), ActorStatus::Running);
+}
+
+#[test]
+fn stop_in_doubt_is_sent_again_after_the_fence() {
+    let (mut e, t0, id, _) = running_actor();
+    let a = e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))], t0);
+    assert_eq!(stops(&a)[0].checkpoint, cp(&id, 0, 1));
+    e.runner_closed(c(1), t0);
+    let a = e.runner_init(c(2), "default", "k1", init("default", 10), t0);
+    assert!(commands(&a).is_empty());
+    let a = e.runner_pong(c(2), fence_ts(&a).unwrap(), t0);
+    assert_eq!(stops(&a)[0].checkpoint, cp(&id, 0, 1));
+    // The runner had already removed the actor (its Stopped died with the socket): no
+    // Stopped ever comes. After actor_stop_threshold the engine takes it as stopped.
+    assert!(e.tick(secs(t0, 29.0)).is_empty());
+    let a = e.tick(secs(t0, 30.0));
+    assert_eq!(
+        a,
+        vec![Action::ActorStopped {
+            actor_id: id.clone()
+        }]
+    );
+    assert_eq!(status(&e, &id), ActorStatus::Sleeping);
+}
+
+#[test]
+fn start_without_running_is_stopped_after_the_start_threshold() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 1), t0);
+    let (id, _) = create(&mut e, "a", None, t0);
+    let (id2, _) = create(&mut e, "b", None, t0);
+    assert_eq!(status(&e, &id2), ActorStatus::Sleeping, "no room");
+    let a = e.tick(secs(t0, 30.0));
+    assert_eq!(stops(&a)[0].checkpoint, cp(&id, 0, 1));
+    assert_eq!(status(&e, &id), ActorStatus::Stopping);
+    let a = e.tick(secs(t0, 60.0));
+    assert!(a.contains(&Action::ActorStopped {
+        actor_id: id.clone()
+    }));
+    // The slot is free again: the pending actor is placed.
+    assert_eq!(starts(&a)[0].checkpoint, cp(&id2, 0, 0));
+}
+
+#[test]
+fn ack_commands_prunes_so_nothing_is_in_doubt() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    let (id, _) = create(&mut e, "counter", None, t0);
+    e.runner_message(
+        c(1),
+        ToServer::AckCommands(ToServerAckCommands {
+            last_command_checkpoints: vec![cp(&id, 0, 0)],
+        }),
+        t0,
+    );
+    e.runner_closed(c(1), t0);
+    let a = e.runner_init(c(2), "default", "k1", init("default", 10), t0);
+    assert!(fence_ts(&a).is_none());
+    assert!(commands(&a).is_empty());
+}
+
+#[test]
+fn later_commands_of_an_in_doubt_actor_wait_behind_it() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    let (id, _) = create(&mut e, "counter", None, t0);
+    let (id2, _) = create(&mut e, "other", None, t0);
+    e.runner_events(c(1), vec![ev(&id2, 0, 0, running())], t0);
+    e.runner_closed(c(1), t0);
+    // Destroy both while disconnected: the stops are queued.
+    let a = e.destroy_actor("default", &id, t0).unwrap();
+    assert!(commands(&a).is_empty());
+    e.destroy_actor("default", &id2, t0).unwrap();
+    let a = e.runner_init(c(2), "default", "k1", init("default", 10), t0);
+    // id2's start was proven: its stop goes out at once. id's stop must not overtake its
+    // start, which is in doubt.
+    let s: Vec<ActorCheckpoint> = commands(&a)
+        .into_iter()
+        .map(|(_, w)| w.checkpoint)
+        .collect();
+    assert_eq!(s, vec![cp(&id2, 0, 1)]);
+    // The runner does not hold id (no event before the fence): destroyed without a command.
+    let a = e.runner_pong(c(2), fence_ts(&a).unwrap(), t0);
+    assert!(commands(&a).is_empty());
+    assert!(a.contains(&Action::ActorDestroyed {
+        actor_id: id.clone()
+    }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Actors, events, placement
+
+#[test]
+fn command_indices_per_generation() {
+    let (mut e, t0, id, _) = running_actor();
+    let a = e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))], t0);
+    assert_eq!(stops(&a)[0].checkpoint, cp(&id, 0, 1));
+    assert_eq!(status(&e, &id), ActorStatus::Stopping);
+    let a = e.runner_events(c(1), vec![ev(&id, 0, 2, stopped(StopCode::Ok))], t0);
+    assert!(a.contains(&Action::ActorStopped {
+        actor_id: id.clone()
+    }));
+    assert_eq!(status(&e, &id), ActorStatus::Sleeping);
+    let (r, a) = e.resolve(&id, 9, t0);
+    assert_eq!(
+        r,
+        Resolve::Pending {
+            actor_id: id.clone()
+        }
+    );
+    assert_eq!(starts(&a)[0].checkpoint, cp(&id, 1, 0));
+}
+
+#[test]
+fn events_are_deduplicated_and_acknowledged_per_batch() {
+    let (mut e, t0, id, _) = running_actor();
+    // Same event again (resend after reconnect): ignored but acknowledged.
+    let a = e.runner_events(c(1), vec![ev(&id, 0, 0, running())], t0);
+    assert_eq!(acks(&a), vec![vec![cp(&id, 0, 0)]]);
+    assert!(!a.iter().any(|x| matches!(x, Action::ActorRunning { .. })));
+    // A batch with an old and two new events: one AckEvents with the highest index.
+    let alarm = Event::ActorSetAlarm(EventActorSetAlarm {
+        alarm_ts: Some(T0_MS + 1_000_000),
+    });
+    let a = e.runner_events(
+        c(1),
+        vec![
+            ev(&id, 0, 0, running()),
+            ev(&id, 0, 1, alarm.clone()),
+            ev(
+                &id,
+                0,
+                2,
+                Event::ActorSetAlarm(EventActorSetAlarm { alarm_ts: None }),
+            ),
+        ],
+        t0,
+    );
+    assert_eq!(acks(&a), vec![vec![cp(&id, 0, 2)]]);
+    // Index 1 again would set the alarm again: ignored.
+    e.runner_events(c(1), vec![ev(&id, 0, 1, alarm)], t0);
+    assert_eq!(
+        e.next_deadline(),
+        None,
+        "alarm cleared by index 2, index 1 ignored"
+    );
+}
+
+#[test]
+fn events_of_another_generation_or_runner_are_ignored_and_not_acked() {
+    let (mut e, t0, id, _) = running_actor();
+    let a = e.runner_events(c(1), vec![ev(&id, 5, 0, stopped(StopCode::Ok))], t0);
+    assert!(a.is_empty());
+    e.runner_init(c(2), "default", "other", init("default", 10), t0);
+    let a = e.runner_events(c(2), vec![ev(&id, 0, 1, stopped(StopCode::Ok))], t0);
+    assert!(a.is_empty());
+    let a = e.runner_events(c(1), vec![ev("nope", 0, 0, running())], t0);
+    assert!(a.is_empty());
+    assert_eq!(status(&e, &id), ActorStatus::Running);
+}
+
+#[test]
+fn ack_for_a_stopped_generation_precedes_the_next_start() {
+    let (mut e, t0, id, _) = running_actor();
+    let (_, _) = e.resolve(&id, 1, t0); // ready; no waiter
+    e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))], t0);
+    // A client arrives while it stops.
+    let (r, _) = e.resolve(&id, 2, t0);
+    assert!(matches!(r, Resolve::Pending { .. }));
+    let a = e.runner_events(c(1), vec![ev(&id, 0, 2, stopped(StopCode::Ok))], t0);
+    let ack_pos = a
+        .iter()
+        .position(|x| {
+            matches!(
+                x,
+                Action::Send {
+                    msg: ToClient::AckEvents(_),
+                    ..
+                }
+            )
+        })
+        .unwrap();
+    let start_pos = a
+        .iter()
+        .position(|x| {
+            matches!(
+                x,
+                Action::Send {
+                    msg: ToClient::Commands(_),
+                    ..
+                }
+            )
+        })
+        .unwrap();
+    assert!(ack_pos < start_pos);
+    assert_eq!(starts(&a)[0].checkpoint, cp(&id, 1, 0));
+    let a = e.runner_events(c(1), vec![ev(&id, 1, 0, running())], t0);
+    assert!(a.contains(&Action::Resolved {
+        waiter: 2,
+        result: Ok(Route {
+            actor_id: id.clone(),
+            generation: 1,
+            runner_idx: 0,
+            conn: c(1)
+        })
+    }));
+}
+
+#[test]
+fn placement_respects_slots() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 2), t0);
+    let (a1, x) = create(&mut e, "n", None, t0);
+    assert_eq!(starts(&x).len(), 1);
+    let (_a2, x) = create(&mut e, "n", None, t0);
+    assert_eq!(starts(&x).len(), 1);
+    let (a3, x) = create(&mut e, "n", None, t0);
+    assert!(starts(&x).is_empty());
+    let info = e.actor(&a3).unwrap();
+    assert_eq!(info.status, ActorStatus::Sleeping);
+    assert_eq!(info.pending_allocation_ts, Some(T0_MS));
+    // One stops: the pending one takes its slot.
+    e.runner_events(c(1), vec![ev(&a1, 0, 0, running())], t0);
+    e.runner_events(c(1), vec![ev(&a1, 0, 1, intent(ActorIntent::Sleep))], t0);
+    let x = e.runner_events(c(1), vec![ev(&a1, 0, 2, stopped(StopCode::Ok))], t0);
+    assert_eq!(starts(&x)[0].checkpoint.actor_id, a3);
+    assert_eq!(status(&e, &a3), ActorStatus::Starting);
+}
+
+#[test]
+fn placement_prefers_most_free_slots_and_matches_runner_name() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 1), t0);
+    e.runner_init(c(2), "default", "k2", init("default", 5), t0);
+    e.runner_init(c(3), "default", "k3", init("gpu", 100), t0);
+    let (_, x) = create(&mut e, "n", None, t0);
+    assert_eq!(commands(&x)[0].0, c(2));
+    let (info, x) = e
+        .create_actor(
+            CreateActor {
+                namespace: "default".into(),
+                name: "n".into(),
+                key: None,
+                runner_name: Some("gpu".into()),
+                input: Some(vec![1, 2, 3]),
+                crash_policy: CrashPolicy::Sleep,
+            },
+            t0,
+        )
+        .unwrap();
+    assert_eq!(commands(&x)[0].0, c(3));
+    match &starts(&x)[0].inner {
+        Command::StartActor(s) => {
+            assert_eq!(s.config.input, Some(vec![1, 2, 3]));
+            assert_eq!(s.config.name, "n");
+            assert_eq!(s.config.create_ts, info.create_ts);
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn pending_actor_is_placed_when_a_runner_arrives() {
+    let (mut e, t0) = new_engine();
+    let (id, x) = create(&mut e, "counter", Some("k"), t0);
+    assert!(x.is_empty());
+    let a = e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    assert!(matches!(
+        a[0],
+        Action::Send {
+            msg: ToClient::Init(_),
+            ..
+        }
+    ));
+    assert!(matches!(
+        a[1],
+        Action::Send {
+            msg: ToClient::Commands(_),
+            ..
+        }
+    ));
+    assert_eq!(starts(&a)[0].checkpoint, cp(&id, 0, 0));
+    match &starts(&a)[0].inner {
+        Command::StartActor(s) => assert_eq!(s.config.key.as_deref(), Some("k")),
+        _ => unreachable!(),
+    }
+    // A runner of another namespace would not have taken it.
+    let (mut e, t0) = new_engine();
+    let (_id, _) = create(&mut e, "counter", None, t0);
+    let a = e.runner_init(c(1), "other-ns", "k1", init("default", 10), t0);
+    assert!(starts(&a).is_empty());
+}
+
+#[test]
+fn resolve_wakes_a_sleeping_actor() {
+    let (mut e, t0, id, _) = running_actor();
+    e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))], t0);
+    e.runner_events(c(1), vec![ev(&id, 0, 2, stopped(StopCode::Ok))], t0);
+    let (r, a) = e.resolve(&id, 42, t0);
+    assert!(matches!(r, Resolve::Pending { .. }));
+    assert_eq!(starts(&a).len(), 1);
+    // Second waiter: no second start.
+    let (_, a) = e.resolve(&id, 43, t0);
+    assert!(commands(&a).is_empty());
+    let a = e.runner_events(c(1), vec![ev(&id, 1, 0, running())], t0);
+    let resolved: Vec<u64> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Resolved {
+                waiter,
+                result: Ok(_),
+            } => Some(*waiter),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resolved, vec![42, 43]);
+    assert_eq!(e.resolve("missing", 1, t0).0, Resolve::NotFound);
+}
+
+#[test]
+fn sleep_intent_stops_but_keeps_the_actor() {
+    let (mut e, t0, id, _) = running_actor();
+    let a = e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))], t0);
+    assert_eq!(stops(&a).len(), 1);
+    // Repeated intent: no second stop.
+    let a = e.runner_events(c(1), vec![ev(&id, 0, 2, intent(ActorIntent::Sleep))], t0);
+    assert!(stops(&a).is_empty());
+    let a = e.runner_events(c(1), vec![ev(&id, 0, 3, stopped(StopCode::Ok))], t0);
+    assert!(a.contains(&Action::ActorStopped {
+        actor_id: id.clone()
+    }));
+    assert!(!a.iter().any(|x| matches!(x, Action::ActorDestroyed { .. })));
+    let info = e.actor(&id).unwrap();
+    assert_eq!(info.status, ActorStatus::Sleeping);
+    assert_eq!(info.sleep_ts, Some(T0_MS));
+    assert_eq!(
+        e.actor_by_key("default", "counter", "x").unwrap().actor_id,
+        id
+    );
+}
+
+#[test]
+fn stop_intent_destroys_when_stopped() {
+    let (mut e, t0, id, _) = running_actor();
+    let a = e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Stop))], t0);
+    assert_eq!(stops(&a).len(), 1);
+    let (r, _) = e.resolve(&id, 5, t0);
+    assert!(matches!(r, Resolve::Pending { .. }));
+    let a = e.runner_events(c(1), vec![ev(&id, 0, 2, stopped(StopCode::Ok))], t0);
+    assert!(a.contains(&Action::ActorDestroyed {
+        actor_id: id.clone()
+    }));
+    assert!(a.contains(&Action::Resolved {
+        waiter: 5,
+        result: Err(ResolveError::Destroyed)
+    }));
+    assert!(starts(&a).is_empty());
+    assert_eq!(status(&e, &id), ActorStatus::Destroyed);
+    assert_eq!(e.resolve(&id, 6, t0).0, Resolve::NotFound);
+    assert!(e.actor_by_key("default", "counter", "x").is_none());
+    // Forgotten after the retention period.
+    e.tick(secs(t0, 601.0));
+    assert!(e.actor(&id).is_none());
+}
+
+#[test]
+fn crash_policies() {
+    let (mut e, t0, id, _) = running_actor();
+    e.runner_events(c(1), vec![ev(&id, 0, 1, stopped(StopCode::Error))], t0);
+    assert_eq!(
+        status(&e, &id),
+        ActorStatus::Sleeping,
+        "rivetkit's policy: sleep"
+    );
+
+    let (info, _) = e
+        .create_actor(
+            CreateActor {
+                namespace: "default".into(),
+                name: "d".into(),
+                key: None,
+                runner_name: None,
+                input: None,
+                crash_policy: CrashPolicy::Destroy,
+            },
+            t0,
+        )
+        .unwrap();
+    let d = info.actor_id;
+    e.runner_events(c(1), vec![ev(&d, 0, 0, stopped(StopCode::Error))], t0);
+    assert_eq!(status(&e, &d), ActorStatus::Destroyed);
+}
+
+#[test]
+fn stopping_runner_drains() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    let (a1, _) = create(&mut e, "n", None, t0);
+    let (a2, _) = create(&mut e, "n", None, t0);
+    e.runner_events(c(1), vec![ev(&a1, 0, 0, running())], t0);
+    let a = e.runner_message(c(1), ToServer::Stopping, t0);
+    let s: Vec<String> = stops(&a)
+        .into_iter()
+        .map(|w| w.checkpoint.actor_id)
+        .collect();
+    assert_eq!(s.len(), 2);
+    assert!(s.contains(&a1) && s.contains(&a2));
+    // No new placement on a draining runner.
+    let (a3, x) = create(&mut e, "n", None, t0);
+    assert!(commands(&x).is_empty());
+    // Stopped actors with waiters move to another runner.
+    let (_, _) = e.resolve(&a1, 7, t0);
+    e.runner_events(c(1), vec![ev(&a1, 0, 1, stopped(StopCode::Ok))], t0);
+    let a = e.runner_init(c(2), "default", "k2", init("default", 10), t0);
+    let placed: Vec<String> = starts(&a)
+        .into_iter()
+        .map(|w| w.checkpoint.actor_id)
+        .collect();
+    assert!(placed.contains(&a1) && placed.contains(&a3));
+    assert!(commands(&a).iter().all(|(conn, _)| *conn == c(2)));
+}
+
+#[test]
+fn lost_runner_moves_wanted_actors_elsewhere() {
+    let (mut e, t0, id, _) = running_actor();
+    e.runner_init(c(2), "default", "k2", init("default", 10), t0);
+    e.runner_closed(c(1), t0);
+    let (r, _) = e.resolve(&id, 3, t0);
+    assert!(matches!(r, Resolve::Pending { .. }), "runner disconnected");
+    let a = e.tick(secs(t0, 15.0));
+    assert!(a.contains(&Action::ActorStopped {
+        actor_id: id.clone()
+    }));
+    let s = starts(&a);
+    assert_eq!(s[0].checkpoint, cp(&id, 1, 0));
+    assert_eq!(commands(&a)[0].0, c(2));
+    let a = e.runner_events(c(2), vec![ev(&id, 1, 0, running())], t0);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Resolved {
+            waiter: 3,
+            result: Ok(_)
+        }
+    )));
+}
+
+#[test]
+fn waiter_answered_when_its_runner_reattaches() {
+    let (mut e, t0, id, _) = running_actor();
+    e.runner_closed(c(1), t0);
+    let (r, _) = e.resolve(&id, 3, t0);
+    assert!(matches!(r, Resolve::Pending { .. }));
+    let a = e.runner_init(c(2), "default", "k1", init("default", 10), secs(t0, 2.0));
+    assert!(a.contains(&Action::Resolved {
+        waiter: 3,
+        result: Ok(Route {
+            actor_id: id.clone(),
+            generation: 0,
+            runner_idx: 0,
+            conn: c(2)
+        })
+    }));
+}
+
+#[test]
+fn waiters_time_out() {
+    let (mut e, t0) = new_engine();
+    let (id, _) = create(&mut e, "n", None, t0);
+    let (r, _) = e.resolve(&id, 1, t0);
+    assert!(matches!(r, Resolve::Pending { .. }));
+    let (_, _) = e.resolve(&id, 2, secs(t0, 10.0));
+    e.cancel_waiter(2);
+    assert!(e.tick(secs(t0, 29.9)).is_empty());
+    assert_eq!(e.next_deadline(), Some(secs(t0, 30.0)));
+    assert_eq!(
+        e.tick(secs(t0, 30.0)),
+        vec![Action::Resolved {
+            waiter: 1,
+            result: Err(ResolveError::Timeout)
+        }]
+    );
+    assert!(
+        e.tick(secs(t0, 100.0)).is_empty(),
+        "cancelled waiter never answered"
+    );
+}
+
+#[test]
+fn alarm_wakes_a_sleeping_actor() {
+    let (mut e, t0, id, _) = running_actor();
+    let alarm = Event::ActorSetAlarm(EventActorSetAlarm {
+        alarm_ts: Some(T0_MS + 60_000),
+    });
+    e.runner_events(
+        c(1),
+        vec![
+            ev(&id, 0, 1, alarm),
+            ev(&id, 0, 2, intent(ActorIntent::Sleep)),
+        ],
+        t0,
+    );
+    e.runner_events(c(1), vec![ev(&id, 0, 3, stopped(StopCode::Ok))], t0);
+    assert_eq!(e.next_deadline(), Some(secs(t0, 60.0)));
+    assert!(starts(&e.tick(secs(t0, 59.0))).is_empty());
+    let a = e.tick(secs(t0, 60.0));
+    assert_eq!(starts(&a)[0].checkpoint, cp(&id, 1, 0));
+}
+
+#[test]
+fn start_lists_fresh_hibernating_requests() {
+    let (mut e, t0, id, _) = running_actor();
+    let h1 = HibernatingRequest {
+        gateway_id: [1, 2, 3, 4],
+        request_id: [0, 0, 0, 1],
+    };
+    let h2 = HibernatingRequest {
+        gateway_id: [1, 2, 3, 4],
+        request_id: [0, 0, 0, 2],
+    };
+    let h3 = HibernatingRequest {
+        gateway_id: [1, 2, 3, 4],
+        request_id: [0, 0, 0, 3],
+    };
+    e.hibernating_upsert(&id, h1, t0);
+    e.hibernating_upsert(&id, h2, t0);
+    e.hibernating_upsert(&id, h3, t0);
+    e.hibernating_upsert(&id, h2, secs(t0, 50.0)); // refreshed
+    e.hibernating_remove(&id, h3);
+    e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))], t0);
+    e.runner_events(c(1), vec![ev(&id, 0, 2, stopped(StopCode::Ok))], t0);
+    let (_, a) = e.resolve(&id, 1, secs(t0, 100.0));
+    match &starts(&a)[0].inner {
+        Command::StartActor(s) => assert_eq!(s.hibernating_requests, vec![h2]),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn resolve_by_name_gets_or_creates() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    let (r, a) = e.resolve_by_name("default", "chat", "room1", false, None, 1, t0);
+    assert_eq!(r, Resolve::NotFound);
+    assert!(a.is_empty());
+    let (r, a) = e.resolve_by_name("default", "chat", "room1", true, None, 1, t0);
+    let Resolve::Pending { actor_id } = r else {
+        panic!("pending expected");
+    };
+    assert_eq!(starts(&a)[0].checkpoint.actor_id, actor_id);
+    e.runner_events(c(1), vec![ev(&actor_id, 0, 0, running())], t0);
+    let (r, a) = e.resolve_by_name("default", "chat", "room1", true, None, 2, t0);
+    assert!(a.is_empty());
+    assert!(matches!(r, Resolve::Ready(Route { actor_id: ref x, .. }) if *x == actor_id));
+}
+
+#[test]
+fn names_announced_by_runners() {
+    let (mut e, t0) = new_engine();
+    let mut i = init("default", 10);
+    i.prepopulate_actor_names = Some(ActorNameMap(vec![(
+        "counter".to_string(),
+        ActorName {
+            metadata: r#"{"icon":"x"}"#.to_string(),
+        },
+    )]));
+    e.runner_init(c(1), "default", "k1", i, t0);
+    assert_eq!(
+        e.actor_names("default"),
+        vec![("counter".to_string(), r#"{"icon":"x"}"#.to_string())]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP API
+
+fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn call(
+    e: &mut Engine,
+    method: &str,
+    path: &str,
+    query: &[(&str, &str)],
+    body: Value,
+    t: Instant,
+) -> (u16, Value, Vec<Action>) {
+    let body = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let r = handle(e, method, path, &q(query), &body, t);
+    let v: Value = serde_json::from_str(&r.body).expect("JSON body");
+    (r.status, v, r.actions)
+}
+
+const NS: (&str, &str) = ("namespace", "default");
+
+#[test]
+fn api_create_shape() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    // Exactly what RemoteManagerDriver.createActor sends ("input" is base64 of CBOR).
+    let (status, v, actions) = call(
+        &mut e,
+        "POST",
+        "/actors",
+        &[NS],
+        json!({
+            "name": "counter",
+            "runner_name_selector": "default",
+            "key": "a/b",
+            "input": "oWF4AQ==",
+            "crash_policy": "sleep"
+        }),
+        t0,
+    );
+    assert_eq!(status, 200);
+    let actor = &v["actor"];
+    let id = actor["actor_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        *actor,
+        json!({
+            "actor_id": id,
+            "name": "counter",
+            "key": "a/b",
+            "namespace_id": "default",
+            "datacenter": "default",
+            "runner_name_selector": "default",
+            "crash_policy": "sleep",
+            "create_ts": T0_MS,
+            "start_ts": T0_MS,
+            "pending_allocation_ts": null,
+            "connectable_ts": null,
+            "sleep_ts": null,
+            "reschedule_ts": null,
+            "destroy_ts": null,
+        })
+    );
+    // The create started the actor, with the decoded input.
+    match &starts(&actions)[0].inner {
+        Command::StartActor(s) => {
+            assert_eq!(s.config.input, Some(vec![0xa1, 0x61, 0x78, 0x01]));
+            assert_eq!(s.config.key.as_deref(), Some("a/b"));
+        }
+        _ => unreachable!(),
+    }
+    // Same key again: the client gets {group, code, message}.
+    let (status, v, _) = call(
+        &mut e,
+        "POST",
+        "/actors",
+        &[NS],
+        json!({"name": "counter", "runner_name_selector": "default", "key": "a/b", "crash_policy": "sleep"}),
+        t0,
+    );
+    assert_eq!(status, 400);
+    assert_eq!(v["group"], "actor");
+    assert_eq!(v["code"], "duplicate_key");
+    assert!(v["message"].is_string());
+}
+
+#[test]
+fn api_get_by_id_and_key() {
+    let (mut e, t0) = new_engine();
+    let (_, v, _) = call(
+        &mut e,
+        "POST",
+        "/actors",
+        &[NS],
+        json!({"name": "counter", "runner_name_selector": "default", "key": "k1", "crash_policy": "sleep"}),
+        t0,
+    );
+    let id = v["actor"]["actor_id"].as_str().unwrap().to_string();
+    // getForId: GET /actors?actor_ids=<id>&namespace=default → actors[0]
+    let (status, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("actor_ids", &id), NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(v["actors"].as_array().unwrap().len(), 1);
+    assert_eq!(v["actors"][0]["actor_id"], json!(id));
+    assert_eq!(
+        v["actors"][0]["pending_allocation_ts"],
+        json!(T0_MS),
+        "no runner yet"
+    );
+    // getWithKey: GET /actors?name=&key=
+    let (_, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("name", "counter"), ("key", "k1"), NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(v["actors"][0]["actor_id"], json!(id));
+    // Missing key → empty list with 200 (the client reads actors[0] and treats none as absent).
+    let (status, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("name", "counter"), ("key", "zz"), NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(v["actors"], json!([]));
+    let (status, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("actor_ids", "nope"), NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!((status, v["actors"].clone()), (200, json!([])));
+    // Another namespace does not see it.
+    let (_, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("actor_ids", &id), ("namespace", "other")],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(v["actors"], json!([]));
+    // key without name is a bad request.
+    let (status, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("key", "k1"), NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(status, 400);
+    assert_eq!(v["code"], "bad_request");
+    // GET /actors/{id}
+    let (status, v, _) = call(
+        &mut e,
+        "GET",
+        &format!("/actors/{id}"),
+        &[NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(v["actor"]["name"], "counter");
+    let (status, v, _) = call(&mut e, "GET", "/actors/nope", &[NS], Value::Null, t0);
+    assert_eq!(status, 404);
+    assert_eq!(
+        (v["group"].as_str(), v["code"].as_str()),
+        (Some("actor"), Some("not_found"))
+    );
+}
+
+#[test]
+fn api_get_or_create_shape() {
+    let (mut e, t0) = new_engine();
+    e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    let body = json!({
+        "name": "chat",
+        "key": "room",
+        "runner_name_selector": "default",
+        "crash_policy": "sleep"
+    });
+    let (status, v, actions) = call(&mut e, "PUT", "/actors", &[NS], body.clone(), t0);
+    assert_eq!(status, 200);
+    assert_eq!(v["created"], json!(true));
+    assert_eq!(starts(&actions).len(), 1);
+    let id = v["actor"]["actor_id"].clone();
+    let (status, v, actions) = call(&mut e, "PUT", "/actors", &[NS], body, t0);
+    assert_eq!(status, 200);
+    assert_eq!(v["created"], json!(false));
+    assert_eq!(v["actor"]["actor_id"], id);
+    assert!(actions.is_empty());
+    // key is required for get-or-create.
+    let (status, _, _) = call(
+        &mut e,
+        "PUT",
+        "/actors",
+        &[NS],
+        json!({"name": "chat", "runner_name_selector": "default", "crash_policy": "sleep"}),
+        t0,
+    );
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn api_list_by_name_with_pagination() {
+    let (mut e, t0) = new_engine();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (_, v, _) = call(
+            &mut e,
+            "POST",
+            "/actors",
+            &[NS],
+            json!({"name": "n", "runner_name_selector": "default", "key": format!("{i}"), "crash_policy": "sleep"}),
+            t0,
+        );
+        ids.push(v["actor"]["actor_id"].clone());
+    }
+    call(
+        &mut e,
+        "POST",
+        "/actors",
+        &[NS],
+        json!({"name": "other", "runner_name_selector": "default", "crash_policy": "sleep"}),
+        t0,
+    );
+    let (_, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("name", "n"), NS],
+        Value::Null,
+        t0,
+    );
+    let got: Vec<Value> = v["actors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["actor_id"].clone())
+        .collect();
+    assert_eq!(got, ids);
+    assert_eq!(v["pagination"]["cursor"], Value::Null);
+    let (_, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("name", "n"), ("limit", "2"), NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(v["actors"].as_array().unwrap().len(), 2);
+    let cursor = v["pagination"]["cursor"].as_str().unwrap().to_string();
+    let (_, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("name", "n"), ("cursor", &cursor), NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(v["actors"].as_array().unwrap().len(), 1);
+    assert_eq!(v["actors"][0]["actor_id"], ids[2]);
+}
+
+#[test]
+fn api_destroy() {
+    let (mut e, t0, id, _) = running_actor();
+    let (status, v, actions) = call(
+        &mut e,
+        "DELETE",
+        &format!("/actors/{id}"),
+        &[NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!((status, v), (200, json!({})));
+    assert_eq!(stops(&actions)[0].checkpoint, cp(&id, 0, 1));
+    let a = e.runner_events(
+        c(1),
+        vec![ev(&id, 0, 1, stopped(StopCode::Ok))],
+        secs(t0, 1.0),
+    );
+    assert!(a.contains(&Action::ActorDestroyed {
+        actor_id: id.clone()
+    }));
+    // By id it is still visible, with destroy_ts; by key and by name it is gone.
+    let (_, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("actor_ids", &id), NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(v["actors"][0]["destroy_ts"], json!(T0_MS + 1000));
+    let (_, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("name", "counter"), ("key", "x"), NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(v["actors"], json!([]));
+    let (_, v, _) = call(
+        &mut e,
+        "GET",
+        "/actors",
+        &[("name", "counter"), NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(v["actors"], json!([]));
+    // Idempotent; unknown → 404 actor.not_found.
+    let (status, _, _) = call(
+        &mut e,
+        "DELETE",
+        &format!("/actors/{id}"),
+        &[NS],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(status, 200);
+    let (status, v, _) = call(&mut e, "DELETE", "/actors/unknown", &[NS], Value::Null, t0);
+    assert_eq!(status, 404);
+    assert_eq!(v["group"], "actor");
+    assert_eq!(v["code"], "not_found");
+    // A sleeping actor is destroyed at once.
+    let (_, v, _) = call(
+        &mut e,
+        "POST",
+        "/actors",
+        &[("namespace", "ns2")],
+        json!({"name": "n", "runner_name_selector": "default", "crash_policy": "sleep"}),
+        t0,
+    );
+    let id2 = v["actor"]["actor_id"].as_str().unwrap().to_string();
+    let (_, _, actions) = call(
+        &mut e,
+        "DELETE",
+        &format!("/actors/{id2}"),
+        &[("namespace", "ns2")],
+        Value::Null,
+        t0,
+    );
+    assert_eq!(
+        actions,
+        vec![Action::ActorDestroyed {
+            actor_id: id2.clone()
+        }]
+    );
+}
+
+#[test]
+fn api_metadata_datacenters_names_and_errors() {
+    let (mut e, t0) = new_engine();
+    let (status, v, _) = call(&mut e, "GET", "/metadata", &[NS], Value::Null, t0);
+    assert_eq!(status, 200);
+    assert_eq!(v["runtime"], "engine");
+    assert!(v["version"].is_string());
+    assert!(
+        v.get("clientEndpoint").is_none(),
+        "would redirect the client"
+    );
+    let (_, v, _) = call(&mut e, "GET", "/health", &[], Value::Null, t0);
+    assert_eq!(v["runtime"], "engine");
+    assert_eq!(v["status"], "ok");
+    let (_, v, _) = call(&mut e, "GET", "/datacenters", &[NS], Value::Null, t0);
+    assert_eq!(
+        v,
+        json!({
+            "datacenters": [{"label": 1, "name": "default", "url": "http://127.0.0.1:6420"}],
+            "pagination": {"cursor": null}
+        })
+    );
+    let mut i = init("default", 1);
+    i.prepopulate_actor_names = Some(ActorNameMap(vec![
+        (
+            "counter".into(),
+            ActorName {
+                metadata: r#"{"name":"Counter"}"#.into(),
+            },
+        ),
+        (
+            "broken".into(),
+            ActorName {
+                metadata: "not json".into(),
+            },
+        ),
+    ]));
+    e.runner_init(c(1), "default", "k", i, t0);
+    let (_, v, _) = call(&mut e, "GET", "/actors/names", &[NS], Value::Null, t0);
+    assert_eq!(
+        v["names"],
+        json!({"counter": {"metadata": {"name": "Counter"}}, "broken": {"metadata": {}}})
+    );
+    // Errors
+    let r = handle(&mut e, "POST", "/actors", &q(&[NS]), b"{not json", t0);
+    assert_eq!(r.status, 400);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(
+        (v["group"].as_str(), v["code"].as_str()),
+        (Some("api"), Some("bad_request"))
+    );
+    let (status, _, _) = call(
+        &mut e,
+        "POST",
+        "/actors",
+        &[NS],
+        json!({"name": "n", "runner_name_selector": "default", "crash_policy": "sleep", "input": "***"}),
+        t0,
+    );
+    assert_eq!(status, 400);
+    let (status, v, _) = call(
+        &mut e,
+        "POST",
+        "/actors",
+        &[NS],
+        json!({"name": "n", "runner_name_selector": "default", "crash_policy": "sleep", "datacenter": "mars"}),
+        t0,
+    );
+    assert_eq!((status, v["code"].as_str()), (400, Some("not_found")));
+    let (status, _, _) = call(&mut e, "PATCH", "/actors", &[NS], Value::Null, t0);
+    assert_eq!(status, 405);
+    let (status, v, _) = call(&mut e, "GET", "/nope", &[], Value::Null, t0);
+    assert_eq!((status, v["group"].as_str()), (404, Some("api")));
+}
+
+#[test]
+fn api_query_parsing() {
+    assert_eq!(
+        api::parse_query("name=a%2Fb&key=x+y&namespace=default&flag"),
+        q(&[
+            ("name", "a/b"),
+            ("key", "x y"),
+            ("namespace", "default"),
+            ("flag", "")
+        ])
+    );
+    assert_eq!(api::parse_query("a=%zz&b=1"), q(&[("b", "1")]));
+    assert_eq!(api::percent_decode("%E2%9C%93"), Some("✓".to_string()));
+    assert_eq!(api::percent_decode("%E2%9C"), None);
+    assert_eq!(api::percent_decode("%4"), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seeded simulation against a model of @rivetkit/engine-runner@2.2.1's command handling
+
+mod sim {
+    use std::collections::{HashMap, HashSet, VecDeque};
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// What the TS runner keeps per actor: generation, next event index, unacked events.
+    struct ModelActor {
+        generation: u32,
+        next_event: i64,
+        history: Vec<EventWrapper>,
+    }
+
+    struct Model {
+        runner_id: Option<String>,
+        actors: HashMap<String, ModelActor>,
+        /// (runnerId, actor, generation) of every start the runner handled.
+        starts_seen: HashSet<(String, String, u32)>,
+        conn: Option<ConnRef>,
+        to_runner: VecDeque<ToClient>,
+        to_server: VecDeque<ToServer>,
+        next_slot: u32,
+    }
+
+    impl Model {
+        fn emit(&mut self, actor_id: &str, inner: Event) {
+            let Some(a) = self.actors.get_mut(actor_id) else {
+                return;
+            };
+            let w = ev(actor_id, a.generation, a.next_event, inner);
+            a.next_event += 1;
+            a.history.push(w.clone());
+            self.to_server.push_back(ToServer::Events(vec![w]));
+        }
+
+        /// The runner handling one message, as mod.js does.
+        fn handle(&mut self, msg: ToClient) {
+            match msg {
+                ToClient::Init(i) => {
+                    if self.runner_id.as_deref() != Some(i.runner_id.as_str()) {
+                        self.runner_id = Some(i.runner_id);
+                        let ids: Vec<String> = self.actors.keys().cloned().collect();
+                        for id in ids {
+                            self.emit(&id, stopped(StopCode::Error));
+                            self.actors.remove(&id);
+                        }
+                    }
+                    let all: Vec<EventWrapper> = self
+                        .actors
+                        .values()
+                        .flat_map(|a| a.history.clone())
+                        .collect();
+                    if !all.is_empty() {
+                        self.to_server.push_back(ToServer::Events(all));
+                    }
+                }
+                ToClient::Commands(cmds) => {
+                    for cmd in cmds {
+                        let cp = cmd.checkpoint;
+                        match cmd.inner {
+                            Command::StartActor(_) => {
+                                let rid = self.runner_id.clone().expect("init first");
+                                assert!(
+                                    self.starts_seen.insert((
+                                        rid,
+                                        cp.actor_id.clone(),
+                                        cp.generation
+                                    )),
+                                    "duplicate CommandStartActor for {cp:?}"
+                                );
+                                self.actors.insert(
+                                    cp.actor_id.clone(),
+                                    ModelActor {
+                                        generation: cp.generation,
+                                        next_event: 0,
+                                        history: Vec::new(),
+                                    },
+                                );
+                                self.emit(&cp.actor_id, running());
+                            }
+                            Command::StopActor => {
+                                if self
+                                    .actors
+                                    .get(&cp.actor_id)
+                                    .is_some_and(|a| a.generation == cp.generation)
+                                {
+                                    self.emit(&cp.actor_id, stopped(StopCode::Ok));
+                                    self.actors.remove(&cp.actor_id);
+                                }
+                            }
+                        }
+                    }
+                }
+                ToClient::AckEvents(ack) => {
+                    // mod.js: per actor in the map, the first checkpoint with its id, whatever
+                    // the generation.
+                    for (id, a) in self.actors.iter_mut() {
+                        if let Some(c) = ack
+                            .last_event_checkpoints
+                            .iter()
+                            .find(|c| c.actor_id == *id)
+                        {
+                            let idx = c.index;
+                            a.history.retain(|h| h.checkpoint.index > idx);
+                        }
+                    }
+                }
+                ToClient::Ping(p) => self
+                    .to_server
+                    .push_back(ToServer::Pong(ToServerPong { ts: p.ts })),
+                ToClient::KvResponse(_) | ToClient::TunnelMessage(_) => {}
+            }
+        }
+    }
+
+    fn apply(m: &mut Model, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Send { conn, msg } if Some(conn) == m.conn => m.to_runner.push_back(msg),
+                Action::CloseRunner { conn, .. } if Some(conn) == m.conn => {
+                    m.conn = None;
+                    m.to_runner.clear();
+                    m.to_server.clear();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn connect(e: &mut Engine, m: &mut Model, now: Instant) {
+        m.next_slot += 1;
+        let conn = ConnRef {
+            shard: 0,
+            slot: m.next_slot,
+            gen: 0,
+        };
+        m.conn = Some(conn);
+        m.to_runner.clear();
+        m.to_server.clear();
+        let a = e.runner_init(conn, "default", "k", init("default", 3), now);
+        apply(m, a);
+    }
+
+    fn run(seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut e = Engine::new(EngineConfig::default(), seed, t0, T0_MS);
+        let mut m = Model {
+            runner_id: None,
+            actors: HashMap::new(),
+            starts_seen: HashSet::new(),
+            conn: None,
+            to_runner: VecDeque::new(),
+            to_server: VecDeque::new(),
+            next_slot: 0,
+        };
+        let mut ids: Vec<String> = Vec::new();
+        let mut waiter = 0u64;
+        connect(&mut e, &mut m, now);
+        for _ in 0..400 {
+            match rng.random_range(0..100) {
+                0..=34 => {
+                    if let Some(msg) = m.to_runner.pop_front() {
+                        m.handle(msg);
+                    }
+                }
+                35..=69 => {
+                    if let (Some(conn), Some(msg)) = (m.conn, m.to_server.pop_front()) {
+                        let a = e.runner_message(conn, msg, now);
+                        apply(&mut m, a);
+                    }
+                }
+                70..=74 => {
+                    // The socket dies; whatever was in flight is lost.
+                    if let Some(conn) = m.conn.take() {
+                        m.to_runner.clear();
+                        m.to_server.clear();
+                        let a = e.runner_closed(conn, now);
+                        apply(&mut m, a);
+                    }
+                }
+                75..=79 => {
+                    if m.conn.is_none() {
+                        connect(&mut e, &mut m, now);
+                    } else if rng.random_range(0..4) == 0 {
+                        // A second connection of the same runner: evicts the first.
+                        connect(&mut e, &mut m, now);
+                    }
+                }
+                80..=84 => {
+                    if ids.len() < 6 {
+                        let (id, a) = create(&mut e, "n", None, now);
+                        ids.push(id);
+                        apply(&mut m, a);
+                    }
+                }
+                85..=89 => {
+                    if !ids.is_empty() {
+                        let id = ids[rng.random_range(0..ids.len())].clone();
+                        waiter += 1;
+                        let (_, a) = e.resolve(&id, waiter, now);
+                        apply(&mut m, a);
+                    }
+                }
+                90..=94 => {
+                    // The runner asks an actor to sleep.
+                    if let Some(id) = m.actors.keys().next().cloned() {
+                        if m.conn.is_some() {
+                            m.emit(&id, intent(ActorIntent::Sleep));
+                        }
+                    }
+                }
+                _ => {
+                    let step = if rng.random_range(0..20) == 0 {
+                        20.0
+                    } else {
+                        1.0
+                    };
+                    now += Duration::from_secs_f64(step);
+                    let a = e.tick(now);
+                    apply(&mut m, a);
+                }
+            }
+        }
+        // Quiesce: connect if needed, deliver everything both ways, let deadlines pass.
+        if m.conn.is_none() {
+            connect(&mut e, &mut m, now);
+        }
+        for _round in 0..4 {
+            for _ in 0..1000 {
+                if let Some(msg) = m.to_runner.pop_front() {
+                    m.handle(msg);
+                } else if let Some(msg) = m.to_server.pop_front() {
+                    let conn = m.conn.expect("connected");
+                    let a = e.runner_message(conn, msg, now);
+                    apply(&mut m, a);
+                } else {
+                    break;
+                }
+            }
+            now += Duration::from_secs(31);
+            let a = e.tick(now);
+            apply(&mut m, a);
+        }
+        // Engine and runner agree on what runs where.
+        for id in &ids {
+            let info = e.actor(id).expect("actor");
+            match info.status {
+                ActorStatus::Running => {
+                    let ma = m.actors.get(id).unwrap_or_else(|| {
+                        panic!("seed {seed}: engine thinks {id} runs, runner lacks it")
+                    });
+                    assert_eq!(ma.generation, info.generation, "seed {seed}");
+                }
+                ActorStatus::Sleeping => {
+                    assert!(
+                        !m.actors.contains_key(id),
+                        "seed {seed}: runner still has {id}"
+                    );
+                }
+                other => panic!("seed {seed}: {id} stuck in {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn never_a_duplicate_start_and_engine_agrees_with_runner() {
+        for seed in 0..300 {
+            run(seed);
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! The tokio shell of the runner: owns the WebSocket to the gateway, the reconnect loop with
+//! backoff, the runner-lost timer and the handle channel, and pumps everything through
+//! [`Core`]. It decides nothing about the protocol itself.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::actor::ActorFactory;
+use super::backoff::Backoff;
+use super::core::{Core, Ctl, InitInfo, Outgoing, Phase};
+use super::counters::{CounterSnapshot, Counters};
+use super::{RunnerConfig, RunnerError, PROTOCOL_VERSION};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Most inbound messages handled before outgoing ones are flushed.
+const BATCH: usize = 256;
+
+/// What handles can observe about the connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunnerStatus {
+    /// `Init` answered on the current socket.
+    pub connected: bool,
+    /// The runner id from the latest `Init`.
+    pub runner_id: Option<String>,
+    /// Connections that completed `Init` so far.
+    pub connections: u64,
+    /// The runner task has finished (shutdown, eviction).
+    pub stopped: bool,
+}
+
+/// Entry point of the runner library.
+pub struct Runner;
+
+impl Runner {
+    /// Spawns the runner on the current tokio runtime (call it from within one) and returns
+    /// its handle. It connects in the background and keeps reconnecting until
+    /// [`RunnerHandle::shutdown`] or an eviction; dropping every handle does not stop it.
+    pub fn start(
+        config: RunnerConfig,
+        factory: impl ActorFactory,
+    ) -> Result<RunnerHandle, RunnerError> {
+        let url = connect_url(&config)?;
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let counters = Arc::new(Counters::default());
+        let core = Core::new(
+            InitInfo {
+                name: config.runner_name.clone(),
+                version: config.version,
+                total_slots: config.total_slots,
+                metadata: config.metadata.clone(),
+            },
+            Box::new(factory),
+            counters.clone(),
+            ctl_tx.clone(),
+        );
+        let (status_tx, status_rx) = watch::channel(RunnerStatus::default());
+        let seed = config.seed.unwrap_or_else(rand::random);
+        let shell = Shell {
+            core,
+            url,
+            token: config.token.clone(),
+            backoff: Backoff::new(config.reconnect_base, config.reconnect_max, seed),
+            shutdown_timeout: config.shutdown_timeout,
+            ctl_rx,
+            status: status_tx,
+            shutdown_waiters: Vec::new(),
+            out_buf: Vec::new(),
+        };
+        let task = tokio::spawn(shell.run());
+        Ok(RunnerHandle {
+            ctl: ctl_tx,
+            status: status_rx,
+            counters,
+            task: Arc::new(std::sync::Mutex::new(Some(task))),
+        })
+    }
+}
+
+/// Controls a running runner. Cheap to clone.
+#[derive(Clone)]
+pub struct RunnerHandle {
+    ctl: mpsc::UnboundedSender<Ctl>,
+    status: watch::Receiver<RunnerStatus>,
+    counters: Arc<Counters>,
+    task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl RunnerHandle {
+    /// The runner id of the latest `Init`, if any.
+    pub fn runner_id(&self) -> Option<String> {
+        self.status.borrow().runner_id.clone()
+    }
+
+    /// The current status.
+    pub fn status(&self) -> RunnerStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change (connect, reconnect, stop).
+    pub fn subscribe(&self) -> watch::Receiver<RunnerStatus> {
+        self.status.clone()
+    }
+
+    /// Waits until `Init` has been answered on the current socket; returns the runner id.
+    pub async fn wait_connected(&self) -> Result<String, RunnerError> {
+        let mut rx = self.status.clone();
+        let st = rx
+            .wait_for(|s| s.connected || s.stopped)
+            .await
+            .map_err(|_| RunnerError::Stopped)?;
+        match (&st.runner_id, st.connected) {
+            (Some(id), true) => Ok(id.clone()),
+            _ => Err(RunnerError::Stopped),
+        }
+    }
+
+    /// Waits until at least `n` connections have completed `Init` (e.g. after a forced drop).
+    pub async fn wait_connections(&self, n: u64) -> Result<String, RunnerError> {
+        let mut rx = self.status.clone();
+        let st = rx
+            .wait_for(|s| (s.connected && s.connections >= n) || s.stopped)
+            .await
+            .map_err(|_| RunnerError::Stopped)?;
+        match (&st.runner_id, st.connected) {
+            (Some(id), true) => Ok(id.clone()),
+            _ => Err(RunnerError::Stopped),
+        }
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// Drops the current socket without a close handshake (simulates a connection loss); the
+    /// runner reconnects with backoff, keeping its key and actors.
+    pub fn drop_connection(&self) {
+        let _ = self.ctl.send(Ctl::DropConnection);
+    }
+
+    /// Graceful shutdown: `Stopping`, wait (bounded) for the gateway to stop our actors, close
+    /// with 1000 `pegboard.runner_shutdown`, end the task. Idempotent.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.ctl.send(Ctl::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Percent-encodes like JavaScript's `encodeURIComponent`.
+pub(crate) fn encode_uri_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.!~*'()".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `ws://host/runners/connect?protocol_version=7&namespace=..&runner_key=..`.
+pub(crate) fn connect_url(config: &RunnerConfig) -> Result<String, RunnerError> {
+    let ep = config.endpoint.trim();
+    let base = if let Some(rest) = ep.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else if let Some(rest) = ep.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if ep.starts_with("ws://") || ep.starts_with("wss://") {
+        ep.to_string()
+    } else {
+        return Err(RunnerError::Endpoint(config.endpoint.clone()));
+    };
+    let base = base.strip_suffix('/').unwrap_or(&base);
+    Ok(format!(
+        "{base}/runners/connect?protocol_version={PROTOCOL_VERSION}&namespace={}&runner_key={}",
+        encode_uri_component(&config.namespace),
+        encode_uri_component(&config.runner_key)
+    ))
+}
+
+/// Why a session ended.
+enum End {
+    /// Socket failed, closed by the gateway, or dropped on request: reconnect.
+    Lost,
+    /// Evicted by a newer connection with our identity, or shut down: stop.
+    Stop,
+}
+
+struct Shell {
+    core: Core,
+    url: String,
+    token: Option<String>,
+    backoff: Backoff,
+    shutdown_timeout: Duration,
+    ctl_rx: mpsc::UnboundedReceiver<Ctl>,
+    status: watch::Sender<RunnerStatus>,
+    shutdown_waiters: Vec<oneshot::Sender<()>>,
+    out_buf: Vec<Outgoing>,
+}
+
+impl Shell {
+    async fn run(mut self) {
+        loop {
+            if !self.shutdown_waiters.is_empty() {
+                break;
+            }
+            match self.connect().await {
+                Some(Ok(ws)) => {
+                    let end = self.session(ws).await;
+                    self.core.connection_lost(Instant::now());
+                    self.publish();
+                    if matches!(end, End::Stop) {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, url = %self.url, "runner connect failed");
+                }
+                None => break,
+            }
+            if !self.shutdown_waiters.is_empty() {
+                break;
+            }
+            let delay = self.backoff.next_delay();
+            tracing::debug!(
+                ?delay,
+                attempt = self.backoff.attempt(),
+                "reconnecting after delay"
+            );
+            if !self.wait_offline(Instant::now() + delay).await {
+                break;
+            }
+        }
+        self.core.stop_all_local();
+        self.status.send_modify(|s| {
+            s.connected = false;
+            s.stopped = true;
+        });
+        for w in self.shutdown_waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+
+    fn publish(&self) {
+        let connected = self.core.phase() == Phase::Connected;
+        let runner_id = self.core.runner_id().map(str::to_owned);
+        let connections = self
+            .core
+            .io
+            .counters
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.status.send_if_modified(|s| {
+            let changed = s.connected != connected
+                || s.runner_id != runner_id
+                || s.connections != connections;
+            s.connected = connected;
+            s.runner_id = runner_id.clone();
+            s.connections = connections;
+            changed
+        });
+    }
+
+    /// Handles a handle message while there is no socket. Returns false on shutdown.
+    fn ctl_offline(&mut self, ctl: Ctl) -> bool {
+        match ctl {
+            Ctl::Actor {
+                actor_id,
+                generation,
+                op,
+            } => {
+                self.core.handle_actor_op(&actor_id, generation, op);
+                true
+            }
+            Ctl::DropConnection => true,
+            Ctl::Shutdown(tx) => {
+                self.shutdown_waiters.push(tx);
+                false
+            }
+        }
+    }
+
+    /// Sleeps until `until`, serving handles and the runner-lost timer. False on shutdown.
+    async fn wait_offline(&mut self, until: Instant) -> bool {
+        loop {
+            let lost = self.core.lost_deadline();
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.into()) => return true,
+                _ = sleep_opt(lost) => {
+                    self.core.poll(Instant::now());
+                }
+                ctl = self.ctl_rx.recv() => match ctl {
+                    Some(c) => if !self.ctl_offline(c) { return false },
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    /// Connects, serving handles meanwhile. `None` when shutdown was requested.
+    async fn connect(&mut self) -> Option<Result<Ws, RunnerError>> {
+        let req = match self.request() {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        let fut = tokio_tungstenite::connect_async(req);
+        tokio::pin!(fut);
+        loop {
+            let lost = self.core.lost_deadline();
+            tokio::select! {
+                r = &mut fut => return Some(r.map(|(ws, _)| ws).map_err(RunnerError::from)),
+                _ = sleep_opt(lost) => self.core.poll(Instant::now()),
+                ctl = self.ctl_rx.recv() => match ctl {
+                    Some(c) => if !self.ctl_offline(c) { return None },
+                    None => return None,
+                },
+            }
+        }
+    }
+
+    fn request(
+        &self,
+    ) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, RunnerError> {
+        let mut req = self.url.as_str().into_client_request()?;
+        let mut protocols = String::from("rivet");
+        if let Some(t) = &self.token {
+            protocols.push_str(", rivet_token.");
+            protocols.push_str(t);
+        }
+        let value = HeaderValue::from_str(&protocols).map_err(|_| RunnerError::Token)?;
+        req.headers_mut().insert("sec-websocket-protocol", value);
+        Ok(req)
+    }
+
+    async fn session(&mut self, mut ws: Ws) -> End {
+        self.core.connection_opened();
+        let mut shutdown_deadline: Option<Instant> = None;
+        let mut end = None;
+        while end.is_none() {
+            if let Err(e) = self.flush(&mut ws).await {
+                tracing::warn!(error = %e, "runner socket write failed");
+                return End::Lost;
+            }
+            self.publish();
+            if shutdown_deadline.is_some()
+                && (self.core.actor_count() == 0
+                    || shutdown_deadline.is_some_and(|d| Instant::now() >= d))
+            {
+                self.close(&mut ws).await;
+                return End::Stop;
+            }
+            tokio::select! {
+                msg = ws.next() => {
+                    end = self.inbound(msg);
+                    // Handle whatever else is already buffered before writing.
+                    let mut n = 1;
+                    while end.is_none() && n < BATCH {
+                        match ws.next().now_or_never() {
+                            Some(msg) => end = self.inbound(msg),
+                            None => break,
+                        }
+                        n += 1;
+                    }
+                }
+                ctl = self.ctl_rx.recv() => {
+                    end = self.ctl_online(ctl, &mut shutdown_deadline);
+                    while end.is_none() {
+                        match self.ctl_rx.try_recv() {
+                            Ok(c) => end = self.ctl_online(Some(c), &mut shutdown_deadline),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = sleep_opt(shutdown_deadline) => {}
+            }
+        }
+        match end {
+            Some(End::Stop) => {
+                let _ = self.flush(&mut ws).await;
+                self.close(&mut ws).await;
+                End::Stop
+            }
+            _ => End::Lost,
+        }
+    }
+
+    fn ctl_online(
+        &mut self,
+        ctl: Option<Ctl>,
+        shutdown_deadline: &mut Option<Instant>,
+    ) -> Option<End> {
+        match ctl {
+            Some(Ctl::Actor {
+                actor_id,
+                generation,
+                op,
+            }) => {
+                self.core.handle_actor_op(&actor_id, generation, op);
+                None
+            }
+            Some(Ctl::DropConnection) => {
+                tracing::info!("dropping runner connection on request");
+                Some(End::Lost)
+            }
+            Some(Ctl::Shutdown(tx)) => {
+                self.shutdown_waiters.push(tx);
+                if shutdown_deadline.is_none() {
+                    self.core.begin_shutdown();
+                    *shutdown_deadline = Some(Instant::now() + self.shutdown_timeout);
+                }
+                None
+            }
+            None => Some(End::Stop),
+        }
+    }
+
+    fn inbound(
+        &mut self,
+        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Option<End> {
+        match msg {
+            Some(Ok(Message::Binary(b))) => {
+                let was_connected = self.core.phase() == Phase::Connected;
+                self.core.handle_bytes(&b);
+                if !was_connected && self.core.phase() == Phase::Connected {
+                    self.backoff.reset();
+                }
+                None
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let reason = frame.as_ref().map(|f| f.reason.as_str()).unwrap_or("");
+                tracing::info!(reason, "gateway closed the runner connection");
+                if reason.split('#').next() == Some("ws.eviction") {
+                    Some(End::Stop)
+                } else {
+                    Some(End::Lost)
+                }
+            }
+            Some(Ok(Message::Text(_))) => {
+                Counters::bump(&self.core.io.counters.protocol_errors);
+                None
+            }
+            Some(Ok(_)) => None,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "runner socket failed");
+                Some(End::Lost)
+            }
+            None => Some(End::Lost),
+        }
+    }
+
+    async fn flush(&mut self, ws: &mut Ws) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.core.take_out(&mut self.out_buf);
+        if self.out_buf.is_empty() {
+            return Ok(());
+        }
+        for msg in self.out_buf.drain(..) {
+            ws.feed(Message::Binary(msg.encode().into())).await?;
+        }
+        ws.flush().await
+    }
+
+    async fn close(&mut self, ws: &mut Ws) {
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "pegboard.runner_shutdown".into(),
+        };
+        if ws.close(Some(frame)).await.is_ok() {
+            // Wait briefly for the gateway's close reply.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_close() {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    }
+}
+
+async fn sleep_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(endpoint: &str) -> RunnerConfig {
+        let mut c = RunnerConfig::new(endpoint, "default");
+        c.namespace = "my ns/é".into();
+        c.runner_key = "key+1&x=y".into();
+        c
+    }
+
+    #[test]
+    fn url_like_the_ts_runner() {
+        assert_eq!(
+            connect_url(&cfg("http://127.0.0.1:6420/")).unwrap(),
+            "ws://127.0.0.1:6420/runners/connect?protocol_version=7\
+             &namespace=my%20ns%2F%C3%A9&runner_key=key%2B1%26x%3Dy"
+        );
+        assert!(connect_url(&cfg("https://h"))
+            .unwrap()
+            .starts_with("wss://h/runners/connect?"));
+        assert!(connect_url(&cfg("ws://h:1/base"))
+            .unwrap()
+            .starts_with("ws://h:1/base/runners/connect?"));
+        assert!(connect_url(&cfg("ftp://h")).is_err());
+        assert_eq!(encode_uri_component("a-_.!~*'()Z9"), "a-_.!~*'()Z9");
+    }
+}
