@@ -948,3 +948,30 @@ fn interop_dir_exists() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/compat.mjs");
     assert!(p.is_file(), "missing {}", p.display());
 }
+
+/// The TS codec refuses buffers above 32 MiB; torpor's decoders do the same.
+#[test]
+fn messages_above_32_mib_are_refused_by_both() {
+    let len = MAX_MESSAGE_LEN - 16; // prefix 16 bytes (4-byte varint) + trailer → limit + 1
+    let mut b = encode_ws_message_prefix_to_server(GW, RQ, 0, len)
+        .as_bytes()
+        .to_vec();
+    b.resize(b.len() + len, b'z');
+    b.push(1);
+    assert_eq!(b.len(), MAX_MESSAGE_LEN + 1);
+    assert!(matches!(
+        decode_to_server(&b),
+        Err(ProtocolError::MessageTooLarge { .. })
+    ));
+    Dir::ToServer.check_hot(&b);
+    let Some(oracle) = run_oracle(&[(Dir::ToServer, b)]) else {
+        return;
+    };
+    let e = &oracle.decoded[0];
+    assert_eq!(e["ok"], Value::Bool(false));
+    assert!(
+        e["error"].as_str().unwrap().contains("too large"),
+        "{}",
+        e["error"]
+    );
+}

@@ -6,7 +6,7 @@
 //! It owns the socket's lifetime: when its read loop ends it frees the slab entry, the
 //! window's bytes, and tells the runner if that is still owed.
 
-use super::{ask_control, read_more, remove_conn, write_response, writer, READ_CHUNK};
+use super::{ask_control, closing, read_more, remove_conn, write_response, writer, READ_CHUNK};
 use crate::http::parse::{parse_query, RequestHead};
 use crate::http::response::Response;
 use crate::metrics::{Counter, Gauge};
@@ -15,7 +15,7 @@ use crate::shard::control::ControlMsg;
 use crate::shard::state::{ClientConn, ConnKind, Reply, ResolveError, ShardState, TunnelIn};
 use crate::tunnel::TunnelSocket;
 use crate::ws::frame::OpCode;
-use crate::ws::reader::{ReaderConfig, Role, WsEvent, WsReader};
+use crate::ws::reader::{Role, WsEvent, WsReader, WsReaderConfig};
 use bytes::{Bytes, BytesMut};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -125,7 +125,7 @@ pub fn header_map(head: &RequestHead) -> StrMap {
 
 async fn refuse(state: &Rc<RefCell<ShardState>>, stream: &TcpStream, status: u16, code: &str, msg: &str) {
     state.borrow().metrics().error(code);
-    write_response(stream, &Response::error(status, code, msg).closing()).await;
+    write_response(stream, &closing(Response::error(status, code, msg))).await;
 }
 
 pub async fn serve(
@@ -145,7 +145,7 @@ pub async fn serve(
                 "request.bad_request"
             };
             state.borrow().metrics().error(code);
-            write_response(&stream, &e.response().closing()).await;
+            write_response(&stream, &closing(e.to_response())).await;
             return;
         }
     };
@@ -187,7 +187,7 @@ pub async fn serve(
         let limits = st.limits;
         let (slot, gen) = st.insert(ConnKind::Http);
         let req = st.request_key(slot, gen).encode();
-        let mut socket = TunnelSocket::new(limits);
+        let socket = TunnelSocket::new(limits);
         let open_index = socket.take_open_index();
         st.conns[slot as usize].kind = ConnKind::Client(ClientConn {
             actor_id: actor_id.clone(),
@@ -255,10 +255,10 @@ pub async fn serve(
     }
     tokio_uring::spawn(writer::writer_task(state.clone(), stream.clone(), slot, gen));
 
-    let mut reader = WsReader::new(ReaderConfig {
+    let mut reader = WsReader::new(WsReaderConfig {
         role: Role::Server,
-        max_frame: max_frame,
-        max_message: max_message,
+        max_frame: max_frame as usize,
+        max_message: max_message as usize,
     });
     'outer: loop {
         loop {
@@ -289,11 +289,6 @@ pub async fn serve(
                     state.borrow_mut().close_client(slot, gen, e.code, e.reason, now);
                     // Stop parsing; wait for the socket to end.
                     buf.clear();
-                    reader = WsReader::new(ReaderConfig {
-                        role: Role::Server,
-                        max_frame: 0,
-                        max_message: 0,
-                    });
                     while read_more(&stream, &mut buf, READ_CHUNK).await {
                         buf.clear();
                     }
@@ -301,8 +296,8 @@ pub async fn serve(
                 }
             }
         }
-        let want = reader.bytes_wanted(&buf);
-        if !read_more(&stream, &mut buf, want.saturating_sub(buf.len()).max(READ_CHUNK)).await {
+        let want = reader.bytes_wanted(&buf).saturating_sub(buf.len());
+        if !read_more(&stream, &mut buf, want.max(READ_CHUNK)).await {
             break;
         }
         if state.borrow_mut().get(slot, gen).is_none() {

@@ -10,7 +10,7 @@ pub mod client;
 pub mod runner;
 pub mod writer;
 
-use crate::http::parse::{parse_request_head, split_path_query, BodyKind, RequestHead};
+use crate::http::parse::{body_kind, parse_request_head, split_path_query, BodyKind, RequestHead};
 use crate::http::response::Response;
 use crate::metrics::Counter;
 use crate::shard::control::ControlMsg;
@@ -129,6 +129,12 @@ pub async fn read_more(stream: &TcpStream, buf: &mut BytesMut, want: usize) -> b
     matches!(res, Ok(n) if n > 0)
 }
 
+/// The response with `connection: close`.
+pub fn closing(mut r: Response) -> Response {
+    r.set_close();
+    r
+}
+
 /// Writes a whole response (head and body) to a connection that is not a WebSocket.
 pub async fn write_response(stream: &TcpStream, resp: &Response) -> bool {
     let head = Bytes::from(resp.encode_head());
@@ -168,13 +174,8 @@ async fn conn_task(state: Rc<RefCell<ShardState>>, stream: TcpStream) {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    let status = e.status();
-                    let code = match status {
-                        431 => "request.header_too_large",
-                        505 => "request.unsupported_version",
-                        _ => "request.bad_request",
-                    };
-                    let resp = error_response(&state, status, code, &e.to_string()).closing();
+                    state.borrow().metrics().error(e.code());
+                    let resp = closing(e.to_response());
                     write_response(&stream, &resp).await;
                     return;
                 }
@@ -200,15 +201,13 @@ async fn conn_task(state: Rc<RefCell<ShardState>>, stream: TcpStream) {
         let body = match read_body(&stream, &head, &mut buf, body_limit, deadline).await {
             Ok(b) => b,
             Err(resp) => {
-                write_response(&stream, &resp.closing()).await;
+                write_response(&stream, &closing(resp)).await;
                 return;
             }
         };
-        let keep_alive = !head
-            .header("connection")
-            .is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        let keep_alive = head.keep_alive();
         let resp = route_http(&state, &head, &path, &query, body).await;
-        let resp = if keep_alive { resp } else { resp.closing() };
+        let resp = if keep_alive { resp } else { closing(resp) };
         if !write_response(&stream, &resp).await || !keep_alive {
             return;
         }
@@ -227,13 +226,9 @@ async fn read_body(
     limit: usize,
     deadline: tokio::time::Instant,
 ) -> Result<Bytes, Response> {
-    let too_big = || Response::error(413, "request.body_too_large", "request body exceeds the limit");
-    match BodyKind::from_head(head).map_err(|e| Response::error(e.status(), "request.bad_request", &e.to_string()))? {
+    match body_kind(head, limit as u64).map_err(|e| e.to_response())? {
         BodyKind::None => Ok(Bytes::new()),
         BodyKind::Length(n) => {
-            if n > limit as u64 {
-                return Err(too_big());
-            }
             let n = n as usize;
             while buf.len() < n {
                 match tokio::time::timeout_at(deadline, read_more(stream, buf, n - buf.len())).await {
@@ -244,12 +239,13 @@ async fn read_body(
             Ok(buf.split_to(n).freeze())
         }
         BodyKind::Chunked => {
-            let mut dec = crate::http::parse::ChunkedDecoder::new(limit);
+            let mut dec = crate::http::parse::ChunkedDecoder::new(limit as u64);
+            let mut out = BytesMut::new();
             loop {
-                match dec.decode(buf) {
-                    Ok(Some(body)) => return Ok(body),
-                    Ok(None) => {}
-                    Err(e) => return Err(Response::error(e.status(), "request.bad_request", &e.to_string())),
+                match dec.decode(buf, &mut out) {
+                    Ok(true) => return Ok(out.freeze()),
+                    Ok(false) => {}
+                    Err(e) => return Err(e.to_response()),
                 }
                 match tokio::time::timeout_at(deadline, read_more(stream, buf, READ_CHUNK)).await {
                     Ok(true) => {}

@@ -4,7 +4,7 @@
 //! request's shard (the request id says which), everything else goes to the control plane.
 //! It also sends pings and closes a runner that stops answering them.
 
-use super::{read_more, remove_conn, write_response, writer, READ_CHUNK};
+use super::{closing, read_more, remove_conn, write_response, writer, READ_CHUNK};
 use crate::http::parse::{parse_query, RequestHead};
 use crate::http::response::Response;
 use crate::metrics::{Counter, Gauge};
@@ -12,7 +12,7 @@ use crate::protocol::hot::{decode_to_server_hot, ToServerHot};
 use crate::protocol::{self, ToClient, ToServer, ToServerTunnelMessageKind};
 use crate::shard::control::ControlMsg;
 use crate::shard::state::{ConnKind, RunnerConn, ShardState, TunnelIn};
-use crate::ws::reader::{ReaderConfig, Role, WsEvent, WsReader};
+use crate::ws::reader::{Role, WsEvent, WsReader, WsReaderConfig};
 use bytes::{Bytes, BytesMut};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -29,7 +29,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn refuse(state: &Rc<RefCell<ShardState>>, stream: &TcpStream, status: u16, code: &str, msg: &str) {
     state.borrow().metrics().error(code);
-    write_response(stream, &Response::error(status, code, msg).closing()).await;
+    write_response(stream, &closing(Response::error(status, code, msg))).await;
 }
 
 pub fn now_ms() -> i64 {
@@ -69,7 +69,7 @@ pub async fn serve(
         Ok(k) => k,
         Err(e) => {
             state.borrow().metrics().error("request.bad_request");
-            write_response(&stream, &e.response().closing()).await;
+            write_response(&stream, &closing(e.to_response())).await;
             return;
         }
     };
@@ -104,10 +104,10 @@ pub async fn serve(
     let conn = state.borrow().conn_ref(slot, gen);
     tokio_uring::spawn(writer::writer_task(state.clone(), stream.clone(), slot, gen));
 
-    let mut reader = WsReader::new(ReaderConfig {
+    let mut reader = WsReader::new(WsReaderConfig {
         role: Role::Server,
-        max_frame: cfg.limits.ws_max_frame_bytes,
-        max_message: cfg.limits.ws_max_message_bytes,
+        max_frame: cfg.limits.ws_max_frame_bytes as usize,
+        max_message: cfg.limits.ws_max_message_bytes as usize,
     });
     let init_deadline = tokio::time::Instant::now() + Duration::from_millis(cfg.timeouts.runner_init_ms);
     let mut initialised = false;
@@ -142,7 +142,7 @@ pub async fn serve(
                 match protocol::decode_to_server(&msg) {
                     Ok(ToServer::Init(init)) => {
                         initialised = true;
-                        let mut st = state.borrow_mut();
+                        let st = state.borrow();
                         st.metrics().inc(Counter::RunnerConnections);
                         st.control(ControlMsg::RunnerInit {
                             conn,
@@ -166,8 +166,8 @@ pub async fn serve(
                 break 'outer;
             }
         }
-        let want = reader.bytes_wanted(&buf);
-        let read = read_more(&stream, &mut buf, want.saturating_sub(buf.len()).max(READ_CHUNK));
+        let want = reader.bytes_wanted(&buf).saturating_sub(buf.len());
+        let read = read_more(&stream, &mut buf, want.max(READ_CHUNK));
         let ok = if initialised {
             read.await
         } else {
@@ -242,6 +242,13 @@ fn on_message(state: &Rc<RefCell<ShardState>>, conn: crate::engine::ConnRef, msg
                 other => TunnelIn::Other(other),
             };
             st.route_tunnel(req, m, now);
+        }
+        ToServerHot::Other(ToServer::Pong(p)) if p.ts < 0 => {
+            // A fence pong: the control plane's proof of delivery, kept in arrival order.
+            st.control(ControlMsg::RunnerMsg {
+                conn,
+                msg: ToServer::Pong(p),
+            });
         }
         ToServerHot::Other(ToServer::Pong(_)) => {
             if let Some(c) = st.get(conn.slot, conn.gen) {

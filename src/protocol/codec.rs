@@ -32,9 +32,16 @@ pub enum ProtocolError {
     InvalidUint { offset: usize },
     #[error("length {len} at byte {offset} exceeds the remaining input")]
     LengthOutOfBounds { offset: usize, len: u64 },
+    #[error("message of {len} bytes exceeds the {MAX_MESSAGE_LEN}-byte limit")]
+    MessageTooLarge { len: usize },
     #[error("{0}")]
     Message(String),
 }
+
+/// Largest message the TS codec handles: its `ByteCursor` refuses buffers above 32 MiB, both
+/// when decoding and when encoding. torpor's decoders refuse them as well, and senders must
+/// keep every message at or below this size (a runner cannot decode anything larger).
+pub const MAX_MESSAGE_LEN: usize = 32 * 1024 * 1024;
 
 impl de::Error for ProtocolError {
     fn custom<T: fmt::Display>(msg: T) -> Self {
@@ -62,7 +69,7 @@ pub fn decode_to_client(buf: &[u8]) -> Result<ToClient, ProtocolError> {
     from_slice(buf)
 }
 
-/// Encode one gateway→runner message.
+/// Encode one gateway→runner message. Keep it within [`MAX_MESSAGE_LEN`].
 pub fn encode_to_client(msg: &ToClient) -> Vec<u8> {
     encode_infallible(msg)
 }
@@ -84,6 +91,9 @@ fn encode_infallible<T: Serialize>(msg: &T) -> Vec<u8> {
 
 /// Decode any value strictly from `buf`; the whole buffer must be consumed.
 pub fn from_slice<'de, T: de::Deserialize<'de>>(buf: &'de [u8]) -> Result<T, ProtocolError> {
+    if buf.len() > MAX_MESSAGE_LEN {
+        return Err(ProtocolError::MessageTooLarge { len: buf.len() });
+    }
     let mut d = BareDeserializer::new(buf);
     let v = T::deserialize(&mut d)?;
     d.finish()?;
@@ -114,19 +124,6 @@ pub(crate) fn write_uvarint(out: &mut Vec<u8>, mut v: u64) {
         v >>= 7;
     }
     out.push(v as u8);
-}
-
-/// Write `v` as a BARE uvarint into `buf`, returning the number of bytes written (≤ 10).
-#[inline]
-pub(crate) fn put_uvarint(buf: &mut [u8; 10], mut v: u64) -> usize {
-    let mut i = 0;
-    while v >= 0x80 {
-        buf[i] = (v as u8) | 0x80;
-        v >>= 7;
-        i += 1;
-    }
-    buf[i] = v as u8;
-    i + 1
 }
 
 /// Read a canonical BARE uvarint at `*pos`. On success advances `*pos`.

@@ -11,7 +11,9 @@
 
 use bytes::Bytes;
 
-use super::codec::{decode_to_client, decode_to_server, put_uvarint, read_uvarint, ProtocolError};
+use super::codec::{
+    decode_to_client, decode_to_server, read_uvarint, ProtocolError, MAX_MESSAGE_LEN,
+};
 use super::types::{
     GatewayId, MessageId, MessageIndex, RequestId, ToClient, ToClientTunnelMessage,
     ToClientTunnelMessageKind, ToClientWebSocketMessage, ToServer, ToServerTunnelMessage,
@@ -72,12 +74,17 @@ fn ws_prefix(
     buf[5..9].copy_from_slice(&request_id);
     buf[9..11].copy_from_slice(&index.to_le_bytes());
     buf[11] = KIND_WS_MESSAGE;
-    let mut var = [0u8; 10];
-    let n = put_uvarint(&mut var, payload_len as u64);
-    buf[HEADER_LEN + 1..HEADER_LEN + 1 + n].copy_from_slice(&var[..n]);
+    let mut v = payload_len as u64;
+    let mut n = HEADER_LEN + 1;
+    while v >= 0x80 {
+        buf[n] = (v as u8) | 0x80;
+        v >>= 7;
+        n += 1;
+    }
+    buf[n] = v as u8;
     WsPrefix {
         buf,
-        len: (HEADER_LEN + 1 + n) as u8,
+        len: (n + 1) as u8,
     }
 }
 
@@ -258,7 +265,7 @@ struct Header {
 
 #[inline]
 fn header(buf: &[u8], outer_tag: u8) -> Option<Header> {
-    if buf.len() < HEADER_LEN + 1 || buf[0] != outer_tag {
+    if buf.len() < HEADER_LEN + 1 || buf.len() > MAX_MESSAGE_LEN || buf[0] != outer_tag {
         return None;
     }
     let mut gateway_id = [0u8; 4];

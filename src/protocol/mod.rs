@@ -16,6 +16,7 @@ mod tests;
 
 pub use codec::{
     decode_to_client, decode_to_server, encode_to_client, encode_to_server, ProtocolError,
+    MAX_MESSAGE_LEN,
 };
 pub use hot::{
     decode_to_client_hot, decode_to_server_hot, encode_ws_ack_to_server, encode_ws_message_prefix,

@@ -682,6 +682,36 @@ fn huge_length_prefixes_fail_before_allocating() {
 }
 
 #[test]
+fn messages_above_32_mib_are_rejected_like_the_ts_codec() {
+    let at_limit = MAX_MESSAGE_LEN - HOT_OVERHEAD;
+    let ok = ws_server_message(at_limit);
+    assert_eq!(ok.len(), MAX_MESSAGE_LEN);
+    assert!(matches!(
+        decode_to_server_hot(&ok),
+        Ok(ToServerHot::WsMessage { .. })
+    ));
+    assert!(decode_to_server(&ok).is_ok());
+    let big = ws_server_message(at_limit + 1);
+    let want = ProtocolError::MessageTooLarge {
+        len: MAX_MESSAGE_LEN + 1,
+    };
+    assert_eq!(decode_to_server(&big), Err(want.clone()));
+    assert_eq!(decode_to_server_hot(&big), Err(want));
+}
+
+/// Prefix (header, kind, 4-byte length varint) plus trailer for payloads near 32 MiB.
+const HOT_OVERHEAD: usize = 12 + 4 + 1;
+
+fn ws_server_message(len: usize) -> Bytes {
+    let mut v = encode_ws_message_prefix_to_server(GW, RQ, 0, len)
+        .as_bytes()
+        .to_vec();
+    v.resize(v.len() + len, 0x33);
+    v.push(0);
+    Bytes::from(v)
+}
+
+#[test]
 fn empty_input_is_rejected() {
     assert!(matches!(
         decode_to_server(&[]),

@@ -86,7 +86,7 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                 ControlMsg::RunnerMsg { conn, msg } => engine.runner_message(conn, msg, now),
                 ControlMsg::RunnerClosed { conn } => engine.runner_closed(conn, now),
                 ControlMsg::Resolve { actor_id, waiter } => {
-                    let r = engine.resolve(&actor_id, waiter, now);
+                    let (r, actions) = engine.resolve(&actor_id, waiter, now);
                     let reply = match r {
                         Resolve::Ready(route) => Some(Ok(route)),
                         Resolve::NotFound => Some(Err(ShardResolveError::NotFound)),
@@ -95,7 +95,7 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                     if let Some(result) = reply {
                         reply_resolve(&shared, waiter, result);
                     }
-                    engine.take_actions()
+                    actions
                 }
                 ControlMsg::Api {
                     method,
@@ -113,7 +113,7 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                             body: reply.body,
                         },
                     );
-                    engine.take_actions()
+                    reply.actions
                 }
             };
             dispatch(&shared, actions);
@@ -145,7 +145,7 @@ fn reply_resolve(shared: &Shared, waiter: u64, result: Result<engine::Route, Sha
 fn frames(msg: &protocol::ToClient) -> Vec<Bytes> {
     let body = Bytes::from(protocol::encode_to_client(msg));
     let h = encode_header(true, OpCode::Binary, body.len() as u64, None);
-    vec![Bytes::copy_from_slice(h.as_bytes()), body]
+    vec![Bytes::copy_from_slice(h.as_slice()), body]
 }
 
 fn broadcast(shared: &Shared, make: impl Fn() -> ShardMsg) {

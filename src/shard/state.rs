@@ -10,7 +10,9 @@ use super::{RequestKey, Shared};
 use crate::engine::ConnRef;
 use crate::metrics::{Counter, Gauge, ShardMetrics};
 use crate::protocol::{self, ToClient, ToClientTunnelMessage, ToClientTunnelMessageKind};
-use crate::tunnel::{AckResult, ClientMsg, CloseReason, Detach, TunnelSocket, WindowLimits};
+use crate::tunnel::{
+    AckResult, ClientMsg, CloseReason, Detach, DetachCause, SocketState, TunnelSocket, WindowLimits,
+};
 use crate::ws::frame::{encode_header, OpCode};
 use bytes::{Bytes, BytesMut};
 use slab::Slab;
@@ -265,7 +267,7 @@ impl ShardState {
     /// Server frame carrying `payload` (header chunk + the payload itself, not copied).
     pub fn ws_frame(&mut self, op: OpCode, payload: Bytes) -> [Bytes; 2] {
         let h = encode_header(true, op, payload.len() as u64, None);
-        [self.small(&[h.as_bytes()]), payload]
+        [self.small(&[h.as_slice()]), payload]
     }
 
     /// A whole `ToClient` message as one binary frame (control-plane and rare messages).
@@ -281,7 +283,7 @@ impl ShardState {
             protocol::hot::encode_ws_message_prefix(self.shared.gateway_id, req, index, data.len());
         let total = prefix.as_bytes().len() + data.len() + 1;
         let h = encode_header(true, OpCode::Binary, total as u64, None);
-        let head = self.small(&[h.as_bytes(), prefix.as_bytes()]);
+        let head = self.small(&[h.as_slice(), prefix.as_bytes()]);
         vec![head, data, if binary { TRUE_BYTE } else { FALSE_BYTE }]
     }
 
@@ -387,7 +389,7 @@ impl ShardState {
         }
     }
 
-    fn on_ack(&mut self, slot: u32, gen: u32, index: u16, _now: Instant) {
+    fn on_ack(&mut self, slot: u32, gen: u32, index: u16, now: Instant) {
         let Some(conn) = self.conns.get_mut(slot as usize).filter(|c| c.gen == gen) else {
             return;
         };
@@ -400,7 +402,7 @@ impl ShardState {
             ignored,
             resumed,
             resume_reading,
-        } = cc.socket.on_ack(index, &mut self.budget);
+        } = cc.socket.on_ack(index, now, &mut self.budget);
         let runner_idx = cc.runner_idx;
         let req = cc.req;
         if resume_reading {
@@ -408,7 +410,7 @@ impl ShardState {
         }
         let m = &self.shared.metrics.shards[self.id as usize];
         m.inc(Counter::Acks);
-        if ignored {
+        if ignored.is_some() {
             m.inc(Counter::AcksIgnored);
         }
         m.add(Counter::AckedMessages, freed_messages as u64);
@@ -417,14 +419,21 @@ impl ShardState {
         if resume_reading {
             m.gauge_add(Gauge::PausedClientWebSockets, -1);
         }
-        if let Some(ClientMsg::Send { index, data, binary }) = resumed {
-            let len = data.len();
-            m.gauge_add(Gauge::PendingBytes, len as i64);
-            m.gauge_add(Gauge::PendingMessages, 1);
-            m.inc(Counter::MessagesToRunner);
-            m.add(Counter::BytesToRunner, len as u64);
-            let frames = self.ws_message_frames(req, index, data, binary);
-            self.send_to_runner(runner_idx, frames);
+        match resumed {
+            Some(ClientMsg::Send { index, data, binary }) => {
+                let len = data.len();
+                m.gauge_add(Gauge::PendingBytes, len as i64);
+                m.gauge_add(Gauge::PendingMessages, 1);
+                m.inc(Counter::MessagesToRunner);
+                m.add(Counter::BytesToRunner, len as u64);
+                let frames = self.ws_message_frames(req, index, data, binary);
+                self.send_to_runner(runner_idx, frames);
+            }
+            Some(ClientMsg::Held { .. }) => {
+                m.gauge_add(Gauge::PendingMessages, 1);
+            }
+            Some(ClientMsg::Close(r)) => self.close_client(slot, gen, r.code, r.reason, now),
+            _ => {}
         }
     }
 
@@ -456,7 +465,7 @@ impl ShardState {
                 let frames = self.ws_message_frames(req, index, data, binary);
                 self.send_to_runner(runner_idx, frames);
             }
-            ClientMsg::Held => {
+            ClientMsg::Held { .. } => {
                 m.gauge_add(Gauge::PendingBytes, len as i64);
                 m.gauge_add(Gauge::PendingMessages, 1);
                 m.gauge_max(Gauge::MaxSocketPendingBytes, pb as i64);
@@ -469,6 +478,9 @@ impl ShardState {
             ClientMsg::Close(reason) => {
                 self.close_client(slot, gen, reason.code, reason.reason, now);
             }
+            // The reader never offers a message while paused or opening; a closed socket
+            // discards.
+            ClientMsg::NotReady { .. } | ClientMsg::Dropped => {}
         }
     }
 
@@ -502,20 +514,19 @@ impl ShardState {
         m.close(code, &reason);
         let payload = crate::ws::writer::close_payload(code, &reason);
         let h = encode_header(true, OpCode::Close, payload.len() as u64, None);
-        let head = Bytes::copy_from_slice(h.as_bytes());
+        let head = Bytes::copy_from_slice(h.as_slice());
         conn.out.push_all([head, payload]);
         conn.out.closing = true;
+        let is_client = matches!(conn.kind, ConnKind::Client(_));
         let mut tell_runner = None;
-        if let ConnKind::Client(cc) = &mut conn.kind {
+        if is_client {
             self.release_window(slot);
-            let ConnKind::Client(cc2) = &mut self.conns[slot as usize].kind else {
-                return;
-            };
-            if !cc2.runner_closed {
-                cc2.runner_closed = true;
-                tell_runner = Some((cc2.runner_idx, cc2.req, cc2.socket.peek_index(), code, reason));
+            if let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind {
+                if !cc.runner_closed {
+                    cc.runner_closed = true;
+                    tell_runner = Some((cc.runner_idx, cc.req, cc.socket.next_index(), code, reason));
+                }
             }
-            let _ = cc;
         }
         if let Some((runner_idx, req, index, code, reason)) = tell_runner {
             let frames = self.tunnel_frames(
@@ -608,7 +619,7 @@ impl ShardState {
                 }
                 let payload = crate::ws::writer::close_payload(code, &reason);
                 let h = encode_header(true, OpCode::Close, payload.len() as u64, None);
-                conn.out.push_all([Bytes::copy_from_slice(h.as_bytes()), payload]);
+                conn.out.push_all([Bytes::copy_from_slice(h.as_slice()), payload]);
                 conn.out.closing = true;
                 self.shared.metrics.shards[self.id as usize].close(code, &reason);
             }
@@ -626,7 +637,9 @@ impl ShardState {
             .conns
             .iter()
             .filter_map(|(s, c)| match &c.kind {
-                ConnKind::Client(cc) if cc.runner_idx == runner_idx && cc.socket.is_detached() => {
+                ConnKind::Client(cc)
+                    if cc.runner_idx == runner_idx && cc.socket.state() == SocketState::Detached =>
+                {
                     Some(s as u32)
                 }
                 _ => None,
@@ -637,7 +650,11 @@ impl ShardState {
                 continue;
             };
             let req = cc.req;
-            let replay = cc.socket.on_runner_attached(now);
+            let replay: Vec<(u16, Bytes, bool)> = cc
+                .socket
+                .on_runner_attached(now)
+                .map(|e| (e.index, e.data.clone(), e.binary))
+                .collect();
             let m = &self.shared.metrics.shards[self.id as usize];
             m.inc(Counter::Replays);
             m.add(Counter::ReplayedMessages, replay.len() as u64);
@@ -678,10 +695,14 @@ impl ShardState {
                 });
                 continue;
             }
-            match cc.socket.on_runner_detached(&mut self.budget) {
-                Detach::Keep => {}
+            let (pb, pm) = (cc.socket.pending_bytes(), cc.socket.pending_len());
+            match cc.socket.on_runner_detached(DetachCause::RunnerLost, &mut self.budget) {
+                Detach::Keep | Detach::AlreadyClosed => {}
                 Detach::Close(r) => {
                     cc.runner_closed = true;
+                    let m = &self.shared.metrics.shards[self.id as usize];
+                    m.gauge_add(Gauge::PendingBytes, -(pb as i64));
+                    m.gauge_add(Gauge::PendingMessages, -(pm as i64));
                     self.close_client(slot, gen, r.code, r.reason, now);
                 }
             }
