@@ -172,8 +172,7 @@ impl Config {
                 Some((s, f)) => (Some(s.to_string()), f.to_string()),
                 None => (None, key.clone()),
             };
-            let literal = if value.parse::<f64>().is_ok() || value == "true" || value == "false"
-            {
+            let literal = if value.parse::<f64>().is_ok() || value == "true" || value == "false" {
                 value.clone()
             } else {
                 toml::Value::String(value.clone()).to_string()

@@ -9,7 +9,11 @@ use torpor::config::Config;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "torpor", version, about = "io_uring thread-per-core gateway for stateful actors")]
+#[command(
+    name = "torpor",
+    version,
+    about = "io_uring thread-per-core gateway for stateful actors"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

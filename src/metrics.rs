@@ -110,7 +110,9 @@ impl Default for ShardMetrics {
         ShardMetrics {
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
             gauges: std::array::from_fn(|_| AtomicI64::new(0)),
-            closes: (0..CLOSE_REASONS.len()).map(|_| AtomicU64::new(0)).collect(),
+            closes: (0..CLOSE_REASONS.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             errors: (0..ERROR_CODES.len()).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -169,7 +171,10 @@ impl Metrics {
     }
 
     pub fn gauge(&self, g: Gauge) -> i64 {
-        let vals = self.shards.iter().map(|s| s.gauges[g as usize].load(Relaxed));
+        let vals = self
+            .shards
+            .iter()
+            .map(|s| s.gauges[g as usize].load(Relaxed));
         match g {
             Gauge::MaxSocketPendingBytes | Gauge::MaxSocketPendingMessages => {
                 vals.max().unwrap_or(0)
@@ -226,9 +231,16 @@ impl Metrics {
                 self.actors[i].load(Relaxed)
             );
         }
-        let _ = writeln!(out, "# HELP torpor_runners_known Runners known to the control plane");
+        let _ = writeln!(
+            out,
+            "# HELP torpor_runners_known Runners known to the control plane"
+        );
         let _ = writeln!(out, "# TYPE torpor_runners_known gauge");
-        let _ = writeln!(out, "torpor_runners_known {}", self.runners_known.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "torpor_runners_known {}",
+            self.runners_known.load(Relaxed)
+        );
         out
     }
 }
@@ -252,7 +264,8 @@ mod tests {
         assert_eq!(m.gauge(Gauge::MaxSocketPendingBytes), 10);
         let text = m.render();
         assert!(text.contains("torpor_tunnel_acks_total 3"));
-        assert!(text
-            .contains("torpor_websocket_closes_total{reason=\"guard.websocket_message_not_acked\"} 1"));
+        assert!(text.contains(
+            "torpor_websocket_closes_total{reason=\"guard.websocket_message_not_acked\"} 1"
+        ));
     }
 }

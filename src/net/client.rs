@@ -19,7 +19,6 @@ use crate::ws::reader::{Role, WsEvent, WsReader, WsReaderConfig};
 use bytes::{Bytes, BytesMut};
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_uring::net::TcpStream;
@@ -85,10 +84,7 @@ pub fn parse_target(head: &RequestHead, path: &str, query: &str) -> Option<Targe
         });
     }
     // Header form (HTTP) and subprotocol form (WebSocket).
-    if head
-        .header("x-rivet-target")
-        .is_some_and(|t| t == "actor")
-    {
+    if head.header("x-rivet-target").is_some_and(|t| t == "actor") {
         if let Some(id) = head.header("x-rivet-actor") {
             return Some(Target::Actor {
                 actor_id: id.to_string(),
@@ -123,7 +119,13 @@ pub fn header_map(head: &RequestHead) -> StrMap {
     StrMap(out)
 }
 
-async fn refuse(state: &Rc<RefCell<ShardState>>, stream: &TcpStream, status: u16, code: &str, msg: &str) {
+async fn refuse(
+    state: &Rc<RefCell<ShardState>>,
+    stream: &TcpStream,
+    status: u16,
+    code: &str,
+    msg: &str,
+) {
     state.borrow().metrics().error(code);
     write_response(stream, &closing(Response::error(status, code, msg))).await;
 }
@@ -156,14 +158,27 @@ pub async fn serve(
     let (timeouts, max_frame, max_message) = {
         let st = state.borrow();
         let c = &st.shared.config;
-        (c.timeouts.clone(), c.limits.ws_max_frame_bytes, c.limits.ws_max_message_bytes)
+        (
+            c.timeouts.clone(),
+            c.limits.ws_max_frame_bytes,
+            c.limits.ws_max_message_bytes,
+        )
     };
     let wake = Duration::from_millis(timeouts.actor_wake_ms);
     let (actor_path, resolve) = match target {
-        Target::Actor { actor_id, path } => (path, move |waiter| ControlMsg::Resolve { actor_id, waiter }),
+        Target::Actor { actor_id, path } => {
+            (path, move |waiter| ControlMsg::Resolve { actor_id, waiter })
+        }
         Target::Named { .. } => {
             // Name+key addressing of WebSockets arrives with the engine API work; ids work now.
-            refuse(&state, &stream, 501, "request.not_implemented", "address the actor by id").await;
+            refuse(
+                &state,
+                &stream,
+                501,
+                "request.not_implemented",
+                "address the actor by id",
+            )
+            .await;
             return;
         }
     };
@@ -171,11 +186,25 @@ pub async fn serve(
     let (actor_id, runner_idx, runner_conn) = match reply {
         Some(Reply::Resolve(Ok(r))) => r,
         Some(Reply::Resolve(Err(ResolveError::NotFound))) => {
-            refuse(&state, &stream, 404, "actor.not_found", "the actor does not exist").await;
+            refuse(
+                &state,
+                &stream,
+                404,
+                "actor.not_found",
+                "the actor does not exist",
+            )
+            .await;
             return;
         }
         _ => {
-            refuse(&state, &stream, 503, "actor.wake_timeout", "the actor did not become ready").await;
+            refuse(
+                &state,
+                &stream,
+                503,
+                "actor.wake_timeout",
+                "the actor did not become ready",
+            )
+            .await;
             return;
         }
     };
@@ -215,23 +244,44 @@ pub async fn serve(
         (slot, gen, req)
     };
     let _ = req;
-    let open = tokio::time::timeout(Duration::from_millis(timeouts.websocket_open_ms), open_rx).await;
+    let open =
+        tokio::time::timeout(Duration::from_millis(timeouts.websocket_open_ms), open_rx).await;
     let can_hibernate = match open {
         Ok(Ok(TunnelIn::Open { can_hibernate })) => can_hibernate,
         Ok(Ok(TunnelIn::Close { .. })) | Ok(Ok(_)) | Ok(Err(_)) => {
             mark_runner_closed(&state, slot, gen);
             remove_conn(&state, slot, gen);
-            refuse(&state, &stream, 503, "guard.websocket_open_refused", "the actor refused the WebSocket").await;
+            refuse(
+                &state,
+                &stream,
+                503,
+                "guard.websocket_open_refused",
+                "the actor refused the WebSocket",
+            )
+            .await;
             return;
         }
         Err(_) => {
             // Tell the runner we gave up (it may still answer later).
             {
                 let mut st = state.borrow_mut();
-                st.close_client(slot, gen, 1011, "guard.websocket_open_timeout", Instant::now());
+                st.close_client(
+                    slot,
+                    gen,
+                    1011,
+                    "guard.websocket_open_timeout",
+                    Instant::now(),
+                );
             }
             remove_conn(&state, slot, gen);
-            refuse(&state, &stream, 503, "guard.websocket_open_timeout", "the actor did not accept the WebSocket in time").await;
+            refuse(
+                &state,
+                &stream,
+                503,
+                "guard.websocket_open_timeout",
+                "the actor did not accept the WebSocket in time",
+            )
+            .await;
             return;
         }
     };
@@ -247,22 +297,36 @@ pub async fn serve(
         m.gauge_add(Gauge::OpenClientWebSockets, 1);
     }
     let protocol = pick_protocol(&head);
-    let accept = crate::ws::handshake::accept_key(&key);
-    let resp = Bytes::from(crate::ws::handshake::response_101(&accept, protocol.as_deref()));
-    if writer::write_all_vectored(&stream, vec![resp]).await.is_err() {
+    let accept = crate::ws::handshake::accept_key(key);
+    let resp = Bytes::from(crate::ws::handshake::response_101(
+        &accept,
+        protocol.as_deref(),
+    ));
+    if writer::write_all_vectored(&stream, vec![resp])
+        .await
+        .is_err()
+    {
         finish(&state, slot, gen);
         return;
     }
-    tokio_uring::spawn(writer::writer_task(state.clone(), stream.clone(), slot, gen));
+    tokio_uring::spawn(writer::writer_task(
+        state.clone(),
+        stream.clone(),
+        slot,
+        gen,
+    ));
 
     let mut reader = WsReader::new(WsReaderConfig {
         role: Role::Server,
         max_frame: max_frame as usize,
-        max_message: max_message as usize,
+        // A tunnelled message must fit in one runner message (the runner's decoder refuses
+        // more than protocol::MAX_MESSAGE_LEN), so larger client messages get 1009.
+        max_message: (max_message as usize).min(protocol::MAX_MESSAGE_LEN - 64),
     });
     'outer: loop {
         loop {
-            if let Some(resume) = state.borrow().client_paused(slot, gen) {
+            let paused = state.borrow().client_paused(slot, gen);
+            if let Some(resume) = paused {
                 resume.notified().await;
                 continue;
             }
@@ -270,7 +334,9 @@ pub async fn serve(
             let now = Instant::now();
             match ev {
                 Ok(Some(WsEvent::Message { text, data })) => {
-                    state.borrow_mut().client_message(slot, gen, data, !text, now);
+                    state
+                        .borrow_mut()
+                        .client_message(slot, gen, data, !text, now);
                 }
                 Ok(Some(WsEvent::Ping(p))) => {
                     let mut st = state.borrow_mut();
@@ -286,7 +352,9 @@ pub async fn serve(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    state.borrow_mut().close_client(slot, gen, e.code, e.reason, now);
+                    state
+                        .borrow_mut()
+                        .close_client(slot, gen, e.code, e.reason, now);
                     // Stop parsing; wait for the socket to end.
                     buf.clear();
                     while read_more(&stream, &mut buf, READ_CHUNK).await {
@@ -338,6 +406,3 @@ fn pick_protocol(head: &RequestHead) -> Option<String> {
     }
     offered.first().map(|s| s.to_string())
 }
-
-#[allow(dead_code)]
-fn _assert_arc(_: Arc<str>) {}

@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::{TcpListener, TcpStream};
 
 /// Initial read buffer of a connection; grows on demand for large frames.
@@ -41,7 +42,12 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 }
 
 /// The body of one shard thread.
-pub fn run_shard(id: u16, shared: Shared, inbox: Inbox<ShardMsg>, listeners: Vec<std::net::TcpListener>) {
+pub fn run_shard(
+    id: u16,
+    shared: Shared,
+    inbox: Inbox<ShardMsg>,
+    listeners: Vec<std::net::TcpListener>,
+) {
     tokio_uring::start(async move {
         let state = Rc::new(RefCell::new(ShardState::new(id, shared.clone())));
         tokio_uring::spawn(mailbox_task(state.clone(), inbox));
@@ -123,9 +129,12 @@ pub async fn read_more(stream: &TcpStream, buf: &mut BytesMut, want: usize) -> b
     if spare < want.max(1) {
         buf.reserve(want.max(READ_CHUNK));
     }
-    let b = std::mem::take(buf);
+    // io_uring reads write at the start of the buffer they are given, so hand it the spare
+    // capacity only (a slice after the bytes already held).
+    let start = buf.len();
+    let b = std::mem::take(buf).slice(start..);
     let (res, b) = stream.read(b).await;
-    *buf = b;
+    *buf = b.into_inner();
     matches!(res, Ok(n) if n > 0)
 }
 
@@ -180,7 +189,8 @@ async fn conn_task(state: Rc<RefCell<ShardState>>, stream: TcpStream) {
                     return;
                 }
             }
-            match tokio::time::timeout_at(deadline, read_more(&stream, &mut buf, READ_CHUNK)).await {
+            match tokio::time::timeout_at(deadline, read_more(&stream, &mut buf, READ_CHUNK)).await
+            {
                 Ok(true) => {}
                 _ => return, // EOF, error or handshake deadline: just close
             }
@@ -231,9 +241,16 @@ async fn read_body(
         BodyKind::Length(n) => {
             let n = n as usize;
             while buf.len() < n {
-                match tokio::time::timeout_at(deadline, read_more(stream, buf, n - buf.len())).await {
+                match tokio::time::timeout_at(deadline, read_more(stream, buf, n - buf.len())).await
+                {
                     Ok(true) => {}
-                    _ => return Err(Response::error(400, "request.bad_request", "incomplete body")),
+                    _ => {
+                        return Err(Response::error(
+                            400,
+                            "request.bad_request",
+                            "incomplete body",
+                        ))
+                    }
                 }
             }
             Ok(buf.split_to(n).freeze())
@@ -249,7 +266,13 @@ async fn read_body(
                 }
                 match tokio::time::timeout_at(deadline, read_more(stream, buf, READ_CHUNK)).await {
                     Ok(true) => {}
-                    _ => return Err(Response::error(400, "request.bad_request", "incomplete body")),
+                    _ => {
+                        return Err(Response::error(
+                            400,
+                            "request.bad_request",
+                            "incomplete body",
+                        ))
+                    }
                 }
             }
         }
@@ -335,7 +358,12 @@ async fn route_http(
     .await;
     match reply {
         Some(Reply::Api { status, body }) => Response::json(status, &body),
-        _ => error_response(state, 503, "guard.control_unavailable", "control plane did not answer"),
+        _ => error_response(
+            state,
+            503,
+            "guard.control_unavailable",
+            "control plane did not answer",
+        ),
     }
 }
 

@@ -27,7 +27,13 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn refuse(state: &Rc<RefCell<ShardState>>, stream: &TcpStream, status: u16, code: &str, msg: &str) {
+async fn refuse(
+    state: &Rc<RefCell<ShardState>>,
+    stream: &TcpStream,
+    status: u16,
+    code: &str,
+    msg: &str,
+) {
     state.borrow().metrics().error(code);
     write_response(stream, &closing(Response::error(status, code, msg))).await;
 }
@@ -48,9 +54,11 @@ pub async fn serve(
 ) {
     let params = parse_query(query);
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let (Some(version), Some(namespace), Some(runner_key)) =
-        (param("protocol_version"), param("namespace"), param("runner_key"))
-    else {
+    let (Some(version), Some(namespace), Some(runner_key)) = (
+        param("protocol_version"),
+        param("namespace"),
+        param("runner_key"),
+    ) else {
         refuse(
             &state,
             &stream,
@@ -62,7 +70,14 @@ pub async fn serve(
         return;
     };
     if let Err(e) = protocol::version::negotiate(Some(version)) {
-        refuse(&state, &stream, 400, "runner.unsupported_protocol_version", &e.to_string()).await;
+        refuse(
+            &state,
+            &stream,
+            400,
+            "runner.unsupported_protocol_version",
+            &e.to_string(),
+        )
+        .await;
         return;
     }
     let key = match crate::ws::handshake::validate_upgrade(&head) {
@@ -83,14 +98,24 @@ pub async fn serve(
             .filter_map(|p| p.strip_prefix("rivet_token."))
             .any(|t| ct_eq(t.as_bytes(), token.as_bytes()));
         if !ok {
-            refuse(&state, &stream, 401, "runner.unauthorized", "missing or wrong runner token").await;
+            refuse(
+                &state,
+                &stream,
+                401,
+                "runner.unauthorized",
+                "missing or wrong runner token",
+            )
+            .await;
             return;
         }
     }
     let (namespace, runner_key) = (namespace.to_string(), runner_key.to_string());
-    let accept = crate::ws::handshake::accept_key(&key);
+    let accept = crate::ws::handshake::accept_key(key);
     let resp = Bytes::from(crate::ws::handshake::response_101(&accept, Some("rivet")));
-    if writer::write_all_vectored(&stream, vec![resp]).await.is_err() {
+    if writer::write_all_vectored(&stream, vec![resp])
+        .await
+        .is_err()
+    {
         return;
     }
     let (slot, gen, cfg) = {
@@ -102,14 +127,20 @@ pub async fn serve(
         (slot, gen, st.shared.config.clone())
     };
     let conn = state.borrow().conn_ref(slot, gen);
-    tokio_uring::spawn(writer::writer_task(state.clone(), stream.clone(), slot, gen));
+    tokio_uring::spawn(writer::writer_task(
+        state.clone(),
+        stream.clone(),
+        slot,
+        gen,
+    ));
 
     let mut reader = WsReader::new(WsReaderConfig {
         role: Role::Server,
         max_frame: cfg.limits.ws_max_frame_bytes as usize,
-        max_message: cfg.limits.ws_max_message_bytes as usize,
+        max_message: (cfg.limits.ws_max_message_bytes as usize).min(protocol::MAX_MESSAGE_LEN),
     });
-    let init_deadline = tokio::time::Instant::now() + Duration::from_millis(cfg.timeouts.runner_init_ms);
+    let init_deadline =
+        tokio::time::Instant::now() + Duration::from_millis(cfg.timeouts.runner_init_ms);
     let mut initialised = false;
     'outer: loop {
         loop {
@@ -184,7 +215,11 @@ pub async fn serve(
         }
     }
     // Drain until the peer goes away (the writer ends it after the close frame).
-    while state.borrow_mut().get(slot, gen).is_some() && read_more(&stream, &mut buf, READ_CHUNK).await {
+    loop {
+        let alive = state.borrow_mut().get(slot, gen).is_some();
+        if !alive || !read_more(&stream, &mut buf, READ_CHUNK).await {
+            break;
+        }
         buf.clear();
     }
     {
@@ -198,11 +233,18 @@ pub async fn serve(
 }
 
 fn close(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32, code: u16, reason: &'static str) {
-    state.borrow_mut().close_conn(slot, gen, code, reason.into());
+    state
+        .borrow_mut()
+        .close_conn(slot, gen, code, reason.into());
 }
 
 /// One runner message after Init. Returns false on a protocol error.
-fn on_message(state: &Rc<RefCell<ShardState>>, conn: crate::engine::ConnRef, msg: Bytes, now: Instant) -> bool {
+fn on_message(
+    state: &Rc<RefCell<ShardState>>,
+    conn: crate::engine::ConnRef,
+    msg: Bytes,
+    now: Instant,
+) -> bool {
     let decoded = match decode_to_server_hot(&msg) {
         Ok(d) => d,
         Err(e) => {
@@ -269,7 +311,10 @@ async fn ping_task(state: Rc<RefCell<ShardState>>, slot: u32, gen: u32) {
     let (interval, timeout) = {
         let st = state.borrow();
         let t = &st.shared.config.timeouts;
-        (Duration::from_millis(t.ping_interval_ms), Duration::from_millis(t.ping_timeout_ms))
+        (
+            Duration::from_millis(t.ping_interval_ms),
+            Duration::from_millis(t.ping_timeout_ms),
+        )
     };
     loop {
         let jitter = Duration::from_millis(rand::random::<u64>() % 129);

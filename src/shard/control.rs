@@ -61,7 +61,12 @@ fn unix_ms() -> i64 {
 
 /// Runs until `Shutdown` or until every sender is gone.
 pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
-    let mut engine = Engine::new(engine_config(&shared), rand::random(), Instant::now(), unix_ms());
+    let mut engine = Engine::new(
+        engine_config(&shared),
+        rand::random(),
+        Instant::now(),
+        unix_ms(),
+    );
     let tick = Duration::from_millis(50);
     let mut next_tick = Instant::now() + tick;
     loop {
@@ -83,6 +88,20 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                     runner_key,
                     init,
                 } => engine.runner_init(conn, &namespace, &runner_key, init, now),
+                ControlMsg::RunnerMsg {
+                    conn,
+                    msg: ToServer::KvRequest(kv),
+                } => {
+                    // Every KvRequest gets exactly one KvResponse; the store is not built yet.
+                    let reply = protocol::ToClient::KvResponse(protocol::ToClientKvResponse {
+                        request_id: kv.request_id,
+                        data: protocol::KvResponseData::Error(protocol::KvErrorResponse {
+                            message: "kv.unavailable: the actor KV store is not available yet"
+                                .into(),
+                        }),
+                    });
+                    vec![Action::Send { conn, msg: reply }]
+                }
                 ControlMsg::RunnerMsg { conn, msg } => engine.runner_message(conn, msg, now),
                 ControlMsg::RunnerClosed { conn } => engine.runner_closed(conn, now),
                 ControlMsg::Resolve { actor_id, waiter } => {
@@ -104,7 +123,8 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                     body,
                     waiter,
                 } => {
-                    let reply = engine::api::handle(&mut engine, &method, &path, &query, &body, now);
+                    let reply =
+                        engine::api::handle(&mut engine, &method, &path, &query, &body, now);
                     send_reply(
                         &shared,
                         waiter,
@@ -138,7 +158,8 @@ fn send_reply(shared: &Shared, waiter: u64, reply: Reply) {
 }
 
 fn reply_resolve(shared: &Shared, waiter: u64, result: Result<engine::Route, ShardResolveError>) {
-    let reply = Reply::Resolve(result.map(|r| (Arc::<str>::from(r.actor_id), r.runner_idx, r.conn)));
+    let reply =
+        Reply::Resolve(result.map(|r| (Arc::<str>::from(r.actor_id), r.runner_idx, r.conn)));
     send_reply(shared, waiter, reply);
 }
 

@@ -26,7 +26,11 @@ use tokio::sync::{oneshot, Notify};
 /// Messages between shards and from the control plane to a shard.
 pub enum ShardMsg {
     /// Complete WebSocket frames to write on a runner connection owned by this shard.
-    ToRunner { slot: u32, gen: u32, frames: Vec<Bytes> },
+    ToRunner {
+        slot: u32,
+        gen: u32,
+        frames: Vec<Bytes>,
+    },
     /// A tunnel message from a runner for a request owned by this shard.
     Tunnel { key: RequestKey, msg: TunnelIn },
     /// Close a connection owned by this shard.
@@ -73,7 +77,10 @@ pub enum TunnelIn {
 pub enum Reply {
     /// (actor id, runner index, the runner's connection).
     Resolve(Result<(Arc<str>, u32, ConnRef), ResolveError>),
-    Api { status: u16, body: String },
+    Api {
+        status: u16,
+        body: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,9 +219,7 @@ impl ShardState {
     }
 
     pub fn get(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(slot as usize)
-            .filter(|c| c.gen == gen)
+        self.conns.get_mut(slot as usize).filter(|c| c.gen == gen)
     }
 
     pub fn request_key(&self, slot: u32, gen: u32) -> RequestKey {
@@ -229,9 +234,7 @@ impl ShardState {
     fn client_by_key(&mut self, key: RequestKey) -> Option<(u32, u32)> {
         let c = self.conns.get(key.slot as usize)?;
         match &c.kind {
-            ConnKind::Client(cc) if RequestKey::decode(cc.req) == key => {
-                Some((key.slot, c.gen))
-            }
+            ConnKind::Client(cc) if RequestKey::decode(cc.req) == key => Some((key.slot, c.gen)),
             _ => None,
         }
     }
@@ -278,7 +281,13 @@ impl ShardState {
 
     /// The hot path: `TunnelMessage(WebSocketMessage)` framed as
     /// [ws header + protocol prefix][payload][binary flag] — the payload is not copied.
-    pub fn ws_message_frames(&mut self, req: [u8; 4], index: u16, data: Bytes, binary: bool) -> Vec<Bytes> {
+    pub fn ws_message_frames(
+        &mut self,
+        req: [u8; 4],
+        index: u16,
+        data: Bytes,
+        binary: bool,
+    ) -> Vec<Bytes> {
         let prefix =
             protocol::hot::encode_ws_message_prefix(self.shared.gateway_id, req, index, data.len());
         let total = prefix.as_bytes().len() + data.len() + 1;
@@ -287,7 +296,12 @@ impl ShardState {
         vec![head, data, if binary { TRUE_BYTE } else { FALSE_BYTE }]
     }
 
-    pub fn tunnel_frames(&mut self, req: [u8; 4], index: u16, kind: ToClientTunnelMessageKind) -> Vec<Bytes> {
+    pub fn tunnel_frames(
+        &mut self,
+        req: [u8; 4],
+        index: u16,
+        kind: ToClientTunnelMessageKind,
+    ) -> Vec<Bytes> {
         let msg = ToClient::TunnelMessage(ToClientTunnelMessage {
             message_id: protocol::MessageId {
                 gateway_id: self.shared.gateway_id,
@@ -420,7 +434,11 @@ impl ShardState {
             m.gauge_add(Gauge::PausedClientWebSockets, -1);
         }
         match resumed {
-            Some(ClientMsg::Send { index, data, binary }) => {
+            Some(ClientMsg::Send {
+                index,
+                data,
+                binary,
+            }) => {
                 let len = data.len();
                 m.gauge_add(Gauge::PendingBytes, len as i64);
                 m.gauge_add(Gauge::PendingMessages, 1);
@@ -446,14 +464,20 @@ impl ShardState {
             return;
         };
         let len = data.len();
-        let outcome = cc.socket.on_client_message(data, binary, now, &mut self.budget);
+        let outcome = cc
+            .socket
+            .on_client_message(data, binary, now, &mut self.budget);
         let hib = cc.socket.is_hibernatable();
         let (pb, pm) = (cc.socket.pending_bytes(), cc.socket.pending_len());
         let runner_idx = cc.runner_idx;
         let req = cc.req;
         let m = &self.shared.metrics.shards[self.id as usize];
         match outcome {
-            ClientMsg::Send { index, data, binary } => {
+            ClientMsg::Send {
+                index,
+                data,
+                binary,
+            } => {
                 if hib {
                     m.gauge_add(Gauge::PendingBytes, len as i64);
                     m.gauge_add(Gauge::PendingMessages, 1);
@@ -524,7 +548,8 @@ impl ShardState {
             if let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind {
                 if !cc.runner_closed {
                     cc.runner_closed = true;
-                    tell_runner = Some((cc.runner_idx, cc.req, cc.socket.next_index(), code, reason));
+                    tell_runner =
+                        Some((cc.runner_idx, cc.req, cc.socket.next_index(), code, reason));
                 }
             }
         }
@@ -593,7 +618,9 @@ impl ShardState {
                 code,
                 reason,
             } => self.close_conn(slot, gen, code, reason),
-            ShardMsg::RunnerAttached { runner_idx, conn } => self.runner_attached(runner_idx, conn, now),
+            ShardMsg::RunnerAttached { runner_idx, conn } => {
+                self.runner_attached(runner_idx, conn, now)
+            }
             ShardMsg::RunnerDetached { runner_idx } => self.runner_detached(runner_idx, now),
             ShardMsg::ActorStopped { actor_id } => self.actor_stopped(&actor_id, now),
             ShardMsg::Reply { waiter, reply } => {
@@ -619,7 +646,8 @@ impl ShardState {
                 }
                 let payload = crate::ws::writer::close_payload(code, &reason);
                 let h = encode_header(true, OpCode::Close, payload.len() as u64, None);
-                conn.out.push_all([Bytes::copy_from_slice(h.as_slice()), payload]);
+                conn.out
+                    .push_all([Bytes::copy_from_slice(h.as_slice()), payload]);
                 conn.out.closing = true;
                 self.shared.metrics.shards[self.id as usize].close(code, &reason);
             }
@@ -638,7 +666,8 @@ impl ShardState {
             .iter()
             .filter_map(|(s, c)| match &c.kind {
                 ConnKind::Client(cc)
-                    if cc.runner_idx == runner_idx && cc.socket.state() == SocketState::Detached =>
+                    if cc.runner_idx == runner_idx
+                        && cc.socket.state() == SocketState::Detached =>
                 {
                     Some(s as u32)
                 }
@@ -696,7 +725,10 @@ impl ShardState {
                 continue;
             }
             let (pb, pm) = (cc.socket.pending_bytes(), cc.socket.pending_len());
-            match cc.socket.on_runner_detached(DetachCause::RunnerLost, &mut self.budget) {
+            match cc
+                .socket
+                .on_runner_detached(DetachCause::RunnerLost, &mut self.budget)
+            {
                 Detach::Keep | Detach::AlreadyClosed => {}
                 Detach::Close(r) => {
                     cc.runner_closed = true;

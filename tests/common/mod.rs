@@ -41,7 +41,9 @@ pub struct Proc {
 
 impl Proc {
     fn spawn(name: &'static str, mut cmd: Command) -> Proc {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::piped());
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let out = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -107,7 +109,10 @@ impl Daemon {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env("TORPOR_PIN_THREADS", "false");
         for (k, v) in env {
             cmd.env(k, v);
@@ -183,7 +188,10 @@ impl Runner {
     pub fn start(endpoint: &str, args: &[&str]) -> Runner {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_echo-runner"));
         cmd.arg("--endpoint").arg(endpoint).args(args);
-        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         let proc = Proc::spawn("echo-runner", cmd);
         let line = proc.wait_line("READY");
         let runner_id = line
@@ -242,9 +250,8 @@ pub fn http(
 }
 
 pub fn json_body(body: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(body).unwrap_or_else(|e| {
-        panic!("not JSON ({e}): {}", String::from_utf8_lossy(body))
-    })
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
 }
 
 /// Creates an actor through the engine API and returns its id.
@@ -264,7 +271,12 @@ pub fn create_actor(addr: SocketAddr, name: &str, key: Option<&str>) -> String {
         &[("content-type", "application/json")],
         body.to_string().as_bytes(),
     );
-    assert_eq!(status, 200, "create actor: {}", String::from_utf8_lossy(&resp));
+    assert_eq!(
+        status,
+        200,
+        "create actor: {}",
+        String::from_utf8_lossy(&resp)
+    );
     let v = json_body(&resp);
     v["actor"]["actor_id"]
         .as_str()
