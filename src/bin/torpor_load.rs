@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use tungstenite::Message;
 
 #[derive(Parser, Debug)]
-#[command(name = "torpor-load", about = "WebSocket echo load generator (closed loop)")]
+#[command(
+    name = "torpor-load",
+    about = "WebSocket echo load generator (closed loop)"
+)]
 struct Args {
     /// Target address (the gateway, or a direct echo server).
     #[arg(long, default_value = "127.0.0.1:6420")]

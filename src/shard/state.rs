@@ -659,6 +659,9 @@ impl ShardState {
         if self.runners.len() <= i {
             self.runners.resize(i + 1, None);
         }
+        // A new connection without a detach in between (eviction of an older duplicate)
+        // may have lost what was written to the old one: replay attached sockets too.
+        let changed = self.runners[i] != Some(conn);
         self.runners[i] = Some(conn);
         // Replay every detached socket of this runner, in order, original indices.
         let slots: Vec<u32> = self
@@ -667,7 +670,9 @@ impl ShardState {
             .filter_map(|(s, c)| match &c.kind {
                 ConnKind::Client(cc)
                     if cc.runner_idx == runner_idx
-                        && cc.socket.state() == SocketState::Detached =>
+                        && !c.out.closing
+                        && (cc.socket.state() == SocketState::Detached
+                            || (changed && cc.socket.state() == SocketState::Open)) =>
                 {
                     Some(s as u32)
                 }
