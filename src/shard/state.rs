@@ -659,6 +659,12 @@ impl ShardState {
         if self.runners.len() <= i {
             self.runners.resize(i + 1, None);
         }
+        // A new connection replaced one this shard still routes to: the engine evicted it on
+        // the reconnect's Init without a RunnerDetached (the old socket looked alive). What
+        // was written to it may be lost, so detach first and the sockets replay below.
+        if self.runners[i].is_some_and(|old| old != conn) {
+            self.runner_detached(runner_idx, now);
+        }
         self.runners[i] = Some(conn);
         // Replay every detached socket of this runner, in order, original indices.
         let slots: Vec<u32> = self
