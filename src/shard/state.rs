@@ -659,9 +659,12 @@ impl ShardState {
         if self.runners.len() <= i {
             self.runners.resize(i + 1, None);
         }
-        // A new connection without a detach in between (eviction of an older duplicate)
-        // may have lost what was written to the old one: replay attached sockets too.
-        let changed = self.runners[i] != Some(conn);
+        // A new connection replaced one this shard still routes to: the engine evicted it on
+        // the reconnect's Init without a RunnerDetached (the old socket looked alive). What
+        // was written to it may be lost, so detach first and the sockets replay below.
+        if self.runners[i].is_some_and(|old| old != conn) {
+            self.runner_detached(runner_idx, now);
+        }
         self.runners[i] = Some(conn);
         // Replay every detached socket of this runner, in order, original indices.
         let slots: Vec<u32> = self
@@ -671,8 +674,7 @@ impl ShardState {
                 ConnKind::Client(cc)
                     if cc.runner_idx == runner_idx
                         && !c.out.closing
-                        && (cc.socket.state() == SocketState::Detached
-                            || (changed && cc.socket.state() == SocketState::Open)) =>
+                        && cc.socket.state() == SocketState::Detached =>
                 {
                     Some(s as u32)
                 }
