@@ -200,9 +200,16 @@ fn dispatch(shared: &Shared, actions: Vec<Action>) {
             Action::RunnerAttached { runner_idx, conn } => {
                 broadcast(shared, || ShardMsg::RunnerAttached { runner_idx, conn })
             }
-            Action::RunnerDetached { runner_idx } | Action::RunnerLost { runner_idx } => {
-                broadcast(shared, || ShardMsg::RunnerDetached { runner_idx })
+            Action::RunnerDetached { runner_idx } => {
+                broadcast(shared, || ShardMsg::RunnerDetached {
+                    runner_idx,
+                    lost: false,
+                })
             }
+            Action::RunnerLost { runner_idx } => broadcast(shared, || ShardMsg::RunnerDetached {
+                runner_idx,
+                lost: true,
+            }),
             Action::ActorRunning { .. } => {}
             Action::ActorStopped { actor_id } | Action::ActorDestroyed { actor_id } => {
                 let id: Arc<str> = actor_id.into();

@@ -42,8 +42,8 @@ pub enum ShardMsg {
     },
     /// The runner `runner_idx` is now reachable at `conn` (after Init).
     RunnerAttached { runner_idx: u32, conn: ConnRef },
-    /// The runner's current connection is gone (it may come back).
-    RunnerDetached { runner_idx: u32 },
+    /// The runner's current connection is gone; it may come back unless `lost`.
+    RunnerDetached { runner_idx: u32, lost: bool },
     /// The actor stopped: its sockets close (`actor.stopped`).
     ActorStopped { actor_id: Arc<str> },
     /// Answer to a request this shard made to the control plane.
@@ -169,6 +169,9 @@ pub struct ShardState {
     pub budget: crate::tunnel::Budget,
     pub limits: WindowLimits,
     scratch: BytesMut,
+    /// `WebSocketClose` frames for runners that were away when their client closed; sent
+    /// when the runner reattaches so it does not keep the request forever.
+    owed_closes: Vec<(u32, Vec<Bytes>)>,
 }
 
 pub const TRUE_BYTE: Bytes = Bytes::from_static(&[1]);
@@ -191,6 +194,7 @@ impl ShardState {
             runners: Vec::new(),
             waiters: Slab::new(),
             scratch: BytesMut::with_capacity(64 * 1024),
+            owed_closes: Vec::new(),
         }
     }
 
@@ -562,7 +566,9 @@ impl ShardState {
                     reason: Some(reason.into_owned()),
                 }),
             );
-            self.send_to_runner(runner_idx, frames);
+            if !self.send_to_runner(runner_idx, frames.clone()) {
+                self.owed_closes.push((runner_idx, frames));
+            }
         }
     }
 
@@ -621,7 +627,14 @@ impl ShardState {
             ShardMsg::RunnerAttached { runner_idx, conn } => {
                 self.runner_attached(runner_idx, conn, now)
             }
-            ShardMsg::RunnerDetached { runner_idx } => self.runner_detached(runner_idx, now),
+            ShardMsg::RunnerDetached { runner_idx, lost } => {
+                if lost {
+                    // A lost runner's record is gone (its index may be reused): nothing is
+                    // owed to it any more.
+                    self.owed_closes.retain(|(idx, _)| *idx != runner_idx);
+                }
+                self.runner_detached(runner_idx, now)
+            }
             ShardMsg::ActorStopped { actor_id } => self.actor_stopped(&actor_id, now),
             ShardMsg::Reply { waiter, reply } => {
                 if self.waiters.contains(waiter as usize) {
@@ -666,6 +679,16 @@ impl ShardState {
             self.runner_detached(runner_idx, now);
         }
         self.runners[i] = Some(conn);
+        let owed: Vec<Vec<Bytes>> = {
+            let (owed, keep) = std::mem::take(&mut self.owed_closes)
+                .into_iter()
+                .partition(|(idx, _)| *idx == runner_idx);
+            self.owed_closes = keep;
+            owed.into_iter().map(|(_, f)| f).collect()
+        };
+        for frames in owed {
+            self.send_to_conn(conn, frames);
+        }
         // Replay every detached socket of this runner, in order, original indices.
         let slots: Vec<u32> = self
             .conns
