@@ -110,6 +110,8 @@ pub async fn serve(
         let mut st = state.borrow_mut();
         let (slot, gen) = st.insert(ConnKind::Runner(RunnerConn {
             last_pong: Instant::now(),
+            superseded: false,
+            runner_idx: None,
         }));
         st.metrics().gauge_add(Gauge::RunnersConnected, 1);
         (slot, gen, st.shared.config.clone())
@@ -241,6 +243,18 @@ fn on_message(
         }
     };
     let mut st = state.borrow_mut();
+    let superseded = matches!(
+        st.get(conn.slot, conn.gen).map(|c| &c.kind),
+        Some(ConnKind::Runner(RunnerConn {
+            superseded: true,
+            ..
+        }))
+    );
+    if superseded && !matches!(decoded, ToServerHot::Other(ToServer::Pong(_))) {
+        // A late message from a replaced connection: ignored, counted.
+        st.metrics().inc(Counter::UnroutableTunnelMessages);
+        return true;
+    }
     match decoded {
         ToServerHot::WsMessage {
             request_id,

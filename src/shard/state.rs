@@ -142,6 +142,11 @@ pub struct ClientConn {
 
 pub struct RunnerConn {
     pub last_pong: Instant,
+    /// Set when the control plane attached another connection for the same runner: this
+    /// one is stale, and its late tunnel messages must not touch the requests (SPEC §1.4).
+    pub superseded: bool,
+    /// The control plane's index of this runner, once attached.
+    pub runner_idx: Option<u32>,
 }
 
 pub enum ConnKind {
@@ -679,6 +684,27 @@ impl ShardState {
             self.runner_detached(runner_idx, now);
         }
         self.runners[i] = Some(conn);
+        // Local connections of this runner other than `conn` are stale from now on.
+        for (slot, c) in self.conns.iter_mut() {
+            if let ConnKind::Runner(r) = &mut c.kind {
+                if r.runner_idx == Some(runner_idx) && (slot as u32, c.gen) != (conn.slot, conn.gen)
+                {
+                    r.superseded = true;
+                }
+            }
+        }
+        if conn.shard == self.id {
+            if let Some(Conn {
+                kind: ConnKind::Runner(r),
+                ..
+            }) = self
+                .conns
+                .get_mut(conn.slot as usize)
+                .filter(|c| c.gen == conn.gen)
+            {
+                r.runner_idx = Some(runner_idx);
+            }
+        }
         let owed: Vec<Vec<Bytes>> = {
             let (owed, keep) = std::mem::take(&mut self.owed_closes)
                 .into_iter()
