@@ -419,13 +419,19 @@ impl ShardState {
         let ConnKind::Client(cc) = &mut conn.kind else {
             return;
         };
+        // Gauges follow the window's own totals before and after: a resumed message may be
+        // admitted, held, or refused by the global cap (which clears the whole window).
+        let before = (cc.socket.pending_bytes(), cc.socket.pending_len());
+        let was_paused = cc.socket.is_paused();
         let AckResult {
             freed_messages,
-            freed_bytes,
+            freed_bytes: _,
             ignored,
             resumed,
             resume_reading,
         } = cc.socket.on_ack(index, now, &mut self.budget);
+        let after = (cc.socket.pending_bytes(), cc.socket.pending_len());
+        let unpaused = was_paused && !cc.socket.is_paused();
         let runner_idx = cc.runner_idx;
         let req = cc.req;
         if resume_reading {
@@ -437,9 +443,8 @@ impl ShardState {
             m.inc(Counter::AcksIgnored);
         }
         m.add(Counter::AckedMessages, freed_messages as u64);
-        m.gauge_add(Gauge::PendingBytes, -(freed_bytes as i64));
-        m.gauge_add(Gauge::PendingMessages, -(freed_messages as i64));
-        if resume_reading {
+        window_gauges(m, before, after);
+        if unpaused {
             m.gauge_add(Gauge::PausedClientWebSockets, -1);
         }
         match resumed {
@@ -449,15 +454,10 @@ impl ShardState {
                 binary,
             }) => {
                 let len = data.len();
-                m.gauge_add(Gauge::PendingBytes, len as i64);
-                m.gauge_add(Gauge::PendingMessages, 1);
                 m.inc(Counter::MessagesToRunner);
                 m.add(Counter::BytesToRunner, len as u64);
                 let frames = self.ws_message_frames(req, index, data, binary);
                 self.send_to_runner(runner_idx, frames);
-            }
-            Some(ClientMsg::Held { .. }) => {
-                m.gauge_add(Gauge::PendingMessages, 1);
             }
             Some(ClientMsg::Close(r)) => self.close_client(slot, gen, r.code, r.reason, now),
             _ => {}
@@ -473,37 +473,29 @@ impl ShardState {
             return;
         };
         let len = data.len();
+        let before = (cc.socket.pending_bytes(), cc.socket.pending_len());
         let outcome = cc
             .socket
             .on_client_message(data, binary, now, &mut self.budget);
-        let hib = cc.socket.is_hibernatable();
-        let (pb, pm) = (cc.socket.pending_bytes(), cc.socket.pending_len());
+        // A refusal by the global cap clears the whole window inside the socket, so the
+        // gauges follow the window's totals, not the outcome.
+        let after = (cc.socket.pending_bytes(), cc.socket.pending_len());
         let runner_idx = cc.runner_idx;
         let req = cc.req;
         let m = &self.shared.metrics.shards[self.id as usize];
+        window_gauges(m, before, after);
         match outcome {
             ClientMsg::Send {
                 index,
                 data,
                 binary,
             } => {
-                if hib {
-                    m.gauge_add(Gauge::PendingBytes, len as i64);
-                    m.gauge_add(Gauge::PendingMessages, 1);
-                    m.gauge_max(Gauge::MaxSocketPendingBytes, pb as i64);
-                    m.gauge_max(Gauge::MaxSocketPendingMessages, pm as i64);
-                }
                 m.inc(Counter::MessagesToRunner);
                 m.add(Counter::BytesToRunner, len as u64);
                 let frames = self.ws_message_frames(req, index, data, binary);
                 self.send_to_runner(runner_idx, frames);
             }
-            ClientMsg::Held { .. } => {
-                m.gauge_add(Gauge::PendingBytes, len as i64);
-                m.gauge_add(Gauge::PendingMessages, 1);
-                m.gauge_max(Gauge::MaxSocketPendingBytes, pb as i64);
-                m.gauge_max(Gauge::MaxSocketPendingMessages, pm as i64);
-            }
+            ClientMsg::Held { .. } => {}
             ClientMsg::Paused => {
                 m.inc(Counter::BackpressurePauses);
                 m.gauge_add(Gauge::PausedClientWebSockets, 1);
@@ -839,4 +831,13 @@ impl ShardState {
             }
         }
     }
+}
+
+/// Moves the pending gauges by a window's change from `before` to `after` (bytes, messages)
+/// and raises the per-socket high-water marks.
+fn window_gauges(m: &ShardMetrics, before: (usize, usize), after: (usize, usize)) {
+    m.gauge_add(Gauge::PendingBytes, after.0 as i64 - before.0 as i64);
+    m.gauge_add(Gauge::PendingMessages, after.1 as i64 - before.1 as i64);
+    m.gauge_max(Gauge::MaxSocketPendingBytes, after.0 as i64);
+    m.gauge_max(Gauge::MaxSocketPendingMessages, after.1 as i64);
 }
