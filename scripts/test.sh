@@ -11,7 +11,9 @@ if ! command -v node >/dev/null 2>&1; then
 fi
 if [ ! -d tests/interop/node_modules/@rivetkit/engine-runner ] || \
    [ tests/interop/package-lock.json -nt tests/interop/node_modules/.package-lock.json ]; then
-  npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
+  # `npm install` honours package-lock.json (exact versions); `npm ci` is not used because
+  # npm 11 refuses this lockfile's platform-specific optional dependencies.
+  npm install --prefix tests/interop --no-audit --no-fund --loglevel=error
 fi
 
 cargo fmt --check

@@ -124,50 +124,7 @@ pub fn handle(
     }
 }
 
-/// Split a raw query string into percent-decoded pairs (`+` is a space). Pairs that do not
-/// decode to UTF-8 are dropped.
-pub fn parse_query(raw: &str) -> Vec<(String, String)> {
-    raw.split('&')
-        .filter(|p| !p.is_empty())
-        .filter_map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            let k = percent_decode(&k.replace('+', " "))?;
-            let v = percent_decode(&v.replace('+', " "))?;
-            Some((k, v))
-        })
-        .collect()
-}
-
-/// Decode `%XX` escapes; `None` on a malformed escape or invalid UTF-8.
-pub fn percent_decode(s: &str) -> Option<String> {
-    if !s.contains('%') {
-        return Some(s.to_string());
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hi = hex_val(*b.get(i + 1)?)?;
-            let lo = hex_val(*b.get(i + 2)?)?;
-            out.push(hi << 4 | lo);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
+pub use crate::http::parse::{parse_query, percent_decode};
 
 fn param<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
     query

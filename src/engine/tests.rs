@@ -1453,7 +1453,10 @@ fn api_query_parsing() {
             ("flag", "")
         ])
     );
-    assert_eq!(api::parse_query("a=%zz&b=1"), q(&[("b", "1")]));
+    assert_eq!(
+        api::parse_query("a=%zz&b=1"),
+        q(&[("a", "%zz"), ("b", "1")])
+    );
     assert_eq!(api::percent_decode("%E2%9C%93"), Some("✓".to_string()));
     assert_eq!(api::percent_decode("%E2%9C"), None);
     assert_eq!(api::percent_decode("%4"), None);

@@ -6,9 +6,10 @@
 //! It owns the socket's lifetime: when its read loop ends it frees the slab entry, the
 //! window's bytes, and tells the runner if that is still owed.
 
-use super::{ask_control, closing, read_more, remove_conn, write_response, writer, READ_CHUNK};
+use super::{
+    ask_control, closing, read_more, refuse, remove_conn, write_response, writer, READ_CHUNK,
+};
 use crate::http::parse::{parse_query, RequestHead};
-use crate::http::response::Response;
 use crate::metrics::{Counter, Gauge};
 use crate::protocol::{self, StrMap, ToClientTunnelMessageKind};
 use crate::shard::control::ControlMsg;
@@ -117,17 +118,6 @@ pub fn header_map(head: &RequestHead) -> StrMap {
         }
     }
     StrMap(out)
-}
-
-async fn refuse(
-    state: &Rc<RefCell<ShardState>>,
-    stream: &TcpStream,
-    status: u16,
-    code: &str,
-    msg: &str,
-) {
-    state.borrow().metrics().error(code);
-    write_response(stream, &closing(Response::error(status, code, msg))).await;
 }
 
 pub async fn serve(

@@ -154,6 +154,18 @@ pub async fn write_response(stream: &TcpStream, resp: &Response) -> bool {
     writer::write_all_vectored(stream, chunks).await.is_ok()
 }
 
+/// Refuses a request with an `x-rivet-error` response and closes the connection.
+pub async fn refuse(
+    state: &Rc<RefCell<ShardState>>,
+    stream: &TcpStream,
+    status: u16,
+    code: &str,
+    msg: &str,
+) {
+    state.borrow().metrics().error(code);
+    write_response(stream, &closing(Response::error(status, code, msg))).await;
+}
+
 fn error_response(state: &Rc<RefCell<ShardState>>, status: u16, code: &str, msg: &str) -> Response {
     state.borrow().metrics().error(code);
     Response::error(status, code, msg)

@@ -4,9 +4,8 @@
 //! request's shard (the request id says which), everything else goes to the control plane.
 //! It also sends pings and closes a runner that stops answering them.
 
-use super::{closing, read_more, remove_conn, write_response, writer, READ_CHUNK};
+use super::{closing, read_more, refuse, remove_conn, write_response, writer, READ_CHUNK};
 use crate::http::parse::{parse_query, RequestHead};
-use crate::http::response::Response;
 use crate::metrics::{Counter, Gauge};
 use crate::protocol::hot::{decode_to_server_hot, ToServerHot};
 use crate::protocol::{self, ToClient, ToServer, ToServerTunnelMessageKind};
@@ -25,17 +24,6 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn refuse(
-    state: &Rc<RefCell<ShardState>>,
-    stream: &TcpStream,
-    status: u16,
-    code: &str,
-    msg: &str,
-) {
-    state.borrow().metrics().error(code);
-    write_response(stream, &closing(Response::error(status, code, msg))).await;
 }
 
 pub fn now_ms() -> i64 {
@@ -122,6 +110,8 @@ pub async fn serve(
         let mut st = state.borrow_mut();
         let (slot, gen) = st.insert(ConnKind::Runner(RunnerConn {
             last_pong: Instant::now(),
+            superseded: false,
+            runner_idx: None,
         }));
         st.metrics().gauge_add(Gauge::RunnersConnected, 1);
         (slot, gen, st.shared.config.clone())
@@ -253,6 +243,18 @@ fn on_message(
         }
     };
     let mut st = state.borrow_mut();
+    let superseded = matches!(
+        st.get(conn.slot, conn.gen).map(|c| &c.kind),
+        Some(ConnKind::Runner(RunnerConn {
+            superseded: true,
+            ..
+        }))
+    );
+    if superseded && !matches!(decoded, ToServerHot::Other(ToServer::Pong(_))) {
+        // A late message from a replaced connection: ignored, counted.
+        st.metrics().inc(Counter::UnroutableTunnelMessages);
+        return true;
+    }
     match decoded {
         ToServerHot::WsMessage {
             request_id,

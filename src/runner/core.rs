@@ -92,6 +92,8 @@ struct WsReq {
     inbound: InboundIndex,
     next_out: u16,
     ack_to: Option<u16>,
+    /// The newest index acknowledged to the gateway (re-sent when a replay shows it was lost).
+    acked: Option<u16>,
 }
 
 #[derive(Debug)]
@@ -420,7 +422,11 @@ impl Io {
         let keys = std::mem::take(&mut self.pending_acks);
         for key in &keys {
             let index = match self.requests.get_mut(key) {
-                Some(Req::Ws(ws)) => ws.ack_to.take(),
+                Some(Req::Ws(ws)) => {
+                    let index = ws.ack_to.take();
+                    ws.acked = index.or(ws.acked);
+                    index
+                }
                 _ => None,
             };
             if let Some(index) = index {
@@ -886,6 +892,7 @@ impl Core {
                     inbound: InboundIndex::restored(rem.and_then(|r| r.last_in)),
                     next_out: rem.map_or(0, |r| r.next_out),
                     ack_to: None,
+                    acked: None,
                 }),
             );
             let mut cx = ActorCx {
@@ -1129,6 +1136,7 @@ impl Core {
                 inbound: InboundIndex::opened(),
                 next_out: 1,
                 ack_to: None,
+                acked: None,
             }),
         );
         let connected = self.io.phase == Phase::Connected;
@@ -1189,6 +1197,13 @@ impl Core {
                 Verdict::Deliver => {}
                 Verdict::Duplicate => {
                     Counters::bump(&self.io.counters.duplicates_dropped);
+                    // The gateway replays only what it still holds, so an ack that covered
+                    // this index was lost with a connection. Send the newest one again (acks
+                    // are cumulative): nothing else would, and the gateway would keep the
+                    // messages until its ack timeout closes the client.
+                    if let Some(acked) = ws.acked.filter(|&a| !after(index, a)) {
+                        self.io.set_ack(key, acked);
+                    }
                     return;
                 }
                 Verdict::Gap { expected, got } => {

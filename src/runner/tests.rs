@@ -986,3 +986,56 @@ fn echoed_payload_is_a_slice_of_the_received_frame() {
         "payload was copied"
     );
 }
+
+#[test]
+fn replayed_duplicates_resend_an_ack_lost_with_the_connection() {
+    let acks_of = |out: &[ToServer]| -> Vec<ToServerTunnelMessageKind> {
+        tunnel_of(out, KEY)
+            .into_iter()
+            .map(|(_, k)| k)
+            .filter(|k| matches!(k, ToServerTunnelMessageKind::WebSocketMessageAck(_)))
+            .collect()
+    };
+    let mut h = harness(Opts::default());
+    h.connect("r1");
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
+    for i in 1..=3 {
+        h.feed(ws_msg(KEY, i, b"x"));
+    }
+    assert_eq!(acks_of(&h.out()), vec![ack(3)]);
+    h.calls();
+    // The ack was written, but the connection died before the gateway read it: the gateway
+    // replays 1..=3, which only an ack can free.
+    h.core.connection_lost(Instant::now());
+    h.connect("r1");
+    for i in 1..=3 {
+        h.feed(ws_msg(KEY, i, b"x"));
+    }
+    assert_eq!(acks_of(&h.out()), vec![ack(3)]);
+    assert!(h.calls().is_empty(), "duplicates reached the actor");
+    assert_eq!(h.counters.snapshot().duplicates_dropped, 3);
+
+    // Manual acks: only what the actor acknowledged is acknowledged again.
+    let mut h = harness(Opts {
+        policy: AckPolicy::Manual,
+        ..Opts::default()
+    });
+    h.connect("r1");
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
+    for i in 1..=3 {
+        h.feed(ws_msg(KEY, i, b"x"));
+    }
+    // Nothing acknowledged yet: a duplicate sends no ack.
+    h.feed(ws_msg(KEY, 3, b"x"));
+    assert!(acks_of(&h.out()).is_empty());
+    h.core.handle_actor_op("a1", 0, ActorOp::Ack(KEY, 1));
+    assert_eq!(acks_of(&h.out()), vec![ack(1)]);
+    h.core.connection_lost(Instant::now());
+    h.connect("r1");
+    for i in 1..=3 {
+        h.feed(ws_msg(KEY, i, b"x"));
+    }
+    assert_eq!(acks_of(&h.out()), vec![ack(1)]);
+}

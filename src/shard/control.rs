@@ -88,6 +88,20 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                     runner_key,
                     init,
                 } => engine.runner_init(conn, &namespace, &runner_key, init, now),
+                ControlMsg::RunnerMsg {
+                    conn,
+                    msg: ToServer::KvRequest(kv),
+                } => {
+                    // Every KvRequest gets exactly one KvResponse; the store is not built yet.
+                    let reply = protocol::ToClient::KvResponse(protocol::ToClientKvResponse {
+                        request_id: kv.request_id,
+                        data: protocol::KvResponseData::Error(protocol::KvErrorResponse {
+                            message: "kv.unavailable: the actor KV store is not available yet"
+                                .into(),
+                        }),
+                    });
+                    vec![Action::Send { conn, msg: reply }]
+                }
                 ControlMsg::RunnerMsg { conn, msg } => engine.runner_message(conn, msg, now),
                 ControlMsg::RunnerClosed { conn } => engine.runner_closed(conn, now),
                 ControlMsg::Resolve { actor_id, waiter } => {
@@ -186,9 +200,16 @@ fn dispatch(shared: &Shared, actions: Vec<Action>) {
             Action::RunnerAttached { runner_idx, conn } => {
                 broadcast(shared, || ShardMsg::RunnerAttached { runner_idx, conn })
             }
-            Action::RunnerDetached { runner_idx } | Action::RunnerLost { runner_idx } => {
-                broadcast(shared, || ShardMsg::RunnerDetached { runner_idx })
+            Action::RunnerDetached { runner_idx } => {
+                broadcast(shared, || ShardMsg::RunnerDetached {
+                    runner_idx,
+                    lost: false,
+                })
             }
+            Action::RunnerLost { runner_idx } => broadcast(shared, || ShardMsg::RunnerDetached {
+                runner_idx,
+                lost: true,
+            }),
             Action::ActorRunning { .. } => {}
             Action::ActorStopped { actor_id } | Action::ActorDestroyed { actor_id } => {
                 let id: Arc<str> = actor_id.into();

@@ -42,8 +42,8 @@ pub enum ShardMsg {
     },
     /// The runner `runner_idx` is now reachable at `conn` (after Init).
     RunnerAttached { runner_idx: u32, conn: ConnRef },
-    /// The runner's current connection is gone (it may come back).
-    RunnerDetached { runner_idx: u32 },
+    /// The runner's current connection is gone; it may come back unless `lost`.
+    RunnerDetached { runner_idx: u32, lost: bool },
     /// The actor stopped: its sockets close (`actor.stopped`).
     ActorStopped { actor_id: Arc<str> },
     /// Answer to a request this shard made to the control plane.
@@ -142,6 +142,11 @@ pub struct ClientConn {
 
 pub struct RunnerConn {
     pub last_pong: Instant,
+    /// Set when the control plane attached another connection for the same runner: this
+    /// one is stale, and its late tunnel messages must not touch the requests (SPEC §1.4).
+    pub superseded: bool,
+    /// The control plane's index of this runner, once attached.
+    pub runner_idx: Option<u32>,
 }
 
 pub enum ConnKind {
@@ -169,6 +174,9 @@ pub struct ShardState {
     pub budget: crate::tunnel::Budget,
     pub limits: WindowLimits,
     scratch: BytesMut,
+    /// `WebSocketClose` frames for runners that were away when their client closed; sent
+    /// when the runner reattaches so it does not keep the request forever.
+    owed_closes: Vec<(u32, Vec<Bytes>)>,
 }
 
 pub const TRUE_BYTE: Bytes = Bytes::from_static(&[1]);
@@ -191,6 +199,7 @@ impl ShardState {
             runners: Vec::new(),
             waiters: Slab::new(),
             scratch: BytesMut::with_capacity(64 * 1024),
+            owed_closes: Vec::new(),
         }
     }
 
@@ -554,7 +563,9 @@ impl ShardState {
                     reason: Some(reason.into_owned()),
                 }),
             );
-            self.send_to_runner(runner_idx, frames);
+            if !self.send_to_runner(runner_idx, frames.clone()) {
+                self.owed_closes.push((runner_idx, frames));
+            }
         }
     }
 
@@ -613,7 +624,14 @@ impl ShardState {
             ShardMsg::RunnerAttached { runner_idx, conn } => {
                 self.runner_attached(runner_idx, conn, now)
             }
-            ShardMsg::RunnerDetached { runner_idx } => self.runner_detached(runner_idx, now),
+            ShardMsg::RunnerDetached { runner_idx, lost } => {
+                if lost {
+                    // A lost runner's record is gone (its index may be reused): nothing is
+                    // owed to it any more.
+                    self.owed_closes.retain(|(idx, _)| *idx != runner_idx);
+                }
+                self.runner_detached(runner_idx, now)
+            }
             ShardMsg::ActorStopped { actor_id } => self.actor_stopped(&actor_id, now),
             ShardMsg::Reply { waiter, reply } => {
                 if self.waiters.contains(waiter as usize) {
@@ -651,7 +669,44 @@ impl ShardState {
         if self.runners.len() <= i {
             self.runners.resize(i + 1, None);
         }
+        // A new connection replaced one this shard still routes to: the engine evicted it on
+        // the reconnect's Init without a RunnerDetached (the old socket looked alive). What
+        // was written to it may be lost, so detach first and the sockets replay below.
+        if self.runners[i].is_some_and(|old| old != conn) {
+            self.runner_detached(runner_idx, now);
+        }
         self.runners[i] = Some(conn);
+        // Local connections of this runner other than `conn` are stale from now on.
+        for (slot, c) in self.conns.iter_mut() {
+            if let ConnKind::Runner(r) = &mut c.kind {
+                if r.runner_idx == Some(runner_idx) && (slot as u32, c.gen) != (conn.slot, conn.gen)
+                {
+                    r.superseded = true;
+                }
+            }
+        }
+        if conn.shard == self.id {
+            if let Some(Conn {
+                kind: ConnKind::Runner(r),
+                ..
+            }) = self
+                .conns
+                .get_mut(conn.slot as usize)
+                .filter(|c| c.gen == conn.gen)
+            {
+                r.runner_idx = Some(runner_idx);
+            }
+        }
+        let owed: Vec<Vec<Bytes>> = {
+            let (owed, keep) = std::mem::take(&mut self.owed_closes)
+                .into_iter()
+                .partition(|(idx, _)| *idx == runner_idx);
+            self.owed_closes = keep;
+            owed.into_iter().map(|(_, f)| f).collect()
+        };
+        for frames in owed {
+            self.send_to_conn(conn, frames);
+        }
         // Replay every detached socket of this runner, in order, original indices.
         let slots: Vec<u32> = self
             .conns
@@ -659,6 +714,7 @@ impl ShardState {
             .filter_map(|(s, c)| match &c.kind {
                 ConnKind::Client(cc)
                     if cc.runner_idx == runner_idx
+                        && !c.out.closing
                         && cc.socket.state() == SocketState::Detached =>
                 {
                     Some(s as u32)
