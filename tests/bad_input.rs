@@ -310,12 +310,12 @@ fn first_message_must_be_init() {
 
 #[test]
 fn runner_without_init_times_out() {
-    let daemon = Daemon::start(1, &[("TORPOR_TIMEOUTS__RUNNER_INIT_MS", "300")]);
+    let daemon = Daemon::start(1, &[("TORPOR_TIMEOUTS__RUNNER_INIT_MS", "1000")]);
     let _runner = Runner::start(&daemon.endpoint(), &[]);
     let actor = create_actor(daemon.addr, "echo", None);
     let mut client = ws_connect(daemon.addr, &actor, "/bystander");
 
-    // Silent runner: no Init within 300 ms.
+    // Silent runner: no Init within 1 s.
     let mut ws =
         raw_runner_connect(daemon.addr, &runner_query("silent"), "rivet").expect("runner upgrade");
     assert_eq!(

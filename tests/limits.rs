@@ -161,7 +161,9 @@ fn never_acked_message_closes_the_client() {
     let daemon = Daemon::start(
         1,
         &[
-            ("TORPOR_TIMEOUTS__ACK_TIMEOUT_MS", "300"),
+            // Long enough that the second socket's echo below never races the timeout on a
+            // loaded machine; the first socket's verdict does not depend on its echo at all.
+            ("TORPOR_TIMEOUTS__ACK_TIMEOUT_MS", "3000"),
             ("TORPOR_TIMEOUTS__GC_INTERVAL_MS", "50"),
         ],
     );
@@ -169,8 +171,7 @@ fn never_acked_message_closes_the_client() {
     let actor = create_actor(daemon.addr, "echo", None);
     let mut ws = ws_connect(daemon.addr, &actor, "/never");
     ws.send(Message::text("hello")).unwrap();
-    let echo = ws_recv(&mut ws);
-    assert_eq!(echo, Message::text("hello"));
+    // The echo may or may not arrive before the close; ws_expect_close skips data frames.
     let (code, reason) = ws_expect_close(&mut ws);
     assert_eq!(
         (code, reason.as_str()),
