@@ -334,7 +334,8 @@ impl ChunkedDecoder {
         self.state == Chunk::Done
     }
 
-    /// Decoded body bytes so far.
+    /// Body bytes announced so far: a chunk counts as soon as its size line is read (so the
+    /// limit is enforced before its data arrives); equals the decoded length once done.
     pub fn body_len(&self) -> u64 {
         self.total
     }
