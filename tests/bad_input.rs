@@ -8,7 +8,7 @@
 mod common;
 
 use common::{create_actor, ws_connect, ws_expect_close, ws_recv, Daemon, Runner, Ws, WAIT};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use torpor::protocol::{
     encode_to_server, ActorCheckpoint, Event, EventActorSetAlarm, EventWrapper, KvRequestData,
@@ -350,26 +350,8 @@ fn refused_upgrade(
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("response head");
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        })
-        .collect();
-    (status, headers, body.to_string())
+    let (status, headers, body) = common::read_response(s);
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {

@@ -223,6 +223,11 @@ pub fn http(
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).unwrap();
     s.write_all(body).unwrap();
+    read_response(s)
+}
+
+/// Reads a whole response (the server closes the connection) into (status, headers, body).
+pub fn read_response(mut s: TcpStream) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let split = raw
