@@ -118,6 +118,15 @@ impl OutQueue {
         self.chunks.push_back(chunk);
     }
 
+    /// Queues a close frame; nothing is queued after it and the writer half-closes once it
+    /// is flushed.
+    pub fn push_close(&mut self, code: u16, reason: &str) {
+        let payload = crate::ws::writer::close_payload(code, reason);
+        let h = encode_header(true, OpCode::Close, payload.len() as u64, None);
+        self.push_all([Bytes::copy_from_slice(h.as_slice()), payload]);
+        self.closing = true;
+    }
+
     pub fn push_all(&mut self, frames: impl IntoIterator<Item = Bytes>) {
         for f in frames {
             self.push(f);
@@ -537,11 +546,7 @@ impl ShardState {
         }
         let m = &self.shared.metrics.shards[self.id as usize];
         m.close(code, &reason);
-        let payload = crate::ws::writer::close_payload(code, &reason);
-        let h = encode_header(true, OpCode::Close, payload.len() as u64, None);
-        let head = Bytes::copy_from_slice(h.as_slice());
-        conn.out.push_all([head, payload]);
-        conn.out.closing = true;
+        conn.out.push_close(code, &reason);
         let is_client = matches!(conn.kind, ConnKind::Client(_));
         let mut tell_runner = None;
         if is_client {
@@ -654,11 +659,7 @@ impl ShardState {
                 if conn.out.closing {
                     return;
                 }
-                let payload = crate::ws::writer::close_payload(code, &reason);
-                let h = encode_header(true, OpCode::Close, payload.len() as u64, None);
-                conn.out
-                    .push_all([Bytes::copy_from_slice(h.as_slice()), payload]);
-                conn.out.closing = true;
+                conn.out.push_close(code, &reason);
                 self.shared.metrics.shards[self.id as usize].close(code, &reason);
             }
         }
