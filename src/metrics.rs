@@ -40,6 +40,7 @@ series!(Counter, COUNTERS {
     UnroutableTunnelMessages => ("torpor_tunnel_unroutable_total", "Runner tunnel messages for unknown or closed requests"),
     RunnerProtocolErrors => ("torpor_runner_protocol_errors_total", "Runner messages that failed to decode"),
     HttpRequests => ("torpor_http_requests_total", "HTTP requests handled"),
+    HttpTunnelRequests => ("torpor_http_tunnel_requests_total", "HTTP requests tunnelled to actors"),
 });
 
 series!(Gauge, GAUGES {
@@ -80,9 +81,18 @@ pub const ERROR_CODES: &[&str] = &[
     "guard.websocket_open_refused",
     "guard.runner_unavailable",
     "request.bad_request",
+    "request.runner_disconnected",
+    "request.aborted",
+    "request.response_too_large",
+    "guard.response_timeout",
+    "guard.draining",
+    "actor.stopped",
     "request.not_found",
-    "request.header_too_large",
-    "request.body_too_large",
+    "http.bad_request",
+    "http.header_too_large",
+    "http.body_too_large",
+    "http.unsupported_version",
+    "http.unsupported_transfer_encoding",
     "request.unsupported_version",
     "runner.invalid_query",
     "runner.unsupported_protocol_version",

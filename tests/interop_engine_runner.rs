@@ -338,7 +338,6 @@ fn engine_runner_closes_a_non_hibernatable_socket_with_its_code() {
 }
 
 #[test]
-#[ignore = "HTTP through the tunnel is not implemented yet (the gateway answers request.not_implemented); run with --ignored"]
 fn engine_runner_answers_http_through_the_tunnel() {
     let Some(s) = setup("http") else { return };
     let body = "hello through the tunnel é€";

@@ -6,14 +6,11 @@
 //! It owns the socket's lifetime: when its read loop ends it frees the slab entry, the
 //! window's bytes, and tells the runner if that is still owed.
 
-use super::{
-    ask_control, closing, read_more, refuse, remove_conn, write_response, writer, READ_CHUNK,
-};
+use super::{closing, read_more, refuse, remove_conn, write_response, writer, READ_CHUNK};
 use crate::http::parse::{parse_query, RequestHead};
 use crate::metrics::{Counter, Gauge};
 use crate::protocol::{self, StrMap, ToClientTunnelMessageKind};
-use crate::shard::control::ControlMsg;
-use crate::shard::state::{ClientConn, ConnKind, Reply, ResolveError, ShardState, TunnelIn};
+use crate::shard::state::{ClientConn, ConnKind, ShardState, TunnelIn};
 use crate::tunnel::TunnelSocket;
 use crate::ws::frame::OpCode;
 use crate::ws::reader::{Role, WsEvent, WsReader, WsReaderConfig};
@@ -154,50 +151,15 @@ pub async fn serve(
             c.limits.ws_max_message_bytes,
         )
     };
-    let wake = Duration::from_millis(timeouts.actor_wake_ms);
-    let (actor_path, resolve) = match target {
-        Target::Actor { actor_id, path } => {
-            (path, move |waiter| ControlMsg::Resolve { actor_id, waiter })
-        }
-        Target::Named { .. } => {
-            // Name+key addressing of WebSockets arrives with the engine API work; ids work now.
-            refuse(
-                &state,
-                &stream,
-                501,
-                "request.not_implemented",
-                "address the actor by id",
-            )
-            .await;
+    let routed = match super::gateway::resolve(&state, target).await {
+        Ok(r) => r,
+        Err((status, code, msg)) => {
+            refuse(&state, &stream, status, code, msg).await;
             return;
         }
     };
-    let reply = ask_control(&state, resolve, wake + Duration::from_secs(1)).await;
-    let (actor_id, runner_idx, runner_conn) = match reply {
-        Some(Reply::Resolve(Ok(r))) => r,
-        Some(Reply::Resolve(Err(ResolveError::NotFound))) => {
-            refuse(
-                &state,
-                &stream,
-                404,
-                "actor.not_found",
-                "the actor does not exist",
-            )
-            .await;
-            return;
-        }
-        _ => {
-            refuse(
-                &state,
-                &stream,
-                503,
-                "actor.wake_timeout",
-                "the actor did not become ready",
-            )
-            .await;
-            return;
-        }
-    };
+    let (actor_id, runner_idx, runner_conn, actor_path) =
+        (routed.actor_id, routed.runner_idx, routed.conn, routed.path);
 
     // Register the request and open the tunnel.
     let (open_tx, open_rx) = oneshot::channel();

@@ -7,6 +7,7 @@
 //! and queue what it returns.
 
 pub mod client;
+pub mod gateway;
 pub mod runner;
 pub mod writer;
 
@@ -223,6 +224,9 @@ async fn conn_task(state: Rc<RefCell<ShardState>>, stream: TcpStream) {
         let body = match read_body(&stream, &head, &mut buf, body_limit, deadline).await {
             Ok(b) => b,
             Err(resp) => {
+                if let Some(code) = resp.header("x-rivet-error") {
+                    state.borrow().metrics().error(code);
+                }
                 write_response(&stream, &closing(resp)).await;
                 return;
             }
@@ -344,14 +348,11 @@ async fn route_http(
         }
         _ => {}
     }
+    if let Some(target) = client::parse_target(head, path, query) {
+        return gateway::serve_http(state, head, target, body).await;
+    }
     if path.starts_with("/gateway/") {
-        // The HTTP tunnel (RequestStart/ResponseStart) arrives with a later change.
-        return error_response(
-            state,
-            501,
-            "request.not_implemented",
-            "HTTP requests through the tunnel are not supported yet; use a WebSocket",
-        );
+        return error_response(state, 404, "request.not_found", "no such route");
     }
     let method = head.method.clone();
     let path = path.to_string();

@@ -32,6 +32,14 @@ pub enum ControlMsg {
         actor_id: String,
         waiter: u64,
     },
+    /// Route a request to an actor by name and key (`rvt-method=get|getOrCreate`).
+    ResolveNamed {
+        namespace: String,
+        name: String,
+        key: Option<String>,
+        get_or_create: bool,
+        waiter: u64,
+    },
     /// An engine API request (`/actors`, `/metadata`, …).
     Api {
         method: String,
@@ -106,14 +114,27 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                 ControlMsg::RunnerClosed { conn } => engine.runner_closed(conn, now),
                 ControlMsg::Resolve { actor_id, waiter } => {
                     let (r, actions) = engine.resolve(&actor_id, waiter, now);
-                    let reply = match r {
-                        Resolve::Ready(route) => Some(Ok(route)),
-                        Resolve::NotFound => Some(Err(ShardResolveError::NotFound)),
-                        Resolve::Pending { .. } => None,
-                    };
-                    if let Some(result) = reply {
-                        reply_resolve(&shared, waiter, result);
-                    }
+                    answer_resolve(&shared, waiter, r);
+                    actions
+                }
+                ControlMsg::ResolveNamed {
+                    namespace,
+                    name,
+                    key,
+                    get_or_create,
+                    waiter,
+                } => {
+                    let key = key.unwrap_or_default();
+                    let (r, actions) = engine.resolve_by_name(
+                        &namespace,
+                        &name,
+                        &key,
+                        get_or_create,
+                        None,
+                        waiter,
+                        now,
+                    );
+                    answer_resolve(&shared, waiter, r);
                     actions
                 }
                 ControlMsg::Api {
@@ -154,6 +175,15 @@ fn send_reply(shared: &Shared, waiter: u64, reply: Reply) {
             waiter: waiter as u32,
             reply,
         });
+    }
+}
+
+/// Answers a lookup now, unless it is pending (then `Action::Resolved` answers it later).
+fn answer_resolve(shared: &Shared, waiter: u64, r: Resolve) {
+    match r {
+        Resolve::Ready(route) => reply_resolve(shared, waiter, Ok(route)),
+        Resolve::NotFound => reply_resolve(shared, waiter, Err(ShardResolveError::NotFound)),
+        Resolve::Pending { .. } => {}
     }
 }
 

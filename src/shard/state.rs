@@ -158,10 +158,34 @@ pub struct RunnerConn {
     pub runner_idx: Option<u32>,
 }
 
+/// An HTTP request tunnelled to an actor (SPEC §2.3), waiting for its response.
+pub struct RequestConn {
+    pub actor_id: Arc<str>,
+    pub runner_idx: u32,
+    pub req: [u8; 4],
+    /// Head of a streamed response (`ResponseStart { stream: true }`) and its body so far.
+    pub streamed: Option<(u16, protocol::StrMap, BytesMut)>,
+    /// Where the outcome goes; taken once answered.
+    pub done: Option<oneshot::Sender<HttpOutcome>>,
+}
+
+/// How a tunnelled HTTP request ended.
+#[derive(Debug)]
+pub enum HttpOutcome {
+    Response {
+        status: u16,
+        headers: protocol::StrMap,
+        body: Bytes,
+    },
+    /// Refused by the gateway: status and `{group}.{code}`.
+    Failed { status: u16, code: &'static str },
+}
+
 pub enum ConnKind {
     Http,
     Runner(RunnerConn),
     Client(ClientConn),
+    Request(RequestConn),
 }
 
 pub struct Conn {
@@ -379,6 +403,13 @@ impl ShardState {
 
     /// Applies runner → client traffic to a local client socket.
     pub fn tunnel_in(&mut self, key: RequestKey, msg: TunnelIn, now: Instant) {
+        if let Some(c) = self.conns.get(key.slot as usize) {
+            if matches!(&c.kind, ConnKind::Request(r) if RequestKey::decode(r.req) == key) {
+                let gen = c.gen;
+                self.request_in(key.slot, gen, msg);
+                return;
+            }
+        }
         let Some((slot, gen)) = self.client_by_key(key) else {
             self.metrics().inc(Counter::UnroutableTunnelMessages);
             return;
@@ -418,6 +449,101 @@ impl ShardState {
                     _ => self.metrics().inc(Counter::UnroutableTunnelMessages),
                 }
             }
+        }
+    }
+
+    /// Runner → gateway traffic of a tunnelled HTTP request: the response head (and body),
+    /// body chunks of a streamed response, or an abort.
+    fn request_in(&mut self, slot: u32, gen: u32, msg: TunnelIn) {
+        let body_limit = self.shared.config.limits.http_body_bytes;
+        let Some(Conn {
+            kind: ConnKind::Request(rc),
+            ..
+        }) = self.conns.get_mut(slot as usize).filter(|c| c.gen == gen)
+        else {
+            return;
+        };
+        let outcome = match msg {
+            TunnelIn::Other(protocol::ToServerTunnelMessageKind::ResponseStart(r))
+                if rc.streamed.is_none() =>
+            {
+                let body = r.body.unwrap_or_default();
+                if r.stream {
+                    rc.streamed = Some((r.status, r.headers, BytesMut::from(&body[..])));
+                    None
+                } else {
+                    Some(HttpOutcome::Response {
+                        status: r.status,
+                        headers: r.headers,
+                        body: Bytes::from(body),
+                    })
+                }
+            }
+            TunnelIn::Other(protocol::ToServerTunnelMessageKind::ResponseChunk(c))
+                if rc.streamed.is_some() =>
+            {
+                let (_, _, buf) = rc.streamed.as_mut().expect("checked");
+                if buf.len() + c.body.len() > body_limit {
+                    rc.streamed = None;
+                    Some(HttpOutcome::Failed {
+                        status: 502,
+                        code: "request.response_too_large",
+                    })
+                } else {
+                    buf.extend_from_slice(&c.body);
+                    if c.finish {
+                        let (status, headers, buf) = rc.streamed.take().expect("checked");
+                        Some(HttpOutcome::Response {
+                            status,
+                            headers,
+                            body: buf.freeze(),
+                        })
+                    } else {
+                        None
+                    }
+                }
+            }
+            TunnelIn::Other(protocol::ToServerTunnelMessageKind::ResponseAbort) => {
+                Some(HttpOutcome::Failed {
+                    status: 503,
+                    code: "request.aborted",
+                })
+            }
+            _ => {
+                self.metrics().inc(Counter::UnroutableTunnelMessages);
+                return;
+            }
+        };
+        if let Some(o) = outcome {
+            self.finish_request(slot, gen, o);
+        }
+    }
+
+    /// Answers a tunnelled HTTP request (once); its task removes the slab entry.
+    pub fn finish_request(&mut self, slot: u32, gen: u32, outcome: HttpOutcome) {
+        if let Some(Conn {
+            kind: ConnKind::Request(rc),
+            ..
+        }) = self.conns.get_mut(slot as usize).filter(|c| c.gen == gen)
+        {
+            if let Some(tx) = rc.done.take() {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
+
+    /// Fails every tunnelled HTTP request that matches `pred` (its runner or actor is gone).
+    fn fail_requests(&mut self, code: &'static str, pred: impl Fn(&RequestConn) -> bool) {
+        let hit: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .filter_map(|(s, c)| match &c.kind {
+                ConnKind::Request(r) if r.done.is_some() && pred(r) => Some((s as u32, c.gen)),
+                _ => None,
+            })
+            .collect();
+        for (slot, gen) in hit {
+            self.finish_request(slot, gen, HttpOutcome::Failed { status: 503, code });
         }
     }
 
@@ -750,6 +876,10 @@ impl ShardState {
         if let Some(r) = self.runners.get_mut(runner_idx as usize) {
             *r = None;
         }
+        // An HTTP request has no replay: whatever the runner had of it is gone.
+        self.fail_requests("request.runner_disconnected", |r| {
+            r.runner_idx == runner_idx
+        });
         let affected: Vec<(u32, u32)> = self
             .conns
             .iter()
@@ -791,6 +921,7 @@ impl ShardState {
     }
 
     fn actor_stopped(&mut self, actor_id: &str, now: Instant) {
+        self.fail_requests("actor.stopped", |r| &*r.actor_id == actor_id);
         let affected: Vec<(u32, u32)> = self
             .conns
             .iter()
@@ -819,9 +950,11 @@ impl ShardState {
     }
 
     fn shutdown(&mut self, now: Instant) {
+        self.fail_requests("guard.draining", |_| true);
         let all: Vec<(u32, u32, bool)> = self
             .conns
             .iter()
+            .filter(|(_, c)| !matches!(c.kind, ConnKind::Request(_)))
             .map(|(s, c)| (s as u32, c.gen, matches!(c.kind, ConnKind::Client(_))))
             .collect();
         for (slot, gen, client) in all {
