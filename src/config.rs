@@ -65,6 +65,12 @@ pub struct Timeouts {
     pub runner_lost_threshold_ms: u64,
     pub actor_stop_threshold_ms: u64,
     pub actor_wake_ms: u64,
+    /// How often a hibernating socket's record is refreshed (plus up to 1/8 jitter).
+    pub hibernation_refresh_ms: u64,
+    /// Hibernating records older than this are not handed to a starting actor.
+    pub hibernation_eligible_ms: u64,
+    /// A socket hibernating longer than this is closed (`guard.hibernation_timeout`); 0 = never.
+    pub hibernation_max_ms: u64,
 }
 
 impl Default for Config {
@@ -112,6 +118,9 @@ impl Default for Timeouts {
             runner_lost_threshold_ms: 15_000,
             actor_stop_threshold_ms: 30_000,
             actor_wake_ms: 30_000,
+            hibernation_refresh_ms: 45_000,
+            hibernation_eligible_ms: 90_000,
+            hibernation_max_ms: 12 * 3600 * 1000,
         }
     }
 }
@@ -223,6 +232,9 @@ impl Config {
         if t.ping_interval_ms == 0 || t.ping_timeout_ms <= t.ping_interval_ms {
             return bad("timeouts.ping_timeout_ms must be > timeouts.ping_interval_ms > 0");
         }
+        if t.hibernation_refresh_ms == 0 || t.hibernation_eligible_ms <= t.hibernation_refresh_ms {
+            return bad("timeouts.hibernation_eligible_ms must be > timeouts.hibernation_refresh_ms > 0 (a refreshed record must stay eligible)");
+        }
         if t.gc_interval_ms == 0 {
             return bad("timeouts.gc_interval_ms must be > 0");
         }
@@ -309,7 +321,10 @@ ser_fields!(
     ping_timeout_ms,
     runner_lost_threshold_ms,
     actor_stop_threshold_ms,
-    actor_wake_ms
+    actor_wake_ms,
+    hibernation_refresh_ms,
+    hibernation_eligible_ms,
+    hibernation_max_ms
 );
 
 fn merge(base: &mut toml::Table, overlay: toml::Table) {

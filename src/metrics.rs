@@ -40,6 +40,9 @@ series!(Counter, COUNTERS {
     UnroutableTunnelMessages => ("torpor_tunnel_unroutable_total", "Runner tunnel messages for unknown or closed requests"),
     RunnerProtocolErrors => ("torpor_runner_protocol_errors_total", "Runner messages that failed to decode"),
     HttpRequests => ("torpor_http_requests_total", "HTTP requests handled"),
+    Hibernations => ("torpor_hibernations_total", "Client WebSockets that entered hibernation"),
+    HibernationWakes => ("torpor_hibernation_wakes_total", "Hibernating WebSockets reattached to a running actor"),
+    WakeRequests => ("torpor_wake_requests_total", "Actor starts asked for by hibernating WebSockets"),
     HttpTunnelRequests => ("torpor_http_tunnel_requests_total", "HTTP requests tunnelled to actors"),
 });
 
@@ -48,6 +51,7 @@ series!(Gauge, GAUGES {
     PendingMessages => ("torpor_tunnel_pending_messages", "Unacknowledged messages held for replay"),
     OpenClientWebSockets => ("torpor_client_websockets_open", "Open client WebSockets"),
     PausedClientWebSockets => ("torpor_client_websockets_paused", "Client WebSockets not being read (backpressure)"),
+    HibernatingWebSockets => ("torpor_client_websockets_hibernating", "Client WebSockets hibernating (their actor is not running)"),
     RunnersConnected => ("torpor_runners_connected", "Runner connections open on this process"),
     MaxSocketPendingBytes => ("torpor_tunnel_socket_pending_bytes_max", "Largest pending byte total seen on one socket (high-water mark)"),
     MaxSocketPendingMessages => ("torpor_tunnel_socket_pending_messages_max", "Largest pending message count seen on one socket (high-water mark)"),
@@ -71,6 +75,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "guard.websocket_pending_limit_reached",
     "guard.websocket_open_timeout",
     "guard.client_too_slow",
+    "guard.hibernation_timeout",
     "other",
 ];
 

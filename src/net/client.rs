@@ -158,8 +158,13 @@ pub async fn serve(
             return;
         }
     };
-    let (actor_id, runner_idx, runner_conn, actor_path) =
-        (routed.actor_id, routed.runner_idx, routed.conn, routed.path);
+    let (actor_id, generation, runner_idx, runner_conn, actor_path) = (
+        routed.actor_id,
+        routed.generation,
+        routed.runner_idx,
+        routed.conn,
+        routed.path,
+    );
 
     // Register the request and open the tunnel.
     let (open_tx, open_rx) = oneshot::channel();
@@ -178,6 +183,9 @@ pub async fn serve(
             open_tx: Some(open_tx),
             resume: Rc::new(tokio::sync::Notify::new()),
             runner_closed: false,
+            generation,
+            hibernation: None,
+            record_refresh_at: None,
         });
         if st.runners.len() <= runner_idx as usize {
             st.runners.resize(runner_idx as usize + 1, None);
@@ -239,11 +247,7 @@ pub async fn serve(
     };
     {
         let mut st = state.borrow_mut();
-        if let Some(c) = st.get(slot, gen) {
-            if let ConnKind::Client(cc) = &mut c.kind {
-                cc.socket.on_runner_open(can_hibernate);
-            }
-        }
+        st.client_opened(slot, gen, can_hibernate, Instant::now());
         let m = st.metrics();
         m.inc(Counter::ClientWebSockets);
         m.gauge_add(Gauge::OpenClientWebSockets, 1);

@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 #[derive(Debug)]
 pub struct Routed {
     pub actor_id: Arc<str>,
+    pub generation: u32,
     pub runner_idx: u32,
     pub conn: ConnRef,
     /// The path the actor sees (query kept, `rvt-*` parameters removed).
@@ -66,10 +67,11 @@ pub async fn resolve(
         ),
     };
     match ask_control(state, make, wake + Duration::from_secs(1)).await {
-        Some(Reply::Resolve(Ok((actor_id, runner_idx, conn)))) => Ok(Routed {
-            actor_id,
-            runner_idx,
-            conn,
+        Some(Reply::Resolve(Ok(r))) => Ok(Routed {
+            actor_id: r.actor_id,
+            generation: r.generation,
+            runner_idx: r.runner_idx,
+            conn: r.conn,
             path,
         }),
         Some(Reply::Resolve(Err(ResolveError::NotFound))) => {

@@ -2,7 +2,7 @@
 //! messages. It is off the data path: steady-state message forwarding never passes here, only
 //! runner sessions (Init, events, command acks), actor lookups and the engine HTTP API.
 
-use super::state::{Reply, ResolveError as ShardResolveError};
+use super::state::{Reply, ResolveError as ShardResolveError, Routed};
 use super::{ShardMsg, Shared};
 use crate::engine::{self, Action, ConnRef, Engine, EngineConfig, Resolve};
 use crate::protocol::{self, ToServer, ToServerInit};
@@ -40,6 +40,18 @@ pub enum ControlMsg {
         get_or_create: bool,
         waiter: u64,
     },
+    /// Start a sleeping actor because a hibernating socket needs it.
+    Wake {
+        actor_id: String,
+    },
+    /// Record (`keep`) or forget a hibernating client socket of `actor_id`.
+    Hibernating {
+        actor_id: Arc<str>,
+        req: protocol::HibernatingRequest,
+        keep: bool,
+    },
+    /// Refresh the records of these hibernatable sockets (actor id, request).
+    HibernatingRefresh(Vec<(Arc<str>, protocol::HibernatingRequest)>),
     /// An engine API request (`/actors`, `/metadata`, …).
     Api {
         method: String,
@@ -58,6 +70,7 @@ fn engine_config(shared: &Shared) -> EngineConfig {
         runner_lost_threshold: d(t.runner_lost_threshold_ms),
         actor_stop_threshold: d(t.actor_stop_threshold_ms),
         wake_timeout: d(t.actor_wake_ms),
+        hibernation_eligible: d(t.hibernation_eligible_ms),
         public_url: format!("http://{}", shared.config.listen),
         ..EngineConfig::default()
     }
@@ -66,6 +79,9 @@ fn engine_config(shared: &Shared) -> EngineConfig {
 fn unix_ms() -> i64 {
     crate::net::runner::now_ms()
 }
+
+/// Waiter ids with this shard part are answered to no shard (`send_reply` finds none).
+const NO_SHARD: u64 = 0xFFFF_FFFF << 32;
 
 /// Runs until `Shutdown` or until every sender is gone.
 pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
@@ -76,6 +92,7 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
         unix_ms(),
     );
     let tick = Duration::from_millis(50);
+    let mut wake_seq: u64 = 0;
     let mut next_tick = Instant::now() + tick;
     loop {
         let timeout = next_tick.saturating_duration_since(Instant::now());
@@ -137,6 +154,30 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                     answer_resolve(&shared, waiter, r);
                     actions
                 }
+                ControlMsg::Wake { actor_id } => {
+                    // A lookup nobody waits for: its answer goes to no shard.
+                    wake_seq += 1;
+                    let (_, actions) = engine.resolve(&actor_id, NO_SHARD | wake_seq, now);
+                    actions
+                }
+                ControlMsg::Hibernating {
+                    actor_id,
+                    req,
+                    keep,
+                } => {
+                    if keep {
+                        engine.hibernating_upsert(&actor_id, req, now);
+                    } else {
+                        engine.hibernating_remove(&actor_id, req);
+                    }
+                    Vec::new()
+                }
+                ControlMsg::HibernatingRefresh(records) => {
+                    for (actor_id, req) in records {
+                        engine.hibernating_upsert(&actor_id, req, now);
+                    }
+                    Vec::new()
+                }
                 ControlMsg::Api {
                     method,
                     path,
@@ -188,8 +229,12 @@ fn answer_resolve(shared: &Shared, waiter: u64, r: Resolve) {
 }
 
 fn reply_resolve(shared: &Shared, waiter: u64, result: Result<engine::Route, ShardResolveError>) {
-    let reply =
-        Reply::Resolve(result.map(|r| (Arc::<str>::from(r.actor_id), r.runner_idx, r.conn)));
+    let reply = Reply::Resolve(result.map(|r| Routed {
+        actor_id: r.actor_id.into(),
+        generation: r.generation,
+        runner_idx: r.runner_idx,
+        conn: r.conn,
+    }));
     send_reply(shared, waiter, reply);
 }
 
@@ -240,7 +285,18 @@ fn dispatch(shared: &Shared, actions: Vec<Action>) {
                 runner_idx,
                 lost: true,
             }),
-            Action::ActorRunning { .. } => {}
+            Action::ActorRunning {
+                actor_id,
+                generation,
+                runner_idx,
+            } => {
+                let id: Arc<str> = actor_id.into();
+                broadcast(shared, || ShardMsg::ActorRunning {
+                    actor_id: id.clone(),
+                    generation,
+                    runner_idx,
+                })
+            }
             Action::ActorStopped { actor_id } | Action::ActorDestroyed { actor_id } => {
                 let id: Arc<str> = actor_id.into();
                 broadcast(shared, || ShardMsg::ActorStopped {

@@ -44,8 +44,15 @@ pub enum ShardMsg {
     RunnerAttached { runner_idx: u32, conn: ConnRef },
     /// The runner's current connection is gone; it may come back unless `lost`.
     RunnerDetached { runner_idx: u32, lost: bool },
-    /// The actor stopped: its sockets close (`actor.stopped`).
+    /// The actor stopped: hibernatable sockets hibernate, others close (`actor.stopped`).
     ActorStopped { actor_id: Arc<str> },
+    /// The actor reported `Running` (generation `generation`, on runner `runner_idx`):
+    /// hibernating sockets of an earlier generation reattach and replay.
+    ActorRunning {
+        actor_id: Arc<str>,
+        generation: u32,
+        runner_idx: u32,
+    },
     /// Answer to a request this shard made to the control plane.
     Reply { waiter: u32, reply: Reply },
     /// Stop accepting and close everything (SIGTERM).
@@ -75,12 +82,17 @@ pub enum TunnelIn {
 /// Answers from the control plane.
 #[derive(Debug)]
 pub enum Reply {
-    /// (actor id, runner index, the runner's connection).
-    Resolve(Result<(Arc<str>, u32, ConnRef), ResolveError>),
-    Api {
-        status: u16,
-        body: String,
-    },
+    Resolve(Result<Routed, ResolveError>),
+    Api { status: u16, body: String },
+}
+
+/// Where a routable actor lives now.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub actor_id: Arc<str>,
+    pub generation: u32,
+    pub runner_idx: u32,
+    pub conn: ConnRef,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +159,24 @@ pub struct ClientConn {
     pub resume: Rc<Notify>,
     /// The runner was told the socket closed (or owes nothing).
     pub runner_closed: bool,
+    /// The actor generation this socket was last attached to.
+    pub generation: u32,
+    /// Set while the socket hibernates (SPEC §2.6).
+    pub hibernation: Option<Hibernation>,
+    /// The engine holds a hibernating-request record of this socket, refreshed at this time
+    /// next. Every hibernatable socket has one from its open to its close, so whatever starts
+    /// the actor lists it (a record made only when the socket hibernates could reach the
+    /// control plane after the wake it races with).
+    pub record_refresh_at: Option<Instant>,
+}
+
+/// A hibernating client socket: its actor is down (or handed the socket back), the client
+/// stays connected, and the socket reattaches to a later generation of the actor.
+#[derive(Debug, Clone, Copy)]
+pub struct Hibernation {
+    pub since: Instant,
+    /// A wake was asked for and the actor has not run since.
+    pub waking: bool,
 }
 
 pub struct RunnerConn {
@@ -440,8 +470,19 @@ impl ShardState {
                     return;
                 }
                 match msg {
+                    TunnelIn::Close {
+                        hibernate: true, ..
+                    } if cc.socket.is_hibernatable() && cc.hibernation.is_none() => {
+                        // The actor hands the socket to the gateway; it comes back with a
+                        // later generation of the actor (CommandStartActor lists it).
+                        self.detach_for_hibernation(
+                            slot,
+                            gen,
+                            DetachCause::HibernateRequested,
+                            now,
+                        );
+                    }
                     TunnelIn::Close { code, reason, .. } => {
-                        // Hibernation arrives with a later change; for now the client closes.
                         cc.runner_closed = true;
                         let reason = reason.unwrap_or_else(|| "ws.closed".to_string());
                         self.close_client(slot, gen, code.unwrap_or(1000), reason, now);
@@ -630,7 +671,7 @@ impl ShardState {
                 let frames = self.ws_message_frames(req, index, data, binary);
                 self.send_to_runner(runner_idx, frames);
             }
-            ClientMsg::Held { .. } => {}
+            ClientMsg::Held { .. } => self.wake_for(slot),
             ClientMsg::Paused => {
                 m.inc(Counter::BackpressurePauses);
                 m.gauge_add(Gauge::PausedClientWebSockets, 1);
@@ -677,6 +718,8 @@ impl ShardState {
         let mut tell_runner = None;
         if is_client {
             self.release_window(slot);
+            self.leave_hibernation(slot);
+            self.forget_record(slot);
             if let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind {
                 if !cc.runner_closed {
                     cc.runner_closed = true;
@@ -737,6 +780,207 @@ impl ShardState {
             let r = CloseReason::NOT_ACKED;
             self.close_client(slot, gen, r.code, r.reason, now);
         }
+        self.hibernation_pass(now);
+    }
+
+    /// Refreshes the engine's records of hibernatable sockets (every `hibernation_refresh_ms`
+    /// plus jitter, in one message) and closes the sockets that hibernated longer than
+    /// `hibernation_max_ms`.
+    fn hibernation_pass(&mut self, now: Instant) {
+        let t = &self.shared.config.timeouts;
+        let max = (t.hibernation_max_ms > 0).then(|| crate::config::ms(t.hibernation_max_ms));
+        let gw = self.shared.gateway_id;
+        let mut refresh = Vec::new();
+        let mut expired = Vec::new();
+        for (slot, c) in self.conns.iter() {
+            let ConnKind::Client(cc) = &c.kind else {
+                continue;
+            };
+            if c.out.closing {
+                continue;
+            }
+            if let Some(h) = cc.hibernation {
+                if max.is_some_and(|max| now.saturating_duration_since(h.since) > max) {
+                    expired.push((slot as u32, c.gen));
+                    continue;
+                }
+            }
+            if cc.record_refresh_at.is_some_and(|at| now >= at) {
+                refresh.push(slot as u32);
+            }
+        }
+        let mut records = Vec::with_capacity(refresh.len());
+        for slot in refresh {
+            let next = now + self.refresh_interval();
+            if let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind {
+                cc.record_refresh_at = Some(next);
+                records.push((cc.actor_id.clone(), hibernating_request(gw, cc.req)));
+            }
+        }
+        if !records.is_empty() {
+            self.control(ControlMsg::HibernatingRefresh(records));
+        }
+        for (slot, gen) in expired {
+            let r = CloseReason::HIBERNATION_TIMEOUT;
+            self.close_client(slot, gen, r.code, r.reason, now);
+        }
+    }
+
+    fn refresh_interval(&self) -> std::time::Duration {
+        let base = self.shared.config.timeouts.hibernation_refresh_ms;
+        crate::config::ms(base + rand::random::<u64>() % (base / 8 + 1))
+    }
+
+    /// The runner accepted the client's socket (`WebSocketOpen { canHibernate }`); a
+    /// hibernatable one gets its engine record now.
+    pub fn client_opened(&mut self, slot: u32, gen: u32, can_hibernate: bool, now: Instant) {
+        let next = now + self.refresh_interval();
+        let gw = self.shared.gateway_id;
+        let Some(Conn {
+            kind: ConnKind::Client(cc),
+            ..
+        }) = self.conns.get_mut(slot as usize).filter(|c| c.gen == gen)
+        else {
+            return;
+        };
+        cc.socket.on_runner_open(can_hibernate);
+        if can_hibernate {
+            cc.record_refresh_at = Some(next);
+            let msg = ControlMsg::Hibernating {
+                actor_id: cc.actor_id.clone(),
+                req: hibernating_request(gw, cc.req),
+                keep: true,
+            };
+            self.control(msg);
+        }
+    }
+
+    /// The socket hibernates (SPEC §2.6): it waits for a later generation of its actor, and a
+    /// non-empty window wakes the actor at once. The socket must already be detached (its
+    /// window kept). Idempotent.
+    fn enter_hibernation(&mut self, slot: u32, now: Instant) {
+        let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
+            return;
+        };
+        if cc.hibernation.is_some() {
+            return;
+        }
+        cc.hibernation = Some(Hibernation {
+            since: now,
+            waking: false,
+        });
+        // The actor no longer holds the request: nothing is owed to it while it hibernates.
+        cc.runner_closed = true;
+        let pending = cc.socket.pending_len() > 0;
+        let m = self.metrics();
+        m.inc(Counter::Hibernations);
+        m.gauge_add(Gauge::HibernatingWebSockets, 1);
+        if pending {
+            self.wake_for(slot);
+        }
+    }
+
+    /// Asks the control plane to start the actor of a hibernating socket (once per sleep).
+    fn wake_for(&mut self, slot: u32) {
+        let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
+            return;
+        };
+        let Some(h) = cc.hibernation.as_mut() else {
+            return;
+        };
+        if h.waking {
+            return;
+        }
+        h.waking = true;
+        let msg = ControlMsg::Wake {
+            actor_id: cc.actor_id.to_string(),
+        };
+        self.control(msg);
+        self.metrics().inc(Counter::WakeRequests);
+    }
+
+    /// The socket stops hibernating (reattached or closed).
+    fn leave_hibernation(&mut self, slot: u32) {
+        let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
+            return;
+        };
+        if cc.hibernation.take().is_some() {
+            self.metrics().gauge_add(Gauge::HibernatingWebSockets, -1);
+        }
+    }
+
+    /// The socket closed: the engine forgets its record.
+    fn forget_record(&mut self, slot: u32) {
+        let gw = self.shared.gateway_id;
+        let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
+            return;
+        };
+        if cc.record_refresh_at.take().is_some() {
+            let msg = ControlMsg::Hibernating {
+                actor_id: cc.actor_id.clone(),
+                req: hibernating_request(gw, cc.req),
+                keep: false,
+            };
+            self.control(msg);
+        }
+    }
+
+    /// The actor runs again: its hibernating sockets of earlier generations reattach to the
+    /// runner (no second `WebSocketOpen`: the start command listed them) and replay their
+    /// windows with the original indices.
+    fn actor_running(&mut self, actor_id: &str, generation: u32, runner_idx: u32, now: Instant) {
+        let Some(Some(conn)) = self.runners.get(runner_idx as usize).copied() else {
+            return;
+        };
+        let slots: Vec<u32> = self
+            .conns
+            .iter()
+            .filter_map(|(s, c)| match &c.kind {
+                ConnKind::Client(cc)
+                    if &*cc.actor_id == actor_id
+                        && !c.out.closing
+                        && cc.hibernation.is_some()
+                        && generation > cc.generation =>
+                {
+                    Some(s as u32)
+                }
+                _ => None,
+            })
+            .collect();
+        for slot in slots {
+            self.leave_hibernation(slot);
+            let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
+                continue;
+            };
+            cc.runner_idx = runner_idx;
+            cc.generation = generation;
+            cc.runner_closed = false;
+            self.metrics().inc(Counter::HibernationWakes);
+            self.replay(slot, conn, now);
+        }
+    }
+
+    /// Sends a socket's whole pending window, oldest first, original indices.
+    fn replay(&mut self, slot: u32, conn: ConnRef, now: Instant) {
+        let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
+            return;
+        };
+        let req = cc.req;
+        let replay: Vec<(u16, Bytes, bool)> = cc
+            .socket
+            .on_runner_attached(now)
+            .map(|e| (e.index, e.data.clone(), e.binary))
+            .collect();
+        let m = &self.shared.metrics.shards[self.id as usize];
+        m.inc(Counter::Replays);
+        m.add(Counter::ReplayedMessages, replay.len() as u64);
+        let mut frames = Vec::with_capacity(replay.len() * 3);
+        for (index, data, binary) in replay {
+            frames.extend(self.ws_message_frames(req, index, data, binary));
+        }
+        if !frames.is_empty() {
+            self.send_to_conn(conn, frames);
+        }
     }
 
     /// Messages from other shards and the control plane.
@@ -756,14 +1000,20 @@ impl ShardState {
                 self.runner_attached(runner_idx, conn, now)
             }
             ShardMsg::RunnerDetached { runner_idx, lost } => {
+                self.runner_detached(runner_idx, now);
                 if lost {
                     // A lost runner's record is gone (its index may be reused): nothing is
-                    // owed to it any more.
+                    // owed to it any more, and its sockets hibernate.
                     self.owed_closes.retain(|(idx, _)| *idx != runner_idx);
+                    self.runner_lost(runner_idx, now);
                 }
-                self.runner_detached(runner_idx, now)
             }
             ShardMsg::ActorStopped { actor_id } => self.actor_stopped(&actor_id, now),
+            ShardMsg::ActorRunning {
+                actor_id,
+                generation,
+                runner_idx,
+            } => self.actor_running(&actor_id, generation, runner_idx, now),
             ShardMsg::Reply { waiter, reply } => {
                 if self.waiters.contains(waiter as usize) {
                     let _ = self.waiters.remove(waiter as usize).send(reply);
@@ -835,6 +1085,7 @@ impl ShardState {
             self.send_to_conn(conn, frames);
         }
         // Replay every detached socket of this runner, in order, original indices.
+        // Hibernating sockets wait for their actor's next generation instead.
         let slots: Vec<u32> = self
             .conns
             .iter()
@@ -842,6 +1093,7 @@ impl ShardState {
                 ConnKind::Client(cc)
                     if cc.runner_idx == runner_idx
                         && !c.out.closing
+                        && cc.hibernation.is_none()
                         && cc.socket.state() == SocketState::Detached =>
                 {
                     Some(s as u32)
@@ -850,25 +1102,7 @@ impl ShardState {
             })
             .collect();
         for slot in slots {
-            let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
-                continue;
-            };
-            let req = cc.req;
-            let replay: Vec<(u16, Bytes, bool)> = cc
-                .socket
-                .on_runner_attached(now)
-                .map(|e| (e.index, e.data.clone(), e.binary))
-                .collect();
-            let m = &self.shared.metrics.shards[self.id as usize];
-            m.inc(Counter::Replays);
-            m.add(Counter::ReplayedMessages, replay.len() as u64);
-            let mut frames = Vec::with_capacity(replay.len() * 3);
-            for (index, data, binary) in replay {
-                frames.extend(self.ws_message_frames(req, index, data, binary));
-            }
-            if !frames.is_empty() {
-                self.send_to_conn(conn, frames);
-            }
+            self.replay(slot, conn, now);
         }
     }
 
@@ -884,7 +1118,11 @@ impl ShardState {
             .conns
             .iter()
             .filter_map(|(s, c)| match &c.kind {
-                ConnKind::Client(cc) if cc.runner_idx == runner_idx && !c.out.closing => {
+                ConnKind::Client(cc)
+                    if cc.runner_idx == runner_idx
+                        && !c.out.closing
+                        && cc.hibernation.is_none() =>
+                {
                     Some((s as u32, c.gen))
                 }
                 _ => None,
@@ -922,30 +1160,88 @@ impl ShardState {
 
     fn actor_stopped(&mut self, actor_id: &str, now: Instant) {
         self.fail_requests("actor.stopped", |r| &*r.actor_id == actor_id);
+        // Sockets that hibernated while the actor still ran (it handed them back) and asked
+        // for a wake then: the actor is down now, so a wake starts it.
+        let held: Vec<u32> = self
+            .conns
+            .iter_mut()
+            .filter_map(|(s, c)| match &mut c.kind {
+                ConnKind::Client(cc) if &*cc.actor_id == actor_id && !c.out.closing => {
+                    let h = cc.hibernation.as_mut()?;
+                    h.waking = false;
+                    (cc.socket.pending_len() > 0).then_some(s as u32)
+                }
+                _ => None,
+            })
+            .collect();
         let affected: Vec<(u32, u32)> = self
             .conns
             .iter()
             .filter_map(|(s, c)| match &c.kind {
-                ConnKind::Client(cc) if &*cc.actor_id == actor_id && !c.out.closing => {
+                ConnKind::Client(cc)
+                    if &*cc.actor_id == actor_id && !c.out.closing && cc.hibernation.is_none() =>
+                {
                     Some((s as u32, c.gen))
                 }
                 _ => None,
             })
             .collect();
         for (slot, gen) in affected {
-            if let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind {
-                cc.runner_closed = true;
-                if let Some(tx) = cc.open_tx.take() {
-                    let _ = tx.send(TunnelIn::Close {
-                        code: Some(1000),
-                        reason: Some("actor.stopped".into()),
-                        hibernate: false,
-                    });
-                    continue;
+            self.detach_for_hibernation(slot, gen, DetachCause::ActorStopped, now);
+        }
+        for slot in held {
+            self.wake_for(slot);
+        }
+    }
+
+    /// The runner is lost: its attached or detached sockets hibernate (or close).
+    fn runner_lost(&mut self, runner_idx: u32, now: Instant) {
+        let affected: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .filter_map(|(s, c)| match &c.kind {
+                ConnKind::Client(cc)
+                    if cc.runner_idx == runner_idx
+                        && !c.out.closing
+                        && cc.hibernation.is_none() =>
+                {
+                    Some((s as u32, c.gen))
                 }
+                _ => None,
+            })
+            .collect();
+        for (slot, gen) in affected {
+            self.detach_for_hibernation(slot, gen, DetachCause::RunnerLost, now);
+        }
+    }
+
+    /// The actor is gone from under a socket: a hibernatable one hibernates, an opening one
+    /// is refused, any other closes with the cause's reason.
+    fn detach_for_hibernation(&mut self, slot: u32, gen: u32, cause: DetachCause, now: Instant) {
+        let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
+            return;
+        };
+        if let Some(tx) = cc.open_tx.take() {
+            cc.runner_closed = true;
+            let r = cause.close_reason();
+            let _ = tx.send(TunnelIn::Close {
+                code: Some(r.code),
+                reason: Some(r.reason.into()),
+                hibernate: false,
+            });
+            return;
+        }
+        let (pb, pm) = (cc.socket.pending_bytes(), cc.socket.pending_len());
+        match cc.socket.on_runner_detached(cause, &mut self.budget) {
+            Detach::Keep => self.enter_hibernation(slot, now),
+            Detach::AlreadyClosed => {}
+            Detach::Close(r) => {
+                cc.runner_closed = cause != DetachCause::HibernateRequested;
+                let m = &self.shared.metrics.shards[self.id as usize];
+                m.gauge_add(Gauge::PendingBytes, -(pb as i64));
+                m.gauge_add(Gauge::PendingMessages, -(pm as i64));
+                self.close_client(slot, gen, r.code, r.reason, now);
             }
-            let r = CloseReason::ACTOR_STOPPED;
-            self.close_client(slot, gen, r.code, r.reason, now);
         }
     }
 
@@ -964,6 +1260,13 @@ impl ShardState {
                 self.close_conn(slot, gen, 1001, "ws.going_away".into());
             }
         }
+    }
+}
+
+fn hibernating_request(gateway_id: [u8; 4], req: [u8; 4]) -> protocol::HibernatingRequest {
+    protocol::HibernatingRequest {
+        gateway_id,
+        request_id: req,
     }
 }
 

@@ -87,7 +87,8 @@ pub enum DetachCause {
 }
 
 impl DetachCause {
-    fn close_reason(self) -> CloseReason {
+    /// How a socket that cannot hibernate is closed for this cause.
+    pub fn close_reason(self) -> CloseReason {
         match self {
             DetachCause::RunnerLost => CloseReason::RUNNER_DISCONNECTED,
             DetachCause::ActorStopped => CloseReason::ACTOR_STOPPED,
