@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use super::persist::mark;
 use super::runners::{CmdState, OutCmd};
 use super::{Action, ConnRef, Engine, Resolve, ResolveError, Route, RunnerIdx, Waiter};
 use crate::protocol::{
@@ -147,6 +148,10 @@ pub(super) struct Actor {
     pub connectable_ts: Option<i64>,
     pub sleep_ts: Option<i64>,
     pub destroy_ts: Option<i64>,
+    /// Queued in `Engine::dirty`: its durable record changed since the last store flush.
+    pub dirty: bool,
+    /// `engine/input/{id}` exists in the store (or is about to be written).
+    pub input_stored: bool,
 }
 
 impl Actor {
@@ -247,7 +252,7 @@ impl Engine {
             }
         }
         let id = self.insert_actor(req, now);
-        self.wake(&id, now);
+        self.want_running(&id, now);
         let info = self.actors[&id].info();
         Ok((info, self.take_out()))
     }
@@ -358,8 +363,13 @@ impl Engine {
             connectable_ts: None,
             sleep_ts: None,
             destroy_ts: None,
+            dirty: false,
+            input_stored: false,
         };
         self.actors.insert(id.clone(), actor);
+        if let Some(a) = self.actors.get_mut(&id) {
+            mark(&mut self.dirty, a);
+        }
         self.actor_order.insert(seq, id.clone());
         self.live_actors += 1;
         id
@@ -395,7 +405,7 @@ impl Engine {
         if let Some(a) = self.actors.get_mut(actor_id) {
             a.waiters.push(waiter);
         }
-        self.wake(actor_id, now);
+        self.want_running(actor_id, now);
         let out = self.take_out();
         // A wake never yields a route at once (only the runner's `Running` does).
         (
@@ -545,8 +555,33 @@ impl Engine {
     // -----------------------------------------------------------------------------------------
     // Placement
 
+    /// Wake an actor without a routing waiter (a hibernating client socket wants it, or the
+    /// shell wants it running for another reason). `Ready` when it is routable now; `Pending`
+    /// when it is being started (or waits for a runner with room, or for its current stop to
+    /// finish): [`Action::ActorRunning`] follows once it runs (no `Resolved`, and no
+    /// timeout: the caller decides how long to wait). `NotFound` for a missing or destroyed
+    /// actor.
+    pub fn wake(&mut self, actor_id: &str, now: Instant) -> (Resolve, Vec<Action>) {
+        let Some(a) = self.actors.get(actor_id) else {
+            return (Resolve::NotFound, Vec::new());
+        };
+        if a.status == ActorStatus::Destroyed {
+            return (Resolve::NotFound, Vec::new());
+        }
+        if let Some(route) = self.route_of(a) {
+            return (Resolve::Ready(route), Vec::new());
+        }
+        self.want_running(actor_id, now);
+        (
+            Resolve::Pending {
+                actor_id: actor_id.to_string(),
+            },
+            self.take_out(),
+        )
+    }
+
     /// Make the actor run: place a sleeping actor, or restart a stopping one once stopped.
-    pub(super) fn wake(&mut self, actor_id: &str, now: Instant) {
+    pub(super) fn want_running(&mut self, actor_id: &str, now: Instant) {
         let Some(a) = self.actors.get_mut(actor_id) else {
             return;
         };
@@ -562,6 +597,7 @@ impl Engine {
                         if let Some(a) = self.actors.get_mut(actor_id) {
                             a.pending = true;
                             a.pending_allocation_ts = Some(now_ms);
+                            mark(&mut self.dirty, a);
                         }
                         self.pending.push_back(actor_id.to_string());
                     }
@@ -628,6 +664,7 @@ impl Engine {
             a.generation = a.generation.wrapping_add(1);
         }
         a.allocated = true;
+        mark(&mut self.dirty, a);
         a.pending = false;
         a.status = ActorStatus::Starting;
         a.runner = Some(idx);
@@ -659,8 +696,9 @@ impl Engine {
         let Some(a) = self.actors.get_mut(actor_id) else {
             return;
         };
-        if destroy {
+        if destroy && !a.destroy_requested && a.status != ActorStatus::Destroyed {
             a.destroy_requested = true;
+            mark(&mut self.dirty, a);
         }
         match a.status {
             ActorStatus::Starting | ActorStatus::Running => {
@@ -705,6 +743,7 @@ impl Engine {
         a.status = ActorStatus::Sleeping;
         a.sleep_ts = Some(now_ms);
         a.connectable_ts = None;
+        mark(&mut self.dirty, a);
         self.out.push(Action::ActorStopped {
             actor_id: actor_id.to_string(),
         });
@@ -716,7 +755,7 @@ impl Engine {
         if destroy {
             self.destroy(actor_id, now);
         } else if wake {
-            self.wake(actor_id, now);
+            self.want_running(actor_id, now);
         }
     }
 
@@ -743,7 +782,7 @@ impl Engine {
     }
 
     /// Final: the actor is destroyed.
-    fn destroy(&mut self, actor_id: &str, now: Instant) {
+    pub(super) fn destroy(&mut self, actor_id: &str, now: Instant) {
         let now_ms = self.unix_ms(now);
         let retention = self.cfg.destroyed_retention;
         let Some(a) = self.actors.get_mut(actor_id) else {
@@ -761,6 +800,7 @@ impl Engine {
         set_deadline(&mut self.actor_deadlines, a, None);
         a.status = ActorStatus::Destroyed;
         a.destroy_ts = Some(now_ms);
+        mark(&mut self.dirty, a);
         a.input = None;
         a.hibernating.clear();
         a.pending = false;
@@ -775,7 +815,7 @@ impl Engine {
         }
         self.live_actors = self.live_actors.saturating_sub(1);
         self.destroyed_gc
-            .push_back((now + retention, actor_id.to_string()));
+            .insert((now + retention, actor_id.to_string()));
         self.out.push(Action::ActorDestroyed {
             actor_id: actor_id.to_string(),
         });
@@ -886,6 +926,9 @@ impl Engine {
         let Some(a) = self.actors.get_mut(actor_id) else {
             return;
         };
+        if a.alarm_ts == ts {
+            return;
+        }
         if let Some(old) = a.alarm_ts.take() {
             self.alarms.remove(&(old, actor_id.to_string()));
         }
@@ -893,6 +936,7 @@ impl Engine {
             a.alarm_ts = Some(ts);
             self.alarms.insert((ts, actor_id.to_string()));
         }
+        mark(&mut self.dirty, a);
     }
 
     pub(super) fn fire_alarms(&mut self, now: Instant) {
@@ -906,8 +950,9 @@ impl Engine {
             };
             if let Some(a) = self.actors.get_mut(&id) {
                 a.alarm_ts = None;
+                mark(&mut self.dirty, a);
             }
-            self.wake(&id, now);
+            self.want_running(&id, now);
         }
     }
 
@@ -940,18 +985,23 @@ impl Engine {
     }
 
     pub(super) fn gc_destroyed(&mut self, now: Instant) {
-        while let Some((at, _)) = self.destroyed_gc.front() {
+        while let Some((at, _)) = self.destroyed_gc.first() {
             if *at > now {
                 break;
             }
-            let Some((_, id)) = self.destroyed_gc.pop_front() else {
+            let Some((_, id)) = self.destroyed_gc.pop_first() else {
                 break;
             };
             if let Some(a) = self.actors.get(&id) {
                 if a.status == ActorStatus::Destroyed {
                     let seq = a.seq;
+                    let input_stored = a.input_stored;
                     self.actors.remove(&id);
                     self.actor_order.remove(&seq);
+                    if input_stored {
+                        self.store_deletes.push(super::persist::input_key(&id));
+                    }
+                    self.store_deletes.push(super::persist::actor_key(&id));
                 }
             }
         }

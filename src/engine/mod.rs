@@ -38,11 +38,22 @@
 //!   as stopped `actor_stop_threshold` after `CommandStopActor` (and stops an actor that has
 //!   not reported `Running` `actor_start_threshold` after its start).
 //!
+//! # Durability
+//!
+//! Actors are durable: identity, key, input, generation, alarm, destroy state and hibernating
+//! records. Every change marks the actor dirty; [`Engine::take_store_ops`] turns the dirty set
+//! into ordered [`StoreOp`]s (one record per actor per call) that the shell writes to the
+//! store, ideally before executing the actions of the same call. Runners, placements,
+//! commands and waiters are not durable: [`Engine::restore`] brings every live actor back
+//! asleep, and a runner that reconnects to a restarted gateway gets a new runnerId (so it
+//! stops whatever it still runs) — the record format is described in `persist`.
+//!
 //! The shard must pass a connection's `Events`, `AckCommands`, `Stopping` and every `Pong` with
 //! `ts < 0` to the engine in arrival order (and leave those pongs out of RTT measurements).
 
 mod actors;
 pub mod api;
+mod persist;
 mod runners;
 #[cfg(test)]
 mod tests;
@@ -57,6 +68,10 @@ use slab::Slab;
 use crate::protocol::{HibernatingRequest, ToClient, ToServer};
 
 pub use actors::{ActorInfo, ActorStatus, CrashPolicy, CreateActor, CreateError};
+pub use persist::{
+    actor_key, input_key, ActorRecord, HibernatingRecord, RecordError, RestoreReport, StoreOp,
+    ACTOR_KEY_PREFIX, INPUT_KEY_PREFIX, KEY_PREFIX, RECORD_VERSION,
+};
 
 /// One runner WebSocket connection, as the shards name it: owning shard, slab slot, and the
 /// slot's generation (so that a reused slot is a different connection).
@@ -231,7 +246,7 @@ pub struct Engine {
     /// Start/stop deadlines of starting and stopping actors: (deadline, actor id).
     actor_deadlines: BTreeSet<(Instant, String)>,
     /// Destroyed actors to forget: (forget at, actor id).
-    destroyed_gc: VecDeque<(Instant, String)>,
+    destroyed_gc: BTreeSet<(Instant, String)>,
     /// Actor names announced by runners: namespace → name → metadata JSON text.
     actor_names: BTreeMap<String, BTreeMap<String, String>>,
 
@@ -239,6 +254,11 @@ pub struct Engine {
     waiter_deadlines: BTreeSet<(Instant, u64)>,
 
     out: Vec<Action>,
+    /// Actors whose durable record changed since the last `take_store_ops`, first-dirtied
+    /// first (each at most once: see `Actor::dirty`).
+    dirty: Vec<String>,
+    /// Store keys to delete at the next `take_store_ops` (forgotten actors).
+    store_deletes: Vec<Vec<u8>>,
 }
 
 impl Engine {
@@ -261,11 +281,13 @@ impl Engine {
             pending: VecDeque::new(),
             alarms: BTreeSet::new(),
             actor_deadlines: BTreeSet::new(),
-            destroyed_gc: VecDeque::new(),
+            destroyed_gc: BTreeSet::new(),
             actor_names: BTreeMap::new(),
             waiters: HashMap::new(),
             waiter_deadlines: BTreeSet::new(),
             out: Vec::new(),
+            dirty: Vec::new(),
+            store_deletes: Vec::new(),
         }
     }
 
@@ -329,31 +351,53 @@ impl Engine {
         if let Some((ms, _)) = self.alarms.first() {
             consider(self.instant_of_ms(*ms));
         }
-        if let Some((t, _)) = self.destroyed_gc.front() {
+        if let Some((t, _)) = self.destroyed_gc.first() {
             consider(*t);
         }
         best
     }
 
-    /// Record that a hibernating client socket of `actor_id` exists (refresh it every so often;
-    /// records older than `hibernation_eligible` are not sent in `CommandStartActor`).
-    pub fn hibernating_upsert(&mut self, actor_id: &str, req: HibernatingRequest, now: Instant) {
+    /// Record that a hibernating client socket of `actor_id` exists, last seen `now` (refresh
+    /// it every so often; records older than `hibernation_eligible` are not sent in
+    /// `CommandStartActor` and are dropped at the next allocation). The record is durable.
+    /// `false` when there is no such live actor (the socket has nothing to wake).
+    pub fn hibernating_upsert(
+        &mut self,
+        actor_id: &str,
+        req: HibernatingRequest,
+        now: Instant,
+    ) -> bool {
+        let Some(a) = self.actors.get_mut(actor_id) else {
+            return false;
+        };
+        if a.status == ActorStatus::Destroyed {
+            return false;
+        }
+        match a.hibernating.iter_mut().find(|(r, _)| *r == req) {
+            Some(entry) => entry.1 = now,
+            None => a.hibernating.push((req, now)),
+        }
+        persist::mark(&mut self.dirty, a);
+        true
+    }
+
+    /// Forget a hibernating client socket (it closed, or it is no longer hibernating).
+    pub fn hibernating_remove(&mut self, actor_id: &str, req: HibernatingRequest) {
         if let Some(a) = self.actors.get_mut(actor_id) {
-            if a.status == ActorStatus::Destroyed {
-                return;
-            }
-            match a.hibernating.iter_mut().find(|(r, _)| *r == req) {
-                Some(entry) => entry.1 = now,
-                None => a.hibernating.push((req, now)),
+            let before = a.hibernating.len();
+            a.hibernating.retain(|(r, _)| *r != req);
+            if a.hibernating.len() != before {
+                persist::mark(&mut self.dirty, a);
             }
         }
     }
 
-    /// Forget a hibernating client socket.
-    pub fn hibernating_remove(&mut self, actor_id: &str, req: HibernatingRequest) {
-        if let Some(a) = self.actors.get_mut(actor_id) {
-            a.hibernating.retain(|(r, _)| *r != req);
-        }
+    /// The hibernating records of an actor with their last-seen time (tests, metrics).
+    pub fn hibernating(&self, actor_id: &str) -> Vec<(HibernatingRequest, Instant)> {
+        self.actors
+            .get(actor_id)
+            .map(|a| a.hibernating.clone())
+            .unwrap_or_default()
     }
 
     // -----------------------------------------------------------------------------------------
