@@ -137,3 +137,25 @@ fn a_socket_hibernating_past_the_limit_is_closed() {
     assert_eq!((code, reason.as_str()), (1011, "guard.hibernation_timeout"));
     d.wait_metric("torpor_client_websockets_hibernating", |v| v == 0.0);
 }
+
+#[test]
+fn destroying_the_actor_closes_its_hibernating_socket() {
+    let d = Daemon::start(1, &[]);
+    let _r = Runner::start(&d.endpoint(), &["--control-messages"]);
+    let actor = create_actor(d.addr, "echo", None);
+    let mut ws = ws_connect(d.addr, &actor, "/doomed");
+    send(&mut ws, "__sleep");
+    expect(&mut ws, "__sleep");
+    d.wait_metric("torpor_client_websockets_hibernating", |v| v == 1.0);
+    let (status, _, body) = common::http(
+        d.addr,
+        "DELETE",
+        &format!("/actors/{actor}?namespace=default"),
+        &[],
+        b"",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (code, reason) = ws_expect_close(&mut ws);
+    assert_eq!((code, reason.as_str()), (1000, "actor.destroyed"));
+    d.wait_metric("torpor_client_websockets_hibernating", |v| v == 0.0);
+}

@@ -80,9 +80,6 @@ fn unix_ms() -> i64 {
     crate::net::runner::now_ms()
 }
 
-/// Waiter ids with this shard part are answered to no shard (`send_reply` finds none).
-const NO_SHARD: u64 = 0xFFFF_FFFF << 32;
-
 /// Runs until `Shutdown` or until every sender is gone.
 pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
     let mut engine = Engine::new(
@@ -92,7 +89,6 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
         unix_ms(),
     );
     let tick = Duration::from_millis(50);
-    let mut wake_seq: u64 = 0;
     let mut next_tick = Instant::now() + tick;
     loop {
         let timeout = next_tick.saturating_duration_since(Instant::now());
@@ -154,19 +150,15 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                     answer_resolve(&shared, waiter, r);
                     actions
                 }
-                ControlMsg::Wake { actor_id } => {
-                    // A lookup nobody waits for: its answer goes to no shard.
-                    wake_seq += 1;
-                    let (_, actions) = engine.resolve(&actor_id, NO_SHARD | wake_seq, now);
-                    actions
-                }
+                ControlMsg::Wake { actor_id } => engine.wake(&actor_id, now).1,
                 ControlMsg::Hibernating {
                     actor_id,
                     req,
                     keep,
                 } => {
                     if keep {
-                        engine.hibernating_upsert(&actor_id, req, now);
+                        // A destroyed actor's sockets are closed by its ActorDestroyed.
+                        let _ = engine.hibernating_upsert(&actor_id, req, now);
                     } else {
                         engine.hibernating_remove(&actor_id, req);
                     }
@@ -174,7 +166,7 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                 }
                 ControlMsg::HibernatingRefresh(records) => {
                     for (actor_id, req) in records {
-                        engine.hibernating_upsert(&actor_id, req, now);
+                        let _ = engine.hibernating_upsert(&actor_id, req, now);
                     }
                     Vec::new()
                 }
@@ -297,10 +289,18 @@ fn dispatch(shared: &Shared, actions: Vec<Action>) {
                     runner_idx,
                 })
             }
-            Action::ActorStopped { actor_id } | Action::ActorDestroyed { actor_id } => {
+            Action::ActorStopped { actor_id } => {
                 let id: Arc<str> = actor_id.into();
                 broadcast(shared, || ShardMsg::ActorStopped {
                     actor_id: id.clone(),
+                    destroyed: false,
+                })
+            }
+            Action::ActorDestroyed { actor_id } => {
+                let id: Arc<str> = actor_id.into();
+                broadcast(shared, || ShardMsg::ActorStopped {
+                    actor_id: id.clone(),
+                    destroyed: true,
                 })
             }
             Action::Resolved { waiter, result } => {

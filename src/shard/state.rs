@@ -45,7 +45,8 @@ pub enum ShardMsg {
     /// The runner's current connection is gone; it may come back unless `lost`.
     RunnerDetached { runner_idx: u32, lost: bool },
     /// The actor stopped: hibernatable sockets hibernate, others close (`actor.stopped`).
-    ActorStopped { actor_id: Arc<str> },
+    /// A destroyed actor's sockets all close (`actor.destroyed`).
+    ActorStopped { actor_id: Arc<str>, destroyed: bool },
     /// The actor reported `Running` (generation `generation`, on runner `runner_idx`):
     /// hibernating sockets of an earlier generation reattach and replay.
     ActorRunning {
@@ -1008,7 +1009,14 @@ impl ShardState {
                     self.runner_lost(runner_idx, now);
                 }
             }
-            ShardMsg::ActorStopped { actor_id } => self.actor_stopped(&actor_id, now),
+            ShardMsg::ActorStopped {
+                actor_id,
+                destroyed: false,
+            } => self.actor_stopped(&actor_id, now),
+            ShardMsg::ActorStopped {
+                actor_id,
+                destroyed: true,
+            } => self.actor_destroyed(&actor_id, now),
             ShardMsg::ActorRunning {
                 actor_id,
                 generation,
@@ -1191,6 +1199,36 @@ impl ShardState {
         }
         for slot in held {
             self.wake_for(slot);
+        }
+    }
+
+    /// The actor is gone for good: every socket and request of it ends.
+    fn actor_destroyed(&mut self, actor_id: &str, now: Instant) {
+        self.fail_requests("actor.destroyed", |r| &*r.actor_id == actor_id);
+        let affected: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .filter_map(|(s, c)| match &c.kind {
+                ConnKind::Client(cc) if &*cc.actor_id == actor_id && !c.out.closing => {
+                    Some((s as u32, c.gen))
+                }
+                _ => None,
+            })
+            .collect();
+        for (slot, gen) in affected {
+            let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
+                continue;
+            };
+            cc.runner_closed = true;
+            if let Some(tx) = cc.open_tx.take() {
+                let _ = tx.send(TunnelIn::Close {
+                    code: Some(1000),
+                    reason: Some("actor.destroyed".into()),
+                    hibernate: false,
+                });
+                continue;
+            }
+            self.close_client(slot, gen, 1000, "actor.destroyed", now);
         }
     }
 
