@@ -467,6 +467,17 @@ impl Engine {
         }
     }
 
+    /// Is `actor_id` placed (starting, running or stopping) on the runner whose current
+    /// connection is `conn`? Gates the actor KV store: a runner reaches only its own actors.
+    pub fn actor_placed_on(&self, actor_id: &str, conn: ConnRef) -> bool {
+        let Some(&idx) = self.runner_by_conn.get(&conn) else {
+            return false;
+        };
+        self.actors
+            .get(actor_id)
+            .is_some_and(|a| a.status.placed() && a.runner == Some(idx))
+    }
+
     fn route_of(&self, a: &Actor) -> Option<Route> {
         if a.status != ActorStatus::Running {
             return None;

@@ -2494,3 +2494,17 @@ fn a_live_actor_without_its_input_is_restored_without_it() {
     let (_, a) = e2.resolve(&info.actor_id, 1, t1);
     assert_eq!(start_of(&a).1.config.input, None);
 }
+
+#[test]
+fn kv_access_is_limited_to_the_runner_hosting_the_actor() {
+    let (mut e, t0, id, _) = running_actor();
+    assert!(e.actor_placed_on(&id, c(1)));
+    assert!(!e.actor_placed_on(&id, c(2)), "another connection");
+    assert!(!e.actor_placed_on("nope", c(1)), "unknown actor");
+    let _ = e.runner_init(c(2), "default", "k2", init("default", 10), t0);
+    assert!(!e.actor_placed_on(&id, c(2)), "another runner");
+    // Asleep: nobody hosts it.
+    let _ = e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))], t0);
+    let _ = e.runner_events(c(1), vec![ev(&id, 0, 2, stopped(StopCode::Ok))], t0);
+    assert!(!e.actor_placed_on(&id, c(1)));
+}

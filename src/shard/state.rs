@@ -1292,6 +1292,10 @@ impl ShardState {
             .map(|(s, c)| (s as u32, c.gen, matches!(c.kind, ConnKind::Client(_))))
             .collect();
         for (slot, gen, client) in all {
+            if let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind {
+                // Hibernatable sockets keep their records: a restart can still list them.
+                cc.record_refresh_at = None;
+            }
             if client {
                 self.close_client(slot, gen, 1001, "ws.going_away", now);
             } else {
