@@ -7,6 +7,7 @@
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod kv;
 pub mod logging;
 pub mod metrics;
 pub mod net;

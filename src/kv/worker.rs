@@ -1,0 +1,629 @@
+//! The KV store's own OS thread, with group commit.
+//!
+//! Shards (and the control plane) [`KvHandle::submit`] [`Job`]s over an unbounded crossbeam
+//! channel and never block on the store. The worker takes everything queued (up to
+//! [`MAX_BATCH_JOBS`] jobs and about [`MAX_BATCH_BYTES`] of put payload), runs all of it in
+//! submission order inside ONE transaction, commits once with immediate durability, and only
+//! then runs the reply callbacks. So reads in a batch see the writes queued before them (per
+//! actor order is kept, in fact global submission order is), no reply leaves before the data
+//! is on disk, and when the commit fails every job of the batch is answered with an error.
+//! A batch with no write uses a read transaction and commits nothing.
+//!
+//! Every job carries [`Reply`]s that are answered exactly once: by the worker, or — when a job
+//! is dropped unanswered (store shut down, thread gone) — with a `kv.unavailable` error from
+//! the reply's `Drop`. Callbacks run on the worker thread (or on the thread that drops the
+//! job): they must be short and must not block (hand the result to a mailbox and return).
+//!
+//! This module must never answer a write before its commit returned, never lose a reply, and
+//! never block a submitter.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use super::{
+    apply, is_read_only, KvBackend, KvBatch, KvError, KvLimits, KvOpenError, MetaRecord, RedbStore,
+};
+use crate::protocol::{KvErrorResponse, KvGetRequest, KvRequestData, KvResponseData};
+
+/// Most jobs in one batch (one transaction).
+pub const MAX_BATCH_JOBS: usize = 1024;
+/// Put payload (keys + values) after which a batch takes no further job.
+pub const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+/// What a reply carries when its job was dropped without an answer.
+pub trait Unanswered {
+    fn unanswered() -> Self;
+}
+
+const DROPPED: &str = "the kv store stopped before answering";
+
+impl Unanswered for KvResponseData {
+    fn unanswered() -> Self {
+        KvResponseData::Error(KvErrorResponse {
+            message: KvError::Unavailable(DROPPED.to_string()).to_string(),
+        })
+    }
+}
+
+impl<T> Unanswered for Result<T, KvError> {
+    fn unanswered() -> Self {
+        Err(KvError::Unavailable(DROPPED.to_string()))
+    }
+}
+
+/// A callback that is called exactly once: with the answer, or — if it is dropped first —
+/// with `T::unanswered()`.
+pub struct Reply<T: Unanswered + 'static> {
+    f: Option<Box<dyn FnOnce(T) + Send>>,
+}
+
+impl<T: Unanswered + 'static> Reply<T> {
+    /// Wraps a callback.
+    pub fn new(f: impl FnOnce(T) + Send + 'static) -> Reply<T> {
+        Reply {
+            f: Some(Box::new(f)),
+        }
+    }
+
+    /// Calls the callback with `value`.
+    pub fn send(mut self, value: T) {
+        if let Some(f) = self.f.take() {
+            f(value);
+        }
+    }
+}
+
+impl<T: Unanswered + 'static> Drop for Reply<T> {
+    fn drop(&mut self) {
+        if let Some(f) = self.f.take() {
+            f(T::unanswered());
+        }
+    }
+}
+
+impl<T: Unanswered + 'static> std::fmt::Debug for Reply<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reply")
+    }
+}
+
+/// Completion of a meta write or flush: `Ok` once committed durably.
+pub type Done = Reply<Result<(), KvError>>;
+
+/// One unit of work for the store.
+#[derive(Debug)]
+pub enum Job {
+    /// A runner's KV request for one actor.
+    Kv {
+        actor_id: String,
+        req: KvRequestData,
+        reply: Reply<KvResponseData>,
+    },
+    /// Store a control-plane record.
+    PutMeta {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        done: Option<Done>,
+    },
+    /// Remove a control-plane record.
+    DeleteMeta { key: Vec<u8>, done: Option<Done> },
+    /// Answered once everything submitted before it is committed.
+    Flush(Done),
+    /// Every control-plane record, as committed by everything submitted before it.
+    LoadMeta(Reply<Result<Vec<MetaRecord>, KvError>>),
+}
+
+impl Job {
+    /// A KV request whose response goes to `reply`.
+    pub fn kv(
+        actor_id: impl Into<String>,
+        req: KvRequestData,
+        reply: impl FnOnce(KvResponseData) + Send + 'static,
+    ) -> Job {
+        Job::Kv {
+            actor_id: actor_id.into(),
+            req,
+            reply: Reply::new(reply),
+        }
+    }
+
+    /// Put payload bytes, for batch sizing.
+    fn weight(&self) -> usize {
+        match self {
+            Job::Kv {
+                req: KvRequestData::Put(p),
+                ..
+            } => p
+                .keys
+                .iter()
+                .chain(&p.values)
+                .fold(0usize, |a, b| a.saturating_add(b.len())),
+            Job::PutMeta { key, value, .. } => key.len().saturating_add(value.len()),
+            _ => 0,
+        }
+    }
+
+    fn writes(&self) -> bool {
+        match self {
+            Job::Kv { req, .. } => !is_read_only(req),
+            Job::PutMeta { .. } | Job::DeleteMeta { .. } => true,
+            Job::Flush(_) | Job::LoadMeta(_) => false,
+        }
+    }
+}
+
+/// Counters of the worker (monotonic).
+#[derive(Debug, Default)]
+pub struct KvStats {
+    pub gets: AtomicU64,
+    pub lists: AtomicU64,
+    pub puts: AtomicU64,
+    pub deletes: AtomicU64,
+    pub delete_ranges: AtomicU64,
+    pub drops: AtomicU64,
+    pub meta_puts: AtomicU64,
+    pub meta_deletes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub meta_loads: AtomicU64,
+    /// KV requests refused by a limit.
+    pub refused: AtomicU64,
+    /// Jobs answered with a storage error (failed op or failed commit).
+    pub failed: AtomicU64,
+    /// Batches run (read or write).
+    pub batches: AtomicU64,
+    /// Write transactions committed.
+    pub commits: AtomicU64,
+    /// Write transactions that failed (nothing of them acknowledged).
+    pub commit_failures: AtomicU64,
+    /// Total time spent in write transactions (apply + commit), nanoseconds.
+    pub commit_nanos: AtomicU64,
+    /// Jobs in the largest batch so far.
+    pub max_batch_jobs: AtomicU64,
+}
+
+/// A copy of [`KvStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvStatsSnapshot {
+    pub gets: u64,
+    pub lists: u64,
+    pub puts: u64,
+    pub deletes: u64,
+    pub delete_ranges: u64,
+    pub drops: u64,
+    pub meta_puts: u64,
+    pub meta_deletes: u64,
+    pub flushes: u64,
+    pub meta_loads: u64,
+    pub refused: u64,
+    pub failed: u64,
+    pub batches: u64,
+    pub commits: u64,
+    pub commit_failures: u64,
+    pub commit_nanos: u64,
+    pub max_batch_jobs: u64,
+}
+
+impl KvStats {
+    /// A copy of every counter.
+    pub fn snapshot(&self) -> KvStatsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        KvStatsSnapshot {
+            gets: l(&self.gets),
+            lists: l(&self.lists),
+            puts: l(&self.puts),
+            deletes: l(&self.deletes),
+            delete_ranges: l(&self.delete_ranges),
+            drops: l(&self.drops),
+            meta_puts: l(&self.meta_puts),
+            meta_deletes: l(&self.meta_deletes),
+            flushes: l(&self.flushes),
+            meta_loads: l(&self.meta_loads),
+            refused: l(&self.refused),
+            failed: l(&self.failed),
+            batches: l(&self.batches),
+            commits: l(&self.commits),
+            commit_failures: l(&self.commit_failures),
+            commit_nanos: l(&self.commit_nanos),
+            max_batch_jobs: l(&self.max_batch_jobs),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+enum Msg {
+    Job(Job),
+    Shutdown,
+}
+
+struct Shared {
+    stats: Arc<KvStats>,
+    limits: KvLimits,
+    join: Mutex<Option<JoinHandle<()>>>,
+    worker: ThreadId,
+}
+
+impl Shared {
+    fn join(&self) {
+        if std::thread::current().id() == self.worker {
+            // Called from a reply callback on the worker itself: it exits on its own.
+            return;
+        }
+        let handle = match self.join.lock() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!("kv worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Every sender is gone by now (each handle drops its sender before its `Arc<Shared>`),
+        // so the worker drains what is queued, commits and exits.
+        self.join();
+    }
+}
+
+/// The store was shut down; the job was answered with a `kv.unavailable` error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("kv.unavailable: the kv store is shut down")]
+pub struct Closed;
+
+/// A cheap, cloneable handle to the store's worker. The worker stops when [`KvHandle::shutdown`]
+/// is called or the last handle is dropped; both drain and commit everything queued first.
+#[derive(Clone)]
+pub struct KvHandle {
+    // Declared before `shared`: dropped first, so that the last handle's `Shared::drop` joins
+    // a worker whose channel has no sender left.
+    tx: Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for KvHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvHandle")
+            .field("queued", &self.tx.len())
+            .finish()
+    }
+}
+
+impl KvHandle {
+    /// Queues `job`; never blocks. When the store is shut down the job is answered at once
+    /// (on this thread) with a `kv.unavailable` error and `Err(Closed)` is returned.
+    pub fn submit(&self, job: Job) -> Result<(), Closed> {
+        // On failure the returned message is dropped here, which answers its replies.
+        self.tx.send(Msg::Job(job)).map_err(|_| Closed)
+    }
+
+    /// Queues a KV request of `actor_id`; `reply` gets its response.
+    pub fn kv(
+        &self,
+        actor_id: impl Into<String>,
+        req: KvRequestData,
+        reply: impl FnOnce(KvResponseData) + Send + 'static,
+    ) -> Result<(), Closed> {
+        self.submit(Job::kv(actor_id, req, reply))
+    }
+
+    /// Runs a KV request and waits for its response (for tests and tools, not the data path).
+    pub fn kv_blocking(&self, actor_id: impl Into<String>, req: KvRequestData) -> KvResponseData {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.kv(actor_id, req, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv().unwrap_or_else(|_| KvResponseData::unanswered())
+    }
+
+    /// Stores a meta record; waits until it is committed.
+    pub fn put_meta_blocking(&self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        self.wait(|done| Job::PutMeta {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            done: Some(done),
+        })
+    }
+
+    /// Removes a meta record; waits until it is committed.
+    pub fn delete_meta_blocking(&self, key: &[u8]) -> Result<(), KvError> {
+        self.wait(|done| Job::DeleteMeta {
+            key: key.to_vec(),
+            done: Some(done),
+        })
+    }
+
+    /// Waits until everything submitted before is committed.
+    pub fn flush_blocking(&self) -> Result<(), KvError> {
+        self.wait(Job::Flush)
+    }
+
+    /// Every meta record (as of everything submitted before), ordered by key.
+    pub fn load_meta_blocking(&self) -> Result<Vec<MetaRecord>, KvError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.submit(Job::LoadMeta(Reply::new(move |r| {
+            let _ = tx.send(r);
+        })));
+        rx.recv()
+            .unwrap_or_else(|_| Err(KvError::Unavailable(DROPPED.to_string())))
+    }
+
+    fn wait(&self, job: impl FnOnce(Done) -> Job) -> Result<(), KvError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.submit(job(Reply::new(move |r| {
+            let _ = tx.send(r);
+        })));
+        rx.recv()
+            .unwrap_or_else(|_| Err(KvError::Unavailable(DROPPED.to_string())))
+    }
+
+    /// A copy of the worker's counters.
+    pub fn stats(&self) -> KvStatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// The limits requests are checked against.
+    pub fn limits(&self) -> &KvLimits {
+        &self.shared.limits
+    }
+
+    /// Jobs queued and not yet taken by the worker.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Stops the worker: everything queued before is run and committed, then the thread is
+    /// joined. Later submissions are answered with `kv.unavailable`. Idempotent; from a reply
+    /// callback (on the worker thread) it only asks the worker to stop.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        self.shared.join();
+    }
+}
+
+/// Opens the redb store at `path` and starts its worker thread.
+pub fn spawn(path: &Path, limits: KvLimits) -> Result<KvHandle, KvOpenError> {
+    let store = RedbStore::open(path)?;
+    spawn_backend(store, limits).map_err(|source| KvOpenError::Thread {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Starts a worker thread that owns `backend`.
+pub fn spawn_backend<B: KvBackend>(backend: B, limits: KvLimits) -> std::io::Result<KvHandle> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let stats = Arc::new(KvStats::default());
+    let worker = Worker {
+        backend,
+        limits: limits.clone(),
+        stats: stats.clone(),
+    };
+    let join = std::thread::Builder::new()
+        .name("torpor-kv".to_string())
+        .spawn(move || worker.run(rx))?;
+    let worker_id = join.thread().id();
+    Ok(KvHandle {
+        tx,
+        shared: Arc::new(Shared {
+            stats,
+            limits,
+            join: Mutex::new(Some(join)),
+            worker: worker_id,
+        }),
+    })
+}
+
+struct Worker<B> {
+    backend: B,
+    limits: KvLimits,
+    stats: Arc<KvStats>,
+}
+
+/// A job's outcome inside a transaction, delivered after the commit.
+enum Outcome {
+    Kv(KvResponseData),
+    Done,
+    Meta(Vec<MetaRecord>),
+    /// A failed read-only op: answered with this error whatever the commit does.
+    Failed(KvError),
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl<B: KvBackend> Worker<B> {
+    fn run(mut self, rx: Receiver<Msg>) {
+        let mut carry: Option<Job> = None;
+        let mut stopping = false;
+        loop {
+            let mut batch = Vec::new();
+            if let Some(job) = carry.take() {
+                batch.push(job);
+            } else {
+                let next = if stopping {
+                    rx.try_recv().ok()
+                } else {
+                    rx.recv().ok()
+                };
+                match next {
+                    Some(Msg::Job(job)) => batch.push(job),
+                    Some(Msg::Shutdown) => {
+                        stopping = true;
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            let mut bytes: usize = batch.iter().map(Job::weight).sum();
+            while batch.len() < MAX_BATCH_JOBS && bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(Msg::Job(job)) => {
+                        let w = job.weight();
+                        if bytes.saturating_add(w) > MAX_BATCH_BYTES {
+                            carry = Some(job);
+                            break;
+                        }
+                        bytes += w;
+                        batch.push(job);
+                    }
+                    Ok(Msg::Shutdown) => stopping = true,
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.run_batch(batch);
+        }
+        // Anything sent after this point is dropped with the receiver, which answers it.
+    }
+
+    fn run_batch(&mut self, mut batch: Vec<Job>) {
+        let stats = &*self.stats;
+        bump(&stats.batches);
+        stats
+            .max_batch_jobs
+            .fetch_max(batch.len() as u64, Ordering::Relaxed);
+        let writes = batch.iter().any(Job::writes);
+        let now = unix_ms();
+        let limits = &self.limits;
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
+        let started = Instant::now();
+        let mut f = |view: &mut dyn KvBatch| -> Result<(), KvError> {
+            outcomes.clear();
+            for job in batch.iter_mut() {
+                outcomes.push(exec(view, limits, stats, job, now)?);
+            }
+            Ok(())
+        };
+        let result = if writes {
+            self.backend.write_batch(&mut f)
+        } else {
+            self.backend.read_batch(&mut f)
+        };
+        if writes {
+            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            stats.commit_nanos.fetch_add(nanos, Ordering::Relaxed);
+            match &result {
+                Ok(()) => bump(&stats.commits),
+                Err(e) => {
+                    bump(&stats.commit_failures);
+                    tracing::error!(error = %e, jobs = batch.len(), "kv batch failed; nothing of it is acknowledged");
+                }
+            }
+        }
+        match result {
+            Ok(()) => {
+                for (job, outcome) in batch.into_iter().zip(outcomes) {
+                    deliver(stats, job, Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for job in batch {
+                    deliver(stats, job, Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Runs one job inside the transaction. The request is taken out of the job (the job keeps
+/// its reply); `Err` abandons the whole transaction.
+fn exec(
+    view: &mut dyn KvBatch,
+    limits: &KvLimits,
+    stats: &KvStats,
+    job: &mut Job,
+    now: i64,
+) -> Result<Outcome, KvError> {
+    match job {
+        Job::Kv { actor_id, req, .. } => {
+            let counter = match req {
+                KvRequestData::Get(_) => &stats.gets,
+                KvRequestData::List(_) => &stats.lists,
+                KvRequestData::Put(_) => &stats.puts,
+                KvRequestData::Delete(_) => &stats.deletes,
+                KvRequestData::DeleteRange(_) => &stats.delete_ranges,
+                KvRequestData::Drop => &stats.drops,
+            };
+            bump(counter);
+            let read_only = is_read_only(req);
+            // Take the request out (its keys move into the response); leave a harmless empty
+            // get behind.
+            let req = std::mem::replace(req, KvRequestData::Get(KvGetRequest { keys: Vec::new() }));
+            match apply(view, limits, actor_id, req, now) {
+                Ok(resp) => {
+                    if matches!(resp, KvResponseData::Error(_)) {
+                        bump(&stats.refused);
+                    }
+                    Ok(Outcome::Kv(resp))
+                }
+                // A failed read wrote nothing: answer it alone and keep the batch.
+                Err(e) if read_only => Ok(Outcome::Failed(e)),
+                Err(e) => Err(e),
+            }
+        }
+        Job::PutMeta { key, value, .. } => {
+            bump(&stats.meta_puts);
+            view.put_meta(key, value)?;
+            Ok(Outcome::Done)
+        }
+        Job::DeleteMeta { key, .. } => {
+            bump(&stats.meta_deletes);
+            view.delete_meta(key)?;
+            Ok(Outcome::Done)
+        }
+        Job::Flush(_) => {
+            bump(&stats.flushes);
+            Ok(Outcome::Done)
+        }
+        Job::LoadMeta(_) => {
+            bump(&stats.meta_loads);
+            match view.load_meta() {
+                Ok(m) => Ok(Outcome::Meta(m)),
+                Err(e) => Ok(Outcome::Failed(e)),
+            }
+        }
+    }
+}
+
+fn deliver(stats: &KvStats, job: Job, outcome: Result<Outcome, KvError>) {
+    let outcome = match outcome {
+        Ok(Outcome::Failed(e)) | Err(e) => {
+            bump(&stats.failed);
+            Err(e)
+        }
+        Ok(o) => Ok(o),
+    };
+    match (job, outcome) {
+        (Job::Kv { reply, .. }, Ok(Outcome::Kv(resp))) => reply.send(resp),
+        (Job::Kv { reply, .. }, Err(e)) => reply.send(KvResponseData::Error(KvErrorResponse {
+            message: e.to_string(),
+        })),
+        (Job::PutMeta { done, .. } | Job::DeleteMeta { done, .. }, r) => {
+            if let Some(done) = done {
+                done.send(r.map(|_| ()));
+            }
+        }
+        (Job::Flush(done), r) => done.send(r.map(|_| ())),
+        (Job::LoadMeta(reply), Ok(Outcome::Meta(m))) => reply.send(Ok(m)),
+        (Job::LoadMeta(reply), Err(e)) => reply.send(Err(e)),
+        // Outcomes are produced per job kind above; a mismatch cannot happen, and would be
+        // answered by the reply's drop rather than lost.
+        (Job::Kv { .. } | Job::LoadMeta(_), Ok(_)) => {
+            tracing::error!("kv worker: outcome does not match its job");
+        }
+    }
+}
