@@ -48,6 +48,13 @@ pub struct Limits {
     pub pending_bytes_global: u64,
     /// Bytes queued towards one client before that client is closed as too slow.
     pub client_outbound_bytes: usize,
+    /// Actor KV store (SPEC §1.6): largest key, value, keys per call, put payload, and the
+    /// most entries one list returns.
+    pub kv_key_bytes: usize,
+    pub kv_value_bytes: usize,
+    pub kv_keys_per_call: usize,
+    pub kv_put_payload_bytes: usize,
+    pub kv_list_limit: u64,
 }
 
 /// Deadlines and periods, in milliseconds in the file.
@@ -100,6 +107,11 @@ impl Default for Limits {
             pending_messages_per_socket: 32767,
             pending_bytes_global: 1024 * 1024 * 1024,
             client_outbound_bytes: 16 * 1024 * 1024,
+            kv_key_bytes: 2048,
+            kv_value_bytes: 128 * 1024,
+            kv_keys_per_call: 128,
+            kv_put_payload_bytes: 976 * 1024,
+            kv_list_limit: 16384,
         }
     }
 }
@@ -223,6 +235,14 @@ impl Config {
         if l.ws_max_frame_bytes == 0 || l.ws_max_message_bytes < l.ws_max_frame_bytes {
             return bad("limits.ws_max_message_bytes must be >= limits.ws_max_frame_bytes > 0");
         }
+        if l.kv_key_bytes == 0
+            || l.kv_value_bytes == 0
+            || l.kv_keys_per_call == 0
+            || l.kv_put_payload_bytes == 0
+            || l.kv_list_limit == 0
+        {
+            return bad("limits.kv_* must be > 0");
+        }
         if l.http_header_bytes < 1024 {
             return bad("limits.http_header_bytes must be >= 1024");
         }
@@ -250,6 +270,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The actor KV store's limits.
+    pub fn kv_limits(&self) -> crate::kv::KvLimits {
+        let l = &self.limits;
+        crate::kv::KvLimits {
+            max_key_size: l.kv_key_bytes,
+            max_value_size: l.kv_value_bytes,
+            max_keys_per_call: l.kv_keys_per_call,
+            max_put_payload: l.kv_put_payload_bytes,
+            default_list_limit: l.kv_list_limit,
+            max_list_limit: l.kv_list_limit,
+            ..crate::kv::KvLimits::default()
+        }
+    }
+
+    /// The embedded store's file.
+    pub fn store_path(&self) -> std::path::PathBuf {
+        self.data_dir.join("torpor.redb")
     }
 
     /// Resolved shard count.
@@ -306,7 +345,12 @@ ser_fields!(
     pending_bytes_per_socket,
     pending_messages_per_socket,
     pending_bytes_global,
-    client_outbound_bytes
+    client_outbound_bytes,
+    kv_key_bytes,
+    kv_value_bytes,
+    kv_keys_per_call,
+    kv_put_payload_bytes,
+    kv_list_limit
 );
 ser_fields!(
     TimeoutsSer,

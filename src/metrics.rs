@@ -169,6 +169,8 @@ pub struct Metrics {
     /// Actors by state, written by the control plane: sleeping, starting, running, stopping.
     pub actors: Arc<[AtomicI64; 4]>,
     pub runners_known: Arc<AtomicI64>,
+    /// The actor KV store, once open (its counters are rendered with the rest).
+    pub kv: Arc<std::sync::OnceLock<crate::kv::KvHandle>>,
 }
 
 impl Metrics {
@@ -177,6 +179,7 @@ impl Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             actors: Arc::new(std::array::from_fn(|_| AtomicI64::new(0))),
             runners_known: Arc::new(AtomicI64::new(0)),
+            kv: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -258,8 +261,70 @@ impl Metrics {
             "torpor_runners_known {}",
             self.runners_known.load(Relaxed)
         );
+        if let Some(kv) = self.kv.get() {
+            render_kv(&mut out, &kv.stats());
+        }
         out
     }
+}
+
+/// The store's counters: operations by kind, refusals, failures, batches and commits.
+fn render_kv(out: &mut String, k: &crate::kv::KvStatsSnapshot) {
+    let _ = writeln!(
+        out,
+        "# HELP torpor_kv_ops_total Actor KV and control-plane store operations, by kind"
+    );
+    let _ = writeln!(out, "# TYPE torpor_kv_ops_total counter");
+    for (op, v) in [
+        ("get", k.gets),
+        ("list", k.lists),
+        ("put", k.puts),
+        ("delete", k.deletes),
+        ("delete_range", k.delete_ranges),
+        ("drop", k.drops),
+        ("meta_put", k.meta_puts),
+        ("meta_delete", k.meta_deletes),
+        ("flush", k.flushes),
+    ] {
+        let _ = writeln!(out, "torpor_kv_ops_total{{op=\"{op}\"}} {v}");
+    }
+    for (name, help, v) in [
+        (
+            "torpor_kv_refused_total",
+            "KV requests refused by a limit",
+            k.refused,
+        ),
+        (
+            "torpor_kv_failed_total",
+            "Store jobs answered with a storage error",
+            k.failed,
+        ),
+        ("torpor_kv_batches_total", "Store batches run", k.batches),
+        (
+            "torpor_kv_commits_total",
+            "Durable write transactions committed",
+            k.commits,
+        ),
+        (
+            "torpor_kv_commit_failures_total",
+            "Write transactions that failed",
+            k.commit_failures,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP torpor_kv_commit_seconds_total Time spent in write transactions"
+    );
+    let _ = writeln!(out, "# TYPE torpor_kv_commit_seconds_total counter");
+    let _ = writeln!(
+        out,
+        "torpor_kv_commit_seconds_total {}",
+        k.commit_nanos as f64 / 1e9
+    );
 }
 
 #[cfg(test)]

@@ -58,11 +58,23 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
         draining: Arc::new(AtomicBool::new(false)),
     };
 
+    // The embedded store: actor KV spaces and the control plane's records.
+    let kv = crate::kv::spawn(&cfg.store_path(), cfg.kv_limits()).map_err(|e| {
+        std::io::Error::other(format!(
+            "cannot open the store {}: {e}",
+            cfg.store_path().display()
+        ))
+    })?;
+    let records = kv
+        .load_meta_blocking()
+        .map_err(|e| std::io::Error::other(format!("cannot read the store: {e}")))?;
+    let _ = metrics.kv.set(kv.clone());
     let control = {
         let shared = shared.clone();
+        let kv = kv.clone();
         std::thread::Builder::new()
             .name("torpor-control".into())
-            .spawn(move || run_control(shared, control_rx))?
+            .spawn(move || run_control(shared, control_rx, kv, records))?
     };
     let mut threads = Vec::with_capacity(n);
     for (i, (inbox, ls)) in inboxes.into_iter().zip(listeners).enumerate() {
@@ -91,6 +103,11 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
     let _ = control_tx.send(ControlMsg::Shutdown);
     std::thread::sleep(GRACE);
     let _ = control.join();
+    // Everything queued is committed before the process exits.
+    if let Err(e) = kv.flush_blocking() {
+        tracing::error!(error = %e, "flushing the store failed");
+    }
+    kv.shutdown();
     drop(threads);
     Ok(())
 }

@@ -382,3 +382,178 @@ fn engine_runner_answers_http_through_the_tunnel() {
     );
     s.runner.stop();
 }
+
+/// One KV operation through the actor (the package's own KV client): `Ok(result)` or the
+/// gateway's refusal message.
+fn kv(d: &Daemon, actor_id: &str, call: serde_json::Value) -> Result<serde_json::Value, String> {
+    let (status, _, body) = http(
+        d.addr,
+        "POST",
+        &format!("/gateway/{actor_id}/kv"),
+        &[("content-type", "application/json")],
+        call.to_string().as_bytes(),
+    );
+    let v = json_body(&body);
+    match status {
+        200 => Ok(v["result"].clone()),
+        500 => Err(v["error"].as_str().unwrap_or_default().to_string()),
+        s => panic!("kv call answered {s}: {v}"),
+    }
+}
+
+fn hex(s: &[u8]) -> String {
+    s.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn pairs(v: &serde_json::Value) -> Vec<(String, String)> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p[0].as_str().unwrap().to_string(),
+                p[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn engine_runner_actor_kv_every_operation() {
+    let Some(s) = setup("kv") else { return };
+    let d = &s.daemon;
+    let a = &s.actor_id;
+    let put = |entries: &[(&[u8], &[u8])]| {
+        let e: Vec<[String; 2]> = entries.iter().map(|(k, v)| [hex(k), hex(v)]).collect();
+        kv(d, a, serde_json::json!({"op": "put", "entries": e}))
+    };
+    put(&[
+        (b"a", b"1"),
+        (b"b/1", b"2"),
+        (b"b/2", b"3"),
+        (b"b\xff", b"4"),
+        (b"c", b"5"),
+        (b"\x00", b"0"),
+    ])
+    .unwrap();
+    // Get answers only the keys that exist.
+    let got = kv(
+        d,
+        a,
+        serde_json::json!({"op": "get", "keys": [hex(b"a"), hex(b"zz"), hex(b"c")]}),
+    )
+    .unwrap();
+    assert_eq!(got, serde_json::json!([hex(b"1"), null, hex(b"5")]));
+    // Raw byte order, reverse and limit.
+    let all = pairs(&kv(d, a, serde_json::json!({"op": "list_all"})).unwrap());
+    let keys: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
+    let want = [
+        hex(b"\x00"),
+        hex(b"a"),
+        hex(b"b/1"),
+        hex(b"b/2"),
+        hex(b"b\xff"),
+        hex(b"c"),
+    ];
+    assert_eq!(keys, want.iter().map(String::as_str).collect::<Vec<_>>());
+    let rev = pairs(
+        &kv(
+            d,
+            a,
+            serde_json::json!({"op": "list_all", "reverse": true, "limit": 2}),
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        rev,
+        vec![(hex(b"c"), hex(b"5")), (hex(b"b\xff"), hex(b"4"))]
+    );
+    // Prefix.
+    let p = pairs(
+        &kv(
+            d,
+            a,
+            serde_json::json!({"op": "list_prefix", "prefix": hex(b"b/")}),
+        )
+        .unwrap(),
+    );
+    assert_eq!(p, vec![(hex(b"b/1"), hex(b"2")), (hex(b"b/2"), hex(b"3"))]);
+    // Range, inclusive and exclusive end.
+    let r = |exclusive: bool| {
+        pairs(
+            &kv(
+                d,
+                a,
+                serde_json::json!({"op": "list_range", "start": hex(b"a"), "end": hex(b"b/2"), "exclusive": exclusive}),
+            )
+            .unwrap(),
+        )
+        .len()
+    };
+    assert_eq!((r(false), r(true)), (3, 2));
+    // Delete, delete-range [start, end).
+    kv(
+        d,
+        a,
+        serde_json::json!({"op": "delete", "keys": [hex(b"a")]}),
+    )
+    .unwrap();
+    kv(
+        d,
+        a,
+        serde_json::json!({"op": "delete_range", "start": hex(b"b"), "end": hex(b"c")}),
+    )
+    .unwrap();
+    let left = pairs(&kv(d, a, serde_json::json!({"op": "list_all"})).unwrap());
+    assert_eq!(
+        left,
+        vec![(hex(b"\x00"), hex(b"0")), (hex(b"c"), hex(b"5"))]
+    );
+    // Limits are refused by name, and nothing of the refused call is written.
+    let big_key = vec![b'k'; 2049];
+    let err = put(&[(b"ok", b"1"), (&big_key, b"x")]).unwrap_err();
+    assert!(err.contains("key"), "{err}");
+    let big_value = vec![0u8; 128 * 1024 + 1];
+    let err = put(&[(b"v", &big_value)]).unwrap_err();
+    assert!(err.contains("value"), "{err}");
+    let got = kv(d, a, serde_json::json!({"op": "get", "keys": [hex(b"ok")]})).unwrap();
+    assert_eq!(got, serde_json::json!([null]));
+    // Drop empties this actor's space.
+    kv(d, a, serde_json::json!({"op": "drop"})).unwrap();
+    assert_eq!(
+        kv(d, a, serde_json::json!({"op": "list_all"})).unwrap(),
+        serde_json::json!([])
+    );
+    assert!(metric(d, "torpor_kv_commits_total") >= 4.0);
+    assert!(metric(d, "torpor_kv_refused_total") >= 2.0);
+    s.runner.stop();
+}
+
+#[test]
+fn engine_runner_actor_kv_survives_kill_9() {
+    let Some(s) = setup("durable") else { return };
+    let Setup {
+        daemon,
+        runner,
+        actor_id,
+    } = s;
+    let value = hex(b"acknowledged before the crash");
+    kv(
+        &daemon,
+        &actor_id,
+        serde_json::json!({"op": "put", "entries": [[hex(b"state"), value]]}),
+    )
+    .unwrap();
+    // The put was answered: it is on disk. SIGKILL, then a new process on the same data.
+    let daemon = daemon.kill_and_restart(1, &[]);
+    // The runner reconnects by itself; the actor record came back from the store.
+    daemon.wait_metric("torpor_runners_connected", |v| v == 1.0);
+    let got = kv(
+        &daemon,
+        &actor_id,
+        serde_json::json!({"op": "get", "keys": [hex(b"state")]}),
+    )
+    .unwrap();
+    assert_eq!(got, serde_json::json!([value]));
+    runner.stop();
+}

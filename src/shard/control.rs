@@ -4,7 +4,9 @@
 
 use super::state::{Reply, ResolveError as ShardResolveError, Routed};
 use super::{ShardMsg, Shared};
-use crate::engine::{self, Action, ConnRef, Engine, EngineConfig, Resolve};
+use crate::engine::{self, Action, ConnRef, Engine, EngineConfig, Resolve, StoreOp};
+use crate::kv::worker::Done;
+use crate::kv::{Job, KvHandle};
 use crate::protocol::{self, ToServer, ToServerInit};
 use crate::ws::frame::{encode_header, OpCode};
 use bytes::Bytes;
@@ -80,14 +82,23 @@ fn unix_ms() -> i64 {
     crate::net::runner::now_ms()
 }
 
-/// Runs until `Shutdown` or until every sender is gone.
-pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
+/// Runs until `Shutdown` or until every sender is gone. `records` are the engine's durable
+/// records as the store holds them (restored before anything else happens); every later
+/// change goes to `kv`.
+pub fn run_control(
+    shared: Shared,
+    rx: Receiver<ControlMsg>,
+    kv: KvHandle,
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+) {
     let mut engine = Engine::new(
         engine_config(&shared),
         rand::random(),
         Instant::now(),
         unix_ms(),
     );
+    let report = engine.restore(records, Instant::now());
+    tracing::info!(?report, "control plane restored its actors");
     let tick = Duration::from_millis(50);
     let mut next_tick = Instant::now() + tick;
     loop {
@@ -111,17 +122,10 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                 } => engine.runner_init(conn, &namespace, &runner_key, init, now),
                 ControlMsg::RunnerMsg {
                     conn,
-                    msg: ToServer::KvRequest(kv),
+                    msg: ToServer::KvRequest(req),
                 } => {
-                    // Every KvRequest gets exactly one KvResponse; the store is not built yet.
-                    let reply = protocol::ToClient::KvResponse(protocol::ToClientKvResponse {
-                        request_id: kv.request_id,
-                        data: protocol::KvResponseData::Error(protocol::KvErrorResponse {
-                            message: "kv.unavailable: the actor KV store is not available yet"
-                                .into(),
-                        }),
-                    });
-                    vec![Action::Send { conn, msg: reply }]
+                    kv_request(&shared, &engine, &kv, conn, req);
+                    Vec::new()
                 }
                 ControlMsg::RunnerMsg { conn, msg } => engine.runner_message(conn, msg, now),
                 ControlMsg::RunnerClosed { conn } => engine.runner_closed(conn, now),
@@ -179,26 +183,90 @@ pub fn run_control(shared: Shared, rx: Receiver<ControlMsg>) {
                 } => {
                     let reply =
                         engine::api::handle(&mut engine, &method, &path, &query, &body, now);
-                    send_reply(
-                        &shared,
-                        waiter,
-                        Reply::Api {
-                            status: reply.status,
-                            body: reply.body,
-                        },
-                    );
+                    let answer = Reply::Api {
+                        status: reply.status,
+                        body: reply.body,
+                    };
+                    if persist(&mut engine, &kv) {
+                        // Answer once the change is durable (a created actor survives a crash).
+                        let shared = shared.clone();
+                        let _ = kv.submit(Job::Flush(Done::new(move |_| {
+                            send_reply(&shared, waiter, answer)
+                        })));
+                    } else {
+                        send_reply(&shared, waiter, answer);
+                    }
                     reply.actions
                 }
             };
+            persist(&mut engine, &kv);
             dispatch(&shared, actions);
         }
         let now = Instant::now();
         if now >= next_tick {
             let actions = engine.tick(now);
+            persist(&mut engine, &kv);
             dispatch(&shared, actions);
             next_tick = now + tick;
         }
     }
+}
+
+/// Queues the engine's record changes to the store, in order. Returns whether there were
+/// any. The commands that follow are not held for the commit: a crash in between at most
+/// repeats a generation number, which a restarted process never shows to the same runnerId.
+fn persist(engine: &mut Engine, kv: &KvHandle) -> bool {
+    let ops = engine.take_store_ops();
+    let any = !ops.is_empty();
+    for op in ops {
+        let job = match op {
+            StoreOp::Put { key, value } => Job::PutMeta {
+                key,
+                value,
+                done: None,
+            },
+            StoreOp::Delete { key } => Job::DeleteMeta { key, done: None },
+        };
+        if kv.submit(job).is_err() {
+            tracing::error!("the store is gone; actor records are no longer saved");
+            break;
+        }
+    }
+    any
+}
+
+/// A runner's KV request: only for an actor placed on that runner; the store answers on its
+/// own thread, after the commit for writes, straight to the runner's shard.
+fn kv_request(
+    shared: &Shared,
+    engine: &Engine,
+    kv: &KvHandle,
+    conn: ConnRef,
+    req: protocol::ToServerKvRequest,
+) {
+    let request_id = req.request_id;
+    let answer = {
+        let shared = shared.clone();
+        move |data: protocol::KvResponseData| {
+            let msg =
+                protocol::ToClient::KvResponse(protocol::ToClientKvResponse { request_id, data });
+            if let Some(mb) = shared.shards.get(conn.shard as usize) {
+                mb.send(ShardMsg::ToRunner {
+                    slot: conn.slot,
+                    gen: conn.gen,
+                    frames: frames(&msg),
+                });
+            }
+        }
+    };
+    if !engine.actor_placed_on(&req.actor_id, conn) {
+        answer(protocol::KvResponseData::Error(protocol::KvErrorResponse {
+            message: "kv.actor_not_found: the actor is not running on this runner".into(),
+        }));
+        return;
+    }
+    // A refused submit drops the job, whose reply then answers `kv.unavailable`.
+    let _ = kv.submit(Job::kv(req.actor_id, req.data, answer));
 }
 
 fn send_reply(shared: &Shared, waiter: u64, reply: Reply) {

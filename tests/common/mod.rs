@@ -93,6 +93,7 @@ pub struct Daemon {
     pub proc: Proc,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    keep_data_dir: bool,
 }
 
 impl Daemon {
@@ -102,9 +103,35 @@ impl Daemon {
     }
 
     pub fn start_with(shards: usize, env: &[(&str, &str)], args: &[&str]) -> Daemon {
-        let data_dir = temp_dir("data");
+        Self::start_at("127.0.0.1:0", &temp_dir("data"), shards, env, args)
+    }
+
+    /// Kills this daemon (SIGKILL: nothing is flushed on the way out) and starts a new one on
+    /// the same address and data directory.
+    pub fn kill_and_restart(mut self, shards: usize, env: &[(&str, &str)]) -> Daemon {
+        let (addr, data_dir) = (self.addr, self.data_dir.clone());
+        self.keep_data_dir = true;
+        drop(self);
+        Self::start_at(&addr.to_string(), &data_dir, shards, env, &[])
+    }
+
+    /// Stops this daemon with SIGTERM, waits for it to exit, and keeps its data directory.
+    pub fn terminate_keeping_data(mut self) -> std::process::ExitStatus {
+        self.keep_data_dir = true;
+        self.proc.signal(libc::SIGTERM);
+        self.proc.child.wait().unwrap()
+    }
+
+    pub fn start_at(
+        listen: &str,
+        data_dir: &std::path::Path,
+        shards: usize,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Daemon {
+        let data_dir = data_dir.to_path_buf();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_torpor"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--shards"])
+        cmd.args(["serve", "--listen", listen, "--shards"])
             .arg(shards.to_string())
             .arg("--data-dir")
             .arg(&data_dir)
@@ -129,6 +156,7 @@ impl Daemon {
             proc,
             addr,
             data_dir,
+            keep_data_dir: false,
         }
     }
 
@@ -174,7 +202,11 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        if !self.keep_data_dir {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }
 

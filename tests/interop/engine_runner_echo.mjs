@@ -9,7 +9,9 @@
 //   - a text message `__close__ <code> <reason…>` instead makes the actor close that socket
 //     with that code and reason (runner-initiated close);
 //   - answer every HTTP request with a JSON echo
-//     `{"actorId","method","path","headers","body","bodyLength"}` (body decoded as UTF-8);
+//     `{"actorId","method","path","headers","body","bodyLength"}` (body decoded as UTF-8),
+//     except `POST /kv`, which runs one actor KV operation through the package's own KV client
+//     (see `kvCall`);
 //   - declare sockets hibernatable (`canHibernate: true`) unless the request's query contains
 //     `hibernatable=0`, keep the socket's metadata in memory, and acknowledge every received
 //     message (`WebSocketMessageAck` with the message's index) right after echoing it; when
@@ -212,6 +214,7 @@ runner = new Runner({
   async fetch(_runner, actorId, _gatewayId, _requestId, request) {
     const url = new URL(request.url);
     const body = Buffer.from(await request.arrayBuffer());
+    if (url.pathname === "/kv") return kvCall(actorId, JSON.parse(body.toString("utf8")));
     const headers = {};
     request.headers.forEach((value, name) => {
       headers[name] = value;
@@ -253,6 +256,54 @@ runner = new Runner({
     },
   },
 });
+
+// ---- actor KV through the package's own client ----------------------------------------------
+
+const bytes = (hex) => new Uint8Array(Buffer.from(hex, "hex"));
+const hexOf = (b) => (b == null ? null : Buffer.from(b).toString("hex"));
+
+// POST /kv with {"op": ..., ...}; keys and values are hex. Answers {"result": ...} or, when the
+// gateway refused the request, status 500 with {"error": message}.
+async function kvCall(actorId, c) {
+  const opts = { reverse: c.reverse, limit: c.limit };
+  const pairs = (list) => list.map(([k, v]) => [hexOf(k), hexOf(v)]);
+  try {
+    let result = null;
+    switch (c.op) {
+      case "put":
+        await runner.kvPut(actorId, c.entries.map(([k, v]) => [bytes(k), bytes(v)]));
+        break;
+      case "get":
+        result = (await runner.kvGet(actorId, c.keys.map(bytes))).map(hexOf);
+        break;
+      case "list_all":
+        result = pairs(await runner.kvListAll(actorId, opts));
+        break;
+      case "list_prefix":
+        result = pairs(await runner.kvListPrefix(actorId, bytes(c.prefix), opts));
+        break;
+      case "list_range":
+        result = pairs(
+          await runner.kvListRange(actorId, bytes(c.start), bytes(c.end), c.exclusive, opts),
+        );
+        break;
+      case "delete":
+        await runner.kvDelete(actorId, c.keys.map(bytes));
+        break;
+      case "delete_range":
+        await runner.kvDeleteRange(actorId, bytes(c.start), bytes(c.end));
+        break;
+      case "drop":
+        await runner.kvDrop(actorId);
+        break;
+      default:
+        throw new Error(`unknown op ${c.op}`);
+    }
+    return Response.json({ result });
+  } catch (err) {
+    return Response.json({ error: String(err?.message ?? err) }, { status: 500 });
+  }
+}
 
 // ---- lifecycle -------------------------------------------------------------------------------
 
