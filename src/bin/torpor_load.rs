@@ -4,6 +4,8 @@
 //! the echo, repeat) for a fixed number of round trips; prints throughput and round-trip
 //! latency percentiles as text and one JSON line. Given `--actor`, it targets
 //! `/gateway/{actor}/`; given `--create-actor`, it creates one through the engine API first.
+//!
+//! Mode `--wake N`: the wake latency of a hibernating WebSocket (see the flag).
 
 use clap::Parser;
 use std::io::{Read, Write};
@@ -38,6 +40,60 @@ struct Args {
     /// Round trips per connection before measuring.
     #[arg(long, default_value_t = 200)]
     warmup: usize,
+    /// Wake mode: N rounds on one connection of putting the actor to sleep (text `__sleep`,
+    /// which `echo-runner --control-messages` obeys), waiting until torpor reports the socket
+    /// hibernating, then timing one message until its echo (the wake). Needs the gateway.
+    #[arg(long)]
+    wake: Option<usize>,
+}
+
+/// `torpor_client_websockets_hibernating` from the gateway's `/metrics`.
+fn hibernating(addr: SocketAddr) -> f64 {
+    let mut s = TcpStream::connect(addr).expect("connect for metrics");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.lines()
+        .find_map(|l| l.strip_prefix("torpor_client_websockets_hibernating "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Wake latency: client message on a hibernating socket → echo back, per round.
+fn run_wake(addr: SocketAddr, path: &str, size: usize, rounds: usize) -> Vec<u32> {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).unwrap();
+    let (mut ws, _) =
+        tungstenite::client::client(format!("ws://{addr}{path}"), stream).expect("handshake");
+    let read_data = |ws: &mut tungstenite::WebSocket<TcpStream>| loop {
+        match ws.read().expect("read") {
+            Message::Binary(_) | Message::Text(_) => break,
+            _ => continue,
+        }
+    };
+    let payload = vec![0x5au8; size];
+    let mut lat = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        ws.send(Message::text("__sleep")).expect("send");
+        read_data(&mut ws);
+        while hibernating(addr) < 1.0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let t = Instant::now();
+        ws.send(Message::binary(payload.clone())).expect("send");
+        read_data(&mut ws);
+        lat.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        // The socket is attached again before the next round puts the actor to sleep.
+        while hibernating(addr) > 0.0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let _ = ws.close(None);
+    lat
 }
 
 fn create_actor(addr: SocketAddr) -> String {
@@ -106,6 +162,27 @@ fn main() {
         Some(id) => format!("/gateway/{id}/"),
         None => "/".to_string(),
     };
+    if let Some(rounds) = a.wake {
+        let mut lat = run_wake(a.addr, &path, a.size, rounds);
+        lat.sort_unstable();
+        println!(
+            "wake rounds={rounds} s={}: wake-to-echo us p50={:.1} p90={:.1} p99={:.1} max={:.1}",
+            a.size,
+            pct(&lat, 0.5),
+            pct(&lat, 0.9),
+            pct(&lat, 0.99),
+            pct(&lat, 1.0)
+        );
+        println!(
+            "{}",
+            serde_json::json!({
+                "mode": "wake", "rounds": rounds, "size": a.size,
+                "p50_us": pct(&lat, 0.5), "p90_us": pct(&lat, 0.9),
+                "p99_us": pct(&lat, 0.99), "max_us": pct(&lat, 1.0),
+            })
+        );
+        return;
+    }
     let start = Instant::now();
     let threads: Vec<_> = (0..a.connections)
         .map(|_| {
