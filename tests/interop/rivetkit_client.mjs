@@ -8,6 +8,7 @@
 //
 // Commands (`<tag>` is any word without spaces, echoed in the answer; JSON never spans lines):
 //   <tag> resolve <key>                        actor id of counter[<key>] (getOrCreate)
+//   <tag> get_resolve <key>                    actor id of counter[<key>] if it exists (get)
 //   <tag> action <key> <name> <json args>      stateless action over HTTP (POST /gateway/…/action/…)
 //   <tag> connect <conn> <key>                 opens a connection (WebSocket /connect); answers
 //                                              once it is open (rivetkit's Init received)
@@ -28,6 +29,8 @@
 //   RES <tag> err <group>.<code> <message on one line>
 // Unsolicited lines:
 //   CONN_OPEN <conn> / CONN_CLOSE <conn>       every open / close of a connection's socket
+//   CONN_STATUS <conn> <status>                idle | connecting | connected | disconnected
+//   CONN_ERROR <conn> <group>.<code> <message> an error the connection reported
 //   CONN_EVENT <conn> <name> <json>            an event broadcast by the actor
 //   RAW_CLOSE <ws> <code> <reason>
 //   READY                                      commands are accepted from now on
@@ -114,6 +117,10 @@ const commands = {
     return await handle(key).resolve();
   },
 
+  async get_resolve([key]) {
+    return await client.counter.get([key]).resolve();
+  },
+
   async action([key, name], rest) {
     const args = parseJson(rest, "args");
     return await handle(key).action({ name, args });
@@ -134,6 +141,8 @@ const commands = {
       entry.closes += 1;
       emit(`CONN_CLOSE ${name}`);
     });
+    conn.onStatusChange((status) => emit(`CONN_STATUS ${name} ${status}`));
+    conn.onError((err) => emit(`CONN_ERROR ${name} ${errorCode(err)} ${oneLine(err?.message ?? err)}`));
     conn.on("appended", (ev) => emit(`CONN_EVENT ${name} appended ${stringify(ev)}`));
     conns.set(name, entry);
     await opened;
@@ -187,7 +196,10 @@ const commands = {
         ws.addEventListener("close", (e) =>
           reject(Object.assign(new Error(`closed before open: ${e.code} ${e.reason}`), { group: "ws", code: "closed_before_open" })),
         );
-        ws.addEventListener("error", () => {});
+        // Node 22's WebSocket reports a refused upgrade (non-101 answer) with `error` only.
+        ws.addEventListener("error", (e) =>
+          reject(Object.assign(new Error(`error before open: ${e?.message ?? "unknown"}`), { group: "ws", code: "error_before_open" })),
+        );
       });
     }
     return { readyState: ws.readyState };
@@ -225,6 +237,7 @@ const commands = {
 // How many leading words each command takes before its free-form rest (JSON or text).
 const ARITY = {
   resolve: 1,
+  get_resolve: 1,
   action: 2,
   connect: 2,
   conn_action: 2,

@@ -50,10 +50,10 @@ export const counter = actor({
     emit(`ACTOR_SLEEP ${c.actorId} count=${c.state.count} log=${c.state.log.length}`);
   },
   onConnect: (c, conn) => {
-    emit(`CONN_CONNECT ${c.actorId} ${conn.id}`);
+    emit(`CONN_CONNECT ${c.actorId} ${conn.id} hibernatable=${conn.isHibernatable}`);
   },
   onDisconnect: (c, conn) => {
-    emit(`CONN_DISCONNECT ${c.actorId} ${conn.id}`);
+    emit(`CONN_DISCONNECT ${c.actorId} ${conn.id} hibernatable=${conn.isHibernatable}`);
   },
   actions: {
     increment: async (c, by = 1) => {

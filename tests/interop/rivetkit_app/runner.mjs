@@ -18,7 +18,9 @@
 //   ACTOR_WAKE <actorId> count=<n> log=<n>          actor started (new or woken)
 //   ACTOR_SLEEP_REQUESTED <actorId>                 the goToSleep action ran
 //   ACTOR_SLEEP <actorId> count=<n> log=<n>         onSleep ran (the actor is stopping)
-//   CONN_CONNECT <actorId> <connId> / CONN_DISCONNECT <actorId> <connId>
+//   CONN_CONNECT <actorId> <connId> hibernatable=<bool>     rivetkit connected a conn (also for
+//                                                   every stateless HTTP action: hibernatable=false)
+//   CONN_DISCONNECT <actorId> <connId> hibernatable=<bool>
 //   RAW_WS_OPEN <actorId> / RAW_WS_CLOSE <actorId> <code>
 //   FATAL <message>                                 then exit status 1
 //
