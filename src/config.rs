@@ -65,6 +65,14 @@ pub struct Timeouts {
     pub runner_lost_threshold_ms: u64,
     pub actor_stop_threshold_ms: u64,
     pub actor_wake_ms: u64,
+    /// After the gateway queued a close frame on a WebSocket (client or runner), how long the
+    /// peer has to finish the close handshake before the TCP connection is dropped.
+    pub close_handshake_ms: u64,
+    /// A client WebSocket silent this long gets a ping (0 = never ping idle clients).
+    pub client_idle_ping_ms: u64,
+    /// After that ping, how long the client has to send anything before it is closed with
+    /// 1011 `guard.client_idle_timeout`.
+    pub client_pong_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -112,6 +120,9 @@ impl Default for Timeouts {
             runner_lost_threshold_ms: 15_000,
             actor_stop_threshold_ms: 30_000,
             actor_wake_ms: 30_000,
+            close_handshake_ms: 5_000,
+            client_idle_ping_ms: 30_000,
+            client_pong_timeout_ms: 30_000,
         }
     }
 }
@@ -223,6 +234,12 @@ impl Config {
         if t.ping_interval_ms == 0 || t.ping_timeout_ms <= t.ping_interval_ms {
             return bad("timeouts.ping_timeout_ms must be > timeouts.ping_interval_ms > 0");
         }
+        if t.close_handshake_ms == 0 {
+            return bad("timeouts.close_handshake_ms must be > 0");
+        }
+        if t.client_pong_timeout_ms == 0 {
+            return bad("timeouts.client_pong_timeout_ms must be > 0");
+        }
         if t.gc_interval_ms == 0 {
             return bad("timeouts.gc_interval_ms must be > 0");
         }
@@ -309,7 +326,10 @@ ser_fields!(
     ping_timeout_ms,
     runner_lost_threshold_ms,
     actor_stop_threshold_ms,
-    actor_wake_ms
+    actor_wake_ms,
+    close_handshake_ms,
+    client_idle_ping_ms,
+    client_pong_timeout_ms
 );
 
 fn merge(base: &mut toml::Table, overlay: toml::Table) {
@@ -375,5 +395,19 @@ mod tests {
         let mut c = Config::default();
         c.timeouts.actor_stop_threshold_ms = 1000;
         assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.timeouts.close_handshake_ms = 0;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.timeouts.client_pong_timeout_ms = 0;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.apply_env(vec![(
+            "TORPOR_TIMEOUTS__CLIENT_IDLE_PING_MS".to_string(),
+            "0".to_string(),
+        )])
+        .unwrap();
+        assert_eq!(c.timeouts.client_idle_ping_ms, 0);
+        c.validate().unwrap();
     }
 }

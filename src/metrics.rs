@@ -40,6 +40,8 @@ series!(Counter, COUNTERS {
     UnroutableTunnelMessages => ("torpor_tunnel_unroutable_total", "Runner tunnel messages for unknown or closed requests"),
     RunnerProtocolErrors => ("torpor_runner_protocol_errors_total", "Runner messages that failed to decode"),
     HttpRequests => ("torpor_http_requests_total", "HTTP requests handled"),
+    CloseHandshakeTimeouts => ("torpor_websocket_close_timeouts_total", "WebSocket connections dropped because the peer did not finish the close handshake in time"),
+    ClientIdlePings => ("torpor_client_idle_pings_total", "Pings sent to client WebSockets that were silent for the idle period"),
 });
 
 series!(Gauge, GAUGES {
@@ -64,12 +66,14 @@ pub const CLOSE_REASONS: &[&str] = &[
     "ws.protocol_error",
     "ws.invalid_utf8",
     "ws.message_too_big",
+    "ws.frame_too_big",
     "ws.going_away",
     "actor.stopped",
     "guard.websocket_message_not_acked",
     "guard.websocket_pending_limit_reached",
     "guard.websocket_open_timeout",
     "guard.client_too_slow",
+    "guard.client_idle_timeout",
     "other",
 ];
 
