@@ -484,3 +484,35 @@ fn pick_protocol(head: &RequestHead) -> Option<String> {
     }
     offered.first().map(|s| s.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::frame::encode_header;
+
+    #[test]
+    fn read_size_follows_received_bytes_not_announced_length() {
+        let mut r = WsReader::new(WsReaderConfig::default());
+        // Nothing buffered: one ordinary chunk.
+        assert_eq!(read_size(&r, &BytesMut::new()), READ_CHUNK);
+        // A header announcing a 16 MiB frame and nothing else: a small step, not 16 MiB.
+        let h = encode_header(true, OpCode::Binary, 16 << 20, Some([1, 2, 3, 4]));
+        let mut buf = BytesMut::from(&h[..]);
+        assert_eq!(read_size(&r, &buf), GROW_FLOOR);
+        assert_eq!(r.next(&mut buf), Ok(None));
+        assert!(buf.is_empty(), "header consumed");
+        assert_eq!(read_size(&r, &buf), GROW_FLOOR);
+        // 1 MiB of payload received: at most as much again.
+        buf.extend_from_slice(&vec![0u8; 1 << 20]);
+        assert_eq!(r.next(&mut buf), Ok(None));
+        assert_eq!(read_size(&r, &buf), 1 << 20);
+        // Near the end of the frame: exactly the rest.
+        buf.extend_from_slice(&vec![0u8; (15 << 20) - 10]);
+        assert_eq!(r.next(&mut buf), Ok(None));
+        assert_eq!(read_size(&r, &buf), READ_CHUNK.max(10));
+        // Small frames never ask for less than a chunk.
+        let h = encode_header(true, OpCode::Binary, 100, Some([1, 2, 3, 4]));
+        let r = WsReader::new(WsReaderConfig::default());
+        assert_eq!(read_size(&r, &BytesMut::from(&h[..])), READ_CHUNK);
+    }
+}
