@@ -16,6 +16,22 @@ if [ ! -d tests/interop/node_modules/@rivetkit/engine-runner ] || \
   npm install --prefix tests/interop --no-audit --no-fund --loglevel=error
 fi
 
+# Autobahn conformance client for tests/autobahn.rs (pinned with hashes), in a venv under
+# target/ so that nothing is installed system-wide.
+if ! command -v python3 >/dev/null 2>&1; then
+  echo "python3 is required for the Autobahn tests (apt-get install python3 python3-venv)" >&2
+  exit 1
+fi
+venv=target/autobahn-venv
+if [ ! -x "$venv/bin/kosoku" ] || [ tests/autobahn/requirements.txt -nt "$venv/.installed" ]; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes \
+    -r tests/autobahn/requirements.txt
+  touch "$venv/.installed"
+fi
+export AUTOBAHN_KOSOKU="$PWD/$venv/bin/kosoku"
+
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)

@@ -78,6 +78,14 @@ pub struct Timeouts {
     pub hibernation_eligible_ms: u64,
     /// A socket hibernating longer than this is closed (`guard.hibernation_timeout`); 0 = never.
     pub hibernation_max_ms: u64,
+    /// After the gateway queued a close frame on a WebSocket (client or runner), how long the
+    /// peer has to finish the close handshake before the TCP connection is dropped.
+    pub close_handshake_ms: u64,
+    /// A client WebSocket silent this long gets a ping (0 = never ping idle clients).
+    pub client_idle_ping_ms: u64,
+    /// After that ping, how long the client has to send anything before it is closed with
+    /// 1011 `guard.client_idle_timeout`.
+    pub client_pong_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -133,6 +141,9 @@ impl Default for Timeouts {
             hibernation_refresh_ms: 45_000,
             hibernation_eligible_ms: 90_000,
             hibernation_max_ms: 12 * 3600 * 1000,
+            close_handshake_ms: 5_000,
+            client_idle_ping_ms: 30_000,
+            client_pong_timeout_ms: 30_000,
         }
     }
 }
@@ -255,6 +266,12 @@ impl Config {
         if t.hibernation_refresh_ms == 0 || t.hibernation_eligible_ms <= t.hibernation_refresh_ms {
             return bad("timeouts.hibernation_eligible_ms must be > timeouts.hibernation_refresh_ms > 0 (a refreshed record must stay eligible)");
         }
+        if t.close_handshake_ms == 0 {
+            return bad("timeouts.close_handshake_ms must be > 0");
+        }
+        if t.client_pong_timeout_ms == 0 {
+            return bad("timeouts.client_pong_timeout_ms must be > 0");
+        }
         if t.gc_interval_ms == 0 {
             return bad("timeouts.gc_interval_ms must be > 0");
         }
@@ -368,7 +385,10 @@ ser_fields!(
     actor_wake_ms,
     hibernation_refresh_ms,
     hibernation_eligible_ms,
-    hibernation_max_ms
+    hibernation_max_ms,
+    close_handshake_ms,
+    client_idle_ping_ms,
+    client_pong_timeout_ms
 );
 
 fn merge(base: &mut toml::Table, overlay: toml::Table) {
@@ -434,5 +454,19 @@ mod tests {
         let mut c = Config::default();
         c.timeouts.actor_stop_threshold_ms = 1000;
         assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.timeouts.close_handshake_ms = 0;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.timeouts.client_pong_timeout_ms = 0;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.apply_env(vec![(
+            "TORPOR_TIMEOUTS__CLIENT_IDLE_PING_MS".to_string(),
+            "0".to_string(),
+        )])
+        .unwrap();
+        assert_eq!(c.timeouts.client_idle_ping_ms, 0);
+        c.validate().unwrap();
     }
 }

@@ -44,6 +44,8 @@ series!(Counter, COUNTERS {
     HibernationWakes => ("torpor_hibernation_wakes_total", "Hibernating WebSockets reattached to a running actor"),
     WakeRequests => ("torpor_wake_requests_total", "Actor starts asked for by hibernating WebSockets"),
     HttpTunnelRequests => ("torpor_http_tunnel_requests_total", "HTTP requests tunnelled to actors"),
+    CloseHandshakeTimeouts => ("torpor_websocket_close_timeouts_total", "WebSocket connections dropped because the peer did not finish the close handshake in time"),
+    ClientIdlePings => ("torpor_client_idle_pings_total", "Pings sent to client WebSockets that were silent for the idle period"),
 });
 
 series!(Gauge, GAUGES {
@@ -69,6 +71,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "ws.protocol_error",
     "ws.invalid_utf8",
     "ws.message_too_big",
+    "ws.frame_too_big",
     "ws.going_away",
     "actor.stopped",
     "actor.destroyed",
@@ -77,6 +80,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "guard.websocket_open_timeout",
     "guard.client_too_slow",
     "guard.hibernation_timeout",
+    "guard.client_idle_timeout",
     "other",
 ];
 

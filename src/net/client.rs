@@ -15,7 +15,7 @@ use crate::tunnel::TunnelSocket;
 use crate::ws::frame::OpCode;
 use crate::ws::reader::{Role, WsEvent, WsReader, WsReaderConfig};
 use bytes::{Bytes, BytesMut};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -142,13 +142,14 @@ pub async fn serve(
         refuse(&state, &stream, 404, "request.not_found", "no such route").await;
         return;
     };
-    let (timeouts, max_frame, max_message) = {
+    let (timeouts, max_frame, max_message, out_limit) = {
         let st = state.borrow();
         let c = &st.shared.config;
         (
             c.timeouts.clone(),
             c.limits.ws_max_frame_bytes,
             c.limits.ws_max_message_bytes,
+            c.limits.client_outbound_bytes,
         )
     };
     let routed = match super::gateway::resolve(&state, target).await {
@@ -271,6 +272,18 @@ pub async fn serve(
         slot,
         gen,
     ));
+    // Bumped on every read that brought bytes; the idle watch compares it.
+    let activity = Rc::new(Cell::new(0u64));
+    if timeouts.client_idle_ping_ms > 0 {
+        tokio_uring::spawn(idle_watch(
+            state.clone(),
+            slot,
+            gen,
+            activity.clone(),
+            Duration::from_millis(timeouts.client_idle_ping_ms),
+            Duration::from_millis(timeouts.client_pong_timeout_ms),
+        ));
+    }
 
     let mut reader = WsReader::new(WsReaderConfig {
         role: Role::Server,
@@ -296,8 +309,15 @@ pub async fn serve(
                 }
                 Ok(Some(WsEvent::Ping(p))) => {
                     let mut st = state.borrow_mut();
-                    let frames = st.ws_frame(OpCode::Pong, p);
-                    st.write_local(slot, gen, frames.to_vec());
+                    // Pongs pile up for a client that pings without reading: the same
+                    // outbound limit as for its actor's messages applies.
+                    let queued = st.get(slot, gen).map_or(0, |c| c.out.bytes);
+                    if queued > out_limit {
+                        st.close_client(slot, gen, 1011, "guard.client_too_slow", now);
+                    } else {
+                        let frames = st.ws_frame(OpCode::Pong, p);
+                        st.write_local(slot, gen, frames.to_vec());
+                    }
                 }
                 Ok(Some(WsEvent::Pong(_))) => {}
                 Ok(Some(WsEvent::Close { code, reason })) => {
@@ -320,15 +340,83 @@ pub async fn serve(
                 }
             }
         }
-        let want = reader.bytes_wanted(&buf).saturating_sub(buf.len());
-        if !read_more(&stream, &mut buf, want.max(READ_CHUNK)).await {
+        let want = read_size(&reader, &buf);
+        if !read_more(&stream, &mut buf, want).await {
             break;
         }
+        activity.set(activity.get().wrapping_add(1));
         if state.borrow_mut().get(slot, gen).is_none() {
             break;
         }
     }
     finish(&state, slot, gen);
+}
+
+/// Room to ask for before the next read: what the reader wants (the rest of the frame), but
+/// never more than the bytes already buffered (at least [`GROW_FLOOR`]), so a header that
+/// announces a large frame and then stalls costs little memory; the buffer still grows
+/// geometrically while the payload keeps coming.
+fn read_size(reader: &WsReader, buf: &BytesMut) -> usize {
+    let want = reader.bytes_wanted(buf).saturating_sub(buf.len());
+    want.min(buf.len().max(GROW_FLOOR)).max(READ_CHUNK)
+}
+
+/// Smallest growth step of a client's read buffer for a large frame.
+const GROW_FLOOR: usize = 64 * 1024;
+
+/// Pings a client that has been silent for `idle` and closes it (1011
+/// `guard.client_idle_timeout`) if it still sent nothing `pong_timeout` later. Any bytes from
+/// the client count (`activity` changes), not only the pong. A socket paused by backpressure
+/// is not read, so its silence is not the client's: it is left alone. Ends with the socket.
+async fn idle_watch(
+    state: Rc<RefCell<ShardState>>,
+    slot: u32,
+    gen: u32,
+    activity: Rc<Cell<u64>>,
+    idle: Duration,
+    pong_timeout: Duration,
+) {
+    // Whether the socket is still open for traffic (not closing) and not paused.
+    let watchable = |state: &Rc<RefCell<ShardState>>| -> Option<bool> {
+        let paused = state.borrow().client_paused(slot, gen).is_some();
+        let mut st = state.borrow_mut();
+        let c = st.get(slot, gen)?;
+        if c.out.closing {
+            return None;
+        }
+        Some(!paused)
+    };
+    loop {
+        let seen = activity.get();
+        tokio::time::sleep(idle).await;
+        match watchable(&state) {
+            None => return,
+            Some(false) => continue,
+            Some(true) if activity.get() != seen => continue,
+            Some(true) => {}
+        }
+        {
+            let mut st = state.borrow_mut();
+            st.metrics().inc(Counter::ClientIdlePings);
+            let frames = st.ws_frame(OpCode::Ping, Bytes::new());
+            st.write_local(slot, gen, frames.to_vec());
+        }
+        tokio::time::sleep(pong_timeout).await;
+        match watchable(&state) {
+            None => return,
+            Some(false) => continue,
+            Some(true) if activity.get() != seen => continue,
+            Some(true) => {}
+        }
+        state.borrow_mut().close_client(
+            slot,
+            gen,
+            crate::ws::close::INTERNAL_ERROR,
+            "guard.client_idle_timeout",
+            Instant::now(),
+        );
+        return;
+    }
 }
 
 fn mark_runner_closed(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) {
@@ -361,4 +449,36 @@ fn pick_protocol(head: &RequestHead) -> Option<String> {
         return Some("rivet".into());
     }
     offered.first().map(|s| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::frame::encode_header;
+
+    #[test]
+    fn read_size_follows_received_bytes_not_announced_length() {
+        let mut r = WsReader::new(WsReaderConfig::default());
+        // Nothing buffered: one ordinary chunk.
+        assert_eq!(read_size(&r, &BytesMut::new()), READ_CHUNK);
+        // A header announcing a 16 MiB frame and nothing else: a small step, not 16 MiB.
+        let h = encode_header(true, OpCode::Binary, 16 << 20, Some([1, 2, 3, 4]));
+        let mut buf = BytesMut::from(&h[..]);
+        assert_eq!(read_size(&r, &buf), GROW_FLOOR);
+        assert_eq!(r.next(&mut buf), Ok(None));
+        assert!(buf.is_empty(), "header consumed");
+        assert_eq!(read_size(&r, &buf), GROW_FLOOR);
+        // 1 MiB of payload received: at most as much again.
+        buf.extend_from_slice(&vec![0u8; 1 << 20]);
+        assert_eq!(r.next(&mut buf), Ok(None));
+        assert_eq!(read_size(&r, &buf), 1 << 20);
+        // Near the end of the frame: exactly the rest.
+        buf.extend_from_slice(&vec![0u8; (15 << 20) - 10]);
+        assert_eq!(r.next(&mut buf), Ok(None));
+        assert_eq!(read_size(&r, &buf), READ_CHUNK.max(10));
+        // Small frames never ask for less than a chunk.
+        let h = encode_header(true, OpCode::Binary, 100, Some([1, 2, 3, 4]));
+        let r = WsReader::new(WsReaderConfig::default());
+        assert_eq!(read_size(&r, &BytesMut::from(&h[..])), READ_CHUNK);
+    }
 }

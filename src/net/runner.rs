@@ -126,8 +126,10 @@ pub async fn serve(
 
     let mut reader = WsReader::new(WsReaderConfig {
         role: Role::Server,
-        max_frame: cfg.limits.ws_max_frame_bytes as usize,
-        max_message: (cfg.limits.ws_max_message_bytes as usize).min(protocol::MAX_MESSAGE_LEN),
+        // Runners send each message as one frame, up to the protocol's message limit (the
+        // echo of a 16 MiB client message is a little over 16 MiB).
+        max_frame: protocol::MAX_MESSAGE_LEN,
+        max_message: protocol::MAX_MESSAGE_LEN,
     });
     let init_deadline =
         tokio::time::Instant::now() + Duration::from_millis(cfg.timeouts.runner_init_ms);

@@ -3,13 +3,20 @@
 //! fit in an iovec array), so all frames produced for a socket in one turn of the shard loop
 //! leave in one system call.
 //!
-//! It never decides what to write; it only moves bytes, and half-closes the socket after a
-//! queued close frame has been flushed.
+//! It never decides what to write; it only moves bytes, half-closes the socket after a
+//! queued close frame has been flushed, and enforces the close-handshake deadline: from the
+//! moment a close frame is queued (even while an earlier write is stuck behind a peer that
+//! does not read), the peer has `timeouts.close_handshake_ms` to finish the handshake and
+//! go away; then the TCP connection is reset. It must never hold a socket open past that
+//! deadline, nor keep the socket alive itself (the deadline holds only a weak reference).
+//!
+//! [`OutQueue`]: crate::shard::state::OutQueue
 
+use crate::metrics::Counter;
 use crate::shard::ShardState;
 use bytes::Bytes;
 use std::cell::RefCell;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::Duration;
 use tokio_uring::net::TcpStream;
 
@@ -23,14 +30,20 @@ pub async fn writer_task(
     slot: u32,
     gen: u32,
 ) {
-    let notify = match state.borrow_mut().get(slot, gen) {
-        Some(c) => c.out.notify.clone(),
-        None => return,
+    let (notify, close_after) = {
+        let mut st = state.borrow_mut();
+        let close_after = Duration::from_millis(st.shared.config.timeouts.close_handshake_ms);
+        match st.get(slot, gen) {
+            Some(c) => (c.out.notify.clone(), close_after),
+            None => return,
+        }
     };
+    // Set once the close deadline runs (it is started at most once).
+    let mut armed = false;
     loop {
         notify.notified().await;
         loop {
-            let (batch, closing) = {
+            let (batch, closing, flushed) = {
                 let mut st = state.borrow_mut();
                 let Some(conn) = st.get(slot, gen) else {
                     return;
@@ -39,16 +52,38 @@ pub async fn writer_task(
                 let batch: Vec<Bytes> = conn.out.chunks.drain(..n).collect();
                 let bytes: usize = batch.iter().map(|b| b.len()).sum();
                 conn.out.bytes -= bytes;
-                (batch, conn.out.closing && conn.out.chunks.is_empty())
+                let closing = conn.out.closing;
+                (batch, closing, closing && conn.out.chunks.is_empty())
             };
+            if closing && !armed {
+                armed = true;
+                arm_close_deadline(&state, &stream, close_after);
+            }
             if batch.is_empty() {
-                if closing {
-                    half_close(&state, &stream, slot, gen);
+                if flushed {
+                    // The close frame is out: send FIN; the reader waits for the peer's end.
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
                     return;
                 }
                 break;
             }
-            if write_all_vectored(&stream, batch).await.is_err() {
+            // Keep an eye on the queue while the write is in flight: a close queued behind a
+            // peer that stopped reading starts its deadline now, not once the write returns.
+            let write = write_all_vectored(&stream, batch);
+            tokio::pin!(write);
+            let res = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut write => break r,
+                    _ = notify.notified(), if !armed => {
+                        if is_closing(&state, slot, gen) {
+                            armed = true;
+                            arm_close_deadline(&state, &stream, close_after);
+                        }
+                    }
+                }
+            };
+            if res.is_err() {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
                 return;
             }
@@ -56,18 +91,42 @@ pub async fn writer_task(
     }
 }
 
-/// After the close frame: send FIN, and end the reader if the peer does not finish the close
-/// handshake within a short grace period.
-fn half_close(state: &Rc<RefCell<ShardState>>, stream: &Rc<TcpStream>, slot: u32, gen: u32) {
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let stream = stream.clone();
+/// Whether the connection is gone or has a close frame queued.
+fn is_closing(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) -> bool {
+    state
+        .borrow_mut()
+        .get(slot, gen)
+        .is_none_or(|c| c.out.closing)
+}
+
+/// Starts the close-handshake deadline: if the socket is still open when it expires, the
+/// connection is reset (SO_LINGER 0, so the kernel frees its buffers at once) and shut down,
+/// which ends the reader and any write stuck on the peer. Holds only a weak reference, so a
+/// connection that ends in time closes its socket at once.
+fn arm_close_deadline(state: &Rc<RefCell<ShardState>>, stream: &Rc<TcpStream>, after: Duration) {
+    let weak: Weak<TcpStream> = Rc::downgrade(stream);
     let state = state.clone();
     tokio_uring::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        if state.borrow_mut().get(slot, gen).is_some() {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-        }
+        tokio::time::sleep(after).await;
+        let Some(stream) = weak.upgrade() else {
+            return;
+        };
+        state
+            .borrow()
+            .metrics()
+            .inc(Counter::CloseHandshakeTimeouts);
+        reset(&stream);
     });
+}
+
+/// Drops a connection: RST instead of FIN (no lingering send queue), then wakes every
+/// pending operation on it.
+pub fn reset(stream: &TcpStream) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the descriptor belongs to `stream`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
 /// Writes every byte of `chunks`, resubmitting what a short write left.

@@ -321,7 +321,12 @@ impl Shell {
             Ok(r) => r,
             Err(e) => return Some(Err(e)),
         };
-        let fut = tokio_tungstenite::connect_async(req);
+        // One runner message is one frame of up to the protocol's message limit (a 16 MiB
+        // client message tunnels as 16 MiB plus its header), above tungstenite's defaults.
+        let mut ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+        ws_cfg.max_frame_size = Some(crate::protocol::MAX_MESSAGE_LEN);
+        ws_cfg.max_message_size = Some(crate::protocol::MAX_MESSAGE_LEN);
+        let fut = tokio_tungstenite::connect_async_with_config(req, Some(ws_cfg), false);
         tokio::pin!(fut);
         loop {
             let lost = self.core.lost_deadline();

@@ -455,8 +455,11 @@ impl ShardState {
                 m.inc(Counter::MessagesToClient);
                 m.add(Counter::BytesToClient, len as u64);
                 let conn = self.get(slot, gen).expect("checked above");
+                // Too slow = had more than the limit unread before this message (one message
+                // larger than the limit alone is not the client's fault).
+                let too_slow = conn.out.bytes > limit;
                 conn.out.push_all(frames);
-                if conn.out.bytes > limit {
+                if too_slow {
                     self.close_client(slot, gen, 1011, "guard.client_too_slow", now);
                 }
             }
