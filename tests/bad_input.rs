@@ -645,8 +645,6 @@ fn tunnel_messages_for_closed_requests_are_counted_and_ignored() {
 /// A runner must not reach a request it does not own: tunnel messages naming another
 /// runner's live request are ignored and counted, and that request's client sees nothing.
 #[test]
-#[ignore = "the gateway does not yet check that the sending runner owns the request \
-            (shard::state::tunnel_in routes by request id alone)"]
 fn tunnel_messages_for_another_runners_request_are_ignored() {
     let (daemon, _runner, mut raw, base) = two_shards();
     let actor = create_actor(daemon.addr, "echo", None);

@@ -187,6 +187,8 @@ pub async fn serve(
             generation,
             hibernation: None,
             record_refresh_at: None,
+            early: Vec::new(),
+            early_bytes: 0,
         });
         if st.runners.len() <= runner_idx as usize {
             st.runners.resize(runner_idx as usize + 1, None);

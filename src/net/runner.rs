@@ -252,6 +252,10 @@ fn on_message(
             ..
         }))
     );
+    let from = match st.get(conn.slot, conn.gen).map(|c| &c.kind) {
+        Some(ConnKind::Runner(r)) => r.runner_idx,
+        _ => None,
+    };
     if superseded && !matches!(decoded, ToServerHot::Other(ToServer::Pong(_))) {
         // A late message from a replaced connection: ignored, counted.
         st.metrics().inc(Counter::UnroutableTunnelMessages);
@@ -263,12 +267,12 @@ fn on_message(
             data,
             binary,
             ..
-        } => st.route_tunnel(request_id, TunnelIn::Message { data, binary }, now),
+        } => st.route_tunnel(request_id, TunnelIn::Message { data, binary }, from, now),
         ToServerHot::WsAck {
             request_id,
             ack_index,
             ..
-        } => st.route_tunnel(request_id, TunnelIn::Ack(ack_index), now),
+        } => st.route_tunnel(request_id, TunnelIn::Ack(ack_index), from, now),
         ToServerHot::Other(ToServer::TunnelMessage(t)) => {
             let req = t.message_id.request_id;
             let m = match t.message_kind {
@@ -287,7 +291,7 @@ fn on_message(
                 ToServerTunnelMessageKind::WebSocketMessageAck(a) => TunnelIn::Ack(a.index),
                 other => TunnelIn::Other(other),
             };
-            st.route_tunnel(req, m, now);
+            st.route_tunnel(req, m, from, now);
         }
         ToServerHot::Other(ToServer::Pong(p)) if p.ts < 0 => {
             // A fence pong: the control plane's proof of delivery, kept in arrival order.

@@ -31,8 +31,13 @@ pub enum ShardMsg {
         gen: u32,
         frames: Vec<Bytes>,
     },
-    /// A tunnel message from a runner for a request owned by this shard.
-    Tunnel { key: RequestKey, msg: TunnelIn },
+    /// A tunnel message from a runner (`from`: its runner index, once attached) for a request
+    /// owned by this shard.
+    Tunnel {
+        key: RequestKey,
+        msg: TunnelIn,
+        from: Option<u32>,
+    },
     /// Close a connection owned by this shard.
     CloseConn {
         slot: u32,
@@ -169,6 +174,10 @@ pub struct ClientConn {
     /// the actor lists it (a record made only when the socket hibernates could reach the
     /// control plane after the wake it races with).
     pub record_refresh_at: Option<Instant>,
+    /// Runner messages that arrived while hibernating (sender, payload, binary), delivered
+    /// once the socket reattaches to that runner.
+    pub early: Vec<(Option<u32>, Bytes, bool)>,
+    pub early_bytes: usize,
 }
 
 /// A hibernating client socket: its actor is down (or handed the socket back), the client
@@ -420,24 +429,31 @@ impl ShardState {
         }
     }
 
-    /// Routes a runner's tunnel message to the request it names.
-    pub fn route_tunnel(&mut self, req: [u8; 4], msg: TunnelIn, now: Instant) {
+    /// Routes a runner's tunnel message to the request it names. `from` is the sending
+    /// runner's index (`None` in the instant between its `Init` and its attachment).
+    pub fn route_tunnel(&mut self, req: [u8; 4], msg: TunnelIn, from: Option<u32>, now: Instant) {
         let key = RequestKey::decode(req);
         if key.shard == self.id {
-            self.tunnel_in(key, msg, now);
+            self.tunnel_in(key, msg, from, now);
         } else if let Some(mb) = self.shared.shards.get(key.shard as usize) {
-            mb.send(ShardMsg::Tunnel { key, msg });
+            mb.send(ShardMsg::Tunnel { key, msg, from });
         } else {
             self.metrics().inc(Counter::UnroutableTunnelMessages);
         }
     }
 
-    /// Applies runner → client traffic to a local client socket.
-    pub fn tunnel_in(&mut self, key: RequestKey, msg: TunnelIn, now: Instant) {
+    /// Applies runner → client traffic to a local client socket. Only the runner that hosts
+    /// the request may touch it; anything else is ignored and counted.
+    pub fn tunnel_in(&mut self, key: RequestKey, msg: TunnelIn, from: Option<u32>, now: Instant) {
+        let owner = |idx: u32| from.is_none_or(|f| f == idx);
         if let Some(c) = self.conns.get(key.slot as usize) {
-            if matches!(&c.kind, ConnKind::Request(r) if RequestKey::decode(r.req) == key) {
-                let gen = c.gen;
-                self.request_in(key.slot, gen, msg);
+            if let ConnKind::Request(r) = &c.kind {
+                if RequestKey::decode(r.req) == key && owner(r.runner_idx) {
+                    let gen = c.gen;
+                    self.request_in(key.slot, gen, msg);
+                } else {
+                    self.metrics().inc(Counter::UnroutableTunnelMessages);
+                }
                 return;
             }
         }
@@ -445,6 +461,26 @@ impl ShardState {
             self.metrics().inc(Counter::UnroutableTunnelMessages);
             return;
         };
+        if let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind {
+            if cc.hibernation.is_some() {
+                // A restored socket's first messages can overtake the `Running` that
+                // reattaches it (they come straight from the runner's shard): keep them until
+                // then, bounded. Acks and the rest are about the old attachment.
+                let limit = self.shared.config.limits.client_outbound_bytes;
+                match msg {
+                    TunnelIn::Message { data, binary } if cc.early_bytes + data.len() <= limit => {
+                        cc.early_bytes += data.len();
+                        cc.early.push((from, data, binary));
+                    }
+                    _ => self.metrics().inc(Counter::UnroutableTunnelMessages),
+                }
+                return;
+            }
+            if !owner(cc.runner_idx) {
+                self.metrics().inc(Counter::UnroutableTunnelMessages);
+                return;
+            }
+        }
         match msg {
             TunnelIn::Message { data, binary } => {
                 let len = data.len();
@@ -959,8 +995,21 @@ impl ShardState {
             cc.runner_idx = runner_idx;
             cc.generation = generation;
             cc.runner_closed = false;
+            let early = std::mem::take(&mut cc.early);
+            cc.early_bytes = 0;
             self.metrics().inc(Counter::HibernationWakes);
             self.replay(slot, conn, now);
+            let key = RequestKey::decode(self.request_of(slot));
+            for (from, data, binary) in early {
+                self.tunnel_in(key, TunnelIn::Message { data, binary }, from, now);
+            }
+        }
+    }
+
+    fn request_of(&self, slot: u32) -> [u8; 4] {
+        match &self.conns[slot as usize].kind {
+            ConnKind::Client(cc) => cc.req,
+            _ => [0; 4],
         }
     }
 
@@ -993,7 +1042,7 @@ impl ShardState {
             ShardMsg::ToRunner { slot, gen, frames } => {
                 self.write_local(slot, gen, frames);
             }
-            ShardMsg::Tunnel { key, msg } => self.tunnel_in(key, msg, now),
+            ShardMsg::Tunnel { key, msg, from } => self.tunnel_in(key, msg, from, now),
             ShardMsg::CloseConn {
                 slot,
                 gen,
