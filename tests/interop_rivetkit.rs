@@ -541,7 +541,6 @@ fn rivetkit_runner_registers_and_client_resolves_actors() {
 }
 
 #[test]
-#[ignore = "needs: actor KV store (first failure today: KvGetRequest [01] gets KvErrorResponse kv.unavailable, the actor start fails, Intent Stop destroys it) and HTTP through the tunnel (POST /gateway/{id}/action/increment answers 501 request.not_implemented)"]
 fn rivetkit_actions_over_http() {
     let Some(node) = node() else { return };
     let gw = Gateway::start(&[]);
@@ -587,7 +586,6 @@ fn rivetkit_actions_over_http() {
 }
 
 #[test]
-#[ignore = "needs: actor KV store and HTTP through the tunnel (same first failures as rivetkit_actions_over_http), then sleep and wake (Intent Sleep, CommandStopActor, Stopped; wake on the next request)"]
 fn rivetkit_state_survives_sleep_and_wake() {
     let Some(node) = node() else { return };
     let gw = Gateway::start(&[]);
@@ -625,7 +623,6 @@ fn rivetkit_state_survives_sleep_and_wake() {
 }
 
 #[test]
-#[ignore = "needs: actor KV store and HTTP through the tunnel (same first failures as rivetkit_actions_over_http), then KV data and actor records durable in data_dir across kill -9 and a restart on the same port"]
 fn rivetkit_state_survives_torpor_restart() {
     let Some(node) = node() else { return };
     let mut gw = Gateway::start(&[]);
@@ -686,7 +683,6 @@ fn assert_same_socket(client: &mut Client) {
 }
 
 #[test]
-#[ignore = "needs: actor KV store (first failure today: the actor start fails on kv.unavailable, then the upgrade GET /gateway/{id}/connect gets 404 actor.not_found, or 503 actor.wake_timeout after 30 s when it came during the start), then hibernation of client WebSockets (kept on Stopped, wake with hibernatingRequests, pending window replayed)"]
 fn rivetkit_hibernatable_connection_survives_sleep_and_wake() {
     let Some(node) = node() else { return };
     let gw = Gateway::start(&[]);
@@ -728,7 +724,7 @@ fn rivetkit_hibernatable_connection_survives_sleep_and_wake() {
 }
 
 #[test]
-#[ignore = "rivetkit 2.2.1 limitation: a restored raw WebSocket does not re-run onWebSocket, so the actor listener is gone after a wake (see rivetkit_notes.md). Before that it needs KV (first failure today: GET /gateway/{id}/websocket/chat gets 503 actor.wake_timeout after 30 s), HTTP through the tunnel, hibernation"]
+#[ignore = "rivetkit 2.2.1 limitation: a restored raw WebSocket does not re-run onWebSocket, so the actor listener is gone after a wake (see rivetkit_notes.md); the gateway side (socket kept open, messages replayed and acked) works"]
 fn rivetkit_raw_hibernatable_websocket_survives_sleep_and_wake() {
     let Some(node) = node() else { return };
     let gw = Gateway::start(&[]);
@@ -809,13 +805,12 @@ fn runner_crash_scenario(same_key: bool) {
 }
 
 #[test]
-#[ignore = "needs: actor KV store (first failure today: /connect upgrade refused as in the hibernation test), HTTP through the tunnel, hibernation, and runner loss: actors of a lost runner started on a new runner with their hibernatingRequests, pending windows replayed"]
 fn rivetkit_runner_crash_new_runner_key_loses_nothing() {
     runner_crash_scenario(false);
 }
 
 #[test]
-#[ignore = "needs: actor KV store (first failure as in the hibernation test), HTTP through the tunnel, hibernation, and a rule for a fresh process reusing a runner key: it looks like a reconnect (same runnerId) but hosts none of its actors, and engine-runner silently drops their tunnel traffic (rivetkit_notes.md)"]
+#[ignore = "a new runner process that reuses a runner key looks like a reconnect of the old one (same runnerId, within runnerLostThreshold): the gateway believes the old actors are still hosted there, and engine-runner silently drops their tunnel traffic; protocol v7 gives no signal to tell the two apart (see the note in ARCHITECTURE.md)"]
 fn rivetkit_runner_crash_same_runner_key_loses_nothing() {
     runner_crash_scenario(true);
 }
