@@ -15,5 +15,7 @@ pub mod protocol;
 pub mod runner;
 pub mod server;
 pub mod shard;
+#[cfg(test)]
+mod sim;
 pub mod tunnel;
 pub mod ws;

@@ -1,0 +1,242 @@
+//! sim: a seeded, deterministic simulation of the tunnel, the actor lifecycle and hibernation,
+//! composed of the real sans-IO pieces — the control plane ([`crate::engine::Engine`]), the
+//! per-socket tunnel state ([`crate::tunnel::TunnelSocket`]) and the runner state machine
+//! (`crate::runner::core::Core`) hosting simulated actors — joined by the gateway glue of
+//! SPEC §2.4–§2.6 ([`gateway`]) over a simulated network and clock ([`world`]).
+//!
+//! Each run draws its shape and every step from one seed: clients open sockets and send
+//! messages of random sizes, runners acknowledge at random lags (late and repeated acks
+//! included), runner connections drop and come back (before or after the runner is declared
+//! lost, the gateway noticing at once or later), actors sleep (sometimes handing sockets back
+//! first, sometimes with an alarm) and wake, clients and actors close sockets, time advances.
+//!
+//! Checked when it happens: every delivery to an actor is the next message of its socket
+//! (payload names socket and client sequence; index = sequence mod 2^16; no duplicate, no gap,
+//! no misrouting — across runner processes, generations and replays), no second
+//! `WebSocketOpen`, no `CommandStartActor` delivered twice to a runnerId, every start lists
+//! only sockets of its actor and every socket hibernating when its actor runs again was
+//! listed, every close is legitimate (client or actor close, refusal before the upgrade, a
+//! non-hibernatable socket losing its runner or actor, the global cap really exceeded; never
+//! a gap close, an ack timeout after the runner had every chance, or a runner close).
+//! After every step: `TunnelSocket::check_invariants`, per-socket message and byte caps, the
+//! budget equals the sum of the windows and stays under its cap, the glue's view agrees with
+//! each socket's state, a hibernating socket with messages has a wake under way.
+//! At the end (runners reconnected, everything delivered and acknowledged): every open
+//! socket's window is empty and everything its client sent was processed; every actor is put
+//! to sleep and woken once and its start must list exactly its live hibernatable sockets;
+//! after every client closed, no pending byte, no waiter, no owed close, and wakes list nobody.
+//!
+//! A failure prints its seed and the command that replays just that seed:
+//! `SIM_SEED=<seed> cargo test --lib sim::`. `SIM_RUNS=<n>` sets the number of runs.
+//!
+//! Test-only: no network, no threads, no real clock (time is a fixed base `Instant` plus a
+//! simulated offset). It must never be compiled into the daemon.
+
+mod actor;
+mod gateway;
+mod world;
+
+use std::time::Instant;
+
+use world::{Failure, SimConfig, Stats, World};
+
+/// Runs per `cargo test` invocation (over both shard tests), unless `SIM_RUNS` says otherwise.
+const DEFAULT_RUNS: u64 = 6000;
+
+/// Runs one seed with its drawn configuration.
+pub(crate) fn run_seed(seed: u64) -> Result<(Stats, u64), Failure> {
+    World::new(seed, SimConfig::from_seed(seed)).run()
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+fn report(f: &Failure) -> String {
+    report_for(f, "sim::")
+}
+
+fn report_for(f: &Failure, test: &str) -> String {
+    format!(
+        "simulation failure, seed {} at step {}:\n  {}\nreproduce with (SIM_TRACE=1 prints every \
+         step):\n  SIM_SEED={} cargo test --lib {test}",
+        f.seed, f.step, f.message, f.seed
+    )
+}
+
+/// Runs seeds `shard, shard + shards, …` below the run count (or only `SIM_SEED`).
+fn run_shard(shard: u64, shards: u64) {
+    let seeds: Vec<u64> = match env_u64("SIM_SEED") {
+        Some(s) if s % shards == shard => vec![s],
+        Some(_) => Vec::new(),
+        None => {
+            let runs = env_u64("SIM_RUNS").unwrap_or(DEFAULT_RUNS);
+            (0..runs).filter(|s| s % shards == shard).collect()
+        }
+    };
+    let start = Instant::now();
+    let mut total = Stats::default();
+    for &seed in &seeds {
+        match run_seed(seed) {
+            Ok((s, _)) => {
+                total.steps += s.steps;
+                total.sockets += s.sockets;
+                total.messages_offered += s.messages_offered;
+                total.messages_delivered += s.messages_delivered;
+                total.pauses += s.pauses;
+                total.replays += s.replays;
+                total.replayed_messages += s.replayed_messages;
+                total.hibernations += s.hibernations;
+                total.restores += s.restores;
+                total.stale_remembered += s.stale_remembered;
+                total.runner_drops += s.runner_drops;
+                total.runners_lost += s.runners_lost;
+                total.legit_closes += s.legit_closes;
+                total.refusals += s.refusals;
+                total.acks_ignored += s.acks_ignored;
+            }
+            Err(f) => panic!("{}", report(&f)),
+        }
+    }
+    eprintln!(
+        "sim shard {shard}/{shards}: {} runs in {:?}: {total:?}",
+        seeds.len(),
+        start.elapsed()
+    );
+}
+
+#[test]
+fn seeds_shard_0() {
+    run_shard(0, 2);
+}
+
+#[test]
+fn seeds_shard_1() {
+    run_shard(1, 2);
+}
+
+#[test]
+fn same_seed_same_run() {
+    for seed in [3u64, 17, 101] {
+        let a = run_seed(seed).map_err(|f| report(&f)).unwrap();
+        let b = run_seed(seed).map_err(|f| report(&f)).unwrap();
+        assert_eq!(a.1, b.1, "seed {seed}: two runs diverged");
+        assert_eq!(a.0.messages_delivered, b.0.messages_delivered);
+    }
+}
+
+/// Registering a socket's hibernating record only when it starts hibernating loses sockets:
+/// the engine allocates the next generation inside the call that reports the stop (a request
+/// was already waiting), before the shell has seen `ActorStopped`. The simulation must catch
+/// that; the glue it checks registers records as soon as a socket is hibernatable.
+#[test]
+fn late_hibernating_records_are_caught() {
+    let f = (0..3000u64)
+        .find_map(|seed| {
+            let mut cfg = SimConfig::from_seed(seed);
+            cfg.naive_records = true;
+            World::new(seed, cfg).run().err()
+        })
+        .expect("the naive record timing should fail some seed");
+    assert!(
+        f.message.contains("did not list") || f.message.contains("start listed"),
+        "unexpected failure: {}",
+        report(&f)
+    );
+}
+
+/// One long-lived hibernatable socket carries more than 2^16 messages through runner drops,
+/// crashes, sleeps and replays: the 16-bit index wraps (never reset) and every message is
+/// still delivered once, in order.
+#[test]
+fn index_wraps_through_replays_and_hibernation() {
+    let seed = 7;
+    let mut cfg = SimConfig::from_seed(seed);
+    cfg.runners = 2;
+    cfg.slots = 1;
+    cfg.actors = 1;
+    cfg.max_sockets = 1;
+    cfg.steps = 30_000;
+    cfg.hib_probability = 1.0;
+    cfg.global_cap = crate::tunnel::Budget::DEFAULT_PROCESS_CAP;
+    cfg.limits = crate::tunnel::WindowLimits {
+        max_bytes: 1 << 14,
+        max_messages: 300,
+    };
+    cfg.send_burst = 90;
+    cfg.client_queue = 300;
+    cfg.random_closes = false;
+    let (stats, _) = World::new(seed, cfg).run().map_err(|f| report(&f)).unwrap();
+    assert!(
+        stats.longest_socket > 70_000,
+        "the longest socket carried {} messages: the index did not wrap",
+        stats.longest_socket
+    );
+}
+
+/// The first failing seed below `runs` (or only `SIM_SEED`) with a modified configuration.
+fn first_failure(runs: u64, tweak: impl Fn(&mut SimConfig)) -> Option<Failure> {
+    let seeds: Vec<u64> = match env_u64("SIM_SEED") {
+        Some(s) => vec![s],
+        None => (0..env_u64("SIM_RUNS").unwrap_or(runs)).collect(),
+    };
+    seeds.into_iter().find_map(|seed| {
+        let mut cfg = SimConfig::from_seed(seed);
+        tweak(&mut cfg);
+        World::new(seed, cfg).run().err()
+    })
+}
+
+fn assert_no_failure(test: &str, runs: u64, tweak: impl Fn(&mut SimConfig)) {
+    if let Some(f) = first_failure(runs, tweak) {
+        panic!("{}", report_for(&f, &format!("{test} -- --ignored")));
+    }
+}
+
+/// Runner core: a socket restored from hibernation starts with no "last acknowledged" index,
+/// so when the gateway replays messages the actor had already processed (their ack was lost
+/// with a connection), the runner drops them as duplicates and never acknowledges them; an
+/// actor with the default immediate-ack policy acks nothing either, and the gateway closes the
+/// client after the ack timeout. Ignored until the runner core re-acknowledges duplicates of a
+/// restored socket (e.g. by taking the restored last index as acknowledged).
+#[test]
+#[ignore = "runner core bug: restored sockets never re-acknowledge replayed duplicates"]
+fn restored_sockets_reacknowledge_duplicates() {
+    assert_no_failure(
+        "sim::restored_sockets_reacknowledge_duplicates",
+        3000,
+        |c| {
+            c.immediate_acks = true;
+            c.ack_on_restore = false;
+        },
+    );
+}
+
+/// Runner core: the index a runner remembers for a hibernated socket (used by the default
+/// `on_websocket_restore`) is per process and never invalidated. When the socket's actor ran
+/// on another runner meanwhile and processed more messages, a later restore on the first
+/// runner resumes from the stale index: the replay looks like a gap (the runner closes the
+/// socket with 1008 `ws.message_index_skip`) or older messages are delivered twice. Ignored
+/// until the runner core drops remembered indices older than the previous generation.
+#[test]
+#[ignore = "runner core bug: stale remembered index after the actor migrated"]
+fn restores_from_runner_memory_survive_migration() {
+    assert_no_failure(
+        "sim::restores_from_runner_memory_survive_migration",
+        3000,
+        |c| c.trust_runner_memory = true,
+    );
+}
+
+/// Runner core: `flush_acks` records the index it sends as the socket's newest acknowledged
+/// one even when it is older than one already sent (an actor acknowledging out of order, e.g.
+/// two persistence tasks finishing in reverse). After a reconnect, the replayed duplicates
+/// above that regressed index are dropped without an acknowledgement, and the gateway closes
+/// the client when its ack timeout passes. Ignored until the runner never lowers it.
+#[test]
+#[ignore = "runner core bug: an older ack lowers the runner's last-acknowledged index"]
+fn out_of_order_actor_acks_keep_the_newest() {
+    assert_no_failure("sim::out_of_order_actor_acks_keep_the_newest", 3000, |c| {
+        c.late_actor_acks = true
+    });
+}
