@@ -146,6 +146,7 @@ pub fn http_head(data: &[u8]) {
             "head length past the input"
         );
         let _ = head.keep_alive();
+        route_check(&head);
         if let Ok(kind) = body_kind(&head, HTTP_MAX_BODY) {
             if let BodyKind::Length(len) = kind {
                 assert!(
@@ -160,6 +161,40 @@ pub fn http_head(data: &[u8]) {
     }
     // The decoder also gets the raw bytes, so fuzzing reaches it without a valid head.
     chunked_check(seed, rest);
+}
+
+/// The router and the upgrade checks on any parsed head: no panic, the actor's path is
+/// absolute and never carries an `rvt-*` parameter, and the headers handed to an actor have
+/// unique keys and no hop-by-hop entries.
+fn route_check(head: &torpor::http::parse::RequestHead) {
+    let (path, query) = torpor::http::parse::split_path_query(&head.path);
+    let _ = torpor::http::parse::parse_query(query);
+    let _ = torpor::ws::handshake::validate_upgrade(head);
+    let _ = torpor::ws::handshake::offered_protocols(head).count();
+    if let Some(target) = torpor::net::client::parse_target(head, path, query) {
+        let actor_path = match &target {
+            torpor::net::client::Target::Actor { path, .. } => path,
+            torpor::net::client::Target::Named { path, .. } => path,
+        };
+        assert!(actor_path.starts_with('/'), "actor path {actor_path:?}");
+        if let Some((_, q)) = actor_path.split_once('?') {
+            assert!(
+                q.split('&').all(|kv| !kv.starts_with("rvt-")),
+                "rvt-* parameter reached the actor: {actor_path:?}"
+            );
+        }
+    }
+    let headers = torpor::net::gateway::request_headers(head, 3);
+    let mut keys: Vec<&str> = headers.0.iter().map(|(k, _)| k.as_str()).collect();
+    let n = keys.len();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "duplicate header keys for the actor");
+    assert!(
+        keys.iter()
+            .all(|k| !matches!(*k, "connection" | "transfer-encoding" | "upgrade")),
+        "hop-by-hop header forwarded"
+    );
 }
 
 fn chunked_check(seed: u32, body: &[u8]) {
