@@ -114,6 +114,8 @@ enum Req {
 
 #[derive(Debug, Clone, Copy)]
 struct Remembered {
+    /// The actor generation that last ran the socket here.
+    generation: u32,
     last_in: Option<u16>,
     next_out: u16,
 }
@@ -424,7 +426,12 @@ impl Io {
             let index = match self.requests.get_mut(key) {
                 Some(Req::Ws(ws)) => {
                     let index = ws.ack_to.take();
-                    ws.acked = index.or(ws.acked);
+                    // Acks are cumulative: an older one sent after a newer one (an actor acking
+                    // out of order) must not lower what later duplicates re-acknowledge.
+                    ws.acked = match (ws.acked, index) {
+                        (Some(prev), Some(new)) if after(prev, new) => Some(prev),
+                        (prev, new) => new.or(prev),
+                    };
                     index
                 }
                 _ => None,
@@ -457,6 +464,7 @@ impl Io {
             .insert(
                 key,
                 Remembered {
+                    generation: ws.generation,
                     last_in: ws.inbound.last(),
                     next_out: ws.next_out,
                 },
@@ -466,9 +474,24 @@ impl Io {
         }
     }
 
-    fn take_remembered(&mut self, actor_id: &str) -> HashMap<RequestKey, Remembered> {
-        let map = self.remembered.remove(actor_id).unwrap_or_default();
+    /// Takes what this process remembers of an actor's hibernated sockets for a start of
+    /// `generation`, keeping only entries that are provably current.
+    ///
+    /// The memory is per process, so it misses whatever another runner (or an earlier process)
+    /// delivered. The gateway allocates generations one by one (`g + 1` for each start), so an
+    /// entry left by generation `g` is current only for a start of `g + 1` (no other placement
+    /// came between) or of `g` itself (the same placement started again). Any later
+    /// generation means at least one placement ran elsewhere, possibly delivering more
+    /// messages; such entries are dropped, so the restore gets no index and (by default) the
+    /// first replayed message becomes the baseline.
+    fn take_remembered(
+        &mut self,
+        actor_id: &str,
+        generation: u32,
+    ) -> HashMap<RequestKey, Remembered> {
+        let mut map = self.remembered.remove(actor_id).unwrap_or_default();
         self.remembered_len -= map.len();
+        map.retain(|_, r| r.generation == generation || r.generation.wrapping_add(1) == generation);
         map
     }
 
@@ -876,7 +899,7 @@ impl Core {
         };
         slot.actor.on_start(&mut cx);
 
-        let mut remembered = self.io.take_remembered(&actor_id);
+        let mut remembered = self.io.take_remembered(&actor_id, cp.generation);
         for hr in start.hibernating_requests {
             let key = RequestKey {
                 gateway_id: hr.gateway_id,
@@ -906,6 +929,9 @@ impl Core {
                 WsRestore::Resume { last_index } => {
                     if let Some(Req::Ws(ws)) = self.io.requests.get_mut(&key) {
                         ws.inbound = InboundIndex::restored(last_index);
+                        // The actor has processed `last_index`; its ack may have been lost with
+                        // an earlier connection, so replays up to it must re-acknowledge it.
+                        ws.acked = last_index;
                     }
                 }
                 WsRestore::Close => {

@@ -1039,3 +1039,120 @@ fn replayed_duplicates_resend_an_ack_lost_with_the_connection() {
     }
     assert_eq!(acks_of(&h.out()), vec![ack(1)]);
 }
+
+fn acks_of(out: &[ToServer], key: RequestKey) -> Vec<ToServerTunnelMessageKind> {
+    tunnel_of(out, key)
+        .into_iter()
+        .map(|(_, k)| k)
+        .filter(|k| matches!(k, ToServerTunnelMessageKind::WebSocketMessageAck(_)))
+        .collect()
+}
+
+#[test]
+fn restored_socket_reacknowledges_replayed_duplicates() {
+    // The actor persisted up to 5, but the ack for it was lost with the runner that ran the
+    // previous generation: the gateway replays 4 and 5, which only an ack can free.
+    let mut h = harness(Opts {
+        restore_last: Some(Some(5)),
+        ..Opts::default()
+    });
+    h.connect("r1");
+    h.feed(start_cmd("a1", 3, 0, vec![KEY]));
+    h.out();
+    h.calls();
+    h.feed(ws_msg(KEY, 4, b"x"));
+    h.feed(ws_msg(KEY, 5, b"x"));
+    assert_eq!(acks_of(&h.out(), KEY), vec![ack(5)]);
+    assert!(h.calls().is_empty(), "duplicates reached the actor");
+    assert_eq!(h.counters.snapshot().duplicates_dropped, 2);
+    h.feed(ws_msg(KEY, 6, b"x"));
+    assert_eq!(acks_of(&h.out(), KEY), vec![ack(6)]);
+
+    // Restored without a known index: the first replayed message is the baseline, and a
+    // duplicate of it is re-acknowledged once it was acknowledged.
+    let mut h = harness(Opts {
+        restore_last: Some(None),
+        ..Opts::default()
+    });
+    h.connect("r1");
+    h.feed(start_cmd("a1", 3, 0, vec![KEY]));
+    h.out();
+    h.feed(ws_msg(KEY, 9, b"x"));
+    assert_eq!(acks_of(&h.out(), KEY), vec![ack(9)]);
+    h.feed(ws_msg(KEY, 9, b"x"));
+    assert_eq!(acks_of(&h.out(), KEY), vec![ack(9)]);
+}
+
+#[test]
+fn remembered_indices_are_dropped_after_the_actor_ran_elsewhere() {
+    let run_then_restart = |first: u32, next: u32| -> Vec<Call> {
+        let mut h = harness(Opts::default());
+        h.connect("r1");
+        h.feed(start_cmd("a1", first, 0, vec![]));
+        h.feed(ws_open(KEY, "a1"));
+        for i in 1..=3 {
+            h.feed(ws_msg(KEY, i, b"x"));
+        }
+        h.feed(stop_cmd("a1", first, 1));
+        h.out();
+        h.calls();
+        h.feed(start_cmd("a1", next, 0, vec![KEY]));
+        h.calls()
+    };
+    // The next generation: nothing ran in between, the memory is current.
+    assert_eq!(
+        run_then_restart(4, 5),
+        vec![Call::Start("a1".into(), 5), Call::Restore(KEY, Some(3))]
+    );
+    assert_eq!(
+        run_then_restart(u32::MAX, 0),
+        vec![Call::Start("a1".into(), 0), Call::Restore(KEY, Some(3))]
+    );
+    // A generation skipped: it ran on another runner, which may have delivered more.
+    assert_eq!(
+        run_then_restart(4, 6),
+        vec![Call::Start("a1".into(), 6), Call::Restore(KEY, None)]
+    );
+
+    // With the stale index dropped, the replay sets the baseline instead of looking like a
+    // gap (the other runner had delivered up to 7).
+    let mut h = harness(Opts::default());
+    h.connect("r1");
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
+    h.feed(ws_msg(KEY, 1, b"x"));
+    h.feed(stop_cmd("a1", 0, 1));
+    h.feed(start_cmd("a1", 2, 0, vec![KEY]));
+    h.out();
+    h.calls();
+    h.feed(ws_msg(KEY, 8, b"x"));
+    assert_eq!(h.counters.snapshot().gaps, 0);
+    assert_eq!(h.calls(), vec![Call::Msg(KEY, 8, b"x".to_vec(), true)]);
+}
+
+#[test]
+fn an_older_ack_never_lowers_the_acknowledged_index() {
+    let mut h = harness(Opts {
+        policy: AckPolicy::Manual,
+        ..Opts::default()
+    });
+    h.connect("r1");
+    h.feed(start_cmd("a1", 0, 0, vec![]));
+    h.feed(ws_open(KEY, "a1"));
+    for i in 1..=3 {
+        h.feed(ws_msg(KEY, i, b"x"));
+    }
+    // Two persistence tasks finish in reverse order, in separate flushes.
+    h.core.handle_actor_op("a1", 0, ActorOp::Ack(KEY, 3));
+    assert_eq!(acks_of(&h.out(), KEY), vec![ack(3)]);
+    h.core.handle_actor_op("a1", 0, ActorOp::Ack(KEY, 2));
+    h.out();
+    // The connection dies before the gateway read the acks: its replay is re-acknowledged
+    // with the newest index.
+    h.core.connection_lost(Instant::now());
+    h.connect("r1");
+    for i in 1..=3 {
+        h.feed(ws_msg(KEY, i, b"x"));
+    }
+    assert_eq!(acks_of(&h.out(), KEY), vec![ack(3)]);
+}

@@ -200,7 +200,6 @@ fn assert_no_failure(test: &str, runs: u64, tweak: impl Fn(&mut SimConfig)) {
 /// client after the ack timeout. Ignored until the runner core re-acknowledges duplicates of a
 /// restored socket (e.g. by taking the restored last index as acknowledged).
 #[test]
-#[ignore = "runner core bug: restored sockets never re-acknowledge replayed duplicates"]
 fn restored_sockets_reacknowledge_duplicates() {
     assert_no_failure(
         "sim::restored_sockets_reacknowledge_duplicates",
@@ -219,7 +218,6 @@ fn restored_sockets_reacknowledge_duplicates() {
 /// socket with 1008 `ws.message_index_skip`) or older messages are delivered twice. Ignored
 /// until the runner core drops remembered indices older than the previous generation.
 #[test]
-#[ignore = "runner core bug: stale remembered index after the actor migrated"]
 fn restores_from_runner_memory_survive_migration() {
     assert_no_failure(
         "sim::restores_from_runner_memory_survive_migration",
@@ -234,7 +232,6 @@ fn restores_from_runner_memory_survive_migration() {
 /// above that regressed index are dropped without an acknowledgement, and the gateway closes
 /// the client when its ack timeout passes. Ignored until the runner never lowers it.
 #[test]
-#[ignore = "runner core bug: an older ack lowers the runner's last-acknowledged index"]
 fn out_of_order_actor_acks_keep_the_newest() {
     assert_no_failure("sim::out_of_order_actor_acks_keep_the_newest", 3000, |c| {
         c.late_actor_acks = true
