@@ -39,6 +39,11 @@ pub enum Target {
 /// Parses the gateway target from the path, query and headers (SPEC §2.1). `None` = not a
 /// gateway request.
 pub fn parse_target(head: &RequestHead, path: &str, query: &str) -> Option<Target> {
+    // Only origin-form targets (`/…`) are routed; anything else (`*`, absolute-form, or a
+    // bare word) would hand the actor a path that is not a path.
+    if !path.starts_with('/') {
+        return None;
+    }
     let params = parse_query(query);
     let kept: Vec<String> = query
         .split('&')
