@@ -193,12 +193,10 @@ fn assert_no_failure(test: &str, runs: u64, tweak: impl Fn(&mut SimConfig)) {
     }
 }
 
-/// Runner core: a socket restored from hibernation starts with no "last acknowledged" index,
-/// so when the gateway replays messages the actor had already processed (their ack was lost
-/// with a connection), the runner drops them as duplicates and never acknowledges them; an
-/// actor with the default immediate-ack policy acks nothing either, and the gateway closes the
-/// client after the ack timeout. Ignored until the runner core re-acknowledges duplicates of a
-/// restored socket (e.g. by taking the restored last index as acknowledged).
+/// Runner core regression: a socket restored from hibernation must re-acknowledge replayed
+/// messages the actor had already processed (their ack was lost with a connection); without
+/// that, the gateway closes the client after the ack timeout. The runner core takes the
+/// restored last index as acknowledged.
 #[test]
 fn restored_sockets_reacknowledge_duplicates() {
     assert_no_failure(
@@ -211,12 +209,10 @@ fn restored_sockets_reacknowledge_duplicates() {
     );
 }
 
-/// Runner core: the index a runner remembers for a hibernated socket (used by the default
-/// `on_websocket_restore`) is per process and never invalidated. When the socket's actor ran
-/// on another runner meanwhile and processed more messages, a later restore on the first
-/// runner resumes from the stale index: the replay looks like a gap (the runner closes the
-/// socket with 1008 `ws.message_index_skip`) or older messages are delivered twice. Ignored
-/// until the runner core drops remembered indices older than the previous generation.
+/// Runner core regression: the index a runner remembers for a hibernated socket (used by the
+/// default `on_websocket_restore`) must not be trusted after the actor ran elsewhere (it would
+/// look like a gap, 1008 `ws.message_index_skip`, or deliver twice). The runner core drops
+/// remembered indices older than the previous generation.
 #[test]
 fn restores_from_runner_memory_survive_migration() {
     assert_no_failure(
@@ -226,11 +222,9 @@ fn restores_from_runner_memory_survive_migration() {
     );
 }
 
-/// Runner core: `flush_acks` records the index it sends as the socket's newest acknowledged
-/// one even when it is older than one already sent (an actor acknowledging out of order, e.g.
-/// two persistence tasks finishing in reverse). After a reconnect, the replayed duplicates
-/// above that regressed index are dropped without an acknowledgement, and the gateway closes
-/// the client when its ack timeout passes. Ignored until the runner never lowers it.
+/// Runner core regression: an actor acknowledging out of order (two persistence tasks finishing
+/// in reverse) must not lower the socket's newest acknowledged index, or replayed duplicates
+/// above it go unacknowledged after a reconnect and the gateway closes the client.
 #[test]
 fn out_of_order_actor_acks_keep_the_newest() {
     assert_no_failure("sim::out_of_order_actor_acks_keep_the_newest", 3000, |c| {
