@@ -41,6 +41,16 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
         }
     }
 
+    // Kept to shut the listeners down at SIGTERM: an io_uring accept still in flight holds a
+    // listener open after the process exits (the ring is torn down later), and while it lives
+    // a restarted torpor on the same port shares the SO_REUSEPORT group with it, so some new
+    // connections would be reset.
+    let listen_fds: Vec<std::os::fd::RawFd> = listeners
+        .iter()
+        .flatten()
+        .map(std::os::fd::AsRawFd::as_raw_fd)
+        .collect();
+
     let mut mailboxes = Vec::with_capacity(n);
     let mut inboxes = Vec::with_capacity(n);
     for _ in 0..n {
@@ -97,6 +107,13 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
     wait_for_signal(sigs);
     tracing::info!("shutting down");
     shared.draining.store(true, Ordering::SeqCst);
+    for fd in &listen_fds {
+        // SAFETY: shutting down a socket this process owns; it leaves the listening state
+        // (and its SO_REUSEPORT group) at once and the pending accepts fail.
+        unsafe {
+            libc::shutdown(*fd, libc::SHUT_RDWR);
+        }
+    }
     for mb in shared.shards.iter() {
         mb.send(ShardMsg::Shutdown);
     }

@@ -68,6 +68,10 @@ async fn accept_loop(state: Rc<RefCell<ShardState>>, listener: TcpListener) {
     loop {
         let (stream, _peer) = match listener.accept().await {
             Ok(s) => s,
+            Err(_) if state.borrow().shared.draining.load(Ordering::Relaxed) => {
+                // The listener was shut down for the drain.
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;

@@ -261,11 +261,16 @@ pub fn http(
 /// Reads a whole response (the server closes the connection) into (status, headers, body).
 pub fn read_response(mut s: TcpStream) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
+    let read = s.read_to_end(&mut raw);
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .expect("response head");
+        .unwrap_or_else(|| {
+            panic!(
+                "no response head ({read:?}): {:?}",
+                String::from_utf8_lossy(&raw)
+            )
+        });
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let body = raw[split + 4..].to_vec();
     let mut lines = head.split("\r\n");
