@@ -725,6 +725,17 @@ impl ShardState {
         }
     }
 
+    /// Live (not closing) client sockets matching `pred`, as (slot, gen).
+    fn clients_where(&self, pred: impl Fn(&ClientConn) -> bool) -> Vec<(u32, u32)> {
+        self.conns
+            .iter()
+            .filter_map(|(s, c)| match &c.kind {
+                ConnKind::Client(cc) if !c.out.closing && pred(cc) => Some((s as u32, c.gen)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Is this client socket paused (window full)? The reader waits on `resume` then.
     pub fn client_paused(&self, slot: u32, gen: u32) -> Option<Rc<Notify>> {
         let c = self.conns.get(slot as usize).filter(|c| c.gen == gen)?;
@@ -1174,20 +1185,8 @@ impl ShardState {
         self.fail_requests("request.runner_disconnected", |r| {
             r.runner_idx == runner_idx
         });
-        let affected: Vec<(u32, u32)> = self
-            .conns
-            .iter()
-            .filter_map(|(s, c)| match &c.kind {
-                ConnKind::Client(cc)
-                    if cc.runner_idx == runner_idx
-                        && !c.out.closing
-                        && cc.hibernation.is_none() =>
-                {
-                    Some((s as u32, c.gen))
-                }
-                _ => None,
-            })
-            .collect();
+        let affected =
+            self.clients_where(|cc| cc.runner_idx == runner_idx && cc.hibernation.is_none());
         for (slot, gen) in affected {
             let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
                 continue;
@@ -1234,18 +1233,8 @@ impl ShardState {
                 _ => None,
             })
             .collect();
-        let affected: Vec<(u32, u32)> = self
-            .conns
-            .iter()
-            .filter_map(|(s, c)| match &c.kind {
-                ConnKind::Client(cc)
-                    if &*cc.actor_id == actor_id && !c.out.closing && cc.hibernation.is_none() =>
-                {
-                    Some((s as u32, c.gen))
-                }
-                _ => None,
-            })
-            .collect();
+        let affected =
+            self.clients_where(|cc| &*cc.actor_id == actor_id && cc.hibernation.is_none());
         for (slot, gen) in affected {
             self.detach_for_hibernation(slot, gen, DetachCause::ActorStopped, now);
         }
@@ -1257,16 +1246,7 @@ impl ShardState {
     /// The actor is gone for good: every socket and request of it ends.
     fn actor_destroyed(&mut self, actor_id: &str, now: Instant) {
         self.fail_requests("actor.destroyed", |r| &*r.actor_id == actor_id);
-        let affected: Vec<(u32, u32)> = self
-            .conns
-            .iter()
-            .filter_map(|(s, c)| match &c.kind {
-                ConnKind::Client(cc) if &*cc.actor_id == actor_id && !c.out.closing => {
-                    Some((s as u32, c.gen))
-                }
-                _ => None,
-            })
-            .collect();
+        let affected = self.clients_where(|cc| &*cc.actor_id == actor_id);
         for (slot, gen) in affected {
             let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind else {
                 continue;
@@ -1286,20 +1266,8 @@ impl ShardState {
 
     /// The runner is lost: its attached or detached sockets hibernate (or close).
     fn runner_lost(&mut self, runner_idx: u32, now: Instant) {
-        let affected: Vec<(u32, u32)> = self
-            .conns
-            .iter()
-            .filter_map(|(s, c)| match &c.kind {
-                ConnKind::Client(cc)
-                    if cc.runner_idx == runner_idx
-                        && !c.out.closing
-                        && cc.hibernation.is_none() =>
-                {
-                    Some((s as u32, c.gen))
-                }
-                _ => None,
-            })
-            .collect();
+        let affected =
+            self.clients_where(|cc| cc.runner_idx == runner_idx && cc.hibernation.is_none());
         for (slot, gen) in affected {
             self.detach_for_hibernation(slot, gen, DetachCause::RunnerLost, now);
         }
