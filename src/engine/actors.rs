@@ -859,15 +859,28 @@ impl Engine {
             if a.runner != Some(idx) || a.generation != cp.generation || !a.status.placed() {
                 continue;
             }
+            if let Some(proof) = self.runners.get_mut(idx).and_then(|r| r.proof.as_mut()) {
+                proof.insert((cp.actor_id.clone(), cp.generation));
+            }
+            // The latest event of a live instance stays unacknowledged: the runner re-sends
+            // it after every Init, which proves it still hosts the actor (see
+            // `Runner::proof`). `Stopped` ends the instance and is acknowledged in full.
+            let terminal = matches!(
+                ev.inner,
+                Event::ActorStateUpdate(ref u) if matches!(u.state, ActorState::Stopped(_))
+            );
+            let ack = if terminal { cp.index } else { cp.index - 1 };
             match ack_pos.get(&cp.actor_id) {
                 Some(&p) => {
-                    if acks[p].index < cp.index {
-                        acks[p].index = cp.index;
+                    if acks[p].index < ack {
+                        acks[p].index = ack;
                     }
                 }
                 None => {
                     ack_pos.insert(cp.actor_id.clone(), acks.len());
-                    acks.push(cp.clone());
+                    let mut c = cp.clone();
+                    c.index = ack;
+                    acks.push(c);
                 }
             }
             if cp.index <= a.last_event_idx {
@@ -880,6 +893,7 @@ impl Engine {
             self.apply_event(idx, &cp.actor_id, ev.inner, now);
         }
         let follow = std::mem::replace(&mut self.out, before);
+        acks.retain(|c| c.index >= 0);
         if !acks.is_empty() {
             self.out.push(Action::Send {
                 conn,
@@ -986,7 +1000,17 @@ impl Engine {
             a.deadline = None;
             match (a.status, a.runner) {
                 (ActorStatus::Starting, _) => self.request_stop(&id, false, now),
-                (ActorStatus::Stopping, Some(idx)) => {
+                // A runner that still hosts the actor re-sends its unacknowledged latest event
+                // after every reconnect, so a `Stopped` lost with a socket is settled at the
+                // reconnect's fence (see `Runner::proof`), and a runner that never comes back
+                // is lost after `runner_lost_threshold`. Only a stop that a connected runner
+                // ignores ends here.
+                (ActorStatus::Stopping, Some(idx))
+                    if self
+                        .runners
+                        .get(idx)
+                        .is_some_and(|r| r.conn.is_some() && r.fence.is_none()) =>
+                {
                     self.actor_down(&id, Some((idx, StopCode::Error)), now)
                 }
                 _ => {}

@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::time::Instant;
 
-use super::{Action, ConnRef, Engine, RunnerIdx};
+use super::{Action, ActorStatus, ConnRef, Engine, RunnerIdx};
 use crate::protocol::{
     ActorCheckpoint, Command, CommandWrapper, ProtocolMetadata, ToClient, ToClientInit,
     ToClientPing, ToServerInit,
@@ -60,6 +60,12 @@ pub(super) struct Runner {
     pub outbox: Vec<OutCmd>,
     pub send_seq: u64,
     pub fence: Option<Fence>,
+    /// While a reconnect's fence is out: the (actor, generation)s whose events came back on
+    /// the new connection. The engine withholds the acknowledgement of each placed actor's
+    /// latest event, so a runner that still hosts an actor re-sends that event right after
+    /// `Init`; at the pong, a running actor with no event back is not hosted there any more
+    /// (a new process that reuses the runner key).
+    pub proof: Option<BTreeSet<(String, u32)>>,
 }
 
 impl Runner {
@@ -150,6 +156,7 @@ impl Engine {
                     outbox: Vec::new(),
                     send_seq: 0,
                     fence: None,
+                    proof: None,
                 });
                 self.runner_by_identity.insert(identity, idx);
                 idx
@@ -192,7 +199,10 @@ impl Engine {
                 CmdState::Unsent => {}
             }
         }
-        r.fence = if in_doubt {
+        // A reconnect of a runner that hosts actors proves which it still holds (see `proof`).
+        let check_hosted = !r.actors.is_empty();
+        r.proof = check_hosted.then(BTreeSet::new);
+        r.fence = if in_doubt || check_hosted {
             self.next_fence += 1;
             Some(Fence {
                 ts: fence_ts,
@@ -285,6 +295,7 @@ impl Engine {
             _ => return Vec::new(),
         };
         r.fence = None;
+        let proof = r.proof.take();
         r.outbox.retain(|c| {
             !matches!(c.state, CmdState::Sent { conn: c2, seq } if c2 == conn && seq < fence.seq)
         });
@@ -306,13 +317,30 @@ impl Engine {
         for (actor_id, generation) in &vanished {
             r.prune_actor(actor_id, *generation);
         }
+        // Running actors that sent nothing back before the pong: a new process behind the
+        // same runner key does not host them. Starting ones are left to the in-doubt rule
+        // above and the start deadline.
+        let mut gone: Vec<(String, u32)> = Vec::new();
+        if let Some(proof) = proof {
+            for id in &r.actors {
+                let Some(a) = self.actors.get(id) else {
+                    continue;
+                };
+                let key = (id.clone(), a.generation);
+                let ran = matches!(a.status, ActorStatus::Running | ActorStatus::Stopping);
+                if ran && !proof.contains(&key) && !vanished.contains(&key) {
+                    gone.push(key);
+                }
+            }
+        }
+        let r = &mut self.runners[idx];
         // Stops in doubt are sent again: stopping an absent instance is a no-op for the runner.
         for c in &mut r.outbox {
             if c.state == CmdState::Held {
                 c.state = CmdState::Unsent;
             }
         }
-        for (actor_id, generation) in vanished {
+        for (actor_id, generation) in vanished.into_iter().chain(gone) {
             self.placement_vanished(&actor_id, generation, idx, now);
         }
         self.flush(idx);
