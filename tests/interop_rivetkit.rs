@@ -683,7 +683,6 @@ fn assert_same_socket(client: &mut Client) {
 }
 
 #[test]
-#[ignore = "race, under investigation: engine-runner reports Running before it restores the sockets listed in hibernatingRequests, and drops tunnel messages for a request it has not restored yet; torpor replays the window on Running, so under load the replayed messages can be dropped and the client is closed after the ack timeout (seen in 3 of about 12 loaded runs)"]
 fn rivetkit_hibernatable_connection_survives_sleep_and_wake() {
     let Some(node) = node() else { return };
     let gw = Gateway::start(&[]);
@@ -722,6 +721,38 @@ fn rivetkit_hibernatable_connection_survives_sleep_and_wake() {
     gw.wait_asleep(&id);
     assert_eq!(client.ok("conn_action c1 append [\"z\"]"), json!(24));
     assert_same_socket(&mut client);
+}
+
+/// A plain WebSocket client (tungstenite, no rivetkit code on the client side) talks to the
+/// actor's `onWebSocket` handler through torpor: `/gateway/{id}/websocket/{path}`.
+#[test]
+fn rivetkit_raw_websocket_from_a_plain_client() {
+    let Some(node) = node() else { return };
+    let gw = Gateway::start(&[]);
+    let mut app = App::start(&node, &gw, None);
+    let mut client = Client::start(&node, &gw);
+
+    let k = key("plain-ws");
+    let id = client.ok(&format!("resolve {k}"));
+    let id = id.as_str().expect("actor id").to_string();
+    let mut ws = common::ws_connect(gw.addr, &id, "/websocket/chat");
+    app.expect("RAW_WS_OPEN", &id);
+    for i in 0..20 {
+        ws.send(tungstenite::Message::text(format!("p{i}")))
+            .unwrap();
+        match common::ws_recv(&mut ws) {
+            tungstenite::Message::Text(t) => assert_eq!(t.as_str(), format!("echo:p{i}:{}", i + 1)),
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+    // What the socket appended is the actor's state, visible to rivetkit's client.
+    assert_eq!(
+        strings(&client.ok(&format!("action {k} log []"))),
+        names("p", 0..=19)
+    );
+    ws.close(None).unwrap();
+    let _ = common::ws_expect_close(&mut ws);
+    app.expect("RAW_WS_CLOSE", &id);
 }
 
 #[test]
@@ -806,13 +837,11 @@ fn runner_crash_scenario(same_key: bool) {
 }
 
 #[test]
-#[ignore = "race, under investigation: engine-runner reports Running before it restores the sockets listed in hibernatingRequests, and drops tunnel messages for a request it has not restored yet; torpor replays the window on Running, so under load the replayed messages can be dropped and the client is closed after the ack timeout (seen in 3 of about 12 loaded runs)"]
 fn rivetkit_runner_crash_new_runner_key_loses_nothing() {
     runner_crash_scenario(false);
 }
 
 #[test]
-#[ignore = "a new runner process that reuses a runner key looks like a reconnect of the old one (same runnerId, within runnerLostThreshold): the gateway believes the old actors are still hosted there, and engine-runner silently drops their tunnel traffic; protocol v7 gives no signal to tell the two apart (see the note in ARCHITECTURE.md)"]
 fn rivetkit_runner_crash_same_runner_key_loses_nothing() {
     runner_crash_scenario(true);
 }

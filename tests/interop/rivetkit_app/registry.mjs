@@ -2,12 +2,13 @@
 // `rivetkit@2.2.1` package.
 //
 // Actor `counter` (key = any string):
-//   state       { count: number, log: string[] }
+//   state       { count: number, log: string[], sleeps: number }
 //   actions     increment(by = 1) -> new count      (state saved to KV before the reply)
 //               get() -> count
 //               append(item) -> log length           (state saved to KV before the reply)
 //               log() -> log
-//               goToSleep() -> true                  (asks the gateway to sleep the actor)
+//               goToSleep() -> true                  (saves, then asks the gateway to sleep the
+//                                                     actor; see the note at the action)
 //               whoami() -> { actorId, pid, wakes }
 //   events      "appended" { item, length }          broadcast after every append
 //   raw WebSocket (`handle.webSocket(path)`, actor path /websocket/…): declared hibernatable;
@@ -37,7 +38,7 @@ async function persist(c) {
 }
 
 export const counter = actor({
-  state: { count: 0, log: [] },
+  state: { count: 0, log: [], sleeps: 0 },
   options: {
     sleepTimeout,
     canHibernateWebSocket: true,
@@ -69,8 +70,16 @@ export const counter = actor({
       return c.state.log.length;
     },
     log: (c) => c.state.log,
-    goToSleep: (c) => {
+    goToSleep: async (c) => {
       emit(`ACTOR_SLEEP_REQUESTED ${c.actorId}`);
+      // rivetkit 2.2.1 acknowledges a hibernatable connection's messages only once it has
+      // saved the connection's message index, and its save at stop skips the connections
+      // when the actor state did not change (`saveState` checks only the state). Messages
+      // processed since the last save would then be delivered again after the wake (this
+      // very action too: the actor would go back to sleep). Changing the state and saving
+      // before sleeping persists and acknowledges everything processed so far.
+      c.state.sleeps = (c.state.sleeps ?? 0) + 1;
+      await persist(c);
       c.sleep();
       return true;
     },
