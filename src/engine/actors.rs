@@ -142,7 +142,7 @@ pub(super) struct Actor {
     /// While starting or stopping: when to give up waiting for the runner.
     pub deadline: Option<Instant>,
     pub waiters: Vec<u64>,
-    pub hibernating: Vec<(HibernatingRequest, Instant)>,
+    pub hibernating: HashMap<HibernatingRequest, Instant>,
     pub start_ts: Option<i64>,
     pub pending_allocation_ts: Option<i64>,
     pub connectable_ts: Option<i64>,
@@ -357,7 +357,7 @@ impl Engine {
             alarm_ts: None,
             deadline: None,
             waiters: Vec::new(),
-            hibernating: Vec::new(),
+            hibernating: HashMap::new(),
             start_ts: None,
             pending_allocation_ts: None,
             connectable_ts: None,
@@ -683,9 +683,18 @@ impl Engine {
         a.last_event_idx = -1;
         a.start_ts = Some(now_ms);
         a.wake_after_stop = false;
-        a.hibernating
-            .retain(|(_, seen)| now.saturating_duration_since(*seen) <= eligible);
-        let hibernating_requests = a.hibernating.iter().map(|(h, _)| *h).collect();
+        let hib_ops = &mut self.hib_ops;
+        a.hibernating.retain(|h, seen| {
+            let fresh = now.saturating_duration_since(*seen) <= eligible;
+            if !fresh {
+                hib_ops.push(super::persist::hib_delete(&a.id, *h));
+            }
+            fresh
+        });
+        let hibernating_requests = super::persist::sorted_hibernating(&a.hibernating)
+            .into_iter()
+            .map(|(h, _)| h)
+            .collect();
         let cmd = Command::StartActor(CommandStartActor {
             config: ActorConfig {
                 name: a.name.clone(),
@@ -813,7 +822,9 @@ impl Engine {
         a.destroy_ts = Some(now_ms);
         mark(&mut self.dirty, a);
         a.input = None;
-        a.hibernating.clear();
+        for (h, _) in a.hibernating.drain() {
+            self.hib_ops.push(super::persist::hib_delete(actor_id, h));
+        }
         a.pending = false;
         if let Some(ts) = a.alarm_ts.take() {
             self.alarms.remove(&(ts, actor_id.to_string()));

@@ -69,8 +69,8 @@ use crate::protocol::{HibernatingRequest, ToClient, ToServer};
 
 pub use actors::{ActorInfo, ActorStatus, CrashPolicy, CreateActor, CreateError};
 pub use persist::{
-    actor_key, input_key, ActorRecord, HibernatingRecord, RecordError, RestoreReport, StoreOp,
-    ACTOR_KEY_PREFIX, INPUT_KEY_PREFIX, KEY_PREFIX, RECORD_VERSION,
+    actor_key, hib_key, input_key, ActorRecord, HibernatingRecord, RecordError, RestoreReport,
+    StoreOp, ACTOR_KEY_PREFIX, HIB_KEY_PREFIX, INPUT_KEY_PREFIX, KEY_PREFIX, RECORD_VERSION,
 };
 
 /// One runner WebSocket connection, as the shards name it: owning shard, slab slot, and the
@@ -259,6 +259,8 @@ pub struct Engine {
     dirty: Vec<String>,
     /// Store keys to delete at the next `take_store_ops` (forgotten actors).
     store_deletes: Vec<Vec<u8>>,
+    /// Writes of hibernating records (one key per socket), in order.
+    hib_ops: Vec<StoreOp>,
 }
 
 impl Engine {
@@ -288,6 +290,7 @@ impl Engine {
             out: Vec::new(),
             dirty: Vec::new(),
             store_deletes: Vec::new(),
+            hib_ops: Vec::new(),
         }
     }
 
@@ -373,21 +376,17 @@ impl Engine {
         if a.status == ActorStatus::Destroyed {
             return false;
         }
-        match a.hibernating.iter_mut().find(|(r, _)| *r == req) {
-            Some(entry) => entry.1 = now,
-            None => a.hibernating.push((req, now)),
-        }
-        persist::mark(&mut self.dirty, a);
+        a.hibernating.insert(req, now);
+        let ms = self.unix_ms(now);
+        self.hib_ops.push(persist::hib_put(actor_id, req, ms));
         true
     }
 
     /// Forget a hibernating client socket (it closed, or it is no longer hibernating).
     pub fn hibernating_remove(&mut self, actor_id: &str, req: HibernatingRequest) {
         if let Some(a) = self.actors.get_mut(actor_id) {
-            let before = a.hibernating.len();
-            a.hibernating.retain(|(r, _)| *r != req);
-            if a.hibernating.len() != before {
-                persist::mark(&mut self.dirty, a);
+            if a.hibernating.remove(&req).is_some() {
+                self.hib_ops.push(persist::hib_delete(actor_id, req));
             }
         }
     }
@@ -396,7 +395,7 @@ impl Engine {
     pub fn hibernating(&self, actor_id: &str) -> Vec<(HibernatingRequest, Instant)> {
         self.actors
             .get(actor_id)
-            .map(|a| a.hibernating.clone())
+            .map(|a| persist::sorted_hibernating(&a.hibernating))
             .unwrap_or_default()
     }
 

@@ -8,7 +8,13 @@
 //! * `engine/input/{actor id}` → the actor's raw `input` bytes. Written once, before the first
 //!   actor record that names it; deleted after the destroyed record. The input (up to
 //!   `max_input_bytes`) lives apart so that the frequent actor record rewrites (each allocation,
-//!   alarm, hibernating refresh) stay small.
+//!   alarm) stay small.
+//! * `engine/hib/{actor id}/{gateway id}{request id}` (the two ids as 4 raw bytes each) → the
+//!   socket's last-seen time, Unix ms as 8 bytes little-endian. One key per hibernatable
+//!   socket, so opening, refreshing or closing one socket writes a few bytes whatever the
+//!   number of sockets of the actor (an actor with 50,000 sockets must not rewrite a list of
+//!   50,000 on every open). Records written by an earlier version inside the actor record
+//!   (`hibernating`) are still read.
 //!
 //! JSON rather than BARE: records are written on lifecycle changes, not per message, so size
 //! and speed hardly matter, while a self-describing format lets a later version add fields
@@ -40,6 +46,8 @@ pub const KEY_PREFIX: &[u8] = b"engine/";
 pub const ACTOR_KEY_PREFIX: &[u8] = b"engine/actor/";
 /// Key prefix of actor input records (followed by the actor id).
 pub const INPUT_KEY_PREFIX: &[u8] = b"engine/input/";
+/// Key prefix of hibernating-socket records (followed by `{actor id}/` and 8 id bytes).
+pub const HIB_KEY_PREFIX: &[u8] = b"engine/hib/";
 
 /// Current [`ActorRecord::v`].
 pub const RECORD_VERSION: u32 = 1;
@@ -61,7 +69,62 @@ pub fn input_key(actor_id: &str) -> Vec<u8> {
     [INPUT_KEY_PREFIX, actor_id.as_bytes()].concat()
 }
 
-/// A hibernating client socket of the actor, last seen at `last_seen_ms` (Unix ms).
+/// `engine/hib/{actor id}/{gateway id}{request id}`.
+pub fn hib_key(actor_id: &str, h: HibernatingRequest) -> Vec<u8> {
+    let mut k = Vec::with_capacity(HIB_KEY_PREFIX.len() + actor_id.len() + 9);
+    k.extend_from_slice(HIB_KEY_PREFIX);
+    k.extend_from_slice(actor_id.as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(&h.gateway_id);
+    k.extend_from_slice(&h.request_id);
+    k
+}
+
+/// The actor id and socket of a hibernating record's key (without the prefix).
+fn parse_hib_key(rest: &[u8]) -> Option<(&str, HibernatingRequest)> {
+    let split = rest.len().checked_sub(9)?;
+    let (id, tail) = rest.split_at(split);
+    if id.is_empty() || tail[0] != b'/' {
+        return None;
+    }
+    let id = std::str::from_utf8(id).ok()?;
+    let mut gateway_id = [0u8; 4];
+    let mut request_id = [0u8; 4];
+    gateway_id.copy_from_slice(&tail[1..5]);
+    request_id.copy_from_slice(&tail[5..9]);
+    Some((
+        id,
+        HibernatingRequest {
+            gateway_id,
+            request_id,
+        },
+    ))
+}
+
+pub(super) fn hib_put(actor_id: &str, h: HibernatingRequest, last_seen_ms: i64) -> StoreOp {
+    StoreOp::Put {
+        key: hib_key(actor_id, h),
+        value: last_seen_ms.to_le_bytes().to_vec(),
+    }
+}
+
+pub(super) fn hib_delete(actor_id: &str, h: HibernatingRequest) -> StoreOp {
+    StoreOp::Delete {
+        key: hib_key(actor_id, h),
+    }
+}
+
+/// An actor's hibernating records in a stable order (by gateway id, then request id).
+pub(super) fn sorted_hibernating(
+    m: &HashMap<HibernatingRequest, Instant>,
+) -> Vec<(HibernatingRequest, Instant)> {
+    let mut v: Vec<_> = m.iter().map(|(h, t)| (*h, *t)).collect();
+    v.sort_by_key(|(h, _)| (h.gateway_id, h.request_id));
+    v
+}
+
+/// A hibernating client socket of the actor, last seen at `last_seen_ms` (Unix ms). Written
+/// by earlier versions inside the actor record; now each has a key of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HibernatingRecord {
     pub gateway_id: [u8; 4],
@@ -108,7 +171,8 @@ pub struct ActorRecord {
     /// Set once destroyed.
     #[serde(default)]
     pub destroy_ts: Option<i64>,
-    #[serde(default)]
+    /// Read for records of earlier versions; never written (see `engine/hib/`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hibernating: Vec<HibernatingRecord>,
 }
 
@@ -207,6 +271,7 @@ impl Engine {
         }
         deletes.extend(later.into_iter().map(|key| StoreOp::Delete { key }));
         inputs.extend(records);
+        inputs.append(&mut self.hib_ops);
         inputs.extend(deletes);
         inputs
     }
@@ -237,15 +302,7 @@ impl Engine {
             pending_allocation_ts: a.pending_allocation_ts,
             sleep_ts: a.sleep_ts,
             destroy_ts: a.destroy_ts,
-            hibernating: a
-                .hibernating
-                .iter()
-                .map(|(h, seen)| HibernatingRecord {
-                    gateway_id: h.gateway_id,
-                    request_id: h.request_id,
-                    last_seen_ms: self.unix_ms(*seen),
-                })
-                .collect(),
+            hibernating: Vec::new(),
         })
     }
 
@@ -266,7 +323,17 @@ impl Engine {
         let mut records: Vec<ActorRecord> = Vec::new();
         // Ids that have an actor entry, parsable or not (their inputs are not orphans).
         let mut actor_ids: HashSet<String> = HashSet::new();
+        // Hibernating records by actor: (socket, last seen ms).
+        let mut hib: HashMap<String, Vec<(HibernatingRequest, i64)>> = HashMap::new();
         for (k, v) in entries {
+            if let Some(rest) = k.strip_prefix(HIB_KEY_PREFIX) {
+                let seen = <[u8; 8]>::try_from(v.as_slice()).map(i64::from_le_bytes);
+                match (parse_hib_key(rest), seen) {
+                    (Some((id, h)), Ok(ms)) => hib.entry(id.to_string()).or_default().push((h, ms)),
+                    _ => report.skipped += 1,
+                }
+                continue;
+            }
             if let Some(id) = k.strip_prefix(ACTOR_KEY_PREFIX) {
                 let Ok(id) = std::str::from_utf8(id) else {
                     report.skipped += 1;
@@ -298,6 +365,7 @@ impl Engine {
         let eligible_ms =
             i64::try_from(self.cfg.hibernation_eligible.as_millis()).unwrap_or(i64::MAX);
         let mut finish_destroy: Vec<String> = Vec::new();
+        let mut expired_ids: HashSet<String> = HashSet::new();
         for rec in records {
             if self.actors.contains_key(&rec.id) {
                 report.skipped += 1;
@@ -311,6 +379,7 @@ impl Engine {
                 let forget_ms = destroy_ts.saturating_add(retention_ms);
                 if forget_ms <= now_ms {
                     report.expired += 1;
+                    expired_ids.insert(rec.id.clone());
                     if inputs.remove(&rec.id).is_some() {
                         self.store_deletes.push(input_key(&rec.id));
                     }
@@ -323,7 +392,7 @@ impl Engine {
                 let forget_at = now + left;
                 let input_stored = inputs.remove(&rec.id).is_some();
                 let id = rec.id.clone();
-                self.insert_restored(rec, crash_policy, None, input_stored, Vec::new());
+                self.insert_restored(rec, crash_policy, None, input_stored, HashMap::new());
                 if let Some(a) = self.actors.get_mut(&id) {
                     a.status = ActorStatus::Destroyed;
                     if input_stored {
@@ -351,29 +420,46 @@ impl Engine {
             } else {
                 None
             };
-            let hibernating = rec
-                .hibernating
-                .iter()
-                .filter_map(|h| {
-                    let age = now_ms.saturating_sub(h.last_seen_ms).max(0);
-                    if age > eligible_ms {
-                        return None;
+            let legacy = rec.hibernating.iter().map(|h| {
+                let req = HibernatingRequest {
+                    gateway_id: h.gateway_id,
+                    request_id: h.request_id,
+                };
+                (req, h.last_seen_ms)
+            });
+            let own = hib.remove(&rec.id).unwrap_or_default();
+            let mut hibernating: HashMap<HibernatingRequest, Instant> = HashMap::new();
+            for (h, last_seen_ms) in legacy.chain(own) {
+                let age = now_ms.saturating_sub(last_seen_ms).max(0);
+                let seen = (age <= eligible_ms)
+                    .then(|| now.checked_sub(Duration::from_millis(age as u64)))
+                    .flatten();
+                match seen {
+                    Some(seen) => {
+                        let e = hibernating.entry(h).or_insert(seen);
+                        *e = (*e).max(seen);
                     }
-                    let seen = now.checked_sub(Duration::from_millis(age as u64))?;
-                    Some((
-                        HibernatingRequest {
-                            gateway_id: h.gateway_id,
-                            request_id: h.request_id,
-                        },
-                        seen,
-                    ))
-                })
-                .collect();
+                    // Too old to be listed again: forget it.
+                    None => self.store_deletes.push(hib_key(&rec.id, h)),
+                }
+            }
+            let rewrite = !rec.hibernating.is_empty();
             let id = rec.id.clone();
             let destroy_requested = rec.destroy_requested;
             let has_input = input.is_some();
             self.insert_restored(rec, crash_policy, input, has_input, hibernating);
             if let Some(a) = self.actors.get_mut(&id) {
+                if rewrite {
+                    // A record of an earlier version: move its sockets to their own keys.
+                    for (h, seen) in &a.hibernating {
+                        let ms =
+                            now_ms.saturating_sub(
+                                now.saturating_duration_since(*seen).as_millis() as i64
+                            );
+                        self.hib_ops.push(hib_put(&id, *h, ms));
+                    }
+                    mark(&mut self.dirty, a);
+                }
                 if a.sleep_ts.is_none() && a.allocated {
                     // It was on a runner when the previous process ended: asleep since now.
                     a.sleep_ts = Some(now_ms);
@@ -393,6 +479,19 @@ impl Engine {
                 finish_destroy.push(id);
             } else {
                 report.live += 1;
+            }
+        }
+        // Hibernating records left over belong to actors that are gone, destroyed or expired
+        // (deleted), or whose record was skipped (left alone with it).
+        for (id, socks) in hib {
+            let destroyed = self
+                .actors
+                .get(&id)
+                .is_some_and(|a| a.status == ActorStatus::Destroyed);
+            if destroyed || expired_ids.contains(&id) || !actor_ids.contains(&id) {
+                for (h, _) in socks {
+                    self.store_deletes.push(hib_key(&id, h));
+                }
             }
         }
         // Inputs whose actor has no entry at all were written just before a create that never
@@ -417,7 +516,7 @@ impl Engine {
         crash_policy: CrashPolicy,
         input: Option<Vec<u8>>,
         input_stored: bool,
-        hibernating: Vec<(HibernatingRequest, Instant)>,
+        hibernating: HashMap<HibernatingRequest, Instant>,
     ) {
         let seq = rec.seq.max(self.next_actor_seq);
         self.next_actor_seq = seq.saturating_add(1);

@@ -2377,20 +2377,13 @@ fn hibernating_records_survive_a_restart_with_their_age() {
     e.hibernating_remove(&id, hib(3));
     e.hibernating_upsert(&id, hib(2), secs(t0, 40.0)); // refreshed
     flush(&mut e, &mut store);
-    let rec = record_in(&store, &id);
+    // One key per socket, the actor record has none.
+    assert!(record_in(&store, &id).hibernating.is_empty());
     assert_eq!(
-        rec.hibernating,
+        hib_entries(&store),
         vec![
-            HibernatingRecord {
-                gateway_id: [9, 9, 9, 9],
-                request_id: [0, 0, 0, 1],
-                last_seen_ms: T0_MS
-            },
-            HibernatingRecord {
-                gateway_id: [9, 9, 9, 9],
-                request_id: [0, 0, 0, 2],
-                last_seen_ms: T0_MS + 40_000
-            },
+            (hib_key(&id, hib(1)), T0_MS),
+            (hib_key(&id, hib(2)), T0_MS + 40_000)
         ]
     );
 
@@ -2414,6 +2407,133 @@ fn hibernating_records_survive_a_restart_with_their_age() {
             .collect::<Vec<_>>(),
         vec![hib(2)]
     );
+}
+
+/// The hibernating records in a store: (key, last seen ms).
+fn hib_entries(store: &Store) -> Vec<(Vec<u8>, i64)> {
+    store
+        .iter()
+        .filter(|(k, _)| k.starts_with(HIB_KEY_PREFIX))
+        .map(|(k, v)| (k.clone(), i64::from_le_bytes(v[..].try_into().unwrap())))
+        .collect()
+}
+
+#[test]
+fn opening_a_socket_writes_the_same_few_bytes_however_many_the_actor_has() {
+    let (mut e, t0, id, _) = running_actor();
+    let mut store = Store::new();
+    flush(&mut e, &mut store);
+    let bytes_of = |ops: &[StoreOp]| -> usize {
+        ops.iter()
+            .map(|op| match op {
+                StoreOp::Put { key, value } => key.len() + value.len(),
+                StoreOp::Delete { key } => key.len(),
+            })
+            .sum()
+    };
+    let mut first = 0;
+    for n in 0..20_000u32 {
+        let h = HibernatingRequest {
+            gateway_id: [1, 2, 3, 4],
+            request_id: n.to_be_bytes(),
+        };
+        assert!(e.hibernating_upsert(&id, h, t0));
+        let ops = e.take_store_ops();
+        let b = bytes_of(&ops);
+        if n == 0 {
+            first = b;
+        }
+        assert_eq!(ops.len(), 1, "socket {n}: {ops:?}");
+        assert_eq!(b, first, "socket {n} wrote more than the first");
+        apply_ops(&mut store, ops);
+    }
+    assert_eq!(hib_entries(&store).len(), 20_000);
+    // A close deletes its one key.
+    e.hibernating_remove(
+        &id,
+        HibernatingRequest {
+            gateway_id: [1, 2, 3, 4],
+            request_id: 7u32.to_be_bytes(),
+        },
+    );
+    let ops = e.take_store_ops();
+    assert_eq!(ops.len(), 1);
+    assert!(matches!(&ops[0], StoreOp::Delete { .. }));
+}
+
+#[test]
+fn hibernating_records_of_an_earlier_version_move_to_their_own_keys() {
+    let (mut e, t0, id, _) = running_actor();
+    let mut store = Store::new();
+    e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))], t0);
+    e.runner_events(c(1), vec![ev(&id, 0, 2, stopped(StopCode::Ok))], t0);
+    flush(&mut e, &mut store);
+    // The record as an earlier version wrote it: the sockets inside.
+    let mut rec = record_in(&store, &id);
+    rec.hibernating = vec![HibernatingRecord {
+        gateway_id: [9, 9, 9, 9],
+        request_id: [0, 0, 0, 5],
+        last_seen_ms: T0_MS + 1_000,
+    }];
+    store.insert(actor_key(&id), rec.encode());
+    assert!(String::from_utf8(rec.encode())
+        .unwrap()
+        .contains("hibernating"));
+
+    let (mut e2, _, _) = restarted(&store, 10);
+    assert_eq!(
+        e2.hibernating(&id)
+            .into_iter()
+            .map(|(h, _)| h)
+            .collect::<Vec<_>>(),
+        vec![hib(5)]
+    );
+    flush(&mut e2, &mut store);
+    assert!(record_in(&store, &id).hibernating.is_empty());
+    assert_eq!(
+        hib_entries(&store),
+        vec![(hib_key(&id, hib(5)), T0_MS + 1_000)]
+    );
+    // And a second restart reads them from there.
+    let (e3, _, _) = restarted(&store, 20);
+    assert_eq!(e3.hibernating(&id).len(), 1);
+}
+
+#[test]
+fn hibernating_records_go_with_their_actor() {
+    let (mut e, t0, id, _) = running_actor();
+    let mut store = Store::new();
+    e.hibernating_upsert(&id, hib(1), t0);
+    e.hibernating_upsert(&id, hib(2), t0);
+    flush(&mut e, &mut store);
+    assert_eq!(hib_entries(&store).len(), 2);
+    // Records of an actor the store does not know (its record never made it) are deleted at
+    // the restore; so are records too old to be listed again.
+    store.insert(
+        hib_key("no-such-actor", hib(3)),
+        T0_MS.to_le_bytes().to_vec(),
+    );
+    let (mut e2, t1, report) = restarted(&store, 10);
+    assert_eq!(report.live, 1);
+    flush(&mut e2, &mut store);
+    assert_eq!(hib_entries(&store).len(), 2, "the orphan is deleted");
+    // A malformed one is skipped and left alone.
+    let mut bad = HIB_KEY_PREFIX.to_vec();
+    bad.extend_from_slice(b"x");
+    store.insert(bad.clone(), vec![1, 2, 3]);
+    let (_, _, report) = restarted(&store, 10);
+    assert_eq!(report.skipped, 1);
+    store.remove(&bad);
+    // Past hibernation_eligible, they are forgotten at the restore.
+    let (mut e3, _, _) = restarted(&store, 3_600);
+    assert!(e3.hibernating(&id).is_empty());
+    let mut s3 = store.clone();
+    flush(&mut e3, &mut s3);
+    assert!(hib_entries(&s3).is_empty());
+    // Destroying the actor deletes them.
+    e2.destroy_actor("default", &id, t1).unwrap();
+    flush(&mut e2, &mut store);
+    assert!(hib_entries(&store).is_empty());
 }
 
 #[test]
