@@ -6,7 +6,9 @@
 //! It owns the socket's lifetime: when its read loop ends it frees the slab entry, the
 //! window's bytes, and tells the runner if that is still owed.
 
-use super::{closing, read_more, refuse, remove_conn, write_response, writer, READ_CHUNK};
+use super::{
+    closing, read_more, read_some, refuse, remove_conn, write_response, writer, READ_CHUNK,
+};
 use crate::http::parse::{parse_query, RequestHead};
 use crate::metrics::{Counter, Gauge};
 use crate::protocol::{self, StrMap, ToClientTunnelMessageKind};
@@ -299,6 +301,7 @@ pub async fn serve(
         // more than protocol::MAX_MESSAGE_LEN), so larger client messages get 1009.
         max_message: (max_message as usize).min(protocol::MAX_MESSAGE_LEN - 64),
     });
+    let mut chunk = READ_CHUNK;
     'outer: loop {
         loop {
             let paused = state.borrow().client_paused(slot, gen);
@@ -347,10 +350,11 @@ pub async fn serve(
                 }
             }
         }
-        let want = read_size(&reader, &buf);
-        if !read_more(&stream, &mut buf, want).await {
+        let need = read_size(&reader, &buf);
+        let Some((n, offered)) = read_some(&stream, &mut buf, need, chunk).await else {
             break;
-        }
+        };
+        chunk = next_chunk(chunk, n, offered);
         activity.set(activity.get().wrapping_add(1));
         if state.borrow_mut().get(slot, gen).is_none() {
             break;
@@ -365,8 +369,26 @@ pub async fn serve(
 /// geometrically while the payload keeps coming.
 fn read_size(reader: &WsReader, buf: &BytesMut) -> usize {
     let want = reader.bytes_wanted(buf).saturating_sub(buf.len());
-    want.min(buf.len().max(GROW_FLOOR)).max(READ_CHUNK)
+    want.min(buf.len().max(GROW_FLOOR)).max(1)
 }
+
+/// Size of the next buffer a client read allocates: doubles while reads fill the room they
+/// are given (a busy socket gets few large reads), halves when they use little of it, and
+/// stays between [`READ_CHUNK`] and [`MAX_CHUNK`]. A quiet socket therefore waits in a read
+/// holding a small buffer.
+fn next_chunk(chunk: usize, n: usize, offered: usize) -> usize {
+    if n >= offered {
+        (chunk * 2).min(MAX_CHUNK)
+    } else if n * 4 < offered {
+        (chunk / 2).max(READ_CHUNK)
+    } else {
+        chunk
+    }
+}
+
+/// Largest buffer a client read allocates for small frames (a large frame asks for more
+/// through [`read_size`]).
+const MAX_CHUNK: usize = 64 * 1024;
 
 /// Smallest growth step of a client's read buffer for a large frame.
 const GROW_FLOOR: usize = 64 * 1024;
@@ -466,8 +488,8 @@ mod tests {
     #[test]
     fn read_size_follows_received_bytes_not_announced_length() {
         let mut r = WsReader::new(WsReaderConfig::default());
-        // Nothing buffered: one ordinary chunk.
-        assert_eq!(read_size(&r, &BytesMut::new()), READ_CHUNK);
+        // Nothing buffered: the smallest header.
+        assert_eq!(read_size(&r, &BytesMut::new()), 2);
         // A header announcing a 16 MiB frame and nothing else: a small step, not 16 MiB.
         let h = encode_header(true, OpCode::Binary, 16 << 20, Some([1, 2, 3, 4]));
         let mut buf = BytesMut::from(&h[..]);
@@ -482,10 +504,25 @@ mod tests {
         // Near the end of the frame: exactly the rest.
         buf.extend_from_slice(&vec![0u8; (15 << 20) - 10]);
         assert_eq!(r.next(&mut buf), Ok(None));
-        assert_eq!(read_size(&r, &buf), READ_CHUNK.max(10));
-        // Small frames never ask for less than a chunk.
+        assert_eq!(read_size(&r, &buf), 10);
+        // A small frame: its rest.
         let h = encode_header(true, OpCode::Binary, 100, Some([1, 2, 3, 4]));
         let r = WsReader::new(WsReaderConfig::default());
-        assert_eq!(read_size(&r, &BytesMut::from(&h[..])), READ_CHUNK);
+        assert_eq!(read_size(&r, &BytesMut::from(&h[..])), 100);
+    }
+
+    #[test]
+    fn read_chunk_grows_with_full_reads_and_shrinks_when_idle() {
+        let mut c = READ_CHUNK;
+        for _ in 0..20 {
+            c = next_chunk(c, c, c);
+        }
+        assert_eq!(c, MAX_CHUNK);
+        // Half-used reads keep it; nearly empty ones halve it down to the floor.
+        assert_eq!(next_chunk(c, c / 2, c), c);
+        for _ in 0..20 {
+            c = next_chunk(c, 26, c);
+        }
+        assert_eq!(c, READ_CHUNK);
     }
 }

@@ -27,8 +27,12 @@ use std::time::{Duration, Instant};
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::{TcpListener, TcpStream};
 
-/// Initial read buffer of a connection; grows on demand for large frames.
-pub const READ_CHUNK: usize = 4096;
+/// Smallest read a connection asks for. Small on purpose: a quiet client WebSocket sits in a
+/// read that holds its buffer, so the buffer is most of what an idle socket costs (client
+/// reads grow with the traffic, see `client::ReadSize`).
+pub const READ_CHUNK: usize = 512;
+/// Smallest read on a runner connection: few of them, each carrying many sockets' traffic.
+pub const RUNNER_READ_CHUNK: usize = 16 * 1024;
 
 /// Binds a listener with SO_REUSEPORT so every shard accepts on the same port.
 pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -130,17 +134,44 @@ async fn gc_task(state: Rc<RefCell<ShardState>>) {
 
 /// Reads more bytes into `buf` (growing it if full). Returns false on EOF or error.
 pub async fn read_more(stream: &TcpStream, buf: &mut BytesMut, want: usize) -> bool {
-    let spare = buf.capacity() - buf.len();
-    if spare < want.max(1) {
-        buf.reserve(want.max(READ_CHUNK));
+    read_some(stream, buf, want, want).await.is_some()
+}
+
+/// Room below which a buffer is not worth reading into: a new one is taken.
+const MIN_SPARE: usize = 128;
+
+/// Reads more bytes into `buf`. It reads into the room left in `buf` when that holds at least
+/// `need` bytes (and [`MIN_SPARE`]); otherwise into a new buffer with room for
+/// `max(need, chunk)` (at least [`READ_CHUNK`]), the unparsed bytes moved over. Messages
+/// already split off keep the old buffer alive until they are dropped. Returns (bytes read,
+/// room offered), or `None` at EOF or on an error.
+pub async fn read_some(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    need: usize,
+    chunk: usize,
+) -> Option<(usize, usize)> {
+    if buf.capacity() - buf.len() < need.max(MIN_SPARE) {
+        let room = need.max(chunk).max(READ_CHUNK);
+        if buf.is_empty() {
+            // Nothing to carry over: a fresh buffer of the size asked for (`reserve` would
+            // keep the size of the largest buffer this one ever had).
+            *buf = BytesMut::with_capacity(room);
+        } else {
+            buf.reserve(room);
+        }
     }
     // io_uring reads write at the start of the buffer they are given, so hand it the spare
     // capacity only (a slice after the bytes already held).
     let start = buf.len();
+    let offered = buf.capacity() - start;
     let b = std::mem::take(buf).slice(start..);
     let (res, b) = stream.read(b).await;
     *buf = b.into_inner();
-    matches!(res, Ok(n) if n > 0)
+    match res {
+        Ok(n) if n > 0 => Some((n, offered)),
+        _ => None,
+    }
 }
 
 /// The response with `connection: close`.

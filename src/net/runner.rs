@@ -4,7 +4,10 @@
 //! request's shard (the request id says which), everything else goes to the control plane.
 //! It also sends pings and closes a runner that stops answering them.
 
-use super::{closing, read_more, refuse, remove_conn, write_response, writer, READ_CHUNK};
+use super::{
+    closing, read_more, read_some, refuse, remove_conn, write_response, writer, READ_CHUNK,
+    RUNNER_READ_CHUNK,
+};
 use crate::http::parse::{parse_query, RequestHead};
 use crate::metrics::{Counter, Gauge};
 use crate::protocol::hot::{decode_to_server_hot, ToServerHot};
@@ -190,7 +193,11 @@ pub async fn serve(
             }
         }
         let want = reader.bytes_wanted(&buf).saturating_sub(buf.len());
-        let read = read_more(&stream, &mut buf, want.max(READ_CHUNK));
+        let read = async {
+            read_some(&stream, &mut buf, want.max(1), RUNNER_READ_CHUNK)
+                .await
+                .is_some()
+        };
         let ok = if initialised {
             read.await
         } else {
