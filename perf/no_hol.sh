@@ -32,7 +32,7 @@ closed() { load -c 10 -s 1024 -d "$secs" --warmup-secs 1 --pid "$gw" --json-only
 
 ratios=()
 printf '%-6s %12s %12s %7s   %s\n' round "A msg/s" "B msg/s" "B/A" \
-  "cpu% torpor A/B  runner A/B   flood: MB/s reconnects  too_slow closes"
+  "cpu% torpor A/B  runner A/B   flood: MB/s cpu% reconnects  too_slow closes"
 for r in $(seq "$rounds"); do
   r0=$(ticks "$runner")
   a=$(closed)
@@ -53,13 +53,15 @@ for r in $(seq "$rounds"); do
   ratios+=("$ratio")
   # Window lengths (warm-up + measure) for the runner's CPU share.
   win=$(awk -v s="$secs" 'BEGIN { print s + 1 }')
-  printf '%-6s %12.0f %12.0f %7s   %5.0f/%-5.0f %5.0f/%-5.0f   %10.0f %4s %8s\n' \
+  printf '%-6s %12.0f %12.0f %7s   %5.0f/%-5.0f %5.0f/%-5.0f   %10.0f %4.0f %4s %8s\n' \
     "$r" "$ra" "$rb" "$ratio" \
     "$(awk -v c="$(field pid_cpu_s "$a")" -v s="$secs" 'BEGIN { print 100 * c / s }')" \
     "$(awk -v c="$(field pid_cpu_s "$b")" -v s="$secs" 'BEGIN { print 100 * c / s }')" \
     "$(awk -v t=$((r1 - r0)) -v h="$hz" -v w="$win" 'BEGIN { print 100 * t / h / w }')" \
     "$(awk -v t=$((r3 - r2)) -v h="$hz" -v w="$win" 'BEGIN { print 100 * t / h / w }')" \
-    "$(field mb_per_sec "$f")" "$(field reconnects "$f")" "$((slow1 - slow0))"
+    "$(field mb_per_sec "$f")" \
+    "$(awk -v c="$(field loadgen_cpu_s "$f")" -v s="$(field seconds "$f")" 'BEGIN { print 100 * c / s }')" \
+    "$(field reconnects "$f")" "$((slow1 - slow0))"
   echo "  A: p50=$(field p50_us "$a")us p99=$(field p99_us "$a")us errors=$(field errors "$a")" \
     " B: p50=$(field p50_us "$b")us p99=$(field p99_us "$b")us errors=$(field errors "$b")"
 done

@@ -139,14 +139,12 @@ fn real_main(a: Args) -> Result<bool, String> {
     }
     let duration = a.duration.map(|d| secs("--duration", d)).transpose()?;
     let warmup_time = secs("--warmup-secs", a.warmup_secs)?;
-    if a.mode == Mode::Idle {
-        let soft = modes::raise_nofile();
-        if soft > 0 && a.connections as u64 + 64 > soft {
-            eprintln!(
-                "torpor-load: open-files limit {soft} is below {} connections; expect failures",
-                a.connections
-            );
-        }
+    let soft = modes::raise_nofile();
+    if soft > 0 && a.connections as u64 + 64 > soft {
+        eprintln!(
+            "torpor-load: open-files limit {soft} is below {} connections; expect failures",
+            a.connections
+        );
     }
     let run = Arc::new(Run {
         t: Target {

@@ -796,6 +796,7 @@ pub async fn run_idle(run: Arc<Run>, cfg: IdleCfg) -> Report {
             r.rss_per_conn_bytes = Some((b.rss_kib as f64 - a.rss_kib as f64) * 1024.0 / ok as f64);
         }
     }
+    r.pid_window_s = Some(open_secs + held);
     r.extra.push(("open_secs", open_secs.into()));
     r.extra.push(("sources", cfg.sources.into()));
     r.extra.push(("open_at_end", connected_end.into()));

@@ -200,6 +200,8 @@ pub struct Report {
     /// Mode-specific extras (go into the JSON as they are and into the text line).
     pub extra: Vec<(&'static str, serde_json::Value)>,
     pub loadgen_cpu_s: f64,
+    /// Length of the window `pid` covers when it is not `seconds` (idle: open + hold).
+    pub pid_window_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -282,10 +284,9 @@ impl Report {
             s += &format!(
                 "\n  target: cpu {:.2}s ({:.0}% of a core), rss KiB start={} end={} peak={}",
                 cpu,
-                if self.seconds > 0.0 {
-                    cpu / self.seconds * 100.0
-                } else {
-                    0.0
+                match self.pid_window_s.unwrap_or(self.seconds) {
+                    w if w > 0.0 => cpu / w * 100.0,
+                    _ => 0.0,
                 },
                 self.pid.rss_start.unwrap_or(0),
                 self.pid.rss_end.unwrap_or(0),
