@@ -7,7 +7,9 @@
 //!   connections with µs precision), latency from the intended time (no coordinated
 //!   omission).
 //! - idle: many connections, one echo each, then held open (pings answered).
-//! - flood: write as fast as the socket takes, never read, reconnect when dropped.
+//! - flood: write as fast as the socket takes, never read, reconnect when dropped. Never
+//!   reading, it cannot see a close frame: it notices the close when a write fails (the
+//!   server resets the connection once its close handshake times out).
 //!
 //! Nothing here panics on what the server does: failures are counted in `Totals::errors`.
 
