@@ -108,9 +108,9 @@ with open(path, "a") as f:
 def g(k, fmt="{:.0f}"):
     v = r.get(k)
     return "-" if v is None else fmt.format(v)
-print("  %-14s %-8s round %d: %s msg/s %s MB/s p50 %s us p99 %s us errors %s cpu %s/%s s" % (
+print("  %-14s %-8s round %d: %s msg/s %s MB/s p50 %s us p99 %s us errors %s late %s cpu %s/%s s" % (
     case, peer, r["round"], g("msgs_per_sec"), g("mb_per_sec", "{:.1f}"), g("p50_us"),
-    g("p99_us"), g("errors"), g("pid_cpu_s", "{:.2f}"), g("cpu_wrap_s", "{:.2f}")))
+    g("p99_us"), g("errors"), g("late"), g("pid_cpu_s", "{:.2f}"), g("cpu_wrap_s", "{:.2f}")))
 EOF
 }
 

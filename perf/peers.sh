@@ -35,7 +35,7 @@ trap peers_cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Prints a command as it is run (the scripts must show the exact commands).
-peers_show() { printf '+ %s\n' "$*" >&2; }
+peers_show() { printf '+ %s\n' "$*"; }
 
 # A free TCP port on 127.0.0.1.
 peers_free_port() {
@@ -60,7 +60,7 @@ peers_raise_nofile() {
   ((want > 1048576)) && want=1048576
   ulimit -Hn "$want" 2>/dev/null || true
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-  echo "open-file limit: $(ulimit -n)" >&2
+  echo "open-file limit: $(ulimit -n)"
 }
 
 # Installs nginx from Debian when it is missing.
