@@ -46,6 +46,7 @@ series!(Counter, COUNTERS {
     HttpTunnelRequests => ("torpor_http_tunnel_requests_total", "HTTP requests tunnelled to actors"),
     CloseHandshakeTimeouts => ("torpor_websocket_close_timeouts_total", "WebSocket connections dropped because the peer did not finish the close handshake in time"),
     ClientIdlePings => ("torpor_client_idle_pings_total", "Pings sent to client WebSockets that were silent for the idle period"),
+    ClientReadPauses => ("torpor_client_read_pauses_total", "Times a client WebSocket stopped being read because it had not read half of client_outbound_bytes sent to it"),
 });
 
 series!(Gauge, GAUGES {

@@ -309,6 +309,22 @@ pub async fn serve(
                 resume.notified().await;
                 continue;
             }
+            if state.borrow().client_out_full(slot, gen) {
+                // The client is not reading what it is sent: stop reading it until its writer
+                // makes progress (the writer wakes `resume` after every write).
+                let resume = {
+                    let st = state.borrow();
+                    st.metrics().inc(Counter::ClientReadPauses);
+                    match st.conns.get(slot as usize).map(|c| &c.kind) {
+                        Some(ConnKind::Client(cc)) => cc.resume.clone(),
+                        _ => break 'outer,
+                    }
+                };
+                while state.borrow().client_out_full(slot, gen) {
+                    resume.notified().await;
+                }
+                continue;
+            }
             let ev = reader.next(&mut buf);
             let now = Instant::now();
             match ev {
@@ -323,7 +339,7 @@ pub async fn serve(
                     // outbound limit as for its actor's messages applies.
                     let queued = st.get(slot, gen).map_or(0, |c| c.out.bytes);
                     if queued > out_limit {
-                        st.close_client(slot, gen, 1011, "guard.client_too_slow", now);
+                        st.abort_client(slot, gen, "guard.client_too_slow", now);
                     } else {
                         let frames = st.ws_frame(OpCode::Pong, p);
                         st.write_local(slot, gen, frames.to_vec());
@@ -415,9 +431,27 @@ async fn idle_watch(
         }
         Some(!paused)
     };
+    let written = |state: &Rc<RefCell<ShardState>>| -> u64 {
+        state
+            .borrow_mut()
+            .get(slot, gen)
+            .map_or(0, |c| c.out.written)
+    };
     loop {
         let seen = activity.get();
+        let seen_written = written(&state);
         tokio::time::sleep(idle).await;
+        if state.borrow().client_out_full(slot, gen) {
+            // Not read by us because it does not read: it is alive only if it took some of
+            // what it was sent during the period. A ping would queue behind the rest.
+            if written(&state) == seen_written {
+                state
+                    .borrow_mut()
+                    .abort_client(slot, gen, "guard.client_too_slow", Instant::now());
+                return;
+            }
+            continue;
+        }
         match watchable(&state) {
             None => return,
             Some(false) => continue,

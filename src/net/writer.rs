@@ -13,6 +13,7 @@
 //! [`OutQueue`]: crate::shard::state::OutQueue
 
 use crate::metrics::Counter;
+use crate::shard::state::ConnKind;
 use crate::shard::ShardState;
 use bytes::Bytes;
 use std::cell::RefCell;
@@ -48,6 +49,12 @@ pub async fn writer_task(
                 let Some(conn) = st.get(slot, gen) else {
                     return;
                 };
+                if conn.out.abort {
+                    // The peer does not read: no close handshake, reset (wakes the reader).
+                    drop(st);
+                    reset(&stream);
+                    return;
+                }
                 let n = conn.out.chunks.len().min(MAX_IOV);
                 let batch: Vec<Bytes> = conn.out.chunks.drain(..n).collect();
                 let bytes: usize = batch.iter().map(|b| b.len()).sum();
@@ -69,14 +76,18 @@ pub async fn writer_task(
             }
             // Keep an eye on the queue while the write is in flight: a close queued behind a
             // peer that stopped reading starts its deadline now, not once the write returns.
+            let written: usize = batch.iter().map(Bytes::len).sum();
             let write = write_all_vectored(&stream, batch);
             tokio::pin!(write);
             let res = loop {
                 tokio::select! {
                     biased;
                     r = &mut write => break r,
-                    _ = notify.notified(), if !armed => {
-                        if is_closing(&state, slot, gen) {
+                    _ = notify.notified() => {
+                        if is_aborted(&state, slot, gen) {
+                            // The write is stuck behind a peer that does not read.
+                            reset(&stream);
+                        } else if !armed && is_closing(&state, slot, gen) {
                             armed = true;
                             arm_close_deadline(&state, &stream, close_after);
                         }
@@ -87,6 +98,26 @@ pub async fn writer_task(
                 let _ = stream.shutdown(std::net::Shutdown::Both);
                 return;
             }
+            progress(&state, slot, gen, written);
+        }
+    }
+}
+
+/// Whether the connection is to be reset without a close handshake.
+fn is_aborted(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) -> bool {
+    state
+        .borrow_mut()
+        .get(slot, gen)
+        .is_some_and(|c| c.out.abort)
+}
+
+/// Counts `bytes` written and wakes a client reader that waits for its peer to read.
+fn progress(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32, bytes: usize) {
+    let mut st = state.borrow_mut();
+    if let Some(c) = st.get(slot, gen) {
+        c.out.written += bytes as u64;
+        if let ConnKind::Client(cc) = &c.kind {
+            cc.resume.notify_one();
         }
     }
 }

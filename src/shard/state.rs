@@ -116,6 +116,11 @@ pub struct OutQueue {
     pub notify: Rc<Notify>,
     /// Set once a close frame is queued: the writer half-closes after flushing.
     pub closing: bool,
+    /// The peer does not read, so no close handshake can happen: the writer resets the
+    /// connection instead of flushing.
+    pub abort: bool,
+    /// Bytes the writer has handed to the kernel so far (progress of a slow reader).
+    pub written: u64,
 }
 
 impl OutQueue {
@@ -125,6 +130,8 @@ impl OutQueue {
             bytes: 0,
             notify: Rc::new(Notify::new()),
             closing: false,
+            abort: false,
+            written: 0,
         }
     }
 
@@ -496,7 +503,7 @@ impl ShardState {
                 let too_slow = conn.out.bytes > limit;
                 conn.out.push_all(frames);
                 if too_slow {
-                    self.close_client(slot, gen, 1011, "guard.client_too_slow", now);
+                    self.abort_client(slot, gen, "guard.client_too_slow", now);
                 }
             }
             TunnelIn::Ack(index) => self.on_ack(slot, gen, index, now),
@@ -742,6 +749,28 @@ impl ShardState {
         match &c.kind {
             ConnKind::Client(cc) if cc.socket.is_paused() => Some(cc.resume.clone()),
             _ => None,
+        }
+    }
+
+    /// Is this client behind on reading what it was sent (more than half of
+    /// `client_outbound_bytes` queued)? Its reader then stops reading it, so a client that
+    /// sends without reading (an echo flood) stalls itself instead of the shard.
+    pub fn client_out_full(&self, slot: u32, gen: u32) -> bool {
+        let half = self.shared.config.limits.client_outbound_bytes / 2;
+        self.conns
+            .get(slot as usize)
+            .filter(|c| c.gen == gen && matches!(c.kind, ConnKind::Client(_)))
+            .is_some_and(|c| c.out.bytes > half && !c.out.closing)
+    }
+
+    /// Closes a client that does not read: like [`Self::close_client`] (the runner is told,
+    /// the metric counts `reason`), but the connection is reset at once, since a close frame
+    /// queued behind what the client never read would not reach it.
+    pub fn abort_client(&mut self, slot: u32, gen: u32, reason: &'static str, now: Instant) {
+        self.close_client(slot, gen, 1011, reason, now);
+        if let Some(c) = self.get(slot, gen) {
+            c.out.abort = true;
+            c.out.notify.notify_one();
         }
     }
 
