@@ -183,7 +183,8 @@ pub async fn serve(
                 }
                 continue;
             }
-            if !on_message(&state, conn, msg, now) {
+            let ok = on_message(&mut state.borrow_mut(), conn, msg, now);
+            if !ok {
                 state.borrow().metrics().inc(Counter::RunnerProtocolErrors);
                 close(&state, slot, gen, 1011, "ws.invalid_packet");
                 break 'outer;
@@ -230,9 +231,12 @@ fn close(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32, code: u16, reason
         .close_conn(slot, gen, code, reason.into());
 }
 
-/// One runner message after Init. Returns false on a protocol error.
-fn on_message(
-    state: &Rc<RefCell<ShardState>>,
+/// One runner message after Init, received on the runner connection `conn` of this shard:
+/// tunnel traffic is routed to its request's shard, the rest goes to the control plane.
+/// Returns false on a protocol error. Plain and synchronous (the read loop calls it per
+/// message; the allocation test drives it directly).
+pub fn on_message(
+    st: &mut ShardState,
     conn: crate::engine::ConnRef,
     msg: Bytes,
     now: Instant,
@@ -244,7 +248,6 @@ fn on_message(
             return false;
         }
     };
-    let mut st = state.borrow_mut();
     let superseded = matches!(
         st.get(conn.slot, conn.gen).map(|c| &c.kind),
         Some(ConnKind::Runner(RunnerConn {

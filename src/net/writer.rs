@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio_uring::net::TcpStream;
 
 /// Max iovecs per `writev` (the kernel's IOV_MAX).
-const MAX_IOV: usize = 1024;
+pub const MAX_IOV: usize = 1024;
 
 /// Runs until the connection's slab entry is gone or the socket fails.
 pub async fn writer_task(

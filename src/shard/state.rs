@@ -151,6 +151,20 @@ impl OutQueue {
         }
         self.notify.notify_one();
     }
+
+    /// Moves up to `max` queued chunks, oldest first, onto the end of `batch` (one vectored
+    /// write) and returns their total length. The writer passes the same `batch` every turn,
+    /// so once it has grown no turn allocates.
+    pub fn take_batch(&mut self, batch: &mut Vec<Bytes>, max: usize) -> usize {
+        let n = self.chunks.len().min(max);
+        let mut bytes = 0;
+        for c in self.chunks.drain(..n) {
+            bytes += c.len();
+            batch.push(c);
+        }
+        self.bytes -= bytes;
+        bytes
+    }
 }
 
 /// A client WebSocket tunnelled to an actor.
