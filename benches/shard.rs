@@ -245,6 +245,14 @@ fn framing(c: &mut Criterion) {
             black_box(st.ws_message_frames([1, 2, 3, 4], i, payload.clone(), true))
         })
     });
+    // The same frames moved into a fresh list, as every message paid before.
+    g.bench_function("ws_message_frames_list", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            let frames = st.ws_message_frames([1, 2, 3, 4], i, payload.clone(), true);
+            black_box(Vec::from(frames))
+        })
+    });
     let chunk = Bytes::from_static(b"chunk");
     let runner = add_runner(&mut st);
     g.bench_function("writer_list_fresh_3", |b| {
@@ -281,30 +289,44 @@ fn wait_fd(fd: &OwnedFd) {
 /// `send_to_conn` on the sending thread, mailbox wake-up, `on_msg` + one writer turn on the
 /// receiving thread. Bursts of `BURST` messages, then the sender waits for all of them to be
 /// applied; the time is per message. The same-shard path does the same on one thread.
+/// `_list` variants hand the frames over as a heap list (`ShardMsg::ToRunner`), as every
+/// tunnelled message did before; the others move them inline.
 fn handoff(c: &mut Criterion) {
     const BURST: u64 = 64;
     let mut g = c.benchmark_group("handoff");
     g.throughput(Throughput::Elements(1));
     let payload = Bytes::from(vec![0x61u8; 1024]);
 
-    // Same shard.
-    g.bench_function("same_shard", |b| {
-        let (sh, _inbox) = shared(1);
-        let mut st = ShardState::new(0, sh);
-        let runner = add_runner(&mut st);
-        let mut batch = Vec::new();
-        let mut i = 0u16;
-        b.iter(|| {
-            i = i.wrapping_add(1);
-            let frames = st.ws_message_frames([0, 1, 0, 0], i, payload.clone(), true);
-            st.send_to_conn(runner, frames);
-            batch.clear();
-            if let Some(c) = st.get(runner.slot, runner.gen) {
-                c.out.take_batch(&mut batch, MAX_IOV);
-            }
-            black_box(&batch);
-        })
-    });
+    // Same shard; `_list` moves each message's frames through a fresh list first (what
+    // every message paid before).
+    for list in [false, true] {
+        let name = if list {
+            "same_shard_list"
+        } else {
+            "same_shard"
+        };
+        g.bench_function(name, |b| {
+            let (sh, _inbox) = shared(1);
+            let mut st = ShardState::new(0, sh);
+            let runner = add_runner(&mut st);
+            let mut batch = Vec::new();
+            let mut i = 0u16;
+            b.iter(|| {
+                i = i.wrapping_add(1);
+                let frames = st.ws_message_frames([0, 1, 0, 0], i, payload.clone(), true);
+                if list {
+                    st.send_to_conn(runner, Vec::from(frames));
+                } else {
+                    st.send_to_conn(runner, frames);
+                }
+                batch.clear();
+                if let Some(c) = st.get(runner.slot, runner.gen) {
+                    c.out.take_batch(&mut batch, MAX_IOV);
+                }
+                black_box(&batch);
+            })
+        });
+    }
 
     // Across shards: shard 1 (the runner's) runs on its own thread.
     let (sh, mut inboxes) = shared(2);
@@ -341,26 +363,37 @@ fn handoff(c: &mut Criterion) {
     let runner = conn_rx.recv().expect("peer shard");
     let mut st = ShardState::new(0, sh.clone());
     let mut i = 0u16;
-    g.bench_function("cross_shard_burst64", |b| {
-        b.iter_custom(|iters| {
-            let bursts = iters.div_ceil(BURST);
-            let start = Instant::now();
-            for _ in 0..bursts {
-                let target = applied.load(Ordering::Acquire) + BURST;
-                for _ in 0..BURST {
-                    i = i.wrapping_add(1);
-                    let frames = st.ws_message_frames([0, 1, 0, 0], i, payload.clone(), true);
-                    st.send_to_conn(runner, frames);
+    for list in [false, true] {
+        let name = if list {
+            "cross_shard_burst64_list"
+        } else {
+            "cross_shard_burst64"
+        };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let bursts = iters.div_ceil(BURST);
+                let start = Instant::now();
+                for _ in 0..bursts {
+                    let target = applied.load(Ordering::Acquire) + BURST;
+                    for _ in 0..BURST {
+                        i = i.wrapping_add(1);
+                        let frames = st.ws_message_frames([0, 1, 0, 0], i, payload.clone(), true);
+                        if list {
+                            st.send_to_conn(runner, Vec::from(frames));
+                        } else {
+                            st.send_to_conn(runner, frames);
+                        }
+                    }
+                    while applied.load(Ordering::Acquire) < target {
+                        std::hint::spin_loop();
+                    }
                 }
-                while applied.load(Ordering::Acquire) < target {
-                    std::hint::spin_loop();
-                }
-            }
-            start
-                .elapsed()
-                .mul_f64(iters as f64 / (bursts * BURST) as f64)
-        })
-    });
+                start
+                    .elapsed()
+                    .mul_f64(iters as f64 / (bursts * BURST) as f64)
+            })
+        });
+    }
     g.finish();
     stop.store(true, Ordering::Release);
     // Wake the peer so it sees `stop`.

@@ -147,7 +147,7 @@ pub async fn serve(
                 Ok(Some(WsEvent::Ping(p))) => {
                     let mut st = state.borrow_mut();
                     let f = st.ws_frame(crate::ws::frame::OpCode::Pong, p);
-                    st.write_local(slot, gen, f.to_vec());
+                    st.write_local(slot, gen, f);
                     continue;
                 }
                 Ok(Some(WsEvent::Pong(_))) => continue,
