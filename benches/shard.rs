@@ -289,8 +289,10 @@ fn wait_fd(fd: &OwnedFd) {
 /// `send_to_conn` on the sending thread, mailbox wake-up, `on_msg` + one writer turn on the
 /// receiving thread. Bursts of `BURST` messages, then the sender waits for all of them to be
 /// applied; the time is per message. The same-shard path does the same on one thread.
-/// `_list` variants hand the frames over as a heap list (`ShardMsg::ToRunner`), as every
-/// tunnelled message did before; the others move them inline.
+/// `mailbox_one_thread` keeps both shards on one thread to time the hand-off's own work
+/// without the wake-up. `_list` variants hand the frames over as a heap list
+/// (`ShardMsg::ToRunner`), as every tunnelled message did before; the others move them
+/// inline.
 fn handoff(c: &mut Criterion) {
     const BURST: u64 = 64;
     let mut g = c.benchmark_group("handoff");
@@ -324,6 +326,53 @@ fn handoff(c: &mut Criterion) {
                     c.out.take_batch(&mut batch, MAX_IOV);
                 }
                 black_box(&batch);
+            })
+        });
+    }
+
+    // Across shards, both states on this thread: the mailbox's own cost (channel push and
+    // pop, wake flag, `on_msg`, writer turn) without a thread wake-up in it.
+    for list in [false, true] {
+        let name = if list {
+            "mailbox_one_thread_list"
+        } else {
+            "mailbox_one_thread"
+        };
+        g.bench_function(name, |b| {
+            let (sh, mut inboxes) = shared(2);
+            let inbox1 = inboxes.pop().expect("two inboxes");
+            let mut st0 = ShardState::new(0, sh.clone());
+            let mut st1 = ShardState::new(1, sh);
+            let runner = add_runner(&mut st1);
+            let mut batch = Vec::new();
+            let mut i = 0u16;
+            b.iter_custom(|iters| {
+                let bursts = iters.div_ceil(BURST);
+                let start = Instant::now();
+                for _ in 0..bursts {
+                    for _ in 0..BURST {
+                        i = i.wrapping_add(1);
+                        let frames = st0.ws_message_frames([0, 1, 0, 0], i, payload.clone(), true);
+                        if list {
+                            st0.send_to_conn(runner, Vec::from(frames));
+                        } else {
+                            st0.send_to_conn(runner, frames);
+                        }
+                    }
+                    inbox1.rearm();
+                    let now = Instant::now();
+                    while let Some(msg) = inbox1.try_recv() {
+                        st1.on_msg(msg, now);
+                    }
+                    batch.clear();
+                    if let Some(c) = st1.get(runner.slot, runner.gen) {
+                        c.out.take_batch(&mut batch, MAX_IOV);
+                    }
+                    black_box(&batch);
+                }
+                start
+                    .elapsed()
+                    .mul_f64(iters as f64 / (bursts * BURST) as f64)
             })
         });
     }
@@ -365,9 +414,9 @@ fn handoff(c: &mut Criterion) {
     let mut i = 0u16;
     for list in [false, true] {
         let name = if list {
-            "cross_shard_burst64_list"
+            "cross_thread_burst64_list"
         } else {
-            "cross_shard_burst64"
+            "cross_thread_burst64"
         };
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
