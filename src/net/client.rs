@@ -342,7 +342,7 @@ pub async fn serve(
                         st.abort_client(slot, gen, "guard.client_too_slow", now);
                     } else {
                         let frames = st.ws_frame(OpCode::Pong, p);
-                        st.write_local(slot, gen, frames.to_vec());
+                        st.write_local(slot, gen, frames);
                     }
                 }
                 Ok(Some(WsEvent::Pong(_))) => {}
@@ -462,7 +462,7 @@ async fn idle_watch(
             let mut st = state.borrow_mut();
             st.metrics().inc(Counter::ClientIdlePings);
             let frames = st.ws_frame(OpCode::Ping, Bytes::new());
-            st.write_local(slot, gen, frames.to_vec());
+            st.write_local(slot, gen, frames);
         }
         tokio::time::sleep(pong_timeout).await;
         match watchable(&state) {

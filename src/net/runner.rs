@@ -150,7 +150,7 @@ pub async fn serve(
                 Ok(Some(WsEvent::Ping(p))) => {
                     let mut st = state.borrow_mut();
                     let f = st.ws_frame(crate::ws::frame::OpCode::Pong, p);
-                    st.write_local(slot, gen, f.to_vec());
+                    st.write_local(slot, gen, f);
                     continue;
                 }
                 Ok(Some(WsEvent::Pong(_))) => continue,
@@ -186,7 +186,8 @@ pub async fn serve(
                 }
                 continue;
             }
-            if !on_message(&state, conn, msg, now) {
+            let ok = on_message(&mut state.borrow_mut(), conn, msg, now);
+            if !ok {
                 state.borrow().metrics().inc(Counter::RunnerProtocolErrors);
                 close(&state, slot, gen, 1011, "ws.invalid_packet");
                 break 'outer;
@@ -237,9 +238,12 @@ fn close(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32, code: u16, reason
         .close_conn(slot, gen, code, reason.into());
 }
 
-/// One runner message after Init. Returns false on a protocol error.
-fn on_message(
-    state: &Rc<RefCell<ShardState>>,
+/// One runner message after Init, received on the runner connection `conn` of this shard:
+/// tunnel traffic is routed to its request's shard, the rest goes to the control plane.
+/// Returns false on a protocol error. Plain and synchronous (the read loop calls it per
+/// message; the allocation test drives it directly).
+pub fn on_message(
+    st: &mut ShardState,
     conn: crate::engine::ConnRef,
     msg: Bytes,
     now: Instant,
@@ -251,7 +255,6 @@ fn on_message(
             return false;
         }
     };
-    let mut st = state.borrow_mut();
     let superseded = matches!(
         st.get(conn.slot, conn.gen).map(|c| &c.kind),
         Some(ConnKind::Runner(RunnerConn {

@@ -1,7 +1,8 @@
 //! The writer half of a connection: waits for its [`OutQueue`] to fill, then flushes every
 //! queued chunk with vectored writes (one `writev` submission per turn for as many chunks as
 //! fit in an iovec array), so all frames produced for a socket in one turn of the shard loop
-//! leave in one system call.
+//! leave in one system call. The chunk list handed to `writev` comes back with its result
+//! and is reused, so a turn allocates nothing of its own.
 //!
 //! It never decides what to write; it only moves bytes, half-closes the socket after a
 //! queued close frame has been flushed, and enforces the close-handshake deadline: from the
@@ -22,7 +23,12 @@ use std::time::Duration;
 use tokio_uring::net::TcpStream;
 
 /// Max iovecs per `writev` (the kernel's IOV_MAX).
-const MAX_IOV: usize = 1024;
+pub const MAX_IOV: usize = 1024;
+
+/// Chunk-list capacity a writer keeps while its queue is idle (2 KiB): a turn of up to this
+/// many chunks (21 tunnelled messages) never allocates; a larger list is released once the
+/// queue drains so an idle connection does not hold a burst's worth of memory.
+const IDLE_IOVS: usize = 64;
 
 /// Runs until the connection's slab entry is gone or the socket fails.
 pub async fn writer_task(
@@ -41,10 +47,12 @@ pub async fn writer_task(
     };
     // Set once the close deadline runs (it is started at most once).
     let mut armed = false;
+    // The chunk list handed to `writev`; it comes back with the result and is reused.
+    let mut batch: Vec<Bytes> = Vec::new();
     loop {
         notify.notified().await;
         loop {
-            let (batch, closing, flushed) = {
+            let (closing, flushed) = {
                 let mut st = state.borrow_mut();
                 let Some(conn) = st.get(slot, gen) else {
                     return;
@@ -55,12 +63,10 @@ pub async fn writer_task(
                     reset(&stream);
                     return;
                 }
-                let n = conn.out.chunks.len().min(MAX_IOV);
-                let batch: Vec<Bytes> = conn.out.chunks.drain(..n).collect();
-                let bytes: usize = batch.iter().map(|b| b.len()).sum();
-                conn.out.bytes -= bytes;
+                batch.clear();
+                conn.out.take_batch(&mut batch, MAX_IOV);
                 let closing = conn.out.closing;
-                (batch, closing, closing && conn.out.chunks.is_empty())
+                (closing, closing && conn.out.chunks.is_empty())
             };
             if closing && !armed {
                 armed = true;
@@ -72,14 +78,17 @@ pub async fn writer_task(
                     let _ = stream.shutdown(std::net::Shutdown::Write);
                     return;
                 }
+                if batch.capacity() > IDLE_IOVS {
+                    batch = Vec::new();
+                }
                 break;
             }
             // Keep an eye on the queue while the write is in flight: a close queued behind a
             // peer that stopped reading starts its deadline now, not once the write returns.
             let written: usize = batch.iter().map(Bytes::len).sum();
-            let write = write_all_vectored(&stream, batch);
+            let write = write_vectored(&stream, std::mem::take(&mut batch));
             tokio::pin!(write);
-            let res = loop {
+            let (res, back) = loop {
                 tokio::select! {
                     biased;
                     r = &mut write => break r,
@@ -98,6 +107,7 @@ pub async fn writer_task(
                 let _ = stream.shutdown(std::net::Shutdown::Both);
                 return;
             }
+            batch = back;
             progress(&state, slot, gen, written);
         }
     }
@@ -161,14 +171,24 @@ pub fn reset(stream: &TcpStream) {
 }
 
 /// Writes every byte of `chunks`, resubmitting what a short write left.
-pub async fn write_all_vectored(stream: &TcpStream, mut chunks: Vec<Bytes>) -> std::io::Result<()> {
+pub async fn write_all_vectored(stream: &TcpStream, chunks: Vec<Bytes>) -> std::io::Result<()> {
+    write_vectored(stream, chunks).await.0
+}
+
+/// Writes every byte of `chunks` and hands the list back, emptied (on success) with its
+/// capacity, for the next turn.
+pub async fn write_vectored(
+    stream: &TcpStream,
+    mut chunks: Vec<Bytes>,
+) -> (std::io::Result<()>, Vec<Bytes>) {
     while !chunks.is_empty() {
         let (res, back) = stream.writev(chunks).await;
         chunks = back;
-        let mut n = res?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
+        let mut n = match res {
+            Ok(0) => return (Err(std::io::ErrorKind::WriteZero.into()), chunks),
+            Ok(n) => n,
+            Err(e) => return (Err(e), chunks),
+        };
         // Drop the chunks fully written; slice the first partially written one.
         let mut done = 0;
         while done < chunks.len() && n >= chunks[done].len() {
@@ -181,5 +201,5 @@ pub async fn write_all_vectored(stream: &TcpStream, mut chunks: Vec<Bytes>) -> s
             chunks[0] = first;
         }
     }
-    Ok(())
+    (Ok(()), chunks)
 }

@@ -31,6 +31,13 @@ pub enum ShardMsg {
         gen: u32,
         frames: Vec<Bytes>,
     },
+    /// The three chunks of one tunnelled message for a runner connection owned by this
+    /// shard, moved inline (no list to allocate per message).
+    ToRunnerInline {
+        slot: u32,
+        gen: u32,
+        frames: [Bytes; 3],
+    },
     /// A tunnel message from a runner (`from`: its runner index, once attached) for a request
     /// owned by this shard.
     Tunnel {
@@ -108,6 +115,61 @@ pub enum ResolveError {
     Unavailable,
 }
 
+/// Chunks bound for one connection: the three of a tunnelled message inline (the hot path,
+/// no allocation), or any list (control-plane and rare messages).
+pub enum Frames {
+    Three([Bytes; 3]),
+    List(Vec<Bytes>),
+}
+
+impl From<[Bytes; 3]> for Frames {
+    fn from(f: [Bytes; 3]) -> Frames {
+        Frames::Three(f)
+    }
+}
+
+impl From<[Bytes; 2]> for Frames {
+    fn from([a, b]: [Bytes; 2]) -> Frames {
+        // An empty chunk is never queued.
+        Frames::Three([a, b, Bytes::new()])
+    }
+}
+
+impl From<Vec<Bytes>> for Frames {
+    fn from(f: Vec<Bytes>) -> Frames {
+        Frames::List(f)
+    }
+}
+
+/// The chunks of [`Frames`], in order.
+pub enum FramesIter {
+    Three(std::array::IntoIter<Bytes, 3>),
+    List(std::vec::IntoIter<Bytes>),
+}
+
+impl Iterator for FramesIter {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        match self {
+            FramesIter::Three(i) => i.next(),
+            FramesIter::List(i) => i.next(),
+        }
+    }
+}
+
+impl IntoIterator for Frames {
+    type Item = Bytes;
+    type IntoIter = FramesIter;
+
+    fn into_iter(self) -> FramesIter {
+        match self {
+            Frames::Three(f) => FramesIter::Three(f.into_iter()),
+            Frames::List(f) => FramesIter::List(f.into_iter()),
+        }
+    }
+}
+
 /// Bytes waiting to be written on one socket, flushed by its writer task with one vectored
 /// write per turn.
 pub struct OutQueue {
@@ -157,6 +219,20 @@ impl OutQueue {
             self.push(f);
         }
         self.notify.notify_one();
+    }
+
+    /// Moves up to `max` queued chunks, oldest first, onto the end of `batch` (one vectored
+    /// write) and returns their total length. The writer passes the same `batch` every turn,
+    /// so once it has grown no turn allocates.
+    pub fn take_batch(&mut self, batch: &mut Vec<Bytes>, max: usize) -> usize {
+        let n = self.chunks.len().min(max);
+        let mut bytes = 0;
+        for c in self.chunks.drain(..n) {
+            bytes += c.len();
+            batch.push(c);
+        }
+        self.bytes -= bytes;
+        bytes
     }
 }
 
@@ -369,20 +445,21 @@ impl ShardState {
     }
 
     /// The hot path: `TunnelMessage(WebSocketMessage)` framed as
-    /// [ws header + protocol prefix][payload][binary flag] — the payload is not copied.
+    /// [ws header + protocol prefix][payload][binary flag] — the payload is not copied, and
+    /// nothing is allocated (the header comes from the scratch buffer, the flag is static).
     pub fn ws_message_frames(
         &mut self,
         req: [u8; 4],
         index: u16,
         data: Bytes,
         binary: bool,
-    ) -> Vec<Bytes> {
+    ) -> [Bytes; 3] {
         let prefix =
             protocol::hot::encode_ws_message_prefix(self.shared.gateway_id, req, index, data.len());
         let total = prefix.as_bytes().len() + data.len() + 1;
         let h = encode_header(true, OpCode::Binary, total as u64, None);
         let head = self.small(&[h.as_slice(), prefix.as_bytes()]);
-        vec![head, data, if binary { TRUE_BYTE } else { FALSE_BYTE }]
+        [head, data, if binary { TRUE_BYTE } else { FALSE_BYTE }]
     }
 
     pub fn tunnel_frames(
@@ -405,7 +482,12 @@ impl ShardState {
     // ---- routing -------------------------------------------------------------------------
 
     /// Writes frames to a connection of this shard.
-    pub fn write_local(&mut self, slot: u32, gen: u32, frames: Vec<Bytes>) -> bool {
+    pub fn write_local(
+        &mut self,
+        slot: u32,
+        gen: u32,
+        frames: impl IntoIterator<Item = Bytes>,
+    ) -> bool {
         match self.get(slot, gen) {
             Some(c) => {
                 c.out.push_all(frames);
@@ -416,24 +498,26 @@ impl ShardState {
     }
 
     /// Sends frames to the runner's current connection, wherever it lives.
-    pub fn send_to_runner(&mut self, runner_idx: u32, frames: Vec<Bytes>) -> bool {
+    pub fn send_to_runner(&mut self, runner_idx: u32, frames: impl Into<Frames>) -> bool {
         let Some(Some(conn)) = self.runners.get(runner_idx as usize).copied() else {
             return false;
         };
         self.send_to_conn(conn, frames)
     }
 
-    pub fn send_to_conn(&mut self, conn: ConnRef, frames: Vec<Bytes>) -> bool {
+    /// Sends frames to a connection of any shard; a tunnelled message crosses to another
+    /// shard inline, without a list allocated for it.
+    pub fn send_to_conn(&mut self, conn: ConnRef, frames: impl Into<Frames>) -> bool {
+        let frames = frames.into();
         if conn.shard == self.id {
-            self.write_local(conn.slot, conn.gen, frames)
-        } else {
-            self.shared.shards[conn.shard as usize].send(ShardMsg::ToRunner {
-                slot: conn.slot,
-                gen: conn.gen,
-                frames,
-            });
-            true
+            return self.write_local(conn.slot, conn.gen, frames);
         }
+        let (slot, gen) = (conn.slot, conn.gen);
+        self.shared.shards[conn.shard as usize].send(match frames {
+            Frames::Three(frames) => ShardMsg::ToRunnerInline { slot, gen, frames },
+            Frames::List(frames) => ShardMsg::ToRunner { slot, gen, frames },
+        });
+        true
     }
 
     /// Routes a runner's tunnel message to the request it names. `from` is the sending
@@ -1080,6 +1164,9 @@ impl ShardState {
     pub fn on_msg(&mut self, msg: ShardMsg, now: Instant) {
         match msg {
             ShardMsg::ToRunner { slot, gen, frames } => {
+                self.write_local(slot, gen, frames);
+            }
+            ShardMsg::ToRunnerInline { slot, gen, frames } => {
                 self.write_local(slot, gen, frames);
             }
             ShardMsg::Tunnel { key, msg, from } => self.tunnel_in(key, msg, from, now),
