@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # No head-of-line blocking: a well-behaved closed-loop client must keep its throughput while
-# a hostile client floods the SAME actor with large messages and never reads (torpor closes
-# it with guard.client_too_slow once its outbound queue limit is reached; it reconnects and
-# floods again). Rounds interleave (A) the closed-loop client alone and (B) the same client
+# a hostile client floods the SAME actor with large messages and never reads (torpor stops
+# reading it once half of limits.client_outbound_bytes is queued to it, so its flood stalls in
+# its own TCP window; it is closed with guard.client_too_slow and reset when the queue passes
+# the limit or makes no progress for timeouts.client_idle_ping_ms; the flooder then
+# reconnects and floods again). Rounds interleave (A) the closed-loop client alone and (B) the same client
 # during the flood; the ratio B/A per round and its median are printed (target >= 0.90).
 # torpor runs pinned on CPU 0 with one shard; the echo runner and both load generators share
 # CPU 1, so the per-phase CPU use of torpor and the runner is printed too.
