@@ -154,6 +154,14 @@ case $scen in
     echo "nginx for comparison: $nconns connections (its upstream connections spread over 4 source addresses)"
     start_side_by_side 1
     for r in $(seq "$ROUNDS"); do
+      if ((r > 1)); then
+        # A fresh torpor each round: memory freed by the previous round's connections would
+        # otherwise be reused and the growth above the baseline understated.
+        stop_peer "$T_PID" "$T_RUNNER"
+        start_torpor T 1 0 1
+        TARGET[torpor]="--addr 127.0.0.1:$T_PORT --actor $T_ACTOR"
+        PID[torpor]=$T_PID
+      fi
       run_case S6 torpor "$r" --mode idle -c "$conns" -s 20 --sources "$sources" --hold "$hold" --pid "${PID[torpor]}"
       sleep 2
       if ((nconns > 0)); then

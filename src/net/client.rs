@@ -128,7 +128,7 @@ pub async fn serve(
     state: Rc<RefCell<ShardState>>,
     stream: Rc<TcpStream>,
     head: RequestHead,
-    mut buf: BytesMut,
+    buf: BytesMut,
     path: &str,
     query: &str,
 ) {
@@ -294,12 +294,35 @@ pub async fn serve(
         ));
     }
 
+    // The WebSocket's life runs in a task of its own, so the handshake's state (the whole
+    // routing and open exchange) is freed now instead of living as long as the socket.
+    tokio_uring::spawn(ws_loop(
+        state,
+        stream,
+        slot,
+        gen,
+        buf,
+        activity,
+        (max_frame as usize, max_message as usize, out_limit),
+    ));
+}
+
+/// Reads the client's frames until the socket ends, then frees the slab entry.
+async fn ws_loop(
+    state: Rc<RefCell<ShardState>>,
+    stream: Rc<TcpStream>,
+    slot: u32,
+    gen: u32,
+    mut buf: BytesMut,
+    activity: Rc<Cell<u64>>,
+    (max_frame, max_message, out_limit): (usize, usize, usize),
+) {
     let mut reader = WsReader::new(WsReaderConfig {
         role: Role::Server,
-        max_frame: max_frame as usize,
+        max_frame,
         // A tunnelled message must fit in one runner message (the runner's decoder refuses
         // more than protocol::MAX_MESSAGE_LEN), so larger client messages get 1009.
-        max_message: (max_message as usize).min(protocol::MAX_MESSAGE_LEN - 64),
+        max_message: max_message.min(protocol::MAX_MESSAGE_LEN - 64),
     });
     let mut chunk = READ_CHUNK;
     'outer: loop {
