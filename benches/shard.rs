@@ -8,7 +8,6 @@
 
 use std::hint::black_box;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +22,7 @@ use torpor::net::READ_CHUNK;
 use torpor::protocol::{
     encode_ws_ack_to_server, encode_ws_message_prefix_to_server, ws_message_trailer,
 };
-use torpor::shard::mailbox::{mailbox, Inbox};
+use torpor::shard::mailbox::Inbox;
 use torpor::shard::state::{ClientConn, ConnKind, RunnerConn};
 use torpor::shard::{ShardMsg, ShardState, Shared};
 use torpor::tunnel::TunnelSocket;
@@ -43,22 +42,9 @@ fn masked(payload: &[u8]) -> Vec<u8> {
 
 /// `n` shards sharing one set of mailboxes (the states are built by their own threads).
 fn shared(n: usize) -> (Shared, Vec<Inbox<ShardMsg>>) {
-    let (mut mbs, mut inboxes) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        let (tx, rx) = mailbox::<ShardMsg>().expect("eventfd");
-        mbs.push(tx);
-        inboxes.push(rx);
-    }
     // Control messages (only at open) are dropped.
-    let (control, _) = crossbeam_channel::unbounded();
-    let shared = Shared {
-        config: Arc::new(Config::default()),
-        metrics: Metrics::new(n),
-        gateway_id: GW,
-        shards: mbs.into(),
-        control,
-        draining: Arc::new(AtomicBool::new(false)),
-    };
+    let (shared, (inboxes, _)) =
+        Shared::new(Arc::new(Config::default()), Metrics::new(n), GW, n).expect("eventfd");
     (shared, inboxes)
 }
 
@@ -75,20 +61,14 @@ fn add_runner(st: &mut ShardState) -> ConnRef {
 fn add_client(st: &mut ShardState, hibernatable: bool) -> (u32, u32, [u8; 4]) {
     let (slot, gen) = st.insert(ConnKind::Http);
     let req = st.request_key(slot, gen).encode();
-    st.conns[slot as usize].kind = ConnKind::Client(ClientConn {
-        actor_id: "actor".into(),
-        runner_idx: 0,
+    st.conns[slot as usize].kind = ConnKind::Client(ClientConn::new(
+        "actor".into(),
+        0,
         req,
-        socket: TunnelSocket::new(st.limits),
-        open_tx: None,
-        resume: Rc::new(tokio::sync::Notify::new()),
-        runner_closed: false,
-        generation: 1,
-        hibernation: None,
-        record_refresh_at: None,
-        early: Vec::new(),
-        early_bytes: 0,
-    });
+        TunnelSocket::new(st.limits),
+        1,
+        None,
+    ));
     st.client_opened(slot, gen, hibernatable, Instant::now());
     (slot, gen, req)
 }

@@ -6,10 +6,9 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::net::{bind_reuseport, run_shard};
 use crate::shard::control::{run_control, ControlMsg};
-use crate::shard::mailbox::mailbox;
 use crate::shard::{pin_to_core, ShardMsg, Shared};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,22 +50,8 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
         .map(std::os::fd::AsRawFd::as_raw_fd)
         .collect();
 
-    let mut mailboxes = Vec::with_capacity(n);
-    let mut inboxes = Vec::with_capacity(n);
-    for _ in 0..n {
-        let (tx, rx) = mailbox::<ShardMsg>()?;
-        mailboxes.push(tx);
-        inboxes.push(rx);
-    }
-    let (control_tx, control_rx) = crossbeam_channel::unbounded::<ControlMsg>();
-    let shared = Shared {
-        config: cfg.clone(),
-        metrics: metrics.clone(),
-        gateway_id,
-        shards: mailboxes.into(),
-        control: control_tx.clone(),
-        draining: Arc::new(AtomicBool::new(false)),
-    };
+    let (shared, (inboxes, control_rx)) = Shared::new(cfg.clone(), metrics.clone(), gateway_id, n)?;
+    let control_tx = shared.control.clone();
 
     // The embedded store: actor KV spaces and the control plane's records.
     let kv = crate::kv::spawn(&cfg.store_path(), cfg.kv_limits()).map_err(|e| {

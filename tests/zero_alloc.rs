@@ -26,8 +26,6 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::ops::Range;
-use std::rc::Rc;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,7 +39,7 @@ use torpor::protocol::{
     decode_to_client_hot, encode_ws_ack_to_server, encode_ws_message_prefix_to_server,
     ws_message_trailer, ToClientHot,
 };
-use torpor::shard::mailbox::{mailbox, Inbox};
+use torpor::shard::mailbox::Inbox;
 use torpor::shard::state::{ClientConn, ConnKind, RunnerConn};
 use torpor::shard::{ShardMsg, ShardState, Shared};
 use torpor::tunnel::TunnelSocket;
@@ -166,21 +164,8 @@ struct Rig {
 impl Rig {
     fn new(cross_shard: bool, hibernatable: bool) -> Rig {
         let n = if cross_shard { 2 } else { 1 };
-        let (mut mbs, mut inboxes) = (Vec::new(), Vec::new());
-        for _ in 0..n {
-            let (tx, rx) = mailbox::<ShardMsg>().expect("eventfd");
-            mbs.push(tx);
-            inboxes.push(rx);
-        }
-        let (control, control_rx) = crossbeam_channel::unbounded();
-        let shared = Shared {
-            config: Arc::new(Config::default()),
-            metrics: Metrics::new(n),
-            gateway_id: GW,
-            shards: mbs.into(),
-            control,
-            draining: Arc::new(AtomicBool::new(false)),
-        };
+        let (shared, (inboxes, control_rx)) =
+            Shared::new(Arc::new(Config::default()), Metrics::new(n), GW, n).expect("eventfd");
         let mut shards: Vec<ShardState> = (0..n)
             .map(|i| ShardState::new(i as u16, shared.clone()))
             .collect();
@@ -199,20 +184,14 @@ impl Rig {
         let cs = &mut shards[0];
         let (slot, gen) = cs.insert(ConnKind::Http);
         let req = cs.request_key(slot, gen).encode();
-        cs.conns[slot as usize].kind = ConnKind::Client(ClientConn {
-            actor_id: "actor".into(),
-            runner_idx: 0,
+        cs.conns[slot as usize].kind = ConnKind::Client(ClientConn::new(
+            "actor".into(),
+            0,
             req,
-            socket: TunnelSocket::new(cs.limits),
-            open_tx: None,
-            resume: Rc::new(tokio::sync::Notify::new()),
-            runner_closed: false,
-            generation: 1,
-            hibernation: None,
-            record_refresh_at: None,
-            early: Vec::new(),
-            early_bytes: 0,
-        });
+            TunnelSocket::new(cs.limits),
+            1,
+            None,
+        ));
         cs.client_opened(slot, gen, hibernatable, now);
         let reader = || {
             WsReader::new(WsReaderConfig {

@@ -183,20 +183,14 @@ pub async fn serve(
         let req = st.request_key(slot, gen).encode();
         let socket = TunnelSocket::new(limits);
         let open_index = socket.take_open_index();
-        st.conns[slot as usize].kind = ConnKind::Client(ClientConn {
-            actor_id: actor_id.clone(),
+        st.conns[slot as usize].kind = ConnKind::Client(ClientConn::new(
+            actor_id.clone(),
             runner_idx,
             req,
             socket,
-            open_tx: Some(open_tx),
-            resume: Rc::new(tokio::sync::Notify::new()),
-            runner_closed: false,
             generation,
-            hibernation: None,
-            record_refresh_at: None,
-            early: Vec::new(),
-            early_bytes: 0,
-        });
+            Some(open_tx),
+        ));
         if st.runners.len() <= runner_idx as usize {
             st.runners.resize(runner_idx as usize + 1, None);
         }

@@ -64,6 +64,42 @@ pub struct Shared {
     pub draining: Arc<AtomicBool>,
 }
 
+/// What [`Shared::new`] makes besides the shared part: each shard's inbox (index = shard
+/// id) and the control plane's inbox.
+pub type Inboxes = (
+    Vec<mailbox::Inbox<ShardMsg>>,
+    crossbeam_channel::Receiver<control::ControlMsg>,
+);
+
+impl Shared {
+    /// The state every shard shares, with a mailbox per shard (`shards` of them) and the
+    /// control plane's channel.
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Metrics,
+        gateway_id: [u8; 4],
+        shards: usize,
+    ) -> std::io::Result<(Shared, Inboxes)> {
+        let mut mailboxes = Vec::with_capacity(shards);
+        let mut inboxes = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let (tx, rx) = mailbox::mailbox::<ShardMsg>()?;
+            mailboxes.push(tx);
+            inboxes.push(rx);
+        }
+        let (control, control_rx) = crossbeam_channel::unbounded();
+        let shared = Shared {
+            config,
+            metrics,
+            gateway_id,
+            shards: mailboxes.into(),
+            control,
+            draining: Arc::new(AtomicBool::new(false)),
+        };
+        Ok((shared, (inboxes, control_rx)))
+    }
+}
+
 /// Pins the calling thread to `core` (best effort; returns whether it worked).
 pub fn pin_to_core(core: usize) -> bool {
     // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.

@@ -263,6 +263,34 @@ pub struct ClientConn {
     pub early_bytes: usize,
 }
 
+impl ClientConn {
+    /// A client socket of `actor_id` (generation `generation`) tunnelled to runner
+    /// `runner_idx` as request `req`; `open_tx` waits for the runner's `WebSocketOpen`.
+    pub fn new(
+        actor_id: Arc<str>,
+        runner_idx: u32,
+        req: [u8; 4],
+        socket: TunnelSocket,
+        generation: u32,
+        open_tx: Option<oneshot::Sender<TunnelIn>>,
+    ) -> ClientConn {
+        ClientConn {
+            actor_id,
+            runner_idx,
+            req,
+            socket,
+            open_tx,
+            resume: Rc::new(Notify::new()),
+            runner_closed: false,
+            generation,
+            hibernation: None,
+            record_refresh_at: None,
+            early: Vec::new(),
+            early_bytes: 0,
+        }
+    }
+}
+
 /// A hibernating client socket: its actor is down (or handed the socket back), the client
 /// stays connected, and the socket reattaches to a later generation of the actor.
 #[derive(Debug, Clone, Copy)]
