@@ -425,11 +425,16 @@ impl Engine {
                     gateway_id: h.gateway_id,
                     request_id: h.request_id,
                 };
-                (req, h.last_seen_ms)
+                (req, h.last_seen_ms, true)
             });
             let own = hib.remove(&rec.id).unwrap_or_default();
+            let own = own.into_iter().map(|(h, ms)| (h, ms, false));
             let mut hibernating: HashMap<HibernatingRequest, Instant> = HashMap::new();
-            for (h, last_seen_ms) in legacy.chain(own) {
+            // A socket with a key of its own is not taken again from an earlier record.
+            for (h, last_seen_ms, legacy) in own.chain(legacy) {
+                if legacy && hibernating.contains_key(&h) {
+                    continue;
+                }
                 let age = now_ms.saturating_sub(last_seen_ms).max(0);
                 let seen = (age <= eligible_ms)
                     .then(|| now.checked_sub(Duration::from_millis(age as u64)))
@@ -438,6 +443,10 @@ impl Engine {
                     Some(seen) => {
                         let e = hibernating.entry(h).or_insert(seen);
                         *e = (*e).max(seen);
+                        if legacy {
+                            // From a record of an earlier version: to a key of its own.
+                            self.hib_ops.push(hib_put(&rec.id, h, last_seen_ms));
+                        }
                     }
                     // Too old to be listed again: forget it.
                     None => self.store_deletes.push(hib_key(&rec.id, h)),
@@ -450,14 +459,7 @@ impl Engine {
             self.insert_restored(rec, crash_policy, input, has_input, hibernating);
             if let Some(a) = self.actors.get_mut(&id) {
                 if rewrite {
-                    // A record of an earlier version: move its sockets to their own keys.
-                    for (h, seen) in &a.hibernating {
-                        let ms =
-                            now_ms.saturating_sub(
-                                now.saturating_duration_since(*seen).as_millis() as i64
-                            );
-                        self.hib_ops.push(hib_put(&id, *h, ms));
-                    }
+                    // Rewrite a record of an earlier version without its sockets.
                     mark(&mut self.dirty, a);
                 }
                 if a.sleep_ts.is_none() && a.allocated {
