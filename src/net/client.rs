@@ -12,7 +12,7 @@ use super::{
 use crate::http::parse::{parse_query, RequestHead};
 use crate::metrics::{Counter, Gauge};
 use crate::protocol::{self, StrMap, ToClientTunnelMessageKind};
-use crate::shard::state::{ClientConn, ConnKind, ShardState, TunnelIn};
+use crate::shard::state::{ClientConn, ConnKind, Pause, ShardState, TunnelIn};
 use crate::tunnel::TunnelSocket;
 use crate::ws::frame::OpCode;
 use crate::ws::reader::{Role, WsEvent, WsReader, WsReaderConfig};
@@ -322,22 +322,14 @@ async fn ws_loop(
     'outer: loop {
         loop {
             let paused = state.borrow().client_paused(slot, gen);
-            if let Some(resume) = paused {
-                resume.notified().await;
-                continue;
-            }
-            if state.borrow().client_out_full(slot, gen) {
-                // The client is not reading what it is sent: stop reading it until its writer
-                // makes progress (the writer wakes `resume` after every write).
-                let resume = {
-                    let st = state.borrow();
-                    st.metrics().inc(Counter::ClientReadPauses);
-                    match st.conns.get(slot as usize).map(|c| &c.kind) {
-                        Some(ConnKind::Client(cc)) => cc.resume.clone(),
-                        _ => break 'outer,
+            if let Some((resume, why)) = paused {
+                if why == Pause::Unread {
+                    state.borrow().metrics().inc(Counter::ClientReadPauses);
+                    // Woken after every write; stays paused until the client caught up.
+                    while state.borrow().client_out_full(slot, gen) {
+                        resume.notified().await;
                     }
-                };
-                while state.borrow().client_out_full(slot, gen) {
+                } else {
                     resume.notified().await;
                 }
                 continue;
@@ -440,7 +432,10 @@ async fn idle_watch(
 ) {
     // Whether the socket is still open for traffic (not closing) and not paused.
     let watchable = |state: &Rc<RefCell<ShardState>>| -> Option<bool> {
-        let paused = state.borrow().client_paused(slot, gen).is_some();
+        let paused = matches!(
+            state.borrow().client_paused(slot, gen),
+            Some((_, Pause::Window))
+        );
         let mut st = state.borrow_mut();
         let c = st.get(slot, gen)?;
         if c.out.closing {

@@ -236,6 +236,17 @@ impl OutQueue {
     }
 }
 
+/// Why a client socket's reader stops reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// The pending window is full: the runner has not acknowledged enough (woken by acks).
+    Window,
+    /// More than half of `client_outbound_bytes` is queued to the client: it does not read
+    /// what it is sent, so its own input (an echo flood) must stall in its TCP window
+    /// instead of costing the shard (woken as its writer makes progress).
+    Unread,
+}
+
 /// A client WebSocket tunnelled to an actor.
 pub struct ClientConn {
     pub actor_id: Arc<str>,
@@ -855,24 +866,33 @@ impl ShardState {
             .collect()
     }
 
-    /// Is this client socket paused (window full)? The reader waits on `resume` then.
-    pub fn client_paused(&self, slot: u32, gen: u32) -> Option<Rc<Notify>> {
+    /// Is this client socket's reader to stop, and why? It waits on the returned `resume`
+    /// and asks again when woken.
+    pub fn client_paused(&self, slot: u32, gen: u32) -> Option<(Rc<Notify>, Pause)> {
         let c = self.conns.get(slot as usize).filter(|c| c.gen == gen)?;
-        match &c.kind {
-            ConnKind::Client(cc) if cc.socket.is_paused() => Some(cc.resume.clone()),
-            _ => None,
-        }
+        let ConnKind::Client(cc) = &c.kind else {
+            return None;
+        };
+        let pause = if cc.socket.is_paused() {
+            Pause::Window
+        } else if self.unread(&c.out) {
+            Pause::Unread
+        } else {
+            return None;
+        };
+        Some((cc.resume.clone(), pause))
     }
 
-    /// Is this client behind on reading what it was sent (more than half of
-    /// `client_outbound_bytes` queued)? Its reader then stops reading it, so a client that
-    /// sends without reading (an echo flood) stalls itself instead of the shard.
+    /// Is this client behind on reading what it was sent (see [`Pause::Unread`])?
     pub fn client_out_full(&self, slot: u32, gen: u32) -> bool {
-        let half = self.shared.config.limits.client_outbound_bytes / 2;
         self.conns
             .get(slot as usize)
             .filter(|c| c.gen == gen && matches!(c.kind, ConnKind::Client(_)))
-            .is_some_and(|c| c.out.bytes > half && !c.out.closing)
+            .is_some_and(|c| self.unread(&c.out))
+    }
+
+    fn unread(&self, out: &OutQueue) -> bool {
+        out.bytes > self.shared.config.limits.client_outbound_bytes / 2 && !out.closing
     }
 
     /// Closes a client that does not read: like [`Self::close_client`] (the runner is told,
