@@ -52,7 +52,7 @@ pub async fn writer_task(
     loop {
         notify.notified().await;
         loop {
-            let (closing, flushed) = {
+            let (written, closing, flushed) = {
                 let mut st = state.borrow_mut();
                 let Some(conn) = st.get(slot, gen) else {
                     return;
@@ -64,9 +64,9 @@ pub async fn writer_task(
                     return;
                 }
                 batch.clear();
-                conn.out.take_batch(&mut batch, MAX_IOV);
+                let written = conn.out.take_batch(&mut batch, MAX_IOV);
                 let closing = conn.out.closing;
-                (closing, closing && conn.out.chunks.is_empty())
+                (written, closing, closing && conn.out.chunks.is_empty())
             };
             if closing && !armed {
                 armed = true;
@@ -85,7 +85,6 @@ pub async fn writer_task(
             }
             // Keep an eye on the queue while the write is in flight: a close queued behind a
             // peer that stopped reading starts its deadline now, not once the write returns.
-            let written: usize = batch.iter().map(Bytes::len).sum();
             let write = write_vectored(&stream, std::mem::take(&mut batch));
             tokio::pin!(write);
             let (res, back) = loop {
