@@ -67,6 +67,8 @@ pub struct KvLimits {
     pub max_list_limit: u64,
     /// Largest actor id in bytes (default 1 KiB); not a wire limit, a guard on key size.
     pub max_actor_id_size: usize,
+    /// Page cache of the embedded store in bytes (`limits.store_cache_bytes`, default 32 MiB).
+    pub cache_bytes: usize,
 }
 
 impl Default for KvLimits {
@@ -79,6 +81,7 @@ impl Default for KvLimits {
             default_list_limit: 16384,
             max_list_limit: 16384,
             max_actor_id_size: 1024,
+            cache_bytes: crate::config::DEFAULT_STORE_CACHE_BYTES,
         }
     }
 }

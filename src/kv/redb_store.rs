@@ -74,6 +74,12 @@ impl RedbStore {
     /// Opens (creating when missing, parent directories included) the store file at `path`.
     /// A file already held by another open store is refused with [`KvOpenError::AlreadyOpen`].
     pub fn open(path: &Path) -> Result<RedbStore, KvOpenError> {
+        Self::open_with_cache(path, crate::config::DEFAULT_STORE_CACHE_BYTES)
+    }
+
+    /// [`RedbStore::open`] with a page cache of `cache_bytes` (redb keeps 9/10 of it for pages
+    /// read and written, 1/10 for pages waiting to be written).
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<RedbStore, KvOpenError> {
         let path_buf = path.to_path_buf();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| KvOpenError::Io {
@@ -81,19 +87,22 @@ impl RedbStore {
                 source,
             })?;
         }
-        let db = Database::create(path).map_err(|e| match e {
-            DatabaseError::DatabaseAlreadyOpen => KvOpenError::AlreadyOpen {
-                path: path_buf.clone(),
-            },
-            DatabaseError::Storage(redb::StorageError::Io(source)) => KvOpenError::Io {
-                path: path_buf.clone(),
-                source,
-            },
-            other => KvOpenError::Storage {
-                path: path_buf.clone(),
-                message: other.to_string(),
-            },
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(|e| match e {
+                DatabaseError::DatabaseAlreadyOpen => KvOpenError::AlreadyOpen {
+                    path: path_buf.clone(),
+                },
+                DatabaseError::Storage(redb::StorageError::Io(source)) => KvOpenError::Io {
+                    path: path_buf.clone(),
+                    source,
+                },
+                other => KvOpenError::Storage {
+                    path: path_buf.clone(),
+                    message: other.to_string(),
+                },
+            })?;
         let fail = |e: &dyn std::fmt::Display| KvOpenError::Storage {
             path: path_buf.clone(),
             message: e.to_string(),

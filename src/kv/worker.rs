@@ -393,7 +393,7 @@ impl KvHandle {
 
 /// Opens the redb store at `path` and starts its worker thread.
 pub fn spawn(path: &Path, limits: KvLimits) -> Result<KvHandle, KvOpenError> {
-    let store = RedbStore::open(path)?;
+    let store = RedbStore::open_with_cache(path, limits.cache_bytes)?;
     spawn_backend(store, limits).map_err(|source| KvOpenError::Thread {
         path: path.to_path_buf(),
         source,

@@ -8,6 +8,7 @@
 
 use super::{
     closing, read_more, read_some, refuse, remove_conn, write_response, writer, READ_CHUNK,
+    WS_READ_CHUNK,
 };
 use crate::http::parse::{parse_query, RequestHead};
 use crate::metrics::{Counter, Gauge};
@@ -17,7 +18,7 @@ use crate::tunnel::TunnelSocket;
 use crate::ws::frame::OpCode;
 use crate::ws::reader::{Role, WsEvent, WsReader, WsReaderConfig};
 use bytes::{Bytes, BytesMut};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -275,19 +276,6 @@ pub async fn serve(
         slot,
         gen,
     ));
-    // Bumped on every read that brought bytes; the idle watch compares it.
-    let activity = Rc::new(Cell::new(0u64));
-    if timeouts.client_idle_ping_ms > 0 {
-        tokio_uring::spawn(idle_watch(
-            state.clone(),
-            slot,
-            gen,
-            activity.clone(),
-            Duration::from_millis(timeouts.client_idle_ping_ms),
-            Duration::from_millis(timeouts.client_pong_timeout_ms),
-        ));
-    }
-
     // The WebSocket's life runs in a task of its own, so the handshake's state (the whole
     // routing and open exchange) is freed now instead of living as long as the socket.
     tokio_uring::spawn(ws_loop(
@@ -296,7 +284,6 @@ pub async fn serve(
         slot,
         gen,
         buf,
-        activity,
         (max_frame as usize, max_message as usize, out_limit),
     ));
 }
@@ -308,7 +295,6 @@ async fn ws_loop(
     slot: u32,
     gen: u32,
     mut buf: BytesMut,
-    activity: Rc<Cell<u64>>,
     (max_frame, max_message, out_limit): (usize, usize, usize),
 ) {
     let mut reader = WsReader::new(WsReaderConfig {
@@ -318,7 +304,11 @@ async fn ws_loop(
         // more than protocol::MAX_MESSAGE_LEN), so larger client messages get 1009.
         max_message: max_message.min(protocol::MAX_MESSAGE_LEN - 64),
     });
-    let mut chunk = READ_CHUNK;
+    let mut chunk = WS_READ_CHUNK;
+    if buf.is_empty() {
+        // The handshake's buffer is not kept: the first read takes one of `chunk` bytes.
+        buf = BytesMut::new();
+    }
     'outer: loop {
         loop {
             let paused = state.borrow().client_paused(slot, gen);
@@ -380,8 +370,7 @@ async fn ws_loop(
             break;
         };
         chunk = next_chunk(chunk, n, offered);
-        activity.set(activity.get().wrapping_add(1));
-        if state.borrow_mut().get(slot, gen).is_none() {
+        if !state.borrow_mut().client_read(slot, gen) {
             break;
         }
     }
@@ -399,13 +388,13 @@ fn read_size(reader: &WsReader, buf: &BytesMut) -> usize {
 
 /// Size of the next buffer a client read allocates: doubles while reads fill the room they
 /// are given (a busy socket gets few large reads), halves when they use little of it, and
-/// stays between [`READ_CHUNK`] and [`MAX_CHUNK`]. A quiet socket therefore waits in a read
+/// stays between [`WS_READ_CHUNK`] and [`MAX_CHUNK`]. A quiet socket therefore waits in a read
 /// holding a small buffer.
 fn next_chunk(chunk: usize, n: usize, offered: usize) -> usize {
     if n >= offered {
         (chunk * 2).min(MAX_CHUNK)
     } else if n * 4 < offered {
-        (chunk / 2).max(READ_CHUNK)
+        (chunk / 2).max(WS_READ_CHUNK)
     } else {
         chunk
     }
@@ -417,82 +406,6 @@ const MAX_CHUNK: usize = 64 * 1024;
 
 /// Smallest growth step of a client's read buffer for a large frame.
 const GROW_FLOOR: usize = 64 * 1024;
-
-/// Pings a client that has been silent for `idle` and closes it (1011
-/// `guard.client_idle_timeout`) if it still sent nothing `pong_timeout` later. Any bytes from
-/// the client count (`activity` changes), not only the pong. A socket paused by backpressure
-/// is not read, so its silence is not the client's: it is left alone. Ends with the socket.
-async fn idle_watch(
-    state: Rc<RefCell<ShardState>>,
-    slot: u32,
-    gen: u32,
-    activity: Rc<Cell<u64>>,
-    idle: Duration,
-    pong_timeout: Duration,
-) {
-    // Whether the socket is still open for traffic (not closing) and not paused.
-    let watchable = |state: &Rc<RefCell<ShardState>>| -> Option<bool> {
-        let paused = matches!(
-            state.borrow().client_paused(slot, gen),
-            Some((_, Pause::Window))
-        );
-        let mut st = state.borrow_mut();
-        let c = st.get(slot, gen)?;
-        if c.out.closing {
-            return None;
-        }
-        Some(!paused)
-    };
-    let written = |state: &Rc<RefCell<ShardState>>| -> u64 {
-        state
-            .borrow_mut()
-            .get(slot, gen)
-            .map_or(0, |c| c.out.written)
-    };
-    loop {
-        let seen = activity.get();
-        let seen_written = written(&state);
-        tokio::time::sleep(idle).await;
-        if state.borrow().client_out_full(slot, gen) {
-            // Not read by us because it does not read: it is alive only if it took some of
-            // what it was sent during the period. A ping would queue behind the rest.
-            if written(&state) == seen_written {
-                state
-                    .borrow_mut()
-                    .abort_client(slot, gen, "guard.client_too_slow", Instant::now());
-                return;
-            }
-            continue;
-        }
-        match watchable(&state) {
-            None => return,
-            Some(false) => continue,
-            Some(true) if activity.get() != seen => continue,
-            Some(true) => {}
-        }
-        {
-            let mut st = state.borrow_mut();
-            st.metrics().inc(Counter::ClientIdlePings);
-            let frames = st.ws_frame(OpCode::Ping, Bytes::new());
-            st.write_local(slot, gen, frames);
-        }
-        tokio::time::sleep(pong_timeout).await;
-        match watchable(&state) {
-            None => return,
-            Some(false) => continue,
-            Some(true) if activity.get() != seen => continue,
-            Some(true) => {}
-        }
-        state.borrow_mut().close_client(
-            slot,
-            gen,
-            crate::ws::close::INTERNAL_ERROR,
-            "guard.client_idle_timeout",
-            Instant::now(),
-        );
-        return;
-    }
-}
 
 fn mark_runner_closed(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) {
     if let Some(c) = state.borrow_mut().get(slot, gen) {
@@ -559,7 +472,7 @@ mod tests {
 
     #[test]
     fn read_chunk_grows_with_full_reads_and_shrinks_when_idle() {
-        let mut c = READ_CHUNK;
+        let mut c = WS_READ_CHUNK;
         for _ in 0..20 {
             c = next_chunk(c, c, c);
         }
@@ -569,6 +482,6 @@ mod tests {
         for _ in 0..20 {
             c = next_chunk(c, 26, c);
         }
-        assert_eq!(c, READ_CHUNK);
+        assert_eq!(c, WS_READ_CHUNK);
     }
 }

@@ -27,10 +27,12 @@ use std::time::{Duration, Instant};
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::{TcpListener, TcpStream};
 
-/// Smallest read a connection asks for. Small on purpose: a quiet client WebSocket sits in a
-/// read that holds its buffer, so the buffer is most of what an idle socket costs (client
-/// reads grow with the traffic, see `client::ReadSize`).
+/// Read size of an HTTP request (and of a WebSocket handshake): most fit in one read.
 pub const READ_CHUNK: usize = 512;
+/// Smallest read of an open client WebSocket. Small on purpose: a quiet socket sits in a
+/// read that holds its buffer, so the buffer is a large part of what an idle socket costs
+/// (reads grow with the traffic, see `client::next_chunk`).
+pub const WS_READ_CHUNK: usize = 256;
 /// Smallest read on a runner connection: few of them, each carrying many sockets' traffic.
 pub const RUNNER_READ_CHUNK: usize = 16 * 1024;
 
@@ -72,6 +74,14 @@ pub fn run_shard(
         let state = Rc::new(RefCell::new(ShardState::new(id, shared.clone())));
         tokio_uring::spawn(mailbox_task(state.clone(), inbox));
         tokio_uring::spawn(gc_task(state.clone()));
+        let idle_period = state.borrow().idle_scan_period();
+        if let Some(period) = idle_period {
+            tokio_uring::spawn(idle_task(state.clone(), period));
+        }
+        let trim_ms = state.borrow().shared.config.timeouts.memory_trim_ms;
+        if trim_ms > 0 {
+            tokio_uring::spawn(trim_task(Duration::from_millis(trim_ms)));
+        }
         let mut accepts = Vec::new();
         for l in listeners {
             let listener = TcpListener::from_std(l);
@@ -147,6 +157,36 @@ async fn gc_task(state: Rc<RefCell<ShardState>>) {
     }
 }
 
+/// Runs the shard's idle scan of client WebSockets every `period`.
+async fn idle_task(state: Rc<RefCell<ShardState>>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        state.borrow_mut().idle_scan(Instant::now());
+    }
+}
+
+/// Every `period`, hands the pages this shard's allocator heap no longer uses back to the
+/// OS. mimalloc frees lazily, on later allocations of the same thread; a shard that went
+/// quiet after a burst (ten thousand handshakes, then idle sockets) would keep the burst's
+/// memory resident indefinitely.
+async fn trim_task(period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        trim_heap();
+    }
+}
+
+/// Returns this thread's freed allocator pages to the OS (a no-op for pages still in use).
+pub fn trim_heap() {
+    // SAFETY: mi_collect takes no pointers and may be called at any time; it collects the
+    // calling thread's heap (with `false`, without forcing other threads' delayed frees).
+    unsafe { libmimalloc_sys::mi_collect(false) };
+}
+
 /// Reads more bytes into `buf` (growing it if full). Returns false on EOF or error.
 pub async fn read_more(stream: &TcpStream, buf: &mut BytesMut, want: usize) -> bool {
     read_some(stream, buf, want, want).await.is_some()
@@ -157,7 +197,7 @@ const MIN_SPARE: usize = 128;
 
 /// Reads more bytes into `buf`. It reads into the room left in `buf` when that holds at least
 /// `need` bytes (and [`MIN_SPARE`]); otherwise into a new buffer with room for
-/// `max(need, chunk)` (at least [`READ_CHUNK`]), the unparsed bytes moved over. Messages
+/// `max(need, chunk)`, the unparsed bytes moved over. Messages
 /// already split off keep the old buffer alive until they are dropped. Returns (bytes read,
 /// room offered), or `None` at EOF or on an error.
 pub async fn read_some(
@@ -167,7 +207,7 @@ pub async fn read_some(
     chunk: usize,
 ) -> Option<(usize, usize)> {
     if buf.capacity() - buf.len() < need.max(MIN_SPARE) {
-        let room = need.max(chunk).max(READ_CHUNK);
+        let room = need.max(chunk).max(1);
         if buf.is_empty() {
             // Nothing to carry over: a fresh buffer of the size asked for (`reserve` would
             // keep the size of the largest buffer this one ever had).

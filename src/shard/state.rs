@@ -272,6 +272,45 @@ pub struct ClientConn {
     /// once the socket reattaches to that runner.
     pub early: Vec<(Option<u32>, Bytes, bool)>,
     pub early_bytes: usize,
+    /// The idle watch of this socket (`timeouts.client_idle_ping_ms`), run by
+    /// [`ShardState::idle_scan`]; off until the WebSocket is open.
+    pub idle: IdleWatch,
+}
+
+/// What the shard's idle scan knows of one client WebSocket: its reads so far, and the
+/// period being watched (since when, the reads and written bytes at its start, and whether
+/// the client was pinged in it). One scan per shard replaces a timer task per socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdleWatch {
+    /// Reads that brought bytes (bumped by the reader, wrapping).
+    pub reads: u32,
+    /// `reads` at the start of the period.
+    seen_reads: u32,
+    /// The socket's written bytes at the start of the period.
+    seen_written: u64,
+    /// Start of the period; `None` while the socket is not watched.
+    since: Option<Instant>,
+    /// The client was pinged at `since` and owes a sign of life.
+    pinged: bool,
+}
+
+impl IdleWatch {
+    fn restart(&mut self, now: Instant, written: u64) {
+        self.since = Some(now);
+        self.seen_reads = self.reads;
+        self.seen_written = written;
+        self.pinged = false;
+    }
+}
+
+/// What the idle scan does to one socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdleAction {
+    Ping,
+    /// Silent since the ping: 1011 `guard.client_idle_timeout`.
+    Close,
+    /// Took nothing of its queue for a whole period: reset, `guard.client_too_slow`.
+    Abort,
 }
 
 impl ClientConn {
@@ -298,6 +337,7 @@ impl ClientConn {
             record_refresh_at: None,
             early: Vec::new(),
             early_bytes: 0,
+            idle: IdleWatch::default(),
         }
     }
 }
@@ -369,6 +409,8 @@ pub struct ShardState {
     pub budget: crate::tunnel::Budget,
     pub limits: WindowLimits,
     scratch: BytesMut,
+    /// The idle scan's list of sockets to act on, kept between scans.
+    idle_todo: Vec<(u32, u32, IdleAction)>,
     /// `WebSocketClose` frames for runners that were away when their client closed; sent
     /// when the runner reattaches so it does not keep the request forever.
     owed_closes: Vec<(u32, Vec<Bytes>)>,
@@ -394,6 +436,7 @@ impl ShardState {
             runners: Vec::new(),
             waiters: Slab::new(),
             scratch: BytesMut::with_capacity(64 * 1024),
+            idle_todo: Vec::new(),
             owed_closes: Vec::new(),
         }
     }
@@ -995,6 +1038,107 @@ impl ShardState {
         self.hibernation_pass(now);
     }
 
+    /// A read brought bytes from this client (the idle scan counts them). Returns whether the
+    /// connection is still there.
+    pub fn client_read(&mut self, slot: u32, gen: u32) -> bool {
+        let Some(c) = self.get(slot, gen) else {
+            return false;
+        };
+        if let ConnKind::Client(cc) = &mut c.kind {
+            cc.idle.reads = cc.idle.reads.wrapping_add(1);
+        }
+        true
+    }
+
+    /// The idle watch of every open client WebSocket, run every [`Self::idle_scan_period`]. A
+    /// socket whose client sent nothing for `timeouts.client_idle_ping_ms` is pinged; if it
+    /// still sends nothing for `timeouts.client_pong_timeout_ms` it is closed with 1011
+    /// `guard.client_idle_timeout`. Any bytes count, not only the pong. A socket paused by
+    /// its window is not read, so its silence is not the client's: its period starts again.
+    /// One behind on reading (see [`Pause::Unread`]) is alive only if it took some of its
+    /// queue during the period; otherwise it is reset (`guard.client_too_slow`), since a
+    /// ping would only queue behind the rest.
+    pub fn idle_scan(&mut self, now: Instant) {
+        let t = &self.shared.config.timeouts;
+        if t.client_idle_ping_ms == 0 {
+            return;
+        }
+        let (idle, pong) = (
+            crate::config::ms(t.client_idle_ping_ms),
+            crate::config::ms(t.client_pong_timeout_ms),
+        );
+        let half = self.shared.config.limits.client_outbound_bytes / 2;
+        let mut todo = std::mem::take(&mut self.idle_todo);
+        for (slot, c) in self.conns.iter_mut() {
+            let ConnKind::Client(cc) = &mut c.kind else {
+                continue;
+            };
+            let w = &mut cc.idle;
+            let Some(since) = w.since else {
+                continue;
+            };
+            let out = &c.out;
+            if out.closing {
+                w.since = None;
+                continue;
+            }
+            let due = since + if w.pinged { pong } else { idle };
+            if now < due {
+                continue;
+            }
+            let action = if !w.pinged && out.bytes > half {
+                // Not read by us because it does not read.
+                (out.written == w.seen_written).then_some(IdleAction::Abort)
+            } else if cc.socket.is_paused() || w.reads != w.seen_reads {
+                None
+            } else if w.pinged {
+                Some(IdleAction::Close)
+            } else {
+                Some(IdleAction::Ping)
+            };
+            match action {
+                Some(IdleAction::Ping) => {
+                    w.since = Some(now);
+                    w.pinged = true;
+                }
+                Some(_) => w.since = None,
+                None => w.restart(now, out.written),
+            }
+            if let Some(a) = action {
+                todo.push((slot as u32, c.gen, a));
+            }
+        }
+        for (slot, gen, action) in todo.drain(..) {
+            match action {
+                IdleAction::Ping => {
+                    self.metrics().inc(Counter::ClientIdlePings);
+                    let frames = self.ws_frame(OpCode::Ping, Bytes::new());
+                    self.write_local(slot, gen, frames);
+                }
+                IdleAction::Close => self.close_client(
+                    slot,
+                    gen,
+                    crate::ws::close::INTERNAL_ERROR,
+                    "guard.client_idle_timeout",
+                    now,
+                ),
+                IdleAction::Abort => self.abort_client(slot, gen, "guard.client_too_slow", now),
+            }
+        }
+        self.idle_todo = todo;
+    }
+
+    /// How often [`Self::idle_scan`] runs: a quarter of the shorter of the idle and pong
+    /// timeouts, between 5 ms and 1 s, so a ping or close comes at most that late. `None`
+    /// when idle pings are off.
+    pub fn idle_scan_period(&self) -> Option<std::time::Duration> {
+        let t = &self.shared.config.timeouts;
+        (t.client_idle_ping_ms > 0).then(|| {
+            let quarter = t.client_idle_ping_ms.min(t.client_pong_timeout_ms) / 4;
+            crate::config::ms(quarter.clamp(5, 1000))
+        })
+    }
+
     /// Refreshes the engine's records of hibernatable sockets (every `hibernation_refresh_ms`
     /// plus jitter, in one message) and closes the sockets that hibernated longer than
     /// `hibernation_max_ms`.
@@ -1056,6 +1200,7 @@ impl ShardState {
             return;
         };
         cc.socket.on_runner_open(can_hibernate);
+        cc.idle.restart(now, 0);
         if can_hibernate {
             cc.record_refresh_at = Some(next);
             let msg = ControlMsg::Hibernating {
