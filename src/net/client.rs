@@ -7,8 +7,8 @@
 //! window's bytes, and tells the runner if that is still owed.
 
 use super::{
-    closing, read_more, read_some, refuse, remove_conn, write_response, writer, READ_CHUNK,
-    WS_READ_CHUNK,
+    closing, next_chunk, read_more, read_some, refuse, remove_conn, write_response, writer,
+    READ_CHUNK, WS_CHUNKS, WS_READ_CHUNK,
 };
 use crate::http::parse::{parse_query, RequestHead};
 use crate::metrics::{Counter, Gauge};
@@ -369,7 +369,7 @@ async fn ws_loop(
         let Some((n, offered)) = read_some(&stream, &mut buf, need, chunk).await else {
             break;
         };
-        chunk = next_chunk(chunk, n, offered);
+        chunk = next_chunk(chunk, n, offered, WS_CHUNKS);
         if !state.borrow_mut().client_read(slot, gen) {
             break;
         }
@@ -385,24 +385,6 @@ fn read_size(reader: &WsReader, buf: &BytesMut) -> usize {
     let want = reader.bytes_wanted(buf).saturating_sub(buf.len());
     want.min(buf.len().max(GROW_FLOOR)).max(1)
 }
-
-/// Size of the next buffer a client read allocates: doubles while reads fill the room they
-/// are given (a busy socket gets few large reads), halves when they use little of it, and
-/// stays between [`WS_READ_CHUNK`] and [`MAX_CHUNK`]. A quiet socket therefore waits in a read
-/// holding a small buffer.
-fn next_chunk(chunk: usize, n: usize, offered: usize) -> usize {
-    if n >= offered {
-        (chunk * 2).min(MAX_CHUNK)
-    } else if n * 4 < offered {
-        (chunk / 2).max(WS_READ_CHUNK)
-    } else {
-        chunk
-    }
-}
-
-/// Largest buffer a client read allocates for small frames (a large frame asks for more
-/// through [`read_size`]).
-const MAX_CHUNK: usize = 64 * 1024;
 
 /// Smallest growth step of a client's read buffer for a large frame.
 const GROW_FLOOR: usize = 64 * 1024;
@@ -474,14 +456,24 @@ mod tests {
     fn read_chunk_grows_with_full_reads_and_shrinks_when_idle() {
         let mut c = WS_READ_CHUNK;
         for _ in 0..20 {
-            c = next_chunk(c, c, c);
+            c = next_chunk(c, c, c, WS_CHUNKS);
         }
-        assert_eq!(c, MAX_CHUNK);
+        assert_eq!(c, WS_CHUNKS.1);
         // Half-used reads keep it; nearly empty ones halve it down to the floor.
-        assert_eq!(next_chunk(c, c / 2, c), c);
+        assert_eq!(next_chunk(c, c / 2, c, WS_CHUNKS), c);
         for _ in 0..20 {
-            c = next_chunk(c, 26, c);
+            c = next_chunk(c, 26, c, WS_CHUNKS);
         }
         assert_eq!(c, WS_READ_CHUNK);
+        // A runner connection's reads grow to 128 KiB and never drop below 16 KiB.
+        let mut r = crate::net::RUNNER_CHUNKS.0;
+        for _ in 0..20 {
+            r = next_chunk(r, r, r, crate::net::RUNNER_CHUNKS);
+        }
+        assert_eq!(r, 128 * 1024);
+        for _ in 0..20 {
+            r = next_chunk(r, 26, r, crate::net::RUNNER_CHUNKS);
+        }
+        assert_eq!(r, 16 * 1024);
     }
 }

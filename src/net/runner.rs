@@ -5,8 +5,8 @@
 //! It also sends pings and closes a runner that stops answering them.
 
 use super::{
-    closing, read_more, read_some, refuse, remove_conn, write_response, writer, READ_CHUNK,
-    RUNNER_READ_CHUNK,
+    closing, next_chunk, read_more, read_some, refuse, remove_conn, write_response, writer,
+    READ_CHUNK, RUNNER_CHUNKS,
 };
 use crate::http::parse::{parse_query, RequestHead};
 use crate::metrics::{Counter, Gauge};
@@ -137,6 +137,7 @@ pub async fn serve(
     let init_deadline =
         tokio::time::Instant::now() + Duration::from_millis(cfg.timeouts.runner_init_ms);
     let mut initialised = false;
+    let mut chunk = RUNNER_CHUNKS.0;
     'outer: loop {
         loop {
             let ev = reader.next(&mut buf);
@@ -194,23 +195,23 @@ pub async fn serve(
             }
         }
         let want = reader.bytes_wanted(&buf).saturating_sub(buf.len());
-        let read = async {
-            read_some(&stream, &mut buf, want.max(1), RUNNER_READ_CHUNK)
-                .await
-                .is_some()
-        };
-        let ok = if initialised {
+        let read = read_some(&stream, &mut buf, want.max(1), chunk);
+        let got = if initialised {
             read.await
         } else {
             match tokio::time::timeout_at(init_deadline, read).await {
-                Ok(ok) => ok,
+                Ok(got) => got,
                 Err(_) => {
                     close(&state, slot, gen, 1011, "ws.timed_out_waiting_for_init");
                     break 'outer;
                 }
             }
         };
-        if !ok || state.borrow_mut().get(slot, gen).is_none() {
+        let Some((n, offered)) = got else {
+            break;
+        };
+        chunk = next_chunk(chunk, n, offered, RUNNER_CHUNKS);
+        if state.borrow_mut().get(slot, gen).is_none() {
             break;
         }
     }
