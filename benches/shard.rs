@@ -23,7 +23,7 @@ use torpor::protocol::{
     encode_ws_ack_to_server, encode_ws_message_prefix_to_server, ws_message_trailer,
 };
 use torpor::shard::mailbox::Inbox;
-use torpor::shard::state::{ClientConn, ConnKind, RunnerConn};
+use torpor::shard::state::{ConnKind, RunnerConn};
 use torpor::shard::{ShardMsg, ShardState, Shared};
 use torpor::tunnel::TunnelSocket;
 use torpor::ws::{apply_mask, encode_header, OpCode, WsEvent, WsReader, WsReaderConfig};
@@ -59,16 +59,8 @@ fn add_runner(st: &mut ShardState) -> ConnRef {
 
 /// An open client socket on `st` tunnelled to runner 0; returns (slot, gen, request id).
 fn add_client(st: &mut ShardState, hibernatable: bool) -> (u32, u32, [u8; 4]) {
-    let (slot, gen) = st.insert(ConnKind::Http);
-    let req = st.request_key(slot, gen).encode();
-    st.conns[slot as usize].kind = ConnKind::Client(ClientConn::new(
-        "actor".into(),
-        0,
-        req,
-        TunnelSocket::new(st.limits),
-        1,
-        None,
-    ));
+    let socket = TunnelSocket::new(st.limits);
+    let (slot, gen, req) = st.insert_client("actor".into(), 0, 1, socket, None);
     st.client_opened(slot, gen, hibernatable, Instant::now());
     (slot, gen, req)
 }

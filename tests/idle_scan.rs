@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use torpor::config::Config;
 use torpor::metrics::{Counter, Metrics};
-use torpor::shard::state::{ClientConn, ConnKind, RunnerConn};
+use torpor::shard::state::{ConnKind, RunnerConn};
 use torpor::shard::{ShardState, Shared};
 use torpor::tunnel::TunnelSocket;
 use torpor::ws::OpCode;
@@ -39,16 +39,8 @@ fn rig(idle_ms: u64) -> Rig {
         runner_idx: Some(0),
     }));
     st.runners = vec![Some(st.conn_ref(rslot, rgen))];
-    let (slot, gen) = st.insert(ConnKind::Http);
-    let req = st.request_key(slot, gen).encode();
-    st.conns[slot as usize].kind = ConnKind::Client(ClientConn::new(
-        "actor".into(),
-        0,
-        req,
-        TunnelSocket::new(st.limits),
-        1,
-        None,
-    ));
+    let socket = TunnelSocket::new(st.limits);
+    let (slot, gen, _) = st.insert_client("actor".into(), 0, 1, socket, None);
     st.client_opened(slot, gen, false, t0);
     Rig {
         st,

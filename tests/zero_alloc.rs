@@ -40,7 +40,7 @@ use torpor::protocol::{
     ws_message_trailer, ToClientHot,
 };
 use torpor::shard::mailbox::Inbox;
-use torpor::shard::state::{ClientConn, ConnKind, RunnerConn};
+use torpor::shard::state::{ConnKind, RunnerConn};
 use torpor::shard::{ShardMsg, ShardState, Shared};
 use torpor::tunnel::TunnelSocket;
 use torpor::ws::{
@@ -182,16 +182,8 @@ impl Rig {
             s.runners = vec![Some(runner)];
         }
         let cs = &mut shards[0];
-        let (slot, gen) = cs.insert(ConnKind::Http);
-        let req = cs.request_key(slot, gen).encode();
-        cs.conns[slot as usize].kind = ConnKind::Client(ClientConn::new(
-            "actor".into(),
-            0,
-            req,
-            TunnelSocket::new(cs.limits),
-            1,
-            None,
-        ));
+        let socket = TunnelSocket::new(cs.limits);
+        let (slot, gen, req) = cs.insert_client("actor".into(), 0, 1, socket, None);
         cs.client_opened(slot, gen, hibernatable, now);
         let reader = || {
             WsReader::new(WsReaderConfig {

@@ -13,7 +13,7 @@ use super::{
 use crate::http::parse::{parse_query, RequestHead};
 use crate::metrics::{Counter, Gauge};
 use crate::protocol::{self, StrMap, ToClientTunnelMessageKind};
-use crate::shard::state::{ClientConn, ConnKind, Pause, ShardState, TunnelIn};
+use crate::shard::state::{ConnKind, Pause, ShardState, TunnelIn};
 use crate::tunnel::TunnelSocket;
 use crate::ws::frame::OpCode;
 use crate::ws::reader::{Role, WsEvent, WsReader, WsReaderConfig};
@@ -180,18 +180,15 @@ pub async fn serve(
     let (slot, gen, req) = {
         let mut st = state.borrow_mut();
         let limits = st.limits;
-        let (slot, gen) = st.insert(ConnKind::Http);
-        let req = st.request_key(slot, gen).encode();
         let socket = TunnelSocket::new(limits);
         let open_index = socket.take_open_index();
-        st.conns[slot as usize].kind = ConnKind::Client(ClientConn::new(
+        let (slot, gen, req) = st.insert_client(
             actor_id.clone(),
             runner_idx,
-            req,
-            socket,
             generation,
+            socket,
             Some(open_tx),
-        ));
+        );
         if st.runners.len() <= runner_idx as usize {
             st.runners.resize(runner_idx as usize + 1, None);
         }

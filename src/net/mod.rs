@@ -96,11 +96,14 @@ pub fn run_shard(
         tokio_uring::spawn(gc_task(state.clone()));
         let idle_period = state.borrow().idle_scan_period();
         if let Some(period) = idle_period {
-            tokio_uring::spawn(idle_task(state.clone(), period));
+            let state = state.clone();
+            tokio_uring::spawn(every(period, move || {
+                state.borrow_mut().idle_scan(Instant::now())
+            }));
         }
         let trim_ms = state.borrow().shared.config.timeouts.memory_trim_ms;
         if trim_ms > 0 {
-            tokio_uring::spawn(trim_task(Duration::from_millis(trim_ms)));
+            tokio_uring::spawn(every(Duration::from_millis(trim_ms), trim_heap));
         }
         let mut accepts = Vec::new();
         for l in listeners {
@@ -177,31 +180,21 @@ async fn gc_task(state: Rc<RefCell<ShardState>>) {
     }
 }
 
-/// Runs the shard's idle scan of client WebSockets every `period`.
-async fn idle_task(state: Rc<RefCell<ShardState>>, period: Duration) {
+/// Runs `f` every `period` (a late tick delays the next ones rather than bunching them).
+async fn every(period: Duration, mut f: impl FnMut()) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        state.borrow_mut().idle_scan(Instant::now());
+        f();
     }
 }
 
-/// Every `period`, hands the pages this shard's allocator heap no longer uses back to the
-/// OS. mimalloc frees lazily, on later allocations of the same thread; a shard that went
-/// quiet after a burst (ten thousand handshakes, then idle sockets) would keep the burst's
-/// memory resident indefinitely.
-async fn trim_task(period: Duration) {
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        trim_heap();
-    }
-}
-
-/// Returns this thread's freed allocator pages to the OS (a no-op for pages still in use).
-pub fn trim_heap() {
+/// Hands the pages this thread's allocator heap no longer uses back to the OS (a no-op for
+/// pages still in use). mimalloc frees lazily, on later allocations of the same thread; a
+/// shard that went quiet after a burst (ten thousand handshakes, then idle sockets) would
+/// keep the burst's memory resident indefinitely.
+fn trim_heap() {
     // SAFETY: mi_collect takes no pointers and may be called at any time; it collects the
     // calling thread's heap (with `false`, without forcing other threads' delayed frees).
     unsafe { libmimalloc_sys::mi_collect(false) };

@@ -224,6 +224,12 @@ impl OutQueue {
     /// Moves up to `max` queued chunks, oldest first, onto the end of `batch` (one vectored
     /// write) and returns their total length. The writer passes the same `batch` every turn,
     /// so once it has grown no turn allocates.
+    /// More than `half` bytes queued and no close frame among them: the peer is behind on
+    /// reading (see [`Pause::Unread`]).
+    fn behind(&self, half: usize) -> bool {
+        self.bytes > half && !self.closing
+    }
+
     pub fn take_batch(&mut self, batch: &mut Vec<Bytes>, max: usize) -> usize {
         let n = self.chunks.len().min(max);
         let mut bytes = 0;
@@ -455,6 +461,25 @@ impl ShardState {
             kill: Rc::new(Notify::new()),
         }) as u32;
         (slot, gen)
+    }
+
+    /// Registers a client WebSocket of `actor_id` (generation `generation`) tunnelled to
+    /// runner `runner_idx`: a slab entry whose request id names it. `open_tx` waits for the
+    /// runner's `WebSocketOpen`. Returns (slot, gen, request id).
+    pub fn insert_client(
+        &mut self,
+        actor_id: Arc<str>,
+        runner_idx: u32,
+        generation: u32,
+        socket: TunnelSocket,
+        open_tx: Option<oneshot::Sender<TunnelIn>>,
+    ) -> (u32, u32, [u8; 4]) {
+        let (slot, gen) = self.insert(ConnKind::Http);
+        let req = self.request_key(slot, gen).encode();
+        self.conns[slot as usize].kind = ConnKind::Client(ClientConn::new(
+            actor_id, runner_idx, req, socket, generation, open_tx,
+        ));
+        (slot, gen, req)
     }
 
     pub fn conn_ref(&self, slot: u32, gen: u32) -> ConnRef {
@@ -935,7 +960,7 @@ impl ShardState {
     }
 
     fn unread(&self, out: &OutQueue) -> bool {
-        out.bytes > self.shared.config.limits.client_outbound_bytes / 2 && !out.closing
+        out.behind(self.shared.config.limits.client_outbound_bytes / 2)
     }
 
     /// Closes a client that does not read: like [`Self::close_client`] (the runner is told,
@@ -1086,7 +1111,7 @@ impl ShardState {
             if now < due {
                 continue;
             }
-            let action = if !w.pinged && out.bytes > half {
+            let action = if !w.pinged && out.behind(half) {
                 // Not read by us because it does not read.
                 (out.written == w.seen_written).then_some(IdleAction::Abort)
             } else if cc.socket.is_paused() || w.reads != w.seen_reads {
@@ -1194,13 +1219,14 @@ impl ShardState {
         let gw = self.shared.gateway_id;
         let Some(Conn {
             kind: ConnKind::Client(cc),
+            out,
             ..
         }) = self.conns.get_mut(slot as usize).filter(|c| c.gen == gen)
         else {
             return;
         };
         cc.socket.on_runner_open(can_hibernate);
-        cc.idle.restart(now, 0);
+        cc.idle.restart(now, out.written);
         if can_hibernate {
             cc.record_refresh_at = Some(next);
             let msg = ControlMsg::Hibernating {
