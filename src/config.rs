@@ -24,12 +24,64 @@ pub struct Config {
     pub pin_threads: bool,
     /// Where the embedded store keeps its files.
     pub data_dir: PathBuf,
-    /// Runner token; when set, runners must offer `rivet_token.<token>`.
-    pub runner_token: Option<String>,
     /// Log format: `human` or `json`.
     pub log_format: String,
+    pub auth: Auth,
+    pub cors: Cors,
     pub limits: Limits,
     pub timeouts: Timeouts,
+}
+
+/// A secret string: its `Debug` and `Serialize` never show it, so it cannot reach a log line
+/// or `torpor check-config` output by accident.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    /// The secret itself, for comparisons only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// Who may use the engine API and connect runners (SPEC §3, "Authentication").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// The admin token: the engine API takes it as `Authorization: Bearer <token>`, runners
+    /// as the `rivet_token.<token>` subprotocol. Without one torpor runs in protected mode:
+    /// API calls and runner connections are accepted from loopback peers only.
+    pub admin_token: Option<Secret>,
+    /// A file holding the admin token (surrounding whitespace ignored); read at start.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Cross-origin access for browsers (the engine API and the gateway's preflights).
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cors {
+    /// Origins whose pages may call the engine API (exact `scheme://host[:port]`, or `*`).
+    /// Empty (the default): with an admin token any origin (the token, never a cookie,
+    /// authorizes a call, as in the Rivet engine); without one only loopback origins
+    /// (`http://localhost:*`, `http://127.0.0.1:*`, `http://[::1]:*`), so that a web page
+    /// from elsewhere cannot drive a development torpor on the visitor's machine.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Default of `limits.store_cache_bytes`. redb's own default (1 GiB) lets the cache keep a
@@ -63,6 +115,26 @@ pub struct Limits {
     /// Memory the embedded store may keep as its page cache (pages read and pages written);
     /// beyond it pages are read from the file again (the kernel's page cache).
     pub store_cache_bytes: usize,
+    /// Open connections (clients and runners) one shard holds; at the cap it stops accepting
+    /// until one closes (the kernel's backlog waits). 0 = derived from the open-files limit.
+    pub connections_per_shard: usize,
+    /// Largest `totalSlots` a runner may announce; more is clamped to it (and counted).
+    pub runner_max_slots: u32,
+    /// Largest namespace, runner name, runner key and `runner_name_selector`, in bytes.
+    pub runner_name_bytes: usize,
+    /// Actor names a runner may announce in `Init.prepopulateActorNames`.
+    pub runner_actor_names: usize,
+    /// Bytes of one announced actor name's metadata JSON.
+    pub runner_actor_metadata_bytes: usize,
+    /// Largest actor name and actor key, in bytes.
+    pub actor_name_bytes: usize,
+    pub actor_key_bytes: usize,
+    /// Largest actor `input` (decoded), in bytes.
+    pub actor_input_bytes: usize,
+    /// Live actors in one namespace.
+    pub actors_per_namespace: usize,
+    /// KV bytes (keys plus values) one actor may store.
+    pub kv_bytes_per_actor: u64,
 }
 
 /// Deadlines and periods, in milliseconds in the file.
@@ -107,8 +179,9 @@ impl Default for Config {
             shard_port_base: 0,
             pin_threads: true,
             data_dir: PathBuf::from("./torpor-data"),
-            runner_token: None,
             log_format: "human".into(),
+            auth: Auth::default(),
+            cors: Cors::default(),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
         }
@@ -132,6 +205,16 @@ impl Default for Limits {
             kv_put_payload_bytes: 976 * 1024,
             kv_list_limit: 16384,
             store_cache_bytes: DEFAULT_STORE_CACHE_BYTES,
+            connections_per_shard: 0,
+            runner_max_slots: 100_000,
+            runner_name_bytes: 256,
+            runner_actor_names: 1000,
+            runner_actor_metadata_bytes: 16 * 1024,
+            actor_name_bytes: 256,
+            actor_key_bytes: 1024,
+            actor_input_bytes: 4 * 1024 * 1024,
+            actors_per_namespace: 100_000,
+            kv_bytes_per_actor: 1 << 30,
         }
     }
 }
@@ -195,7 +278,31 @@ impl Config {
             None => Config::default(),
         };
         cfg.apply_env(std::env::vars())?;
+        cfg.read_token_file()?;
         Ok(cfg)
+    }
+
+    /// Reads `auth.admin_token_file` into `auth.admin_token` (both set is an error).
+    pub fn read_token_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = &self.auth.admin_token_file else {
+            return Ok(());
+        };
+        if self.auth.admin_token.is_some() {
+            return Err(ConfigError::Invalid(
+                "set auth.admin_token or auth.admin_token_file, not both".into(),
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: path.display().to_string(),
+            err,
+        })?;
+        self.auth.admin_token = Some(Secret::new(text.trim()));
+        Ok(())
+    }
+
+    /// The admin token, when one is configured.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.auth.admin_token.as_ref().map(Secret::expose)
     }
 
     pub fn from_toml(text: &str) -> Result<Config, String> {
@@ -230,6 +337,8 @@ impl Config {
                 name: name.clone(),
                 err: e.to_string(),
             })?;
+            // The round trip below goes through `Serialize`, which redacts the token.
+            let token = self.auth.admin_token.clone();
             let mut current = toml::Table::try_from(&*self).map_err(|e| ConfigError::Env {
                 name: name.clone(),
                 err: e.to_string(),
@@ -241,6 +350,9 @@ impl Config {
                     name: name.clone(),
                     err: e.to_string(),
                 })?;
+            if !(section.as_deref() == Some("auth") && field == "admin_token") {
+                self.auth.admin_token = token;
+            }
         }
         Ok(())
     }
@@ -294,10 +406,27 @@ impl Config {
         if !matches!(self.log_format.as_str(), "human" | "json") {
             return bad("log_format must be \"human\" or \"json\"");
         }
-        if let Some(tok) = &self.runner_token {
+        if let Some(tok) = self.admin_token() {
+            // It travels as a WebSocket subprotocol (an HTTP token) and a bearer credential.
             if tok.is_empty() || !tok.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
-                return bad("runner_token must be non-empty printable ASCII without commas");
+                return bad(
+                    "auth.admin_token must be non-empty printable ASCII without commas or spaces",
+                );
             }
+        }
+        for o in &self.cors.allowed_origins {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return bad("cors.allowed_origins: each entry is \"*\" or an origin such as https://app.example.com");
+            }
+        }
+        if l.runner_name_bytes == 0
+            || l.actor_name_bytes == 0
+            || l.actor_key_bytes == 0
+            || l.runner_max_slots == 0
+            || l.actors_per_namespace == 0
+            || l.kv_bytes_per_actor == 0
+        {
+            return bad("limits.runner_name_bytes, actor_name_bytes, actor_key_bytes, runner_max_slots, actors_per_namespace and kv_bytes_per_actor must be > 0");
         }
         Ok(())
     }
@@ -313,6 +442,7 @@ impl Config {
             default_list_limit: l.kv_list_limit,
             max_list_limit: l.kv_list_limit,
             cache_bytes: l.store_cache_bytes,
+            max_actor_bytes: l.kv_bytes_per_actor,
             ..crate::kv::KvLimits::default()
         }
     }
@@ -337,18 +467,33 @@ impl Config {
 impl serde::Serialize for Config {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("Config", 9)?;
+        let mut st = s.serialize_struct("Config", 10)?;
         st.serialize_field("listen", &self.listen.to_string())?;
         st.serialize_field("shards", &self.shards)?;
         st.serialize_field("shard_port_base", &self.shard_port_base)?;
         st.serialize_field("pin_threads", &self.pin_threads)?;
         st.serialize_field("data_dir", &self.data_dir)?;
-        if let Some(t) = &self.runner_token {
-            st.serialize_field("runner_token", t)?;
-        }
         st.serialize_field("log_format", &self.log_format)?;
+        st.serialize_field("auth", &AuthSer(&self.auth))?;
+        st.serialize_field("cors", &self.cors)?;
         st.serialize_field("limits", &LimitsSer(&self.limits))?;
         st.serialize_field("timeouts", &TimeoutsSer(&self.timeouts))?;
+        st.end()
+    }
+}
+
+/// `[auth]` as `check-config` prints it: the token redacted, the file's path shown.
+struct AuthSer<'a>(&'a Auth);
+impl serde::Serialize for AuthSer<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Auth", 2)?;
+        if let Some(t) = &self.0.admin_token {
+            st.serialize_field("admin_token", t)?;
+        }
+        if let Some(p) = &self.0.admin_token_file {
+            st.serialize_field("admin_token_file", p)?;
+        }
         st.end()
     }
 }
@@ -382,7 +527,17 @@ ser_fields!(
     kv_keys_per_call,
     kv_put_payload_bytes,
     kv_list_limit,
-    store_cache_bytes
+    store_cache_bytes,
+    connections_per_shard,
+    runner_max_slots,
+    runner_name_bytes,
+    runner_actor_names,
+    runner_actor_metadata_bytes,
+    actor_name_bytes,
+    actor_key_bytes,
+    actor_input_bytes,
+    actors_per_namespace,
+    kv_bytes_per_actor
 );
 ser_fields!(
     TimeoutsSer,
@@ -460,6 +615,40 @@ mod tests {
         assert!(c
             .apply_env(vec![("TORPOR_NOPE".to_string(), "1".to_string())])
             .is_err());
+    }
+
+    #[test]
+    fn the_token_is_never_printed() {
+        let mut c = Config::default();
+        c.apply_env(vec![(
+            "TORPOR_AUTH__ADMIN_TOKEN".to_string(),
+            "very-secret-token".to_string(),
+        )])
+        .unwrap();
+        // A later variable keeps it (the overlay round trip must not redact it).
+        c.apply_env(vec![("TORPOR_SHARDS".to_string(), "2".to_string())])
+            .unwrap();
+        assert_eq!(c.admin_token(), Some("very-secret-token"));
+        c.validate().unwrap();
+        let printed = toml::to_string_pretty(&c).unwrap();
+        assert!(!printed.contains("very-secret-token"), "{printed}");
+        assert!(printed.contains("<redacted>"));
+        assert!(!format!("{c:?}").contains("very-secret-token"));
+    }
+
+    #[test]
+    fn the_token_file_is_read_and_trimmed() {
+        let dir = std::env::temp_dir().join(format!("torpor-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("token");
+        std::fs::write(&f, "from-a-file\n").unwrap();
+        let mut c = Config::default();
+        c.auth.admin_token_file = Some(f.clone());
+        c.read_token_file().unwrap();
+        assert_eq!(c.admin_token(), Some("from-a-file"));
+        // Both set is refused.
+        assert!(c.read_token_file().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -47,6 +47,13 @@ series!(Counter, COUNTERS {
     CloseHandshakeTimeouts => ("torpor_websocket_close_timeouts_total", "WebSocket connections dropped because the peer did not finish the close handshake in time"),
     ClientIdlePings => ("torpor_client_idle_pings_total", "Pings sent to client WebSockets that were silent for the idle period"),
     ClientReadPauses => ("torpor_client_read_pauses_total", "Times a client WebSocket stopped being read because it had not read half of client_outbound_bytes sent to it"),
+    Unauthorized => ("torpor_unauthorized_total", "API calls and runner connections refused for a missing or wrong token, or from a non-loopback peer in protected mode"),
+    RunnerEvictions => ("torpor_runner_evictions_total", "Runner connections evicted by a newer connection with the same runner key"),
+    RunnerSlotsClamped => ("torpor_runner_slots_clamped_total", "Runner Inits whose totalSlots was above limits.runner_max_slots and was clamped"),
+    RunnersRefused => ("torpor_runners_refused_total", "Runner Inits refused by a limit (names, metadata, sizes)"),
+    AcceptPauses => ("torpor_accept_pauses_total", "Times a shard stopped accepting because it held limits.connections_per_shard connections or ran out of file descriptors"),
+    CorsPreflights => ("torpor_cors_preflights_total", "CORS preflight requests answered by the gateway"),
+    LogLinesSuppressed => ("torpor_log_lines_suppressed_total", "Repeated warning lines not written (rate-limited)"),
 });
 
 series!(Gauge, GAUGES {
@@ -58,6 +65,7 @@ series!(Gauge, GAUGES {
     RunnersConnected => ("torpor_runners_connected", "Runner connections open on this process"),
     MaxSocketPendingBytes => ("torpor_tunnel_socket_pending_bytes_max", "Largest pending byte total seen on one socket (high-water mark)"),
     MaxSocketPendingMessages => ("torpor_tunnel_socket_pending_messages_max", "Largest pending message count seen on one socket (high-water mark)"),
+    OpenConnections => ("torpor_connections_open", "Open TCP connections (clients and runners)"),
 });
 
 /// Close and error codes counted by label. Unknown labels go to `other`.
@@ -82,6 +90,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "guard.client_too_slow",
     "guard.hibernation_timeout",
     "guard.client_idle_timeout",
+    "runner.init_too_large",
     "other",
 ];
 
@@ -109,6 +118,8 @@ pub const ERROR_CODES: &[&str] = &[
     "runner.invalid_query",
     "runner.unsupported_protocol_version",
     "runner.unauthorized",
+    "api.unauthorized",
+    "api.forbidden_origin",
     "other",
 ];
 
@@ -171,6 +182,8 @@ impl ShardMetrics {
 #[derive(Clone)]
 pub struct Metrics {
     pub shards: Arc<[ShardMetrics]>,
+    /// The control plane's block (runner sessions, placement, the engine API).
+    pub control: Arc<ShardMetrics>,
     /// Actors by state, written by the control plane: sleeping, starting, running, stopping.
     pub actors: Arc<[AtomicI64; 4]>,
     pub runners_known: Arc<AtomicI64>,
@@ -182,24 +195,26 @@ impl Metrics {
     pub fn new(shards: usize) -> Metrics {
         Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            control: Arc::new(ShardMetrics::default()),
             actors: Arc::new(std::array::from_fn(|_| AtomicI64::new(0))),
             runners_known: Arc::new(AtomicI64::new(0)),
             kv: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
+    /// Every block: the shards' and the control plane's.
+    fn blocks(&self) -> impl Iterator<Item = &ShardMetrics> {
+        self.shards.iter().chain(std::iter::once(&*self.control))
+    }
+
     pub fn counter(&self, c: Counter) -> u64 {
-        self.shards
-            .iter()
+        self.blocks()
             .map(|s| s.counters[c as usize].load(Relaxed))
             .sum()
     }
 
     pub fn gauge(&self, g: Gauge) -> i64 {
-        let vals = self
-            .shards
-            .iter()
-            .map(|s| s.gauges[g as usize].load(Relaxed));
+        let vals = self.blocks().map(|s| s.gauges[g as usize].load(Relaxed));
         match g {
             Gauge::MaxSocketPendingBytes | Gauge::MaxSocketPendingMessages => {
                 vals.max().unwrap_or(0)
@@ -210,7 +225,12 @@ impl Metrics {
 
     pub fn closes(&self, reason: &str) -> u64 {
         let i = label_index(CLOSE_REASONS, reason);
-        self.shards.iter().map(|s| s.closes[i].load(Relaxed)).sum()
+        self.blocks().map(|s| s.closes[i].load(Relaxed)).sum()
+    }
+
+    pub fn errors(&self, code: &str) -> u64 {
+        let i = label_index(ERROR_CODES, code);
+        self.blocks().map(|s| s.errors[i].load(Relaxed)).sum()
     }
 
     /// Prometheus text exposition format.
@@ -232,7 +252,7 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE torpor_websocket_closes_total counter");
         for (i, r) in CLOSE_REASONS.iter().enumerate() {
-            let v: u64 = self.shards.iter().map(|s| s.closes[i].load(Relaxed)).sum();
+            let v: u64 = self.blocks().map(|s| s.closes[i].load(Relaxed)).sum();
             let _ = writeln!(out, "torpor_websocket_closes_total{{reason=\"{r}\"}} {v}");
         }
         let _ = writeln!(
@@ -241,7 +261,7 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE torpor_errors_total counter");
         for (i, r) in ERROR_CODES.iter().enumerate() {
-            let v: u64 = self.shards.iter().map(|s| s.errors[i].load(Relaxed)).sum();
+            let v: u64 = self.blocks().map(|s| s.errors[i].load(Relaxed)).sum();
             let _ = writeln!(out, "torpor_errors_total{{code=\"{r}\"}} {v}");
         }
         let _ = writeln!(out, "# HELP torpor_actors Actors by state");

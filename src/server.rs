@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::net::{bind_reuseport, run_shard};
+use crate::net::{bind_reuseport, ensure_port_free, run_shard};
 use crate::shard::control::{run_control, ControlMsg};
 use crate::shard::{pin_to_core, ShardMsg, Shared};
 use std::net::SocketAddr;
@@ -25,6 +25,15 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
 
     // Listeners: one SO_REUSEPORT socket per shard on the same port (port 0 → the port the
     // first one got), plus the optional per-shard ports.
+    raise_fd_limit();
+    ensure_port_free(cfg.listen)?;
+    if cfg.shard_port_base != 0 {
+        for i in 0..n {
+            let mut a = cfg.listen;
+            a.set_port(cfg.shard_port_base + i as u16);
+            ensure_port_free(a)?;
+        }
+    }
     let mut listeners: Vec<Vec<std::net::TcpListener>> = Vec::with_capacity(n);
     let first = bind_reuseport(cfg.listen)?;
     let addr: SocketAddr = first.local_addr()?;
@@ -87,6 +96,13 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
         );
     }
     tracing::info!(%addr, shards = n, gateway_id = ?gateway_id, "torpor listening");
+    if shared.access.protected_mode() {
+        tracing::info!(
+            "protected mode: no auth.admin_token is configured, so the engine API and runner connections are accepted from loopback peers only (gateway traffic to actors is open)"
+        );
+    } else {
+        tracing::info!("authentication on: the engine API and runners need the admin token");
+    }
     println!("torpor listening on {addr} shards={n}");
 
     wait_for_signal(sigs);
@@ -112,6 +128,20 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
     kv.shutdown();
     drop(threads);
     Ok(())
+}
+
+/// Raises the soft open-files limit to the hard one (as nginx's `worker_rlimit_nofile`):
+/// every connection is a descriptor, and the default soft limit (1024) would cap a gateway
+/// far below what the machine can hold. The connection caps derive from the result.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit read and write the struct passed by pointer.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 fn block_signals() -> libc::sigset_t {

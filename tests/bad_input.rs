@@ -436,7 +436,7 @@ fn refusals_have_status_reason_and_metric() {
 
 #[test]
 fn wrong_runner_token_is_refused_before_any_state() {
-    let daemon = Daemon::start(1, &[("TORPOR_RUNNER_TOKEN", "s3cret-token")]);
+    let daemon = Daemon::start(1, &[("TORPOR_AUTH__ADMIN_TOKEN", "s3cret-token")]);
     let q = runner_query("tok");
     for protocols in [
         "rivet",
@@ -472,7 +472,7 @@ fn wrong_runner_token_is_refused_before_any_state() {
     send_init(&mut ws);
     wait_gateway_init(&mut ws);
     let _runner = Runner::start(&daemon.endpoint(), &["--token", "s3cret-token"]);
-    let actor = create_actor(daemon.addr, "echo", None);
+    let actor = daemon.create_actor("echo", None);
     let mut client = ws_connect(daemon.addr, &actor, "/authorised");
     echo_once(&mut client, "token");
 }

@@ -4,5 +4,6 @@
 //! ([`response`]); routing and the engine API live beside them. What it must never do: touch
 //! a socket, panic on client input, or buffer past the configured head and body limits.
 
+pub mod access;
 pub mod parse;
 pub mod response;

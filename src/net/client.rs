@@ -132,6 +132,7 @@ pub async fn serve(
     buf: BytesMut,
     path: &str,
     query: &str,
+    guard: super::ConnGuard,
 ) {
     let key = match crate::ws::handshake::validate_upgrade(&head) {
         Ok(k) => k,
@@ -282,6 +283,7 @@ pub async fn serve(
         gen,
         buf,
         (max_frame as usize, max_message as usize, out_limit),
+        guard,
     ));
 }
 
@@ -293,6 +295,8 @@ async fn ws_loop(
     gen: u32,
     mut buf: BytesMut,
     (max_frame, max_message, out_limit): (usize, usize, usize),
+    // The connection's place under the shard's cap, given back when the socket's reads end.
+    _guard: super::ConnGuard,
 ) {
     let mut reader = WsReader::new(WsReaderConfig {
         role: Role::Server,

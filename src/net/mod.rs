@@ -11,9 +11,10 @@ pub mod gateway;
 pub mod runner;
 pub mod writer;
 
+use crate::http::access;
 use crate::http::parse::{body_kind, parse_request_head, split_path_query, BodyKind, RequestHead};
 use crate::http::response::Response;
-use crate::metrics::Counter;
+use crate::metrics::{Counter, Gauge};
 use crate::shard::control::ControlMsg;
 use crate::shard::mailbox::Inbox;
 use crate::shard::state::{ConnKind, Reply};
@@ -53,6 +54,29 @@ pub fn next_chunk(chunk: usize, n: usize, offered: usize, (floor, ceil): (usize,
         (chunk / 2).max(floor)
     } else {
         chunk
+    }
+}
+
+/// Fails (`AddrInUse`, naming the address) when any socket already listens on `addr`: a
+/// second torpor, or any other program. torpor's shards share their port through
+/// SO_REUSEPORT, which would also let another process of the same user join the group and
+/// take a share of the connections; so before its own group is made, a plain bind (no
+/// SO_REUSEPORT) proves that nobody listens there. Port 0 is always free.
+pub fn ensure_port_free(addr: SocketAddr) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Connections of an earlier run in TIME_WAIT do not count; a listener does.
+    s.set_reuse_address(true)?;
+    match s.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("another process already listens on {addr}; torpor needs the address to itself (stop the other process or choose another `listen`)"),
+        )),
+        Err(e) => Err(std::io::Error::new(e.kind(), format!("cannot bind {addr}: {e}"))),
     }
 }
 
@@ -105,10 +129,25 @@ pub fn run_shard(
         if trim_ms > 0 {
             tokio_uring::spawn(every(Duration::from_millis(trim_ms), trim_heap));
         }
+        let cap = {
+            let c = &state.borrow().shared.config;
+            connection_cap(c.limits.connections_per_shard, c.shard_count())
+        };
+        let count = Rc::new(ConnCount {
+            open: std::cell::Cell::new(0),
+            cap,
+            freed: tokio::sync::Notify::new(),
+            metrics: shared.metrics.clone(),
+            shard: id as usize,
+        });
         let mut accepts = Vec::new();
         for l in listeners {
             let listener = TcpListener::from_std(l);
-            accepts.push(tokio_uring::spawn(accept_loop(state.clone(), listener)));
+            accepts.push(tokio_uring::spawn(accept_loop(
+                state.clone(),
+                listener,
+                count.clone(),
+            )));
         }
         for a in accepts {
             let _ = a.await;
@@ -116,17 +155,89 @@ pub fn run_shard(
     });
 }
 
-async fn accept_loop(state: Rc<RefCell<ShardState>>, listener: TcpListener) {
+/// Connections a shard holds open: the accept loop waits while it is at the cap, and each
+/// connection's [`ConnGuard`] gives its place back when the connection's last task ends.
+pub struct ConnCount {
+    open: std::cell::Cell<usize>,
+    cap: usize,
+    freed: tokio::sync::Notify,
+    metrics: crate::metrics::Metrics,
+    shard: usize,
+}
+
+/// One open connection's place under the shard's cap (see [`ConnCount`]).
+pub struct ConnGuard(Rc<ConnCount>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let c = &self.0;
+        c.open.set(c.open.get() - 1);
+        c.metrics.shards[c.shard].gauge_add(Gauge::OpenConnections, -1);
+        if c.open.get() + 1 == c.cap {
+            c.freed.notify_one();
+        }
+    }
+}
+
+/// The connection cap of one shard: `limits.connections_per_shard`, or with 0 the open-files
+/// limit shared between the shards (less room for the store, the rings and the mailboxes).
+pub fn connection_cap(configured: usize, shards: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let mut lim: libc::rlimit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct passed by pointer.
+    let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    (nofile.saturating_sub(256) / shards.max(1)).max(16)
+}
+
+/// Is `e` the process or the system running out of file descriptors?
+fn out_of_fds(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+async fn accept_loop(state: Rc<RefCell<ShardState>>, listener: TcpListener, count: Rc<ConnCount>) {
+    let mut backoff = Duration::from_millis(10);
     loop {
-        let (stream, _peer) = match listener.accept().await {
-            Ok(s) => s,
+        if count.open.get() >= count.cap {
+            // At the cap: leave new connections in the kernel's backlog until one closes.
+            state.borrow().metrics().inc(Counter::AcceptPauses);
+            crate::warn_limited!(
+                state.borrow().metrics(),
+                cap = count.cap,
+                "connection cap reached (limits.connections_per_shard); not accepting until a connection closes"
+            );
+            while count.open.get() >= count.cap {
+                count.freed.notified().await;
+            }
+        }
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => {
+                backoff = Duration::from_millis(10);
+                s
+            }
             Err(_) if state.borrow().shared.draining.load(Ordering::Relaxed) => {
                 // The listener was shut down for the drain.
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // Out of descriptors (or another failure): wait, doubling up to a second, so
+                // a flood neither spins the shard nor fills the log.
+                let st = state.borrow();
+                if out_of_fds(&e) {
+                    st.metrics().inc(Counter::AcceptPauses);
+                }
+                crate::warn_limited!(st.metrics(), error = %e, retry_ms = backoff.as_millis() as u64, "accept failed");
+                drop(st);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
@@ -136,7 +247,13 @@ async fn accept_loop(state: Rc<RefCell<ShardState>>, listener: TcpListener) {
         }
         let _ = stream.set_nodelay(true);
         state.borrow().metrics().inc(Counter::ClientConnections);
-        tokio_uring::spawn(conn_task(state.clone(), stream));
+        count.open.set(count.open.get() + 1);
+        state
+            .borrow()
+            .metrics()
+            .gauge_add(Gauge::OpenConnections, 1);
+        let guard = ConnGuard(count.clone());
+        tokio_uring::spawn(conn_task(state.clone(), stream, peer, guard));
     }
 }
 
@@ -204,6 +321,9 @@ fn trim_heap() {
 pub async fn read_more(stream: &TcpStream, buf: &mut BytesMut, want: usize) -> bool {
     read_some(stream, buf, want, want).await.is_some()
 }
+
+/// Most room one read of a request body adds to its buffer.
+pub const BODY_READ_CHUNK: usize = 16 * 1024;
 
 /// Room below which a buffer is not worth reading into: a new one is taken.
 const MIN_SPARE: usize = 128;
@@ -276,7 +396,12 @@ fn error_response(state: &Rc<RefCell<ShardState>>, status: u16, code: &str, msg:
 }
 
 /// One accepted connection: HTTP/1.1 requests until it upgrades or closes.
-async fn conn_task(state: Rc<RefCell<ShardState>>, stream: TcpStream) {
+async fn conn_task(
+    state: Rc<RefCell<ShardState>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    guard: ConnGuard,
+) {
     let stream = Rc::new(stream);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let (head_limit, body_limit, handshake) = {
@@ -316,12 +441,24 @@ async fn conn_task(state: Rc<RefCell<ShardState>>, stream: TcpStream) {
         let path = path.to_string();
         let query = query.to_string();
         if path == "/runners/connect" {
-            runner::serve(state, stream, head, buf, &query).await;
+            runner::serve(state, stream, head, buf, &query, peer).await;
             return;
         }
         if is_upgrade(&head) {
-            client::serve(state, stream, head, buf, &path, &query).await;
+            client::serve(state, stream, head, buf, &path, &query, guard).await;
             return;
+        }
+        let gateway = match path.as_str() {
+            "/livez" | "/readyz" | "/metrics" => None,
+            _ => client::parse_target(&head, &path, &query),
+        };
+        // The engine API is checked before its body is read: a refused caller makes torpor
+        // hold nothing.
+        if gateway.is_none() && !path.starts_with("/gateway/") {
+            if let Some(resp) = api_gate(&state, &head, &path, peer) {
+                write_response(&stream, &closing(resp)).await;
+                return;
+            }
         }
         // Plain HTTP: read the body, answer, keep the connection alive.
         let body = match read_body(&stream, &head, &mut buf, body_limit, deadline).await {
@@ -335,7 +472,7 @@ async fn conn_task(state: Rc<RefCell<ShardState>>, stream: TcpStream) {
             }
         };
         let keep_alive = head.keep_alive();
-        let resp = route_http(&state, &head, &path, &query, body).await;
+        let resp = route_http(&state, &head, &path, &query, gateway, body).await;
         let resp = if keep_alive { resp } else { closing(resp) };
         if !write_response(&stream, &resp).await || !keep_alive {
             return;
@@ -360,8 +497,11 @@ async fn read_body(
         BodyKind::Length(n) => {
             let n = n as usize;
             while buf.len() < n {
-                match tokio::time::timeout_at(deadline, read_more(stream, buf, n - buf.len())).await
-                {
+                // Room for what arrives, not for what the head declares: a client that
+                // declares 20 MiB and sends 1 KiB makes torpor hold about 1 KiB (the buffer
+                // doubles as bytes come).
+                let want = (n - buf.len()).min(BODY_READ_CHUNK);
+                match tokio::time::timeout_at(deadline, read_more(stream, buf, want)).await {
                     Ok(true) => {}
                     _ => {
                         return Err(Response::error(
@@ -423,7 +563,61 @@ pub async fn ask_control(
     }
 }
 
+/// The access check of an engine API route (everything but the gateway): `None` lets the
+/// request through, `Some` is the refusal (401/403) or the answer to a CORS preflight.
+fn api_gate(
+    state: &Rc<RefCell<ShardState>>,
+    head: &RequestHead,
+    path: &str,
+    peer: SocketAddr,
+) -> Option<Response> {
+    let access = state.borrow().shared.access.clone();
+    if head.method == "OPTIONS" {
+        state.borrow().metrics().inc(Counter::CorsPreflights);
+        return Some(access.api_preflight(head));
+    }
+    if access::is_public_route(path) {
+        return None;
+    }
+    let denied = access.check_api(head, peer).err()?;
+    let st = state.borrow();
+    st.metrics().inc(Counter::Unauthorized);
+    st.metrics().error(denied.code(false));
+    crate::warn_limited!(st.metrics(), %peer, code = denied.code(false), path, "engine API call refused");
+    Some(denied.response(false))
+}
+
 async fn route_http(
+    state: &Rc<RefCell<ShardState>>,
+    head: &RequestHead,
+    path: &str,
+    query: &str,
+    gateway: Option<client::Target>,
+    body: Bytes,
+) -> Response {
+    if let Some(target) = gateway {
+        // Preflights are the gateway's to answer: they carry no credentials, and tunnelling
+        // one would wake the actor for nothing.
+        let mut resp = if head.method == "OPTIONS" {
+            state.borrow().metrics().inc(Counter::CorsPreflights);
+            access::gateway_preflight(head)
+        } else {
+            gateway::serve_http(state, head, target, body).await
+        };
+        if head.header("origin").is_some() && head.method != "OPTIONS" {
+            access::gateway_cors(head, &mut resp);
+        }
+        return resp;
+    }
+    if path.starts_with("/gateway/") {
+        return error_response(state, 404, "request.not_found", "no such route");
+    }
+    let mut resp = route_api(state, head, path, query, body).await;
+    state.borrow().shared.access.api_cors(head, &mut resp);
+    resp
+}
+
+async fn route_api(
     state: &Rc<RefCell<ShardState>>,
     head: &RequestHead,
     path: &str,
@@ -450,12 +644,6 @@ async fn route_http(
             return r;
         }
         _ => {}
-    }
-    if let Some(target) = client::parse_target(head, path, query) {
-        return gateway::serve_http(state, head, target, body).await;
-    }
-    if path.starts_with("/gateway/") {
-        return error_response(state, 404, "request.not_found", "no such route");
     }
     let method = head.method.clone();
     let path = path.to_string();

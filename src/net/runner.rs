@@ -21,14 +21,6 @@ use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_uring::net::TcpStream;
 
-/// Constant-time comparison for the runner token.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -42,7 +34,22 @@ pub async fn serve(
     head: RequestHead,
     mut buf: BytesMut,
     query: &str,
+    peer: std::net::SocketAddr,
 ) {
+    // The token (or, in protected mode, a loopback peer) before anything else: a refused
+    // runner makes torpor hold nothing.
+    let access = state.borrow().shared.access.clone();
+    if let Err(denied) = access.check_runner(&head, peer) {
+        {
+            let st = state.borrow();
+            st.metrics().inc(Counter::Unauthorized);
+            crate::warn_limited!(st.metrics(), %peer, code = denied.code(true), "runner connection refused");
+        }
+        let resp = denied.response(true);
+        state.borrow().metrics().error(denied.code(true));
+        write_response(&stream, &closing(resp)).await;
+        return;
+    }
     let params = parse_query(query);
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let (Some(version), Some(namespace), Some(runner_key)) = (
@@ -79,27 +86,6 @@ pub async fn serve(
             return;
         }
     };
-    let offered: Vec<String> = crate::ws::handshake::offered_protocols(&head)
-        .map(str::to_string)
-        .collect();
-    let token = state.borrow().shared.config.runner_token.clone();
-    if let Some(token) = token {
-        let ok = offered
-            .iter()
-            .filter_map(|p| p.strip_prefix("rivet_token."))
-            .any(|t| ct_eq(t.as_bytes(), token.as_bytes()));
-        if !ok {
-            refuse(
-                &state,
-                &stream,
-                401,
-                "runner.unauthorized",
-                "missing or wrong runner token",
-            )
-            .await;
-            return;
-        }
-    }
     let (namespace, runner_key) = (namespace.to_string(), runner_key.to_string());
     let accept = crate::ws::handshake::accept_key(key);
     let resp = Bytes::from(crate::ws::handshake::response_101(&accept, Some("rivet")));
@@ -173,6 +159,7 @@ pub async fn serve(
                         st.metrics().inc(Counter::RunnerConnections);
                         st.control(ControlMsg::RunnerInit {
                             conn,
+                            peer,
                             namespace: namespace.clone(),
                             runner_key: runner_key.clone(),
                             init,

@@ -62,6 +62,8 @@ pub struct Shared {
     pub control: crossbeam_channel::Sender<control::ControlMsg>,
     /// Set on SIGTERM: `/readyz` answers 503 and listeners stop accepting.
     pub draining: Arc<AtomicBool>,
+    /// Who may call the engine API and connect runners.
+    pub access: Arc<crate::http::access::Access>,
 }
 
 /// What [`Shared::new`] makes besides the shared part: each shard's inbox (index = shard
@@ -89,6 +91,7 @@ impl Shared {
         }
         let (control, control_rx) = crossbeam_channel::unbounded();
         let shared = Shared {
+            access: Arc::new(crate::http::access::Access::from_config(&config)),
             config,
             metrics,
             gateway_id,

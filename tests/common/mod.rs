@@ -93,7 +93,26 @@ pub struct Daemon {
     pub proc: Proc,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// The admin token it was started with (`TORPOR_AUTH__ADMIN_TOKEN`), sent by `metrics`.
+    pub token: Option<String>,
     keep_data_dir: bool,
+}
+
+/// Waits (bounded) until nothing listens on `addr`. After a `kill -9` the dead process's
+/// listener can outlive it for a moment (its io_uring still holds an accept), and torpor
+/// refuses to start on an address that another socket listens on.
+pub fn wait_port_free(addr: SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        if s.bind(&addr.into()).is_ok() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{addr} stayed in use");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 impl Daemon {
@@ -130,6 +149,15 @@ impl Daemon {
         args: &[&str],
     ) -> Daemon {
         let data_dir = data_dir.to_path_buf();
+        if let Ok(a) = listen.parse::<SocketAddr>() {
+            if a.port() != 0 {
+                wait_port_free(a);
+            }
+        }
+        let token = env
+            .iter()
+            .find(|(k, _)| *k == "TORPOR_AUTH__ADMIN_TOKEN")
+            .map(|(_, v)| v.to_string());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_torpor"));
         cmd.args(["serve", "--listen", listen, "--shards"])
             .arg(shards.to_string())
@@ -156,8 +184,26 @@ impl Daemon {
             proc,
             addr,
             data_dir,
+            token,
             keep_data_dir: false,
         }
+    }
+
+    /// The daemon's resident set size in bytes (`VmRSS` from `/proc`).
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.child.id()))
+            .expect("daemon status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
+    /// Creates an actor (with the daemon's token, if any) and returns its id.
+    pub fn create_actor(&self, name: &str, key: Option<&str>) -> String {
+        create_actor_auth(self.addr, self.token.as_deref(), name, key)
     }
 
     pub fn endpoint(&self) -> String {
@@ -166,7 +212,13 @@ impl Daemon {
 
     /// GET /metrics, parsed into (series, value) pairs.
     pub fn metrics(&self) -> Vec<(String, f64)> {
-        let (_, _, body) = http(self.addr, "GET", "/metrics", &[], b"");
+        let bearer = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("authorization", b.as_str()))
+            .collect();
+        let (status, _, body) = http(self.addr, "GET", "/metrics", &headers, b"");
+        assert_eq!(status, 200, "GET /metrics");
         String::from_utf8(body)
             .unwrap()
             .lines()
@@ -233,6 +285,25 @@ impl Runner {
             .to_string();
         Runner { proc, runner_id }
     }
+
+    /// Starts the echo runner without waiting for it to be ready (it may never be).
+    pub fn spawn_unready(endpoint: &str, args: &[&str]) -> Runner {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_echo-runner"));
+        cmd.arg("--endpoint").arg(endpoint).args(args);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+        Runner {
+            proc: Proc::spawn("echo-runner", cmd),
+            runner_id: String::new(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
 }
 
 /// A minimal HTTP/1.1 client: returns (status, headers, body).
@@ -298,6 +369,16 @@ pub fn json_body(body: &[u8]) -> serde_json::Value {
 
 /// Creates an actor through the engine API and returns its id.
 pub fn create_actor(addr: SocketAddr, name: &str, key: Option<&str>) -> String {
+    create_actor_auth(addr, None, name, key)
+}
+
+/// Creates an actor, sending `token` as the bearer credential when given.
+pub fn create_actor_auth(
+    addr: SocketAddr,
+    token: Option<&str>,
+    name: &str,
+    key: Option<&str>,
+) -> String {
     let mut body = serde_json::json!({
         "name": name,
         "runner_name_selector": "default",
@@ -306,11 +387,16 @@ pub fn create_actor(addr: SocketAddr, name: &str, key: Option<&str>) -> String {
     if let Some(k) = key {
         body["key"] = serde_json::Value::String(k.to_string());
     }
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(b) = &bearer {
+        headers.push(("authorization", b.as_str()));
+    }
     let (status, _, resp) = http(
         addr,
         "POST",
         "/actors?namespace=default",
-        &[("content-type", "application/json")],
+        &headers,
         body.to_string().as_bytes(),
     );
     assert_eq!(
