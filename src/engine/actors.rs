@@ -94,6 +94,12 @@ pub enum CreateError {
     KeyTooLong,
     #[error("actor input too large")]
     InputTooLarge,
+    #[error("runner name selector too long")]
+    RunnerNameTooLong,
+    #[error("namespace name too long")]
+    NamespaceTooLong,
+    #[error("too many actors in the namespace")]
+    NamespaceQuota,
 }
 
 /// Read-only view of an actor (API responses, tests, metrics).
@@ -126,7 +132,10 @@ pub(super) struct Actor {
     pub runner_name: String,
     pub crash_policy: CrashPolicy,
     pub create_ts: i64,
-    pub input: Option<Vec<u8>>,
+    /// The actor has an `input`. Its bytes are in the store (`engine/input/{id}`, or in
+    /// `Engine::fresh_inputs` until written) and are read again for each start, so that an
+    /// actor that waits for a runner holds none of it.
+    pub has_input: bool,
     pub generation: u32,
     pub allocated: bool,
     pub status: ActorStatus,
@@ -227,12 +236,80 @@ impl Engine {
         (out, None)
     }
 
-    /// Actor names announced by the runners of a namespace, with their metadata JSON text.
-    pub fn actor_names(&self, namespace: &str) -> Vec<(String, String)> {
-        self.actor_names
-            .get(namespace)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default()
+    /// One page of the actor names announced by the runners of a namespace that are known
+    /// now (connected or not yet lost), in name order after `after`: at most `limit` names
+    /// with their metadata JSON text.
+    pub fn actor_names(
+        &self,
+        namespace: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<(String, String)> {
+        use std::ops::Bound;
+        let Some(ns) = self.actor_names.get(namespace) else {
+            return Vec::new();
+        };
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        ns.range::<str, _>((start, Bound::Unbounded))
+            .take(limit)
+            .map(|(name, holders)| (name.clone(), holders.metadata().to_string()))
+            .collect()
+    }
+
+    /// Live (not destroyed) actors of a namespace.
+    pub fn live_actors_in(&self, namespace: &str) -> usize {
+        self.live_by_namespace.get(namespace).copied().unwrap_or(0)
+    }
+
+    /// Count one live actor more (`up`) or less in its namespace.
+    pub(super) fn count_live(&mut self, namespace: &str, up: bool) {
+        if up {
+            self.live_actors += 1;
+            *self
+                .live_by_namespace
+                .entry(namespace.to_string())
+                .or_default() += 1;
+            return;
+        }
+        self.live_actors = self.live_actors.saturating_sub(1);
+        if let Some(n) = self.live_by_namespace.get_mut(namespace) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.live_by_namespace.remove(namespace);
+            }
+        }
+    }
+
+    /// The stored input of `actor_id` was read (see [`Engine::take_input_loads`]): its start
+    /// command, held until now, goes out. `None` when the store had none (the actor starts
+    /// without input).
+    pub fn input_loaded(
+        &mut self,
+        actor_id: &str,
+        input: Option<Vec<u8>>,
+        _now: Instant,
+    ) -> Vec<Action> {
+        let Some(idx) = self.actors.get(actor_id).and_then(|a| a.runner) else {
+            return Vec::new();
+        };
+        let Some(r) = self.runners.get_mut(idx) else {
+            return Vec::new();
+        };
+        let mut any = false;
+        for c in r.outbox.iter_mut() {
+            if c.state != CmdState::NeedsInput || c.cmd.checkpoint.actor_id != actor_id {
+                continue;
+            }
+            if let Command::StartActor(start) = &mut c.cmd.inner {
+                start.config.input = input.clone();
+            }
+            c.state = CmdState::Unsent;
+            any = true;
+        }
+        if any {
+            self.flush(idx);
+        }
+        self.take_out()
     }
 
     // -----------------------------------------------------------------------------------------
@@ -312,8 +389,21 @@ impl Engine {
         {
             return Err(CreateError::InputTooLarge);
         }
+        if req
+            .runner_name
+            .as_ref()
+            .is_some_and(|n| n.len() > self.cfg.runner_name_bytes)
+        {
+            return Err(CreateError::RunnerNameTooLong);
+        }
+        if req.namespace.len() > self.cfg.runner_name_bytes {
+            return Err(CreateError::NamespaceTooLong);
+        }
         if self.live_actors >= self.cfg.max_actors {
             return Err(CreateError::TooManyActors);
+        }
+        if self.live_actors_in(&req.namespace) >= self.cfg.actors_per_namespace {
+            return Err(CreateError::NamespaceQuota);
         }
         Ok(())
     }
@@ -344,7 +434,7 @@ impl Engine {
             runner_name,
             crash_policy: req.crash_policy,
             create_ts: self.unix_ms(now),
-            input: req.input,
+            has_input: req.input.is_some(),
             generation: 0,
             allocated: false,
             status: ActorStatus::Sleeping,
@@ -366,12 +456,16 @@ impl Engine {
             dirty: false,
             input_stored: false,
         };
+        let namespace = actor.namespace.clone();
         self.actors.insert(id.clone(), actor);
         if let Some(a) = self.actors.get_mut(&id) {
             mark(&mut self.dirty, a);
         }
+        if let Some(input) = req.input {
+            self.fresh_inputs.insert(id.clone(), input);
+        }
         self.actor_order.insert(seq, id.clone());
-        self.live_actors += 1;
+        self.count_live(&namespace, true);
         id
     }
 
@@ -695,17 +789,27 @@ impl Engine {
             .into_iter()
             .map(|(h, _)| h)
             .collect();
+        // The input comes from the store (`input_loaded`) unless the create that wrote it is
+        // still in this engine call; the start command waits for it.
+        let (input, state) = match (a.has_input, self.fresh_inputs.get(&a.id)) {
+            (false, _) => (None, CmdState::Unsent),
+            (true, Some(fresh)) => (Some(fresh.clone()), CmdState::Unsent),
+            (true, None) => {
+                self.input_loads.push(a.id.clone());
+                (None, CmdState::NeedsInput)
+            }
+        };
         let cmd = Command::StartActor(CommandStartActor {
             config: ActorConfig {
                 name: a.name.clone(),
                 key: a.key.clone(),
                 create_ts: a.create_ts,
-                input: a.input.clone(),
+                input,
             },
             hibernating_requests,
         });
         r.actors.insert(a.id.clone());
-        push_command(a, r, cmd);
+        push_command(a, r, cmd, state);
         let deadline = now + self.cfg.actor_start_threshold;
         set_deadline(&mut self.actor_deadlines, a, Some(deadline));
         self.flush(idx);
@@ -729,7 +833,7 @@ impl Engine {
                     return;
                 };
                 a.status = ActorStatus::Stopping;
-                push_command(a, r, Command::StopActor);
+                push_command(a, r, Command::StopActor, CmdState::Unsent);
                 let deadline = now + self.cfg.actor_stop_threshold;
                 set_deadline(&mut self.actor_deadlines, a, Some(deadline));
                 self.flush(idx);
@@ -821,7 +925,7 @@ impl Engine {
         a.status = ActorStatus::Destroyed;
         a.destroy_ts = Some(now_ms);
         mark(&mut self.dirty, a);
-        a.input = None;
+        a.has_input = false;
         for (h, _) in a.hibernating.drain() {
             self.hib_ops.push(super::persist::hib_delete(actor_id, h));
         }
@@ -835,7 +939,8 @@ impl Engine {
                 self.actor_by_key.remove(&k);
             }
         }
-        self.live_actors = self.live_actors.saturating_sub(1);
+        let namespace = a.namespace.clone();
+        self.count_live(&namespace, false);
         self.destroyed_gc
             .insert((now + retention, actor_id.to_string()));
         self.out.push(Action::ActorDestroyed {
@@ -1070,7 +1175,7 @@ fn set_deadline(
 }
 
 /// Queue the next command of the actor's current generation on its runner.
-fn push_command(a: &mut Actor, r: &mut super::runners::Runner, inner: Command) {
+fn push_command(a: &mut Actor, r: &mut super::runners::Runner, inner: Command, state: CmdState) {
     let index = a.next_cmd_idx;
     a.next_cmd_idx += 1;
     r.outbox.push(OutCmd {
@@ -1082,6 +1187,6 @@ fn push_command(a: &mut Actor, r: &mut super::runners::Runner, inner: Command) {
             },
             inner,
         },
-        state: CmdState::Unsent,
+        state,
     });
 }

@@ -20,6 +20,10 @@ pub const LIST_LIMIT_MAX: usize = 1000;
 pub const LIST_LIMIT_DEFAULT: usize = 100;
 /// Most ids accepted in `actor_ids`.
 pub const ACTOR_IDS_MAX: usize = 100;
+/// `/actors/names` page size when `limit` is absent (the Rivet engine's default), and the
+/// most it returns in one page (the Rivet engine has no maximum; a page is bounded here).
+pub const NAMES_LIMIT_DEFAULT: usize = 100;
+pub const NAMES_LIMIT_MAX: usize = 1000;
 
 /// What to answer. The body is always JSON (`content-type: application/json`).
 #[derive(Debug, Clone, PartialEq)]
@@ -85,7 +89,7 @@ pub fn handle(
         ("GET", ["actors"]) => list_actors(engine, &namespace, query),
         ("POST", ["actors"]) => create_actor(engine, &namespace, body, now),
         ("PUT", ["actors"]) => get_or_create_actor(engine, &namespace, body, now),
-        ("GET", ["actors", "names"]) => actor_names(engine, &namespace),
+        ("GET", ["actors", "names"]) => actor_names(engine, &namespace, query),
         ("GET", ["actors", id]) => match percent_decode(id) {
             Some(id) => get_actor(engine, &namespace, &id),
             None => ApiReply::bad_request("invalid actor id"),
@@ -263,7 +267,8 @@ fn parse_create(engine: &Engine, namespace: &str, body: &[u8]) -> Result<CreateA
     })
 }
 
-fn create_error(e: CreateError) -> ApiReply {
+fn create_error(engine: &Engine, e: CreateError) -> ApiReply {
+    let cfg = engine.config();
     match e {
         CreateError::DuplicateKey => ApiReply::error(
             400,
@@ -285,6 +290,23 @@ fn create_error(e: CreateError) -> ApiReply {
             "input_too_large",
             "The actor input is too large.",
         ),
+        CreateError::RunnerNameTooLong => ApiReply::bad_request(&format!(
+            "runner_name_selector is longer than limits.runner_name_bytes ({} bytes)",
+            cfg.runner_name_bytes
+        )),
+        CreateError::NamespaceTooLong => ApiReply::bad_request(&format!(
+            "namespace is longer than limits.runner_name_bytes ({} bytes)",
+            cfg.runner_name_bytes
+        )),
+        CreateError::NamespaceQuota => ApiReply::error(
+            429,
+            "actor",
+            "quota_exceeded",
+            &format!(
+                "The namespace holds its maximum of {} live actors (limits.actors_per_namespace).",
+                cfg.actors_per_namespace
+            ),
+        ),
     }
 }
 
@@ -299,7 +321,7 @@ fn create_actor(engine: &mut Engine, namespace: &str, body: &[u8], now: Instant)
             reply.actions = actions;
             reply
         }
-        Err(e) => create_error(e),
+        Err(e) => create_error(engine, e),
     }
 }
 
@@ -325,7 +347,7 @@ fn get_or_create_actor(
             reply.actions = actions;
             reply
         }
-        Err(e) => create_error(e),
+        Err(e) => create_error(engine, e),
     }
 }
 
@@ -349,14 +371,28 @@ fn destroy_actor(engine: &mut Engine, namespace: &str, id: &str, now: Instant) -
     }
 }
 
-fn actor_names(engine: &Engine, namespace: &str) -> ApiReply {
+/// `GET /actors/names?namespace=&limit=&cursor=`, paginated as the Rivet engine does it
+/// (`api-peer/src/actors/list_names.rs`): names in order after `cursor`, at most `limit`
+/// (default 100), and the cursor of the next page is the last name of this one (`null` for an
+/// empty page).
+fn actor_names(engine: &Engine, namespace: &str, query: &[(String, String)]) -> ApiReply {
+    let limit = match param(query, "limit") {
+        None => NAMES_LIMIT_DEFAULT,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if n >= 1 => n.min(NAMES_LIMIT_MAX),
+            _ => return ApiReply::bad_request("limit must be a positive integer"),
+        },
+    };
+    let cursor = param(query, "cursor").filter(|s| !s.is_empty());
+    let page = engine.actor_names(namespace, cursor, limit);
+    let next = page.last().map(|(name, _)| name.clone());
     let mut names = Map::new();
-    for (name, metadata) in engine.actor_names(namespace) {
+    for (name, metadata) in page {
         let metadata = match serde_json::from_str::<Value>(&metadata) {
             Ok(v @ Value::Object(_)) => v,
             _ => json!({}),
         };
         names.insert(name, json!({ "metadata": metadata }));
     }
-    ApiReply::ok(json!({ "names": names, "pagination": { "cursor": null } }))
+    ApiReply::ok(json!({ "names": names, "pagination": { "cursor": next } }))
 }

@@ -72,6 +72,7 @@ pub use persist::{
     actor_key, hib_key, input_key, ActorRecord, HibernatingRecord, RecordError, RestoreReport,
     StoreOp, ACTOR_KEY_PREFIX, HIB_KEY_PREFIX, INPUT_KEY_PREFIX, KEY_PREFIX, RECORD_VERSION,
 };
+pub use runners::InitReport;
 
 /// One runner WebSocket connection, as the shards name it: owning shard, slab slot, and the
 /// slot's generation (so that a reused slot is a different connection).
@@ -175,11 +176,22 @@ pub struct EngineConfig {
     pub destroyed_retention: Duration,
     /// Live (not destroyed) actors at most; creation beyond is refused.
     pub max_actors: usize,
-    /// Largest decoded `input` accepted on create.
+    /// Live actors of one namespace at most (`limits.actors_per_namespace`).
+    pub actors_per_namespace: usize,
+    /// Largest decoded `input` accepted on create (`limits.actor_input_bytes`).
     pub max_input_bytes: usize,
-    /// Largest actor name / key, in bytes.
+    /// Largest actor name / key, in bytes (`limits.actor_name_bytes`, `actor_key_bytes`).
     pub max_name_bytes: usize,
     pub max_key_bytes: usize,
+    /// Largest `totalSlots` of a runner; more is clamped (`limits.runner_max_slots`).
+    pub runner_max_slots: u32,
+    /// Largest namespace, runner name, runner key and `runner_name_selector`, in bytes
+    /// (`limits.runner_name_bytes`).
+    pub runner_name_bytes: usize,
+    /// Most `prepopulateActorNames` entries in one runner `Init`.
+    pub runner_actor_names: usize,
+    /// Largest metadata JSON of one announced actor name, and of the `Init` metadata.
+    pub runner_actor_metadata_bytes: usize,
     /// Runner name used when a create request does not name one.
     pub default_runner_name: String,
     /// Datacenter name reported by `/datacenters` and on actors.
@@ -201,9 +213,14 @@ impl Default for EngineConfig {
             hibernation_eligible: Duration::from_secs(90),
             destroyed_retention: Duration::from_secs(600),
             max_actors: 1_000_000,
+            actors_per_namespace: 100_000,
             max_input_bytes: 4 * 1024 * 1024,
             max_name_bytes: 256,
             max_key_bytes: 1024,
+            runner_max_slots: 100_000,
+            runner_name_bytes: 256,
+            runner_actor_names: 1000,
+            runner_actor_metadata_bytes: 16 * 1024,
             default_runner_name: "default".to_string(),
             datacenter: "default".to_string(),
             public_url: "http://127.0.0.1:6420".to_string(),
@@ -239,6 +256,8 @@ pub struct Engine {
     actor_order: BTreeMap<u64, String>,
     next_actor_seq: u64,
     live_actors: usize,
+    /// Live actors per namespace (for `actors_per_namespace`); no entry at 0.
+    live_by_namespace: HashMap<String, usize>,
     /// Actors that want a runner and found none with room, oldest first.
     pending: VecDeque<String>,
     /// (alarm Unix ms, actor id).
@@ -247,8 +266,14 @@ pub struct Engine {
     actor_deadlines: BTreeSet<(Instant, String)>,
     /// Destroyed actors to forget: (forget at, actor id).
     destroyed_gc: BTreeSet<(Instant, String)>,
-    /// Actor names announced by runners: namespace → name → metadata JSON text.
-    actor_names: BTreeMap<String, BTreeMap<String, String>>,
+    /// Actor names announced by the runners currently known, by namespace (see
+    /// `runners::NameHolders`). A runner's names leave with the runner.
+    actor_names: HashMap<String, BTreeMap<String, runners::NameHolders>>,
+    /// Inputs of created actors not yet handed to the store by `take_store_ops` (the only
+    /// time the engine holds an input apart from a start command on its way to a runner).
+    fresh_inputs: HashMap<String, Vec<u8>>,
+    /// Actors whose stored input must be read for a start command (`take_input_loads`).
+    input_loads: Vec<String>,
 
     waiters: HashMap<u64, Waiter>,
     waiter_deadlines: BTreeSet<(Instant, u64)>,
@@ -280,11 +305,14 @@ impl Engine {
             actor_order: BTreeMap::new(),
             next_actor_seq: 0,
             live_actors: 0,
+            live_by_namespace: HashMap::new(),
             pending: VecDeque::new(),
             alarms: BTreeSet::new(),
             actor_deadlines: BTreeSet::new(),
             destroyed_gc: BTreeSet::new(),
-            actor_names: BTreeMap::new(),
+            actor_names: HashMap::new(),
+            fresh_inputs: HashMap::new(),
+            input_loads: Vec::new(),
             waiters: HashMap::new(),
             waiter_deadlines: BTreeSet::new(),
             out: Vec::new(),
@@ -401,6 +429,13 @@ impl Engine {
 
     // -----------------------------------------------------------------------------------------
     // internals shared by the sub-modules
+
+    /// Actors whose stored input (`engine/input/{id}`) the shell must read and hand to
+    /// [`Engine::input_loaded`]: their start command waits for it. Call after every entry
+    /// point, after [`Engine::take_store_ops`] (whose writes the reads must follow).
+    pub fn take_input_loads(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.input_loads)
+    }
 
     fn take_out(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.out)

@@ -237,6 +237,8 @@ impl Engine {
     pub fn take_store_ops(&mut self) -> Vec<StoreOp> {
         let dirty = std::mem::take(&mut self.dirty);
         let later = std::mem::take(&mut self.store_deletes);
+        // Inputs of this call's creates go to the store and leave memory.
+        let mut fresh = std::mem::take(&mut self.fresh_inputs);
         let mut inputs = Vec::new();
         let mut records = Vec::new();
         let mut deletes = Vec::new();
@@ -245,15 +247,16 @@ impl Engine {
                 continue;
             };
             a.dirty = false;
-            match (&a.input, a.input_stored) {
-                (Some(input), false) => {
+            let fresh = fresh.remove(&id);
+            match (a.has_input, a.input_stored, fresh) {
+                (true, false, Some(input)) => {
                     inputs.push(StoreOp::Put {
                         key: input_key(&id),
-                        value: input.clone(),
+                        value: input,
                     });
                     a.input_stored = true;
                 }
-                (None, true) => {
+                (false, true, _) => {
                     deletes.push(StoreOp::Delete {
                         key: input_key(&id),
                     });
@@ -293,7 +296,7 @@ impl Engine {
             runner_name: a.runner_name.clone(),
             crash_policy: a.crash_policy.as_str().to_string(),
             create_ts: a.create_ts,
-            input: a.input.is_some(),
+            input: a.has_input,
             generation: a.generation,
             allocated: a.allocated,
             destroy_requested: a.destroy_requested && a.status != ActorStatus::Destroyed,
@@ -319,7 +322,8 @@ impl Engine {
         I: IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
     {
         let mut report = RestoreReport::default();
-        let mut inputs: HashMap<String, Vec<u8>> = HashMap::new();
+        // Ids with a stored input: the bytes stay in the store until a start reads them.
+        let mut inputs: HashSet<String> = HashSet::new();
         let mut records: Vec<ActorRecord> = Vec::new();
         // Ids that have an actor entry, parsable or not (their inputs are not orphans).
         let mut actor_ids: HashSet<String> = HashSet::new();
@@ -347,7 +351,7 @@ impl Engine {
             } else if let Some(id) = k.strip_prefix(INPUT_KEY_PREFIX) {
                 match std::str::from_utf8(id) {
                     Ok(id) => {
-                        inputs.insert(id.to_string(), v);
+                        inputs.insert(id.to_string());
                     }
                     Err(_) => report.skipped += 1,
                 }
@@ -380,7 +384,7 @@ impl Engine {
                 if forget_ms <= now_ms {
                     report.expired += 1;
                     expired_ids.insert(rec.id.clone());
-                    if inputs.remove(&rec.id).is_some() {
+                    if inputs.remove(&rec.id) {
                         self.store_deletes.push(input_key(&rec.id));
                     }
                     self.store_deletes.push(actor_key(&rec.id));
@@ -390,9 +394,9 @@ impl Engine {
                 let left = Duration::from_millis(forget_ms.saturating_sub(now_ms) as u64)
                     .min(self.cfg.destroyed_retention);
                 let forget_at = now + left;
-                let input_stored = inputs.remove(&rec.id).is_some();
+                let input_stored = inputs.remove(&rec.id);
                 let id = rec.id.clone();
-                self.insert_restored(rec, crash_policy, None, input_stored, HashMap::new());
+                self.insert_restored(rec, crash_policy, false, input_stored, HashMap::new());
                 if let Some(a) = self.actors.get_mut(&id) {
                     a.status = ActorStatus::Destroyed;
                     if input_stored {
@@ -411,15 +415,10 @@ impl Engine {
                     continue;
                 }
             }
-            let input = if rec.input {
-                let i = inputs.remove(&rec.id);
-                if i.is_none() {
-                    report.missing_input += 1;
-                }
-                i
-            } else {
-                None
-            };
+            let has_input = rec.input && inputs.remove(&rec.id);
+            if rec.input && !has_input {
+                report.missing_input += 1;
+            }
             let legacy = rec.hibernating.iter().map(|h| {
                 let req = HibernatingRequest {
                     gateway_id: h.gateway_id,
@@ -455,8 +454,8 @@ impl Engine {
             let rewrite = !rec.hibernating.is_empty();
             let id = rec.id.clone();
             let destroy_requested = rec.destroy_requested;
-            let has_input = input.is_some();
-            self.insert_restored(rec, crash_policy, input, has_input, hibernating);
+            let namespace = rec.namespace.clone();
+            self.insert_restored(rec, crash_policy, has_input, has_input, hibernating);
             if let Some(a) = self.actors.get_mut(&id) {
                 if rewrite {
                     // Rewrite a record of an earlier version without its sockets.
@@ -476,7 +475,7 @@ impl Engine {
                     );
                 }
             }
-            self.live_actors += 1;
+            self.count_live(&namespace, true);
             if destroy_requested {
                 finish_destroy.push(id);
             } else {
@@ -498,7 +497,7 @@ impl Engine {
         }
         // Inputs whose actor has no entry at all were written just before a create that never
         // reached the store.
-        for id in inputs.into_keys() {
+        for id in inputs {
             if !actor_ids.contains(&id) {
                 self.store_deletes.push(input_key(&id));
             }
@@ -516,7 +515,7 @@ impl Engine {
         &mut self,
         rec: ActorRecord,
         crash_policy: CrashPolicy,
-        input: Option<Vec<u8>>,
+        has_input: bool,
         input_stored: bool,
         hibernating: HashMap<HibernatingRequest, Instant>,
     ) {
@@ -531,7 +530,7 @@ impl Engine {
             runner_name: rec.runner_name,
             crash_policy,
             create_ts: rec.create_ts,
-            input,
+            has_input,
             generation: rec.generation,
             allocated: rec.allocated,
             status: ActorStatus::Sleeping,

@@ -6,6 +6,7 @@
 //! never send a command twice unless a fence proved the first copy was not received.
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Action, ActorStatus, ConnRef, Engine, RunnerIdx};
@@ -26,6 +27,9 @@ pub(super) enum CmdState {
     Sent { conn: ConnRef, seq: u64 },
     /// Sent on a connection that went away without proof: waits for the fence.
     Held,
+    /// A start whose input is being read from the store (`Engine::input_loaded`); like
+    /// `Held`, it holds back the later commands of its actor.
+    NeedsInput,
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +46,30 @@ pub(super) struct Fence {
     pub seq: u64,
 }
 
+/// The runners that announced one actor name (`prepopulateActorNames`), oldest first, each
+/// with the metadata JSON it sent. The name shows the latest announcer's metadata; identical
+/// texts share one allocation (every runner of an app usually sends the same).
+#[derive(Debug, Default)]
+pub(super) struct NameHolders(Vec<(usize, Arc<str>)>);
+
+impl NameHolders {
+    pub fn metadata(&self) -> &str {
+        self.0.last().map(|(_, m)| &**m).unwrap_or("{}")
+    }
+}
+
+/// What [`Engine::runner_init_report`] did besides its actions, for the shell's logs and
+/// counters (the engine knows no peer addresses).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InitReport {
+    /// The connection was refused (closed with 1011 `runner.init_too_large`): which limit.
+    pub refused: Option<String>,
+    /// The `totalSlots` the runner asked for, when it was above `runner_max_slots`.
+    pub slots_clamped_from: Option<u32>,
+    /// The older live connection of the same runner that this one evicted (`ws.eviction`).
+    pub evicted: Option<ConnRef>,
+}
+
 #[derive(Debug)]
 pub(super) struct Runner {
     pub runner_id: String,
@@ -51,6 +79,8 @@ pub(super) struct Runner {
     pub version: u32,
     pub total_slots: u32,
     pub metadata: Option<String>,
+    /// The actor names this runner announced (see `Engine::actor_names`).
+    pub actor_names: Vec<String>,
     pub conn: Option<ConnRef>,
     pub disconnected_at: Option<Instant>,
     pub stopping: bool,
@@ -108,16 +138,45 @@ impl Engine {
         init: ToServerInit,
         now: Instant,
     ) -> Vec<Action> {
+        self.runner_init_report(conn, namespace, runner_key, init, now)
+            .0
+    }
+
+    /// [`Engine::runner_init`], also telling what the shell should log and count: a refused
+    /// `Init` (a name, key, namespace, name list or metadata above its limit: the connection
+    /// is closed with 1011 `runner.init_too_large` and the runner gets no state), a clamped
+    /// `totalSlots`, an evicted older connection.
+    pub fn runner_init_report(
+        &mut self,
+        conn: ConnRef,
+        namespace: &str,
+        runner_key: &str,
+        mut init: ToServerInit,
+        now: Instant,
+    ) -> (Vec<Action>, InitReport) {
+        let mut report = InitReport::default();
         if self.runner_by_conn.contains_key(&conn) {
             // A second Init on a live connection changes nothing.
-            return Vec::new();
+            return (Vec::new(), report);
         }
-        if let Some(names) = &init.prepopulate_actor_names {
-            let ns = self.actor_names.entry(namespace.to_string()).or_default();
-            for (name, an) in &names.0 {
-                ns.insert(name.clone(), an.metadata.clone());
-            }
+        if let Some(why) = self.init_refusal(namespace, runner_key, &init) {
+            report.refused = Some(why);
+            self.out.push(Action::CloseRunner {
+                conn,
+                code: 1011,
+                reason: "runner.init_too_large",
+            });
+            return (self.take_out(), report);
         }
+        if init.total_slots > self.cfg.runner_max_slots {
+            report.slots_clamped_from = Some(init.total_slots);
+            init.total_slots = self.cfg.runner_max_slots;
+        }
+        let names: Vec<(String, String)> = init
+            .prepopulate_actor_names
+            .take()
+            .map(|m| m.0.into_iter().map(|(n, a)| (n, a.metadata)).collect())
+            .unwrap_or_default();
         let identity: Identity = (
             namespace.to_string(),
             init.name.clone(),
@@ -128,6 +187,7 @@ impl Engine {
                 let r = &mut self.runners[idx];
                 if let Some(old) = r.conn.take() {
                     self.runner_by_conn.remove(&old);
+                    report.evicted = Some(old);
                     self.out.push(Action::CloseRunner {
                         conn: old,
                         code: 1000,
@@ -149,6 +209,7 @@ impl Engine {
                     version: init.version,
                     total_slots: init.total_slots,
                     metadata: init.metadata,
+                    actor_names: Vec::new(),
                     conn: None,
                     disconnected_at: None,
                     stopping: false,
@@ -162,6 +223,9 @@ impl Engine {
                 idx
             }
         };
+        // A reconnect replaces the names of the runner's previous connection.
+        self.withdraw_names(idx);
+        self.announce_names(idx, names);
         let Ok(runner_idx) = RunnerIdx::try_from(idx) else {
             // Only reachable with more than 2^32 runner records.
             self.out.push(Action::CloseRunner {
@@ -169,7 +233,7 @@ impl Engine {
                 code: 1011,
                 reason: "engine.too_many_runners",
             });
-            return self.take_out();
+            return (self.take_out(), report);
         };
         self.runner_by_conn.insert(conn, idx);
         let metadata = ProtocolMetadata {
@@ -196,7 +260,7 @@ impl Engine {
                     c.state = CmdState::Held;
                     in_doubt = true;
                 }
-                CmdState::Unsent => {}
+                CmdState::Unsent | CmdState::NeedsInput => {}
             }
         }
         // A reconnect of a runner that hosts actors proves which it still holds (see `proof`).
@@ -226,7 +290,122 @@ impl Engine {
         }
         self.out.push(Action::RunnerAttached { runner_idx, conn });
         self.answer_runner_waiters(idx);
-        self.take_out()
+        (self.take_out(), report)
+    }
+
+    /// Why an `Init` is refused, if it is: a field above its configured limit.
+    fn init_refusal(
+        &self,
+        namespace: &str,
+        runner_key: &str,
+        init: &ToServerInit,
+    ) -> Option<String> {
+        let name_max = self.cfg.runner_name_bytes;
+        let meta_max = self.cfg.runner_actor_metadata_bytes;
+        let over = |what: &str, len: usize, max: usize, limit: &str| {
+            (len > max).then(|| format!("{what} is {len} bytes, limits.{limit} is {max}"))
+        };
+        if let Some(why) = over("namespace", namespace.len(), name_max, "runner_name_bytes")
+            .or_else(|| {
+                over(
+                    "runner name",
+                    init.name.len(),
+                    name_max,
+                    "runner_name_bytes",
+                )
+            })
+            .or_else(|| {
+                over(
+                    "runner key",
+                    runner_key.len(),
+                    name_max,
+                    "runner_name_bytes",
+                )
+            })
+        {
+            return Some(why);
+        }
+        if let Some(m) = &init.metadata {
+            if let Some(why) = over(
+                "Init metadata",
+                m.len(),
+                meta_max,
+                "runner_actor_metadata_bytes",
+            ) {
+                return Some(why);
+            }
+        }
+        let names = init
+            .prepopulate_actor_names
+            .as_ref()
+            .map(|m| m.0.as_slice());
+        let names = names.unwrap_or_default();
+        if names.len() > self.cfg.runner_actor_names {
+            return Some(format!(
+                "prepopulateActorNames has {} entries, limits.runner_actor_names is {}",
+                names.len(),
+                self.cfg.runner_actor_names
+            ));
+        }
+        names.iter().find_map(|(name, an)| {
+            over(
+                "an actor name",
+                name.len(),
+                self.cfg.max_name_bytes,
+                "actor_name_bytes",
+            )
+            .or_else(|| {
+                over(
+                    &format!("the metadata of actor name {name:?}"),
+                    an.metadata.len(),
+                    meta_max,
+                    "runner_actor_metadata_bytes",
+                )
+            })
+        })
+    }
+
+    /// Record the actor names runner `idx` announced (a repeated name: the last one wins).
+    fn announce_names(&mut self, idx: usize, names: Vec<(String, String)>) {
+        let Some(r) = self.runners.get_mut(idx) else {
+            return;
+        };
+        let ns = self.actor_names.entry(r.namespace.clone()).or_default();
+        let mut mine = Vec::with_capacity(names.len());
+        for (name, metadata) in names {
+            let holders = ns.entry(name.clone()).or_default();
+            holders.0.retain(|(i, _)| *i != idx);
+            let shared = holders.0.iter().find(|(_, m)| **m == *metadata);
+            let metadata = match shared {
+                Some((_, m)) => m.clone(),
+                None => Arc::from(metadata),
+            };
+            holders.0.push((idx, metadata));
+            mine.push(name);
+        }
+        r.actor_names = mine;
+    }
+
+    /// Forget the actor names runner `idx` announced (it is lost, or announces anew).
+    pub(super) fn withdraw_names(&mut self, idx: usize) {
+        let Some(r) = self.runners.get_mut(idx) else {
+            return;
+        };
+        let names = std::mem::take(&mut r.actor_names);
+        let Some(ns) = self.actor_names.get_mut(&r.namespace) else {
+            return;
+        };
+        for name in names {
+            if let Some(holders) = ns.get_mut(&name) {
+                holders.0.retain(|(i, _)| *i != idx);
+                if holders.0.is_empty() {
+                    ns.remove(&name);
+                }
+            }
+        }
+        if ns.is_empty() {
+            self.actor_names.remove(&r.namespace);
+        }
     }
 
     /// A runner connection closed. Ignored unless it is its runner's current connection.
@@ -373,7 +552,7 @@ impl Engine {
         let seq = r.send_seq;
         for c in r.outbox.iter_mut() {
             match c.state {
-                CmdState::Held => {
+                CmdState::Held | CmdState::NeedsInput => {
                     blocked.insert(c.cmd.checkpoint.actor_id.as_str());
                 }
                 CmdState::Unsent => {
@@ -410,6 +589,7 @@ impl Engine {
             return;
         }
         for idx in lost {
+            self.withdraw_names(idx);
             let r = self.runners.remove(idx);
             self.runner_by_identity
                 .remove(&(r.namespace.clone(), r.name.clone(), r.key.clone()));

@@ -4,13 +4,16 @@
 
 use super::state::{Reply, ResolveError as ShardResolveError, Routed};
 use super::{ShardMsg, Shared};
-use crate::engine::{self, Action, ConnRef, Engine, EngineConfig, Resolve, StoreOp};
+use crate::engine::{self, Action, ConnRef, Engine, EngineConfig, InitReport, Resolve, StoreOp};
 use crate::kv::worker::Done;
-use crate::kv::{Job, KvHandle};
+use crate::kv::{Job, KvError, KvHandle, MetaRecord, Reply as KvReply};
+use crate::metrics::Counter;
 use crate::protocol::{self, ToServer, ToServerInit};
 use crate::ws::frame::{encode_header, OpCode};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +21,8 @@ use std::time::{Duration, Instant};
 pub enum ControlMsg {
     RunnerInit {
         conn: ConnRef,
+        /// The runner's address (for the log lines of evictions and refusals).
+        peer: std::net::SocketAddr,
         namespace: String,
         runner_key: String,
         init: ToServerInit,
@@ -62,11 +67,17 @@ pub enum ControlMsg {
         body: Bytes,
         waiter: u64,
     },
+    /// The store's answer to a read of an actor's input (sent by `load_inputs`).
+    InputLoaded {
+        actor_id: String,
+        input: Option<Vec<u8>>,
+    },
     Shutdown,
 }
 
 fn engine_config(shared: &Shared) -> EngineConfig {
     let t = &shared.config.timeouts;
+    let l = &shared.config.limits;
     let d = Duration::from_millis;
     EngineConfig {
         runner_lost_threshold: d(t.runner_lost_threshold_ms),
@@ -74,6 +85,14 @@ fn engine_config(shared: &Shared) -> EngineConfig {
         wake_timeout: d(t.actor_wake_ms),
         hibernation_eligible: d(t.hibernation_eligible_ms),
         public_url: format!("http://{}", shared.config.listen),
+        actors_per_namespace: l.actors_per_namespace,
+        max_input_bytes: l.actor_input_bytes,
+        max_name_bytes: l.actor_name_bytes,
+        max_key_bytes: l.actor_key_bytes,
+        runner_max_slots: l.runner_max_slots,
+        runner_name_bytes: l.runner_name_bytes,
+        runner_actor_names: l.runner_actor_names,
+        runner_actor_metadata_bytes: l.runner_actor_metadata_bytes,
         ..EngineConfig::default()
     }
 }
@@ -101,6 +120,10 @@ pub fn run_control(
     tracing::info!(?report, "control plane restored its actors");
     let tick = Duration::from_millis(50);
     let mut next_tick = Instant::now() + tick;
+    // The TCP peer of each runner connection that sent an accepted Init (for log lines).
+    let mut peers: HashMap<ConnRef, SocketAddr> = HashMap::new();
+    // Actors whose stored input this round of messages needs (read in one job per round).
+    let mut loads: Vec<String> = Vec::new();
     loop {
         let timeout = next_tick.saturating_duration_since(Instant::now());
         let first = match rx.recv_timeout(timeout) {
@@ -116,10 +139,23 @@ pub fn run_control(
                 ControlMsg::Shutdown => return,
                 ControlMsg::RunnerInit {
                     conn,
+                    peer,
                     namespace,
                     runner_key,
                     init,
-                } => engine.runner_init(conn, &namespace, &runner_key, init, now),
+                } => {
+                    let name = init.name.clone();
+                    let (actions, report) =
+                        engine.runner_init_report(conn, &namespace, &runner_key, init, now);
+                    let who = RunnerWho {
+                        namespace: &namespace,
+                        name: &name,
+                        key: &runner_key,
+                        peer,
+                    };
+                    log_init(&shared, &mut peers, conn, who, report);
+                    actions
+                }
                 ControlMsg::RunnerMsg {
                     conn,
                     msg: ToServer::KvRequest(req),
@@ -128,7 +164,13 @@ pub fn run_control(
                     Vec::new()
                 }
                 ControlMsg::RunnerMsg { conn, msg } => engine.runner_message(conn, msg, now),
-                ControlMsg::RunnerClosed { conn } => engine.runner_closed(conn, now),
+                ControlMsg::RunnerClosed { conn } => {
+                    peers.remove(&conn);
+                    engine.runner_closed(conn, now)
+                }
+                ControlMsg::InputLoaded { actor_id, input } => {
+                    engine.input_loaded(&actor_id, input, now)
+                }
                 ControlMsg::Resolve { actor_id, waiter } => {
                     let (r, actions) = engine.resolve(&actor_id, waiter, now);
                     answer_resolve(&shared, waiter, r);
@@ -200,15 +242,120 @@ pub fn run_control(
                 }
             };
             persist(&mut engine, &kv);
+            loads.append(&mut engine.take_input_loads());
             dispatch(&shared, actions);
         }
         let now = Instant::now();
         if now >= next_tick {
             let actions = engine.tick(now);
             persist(&mut engine, &kv);
+            loads.append(&mut engine.take_input_loads());
             dispatch(&shared, actions);
             next_tick = now + tick;
         }
+        if !loads.is_empty() {
+            load_inputs(&shared, &kv, std::mem::take(&mut loads));
+        }
+    }
+}
+
+/// A runner as its log lines name it.
+struct RunnerWho<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    key: &'a str,
+    peer: SocketAddr,
+}
+
+/// At most 64 characters of a name taken from a runner (a refused one may be huge).
+fn short(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Logs and counts what a runner's `Init` did: refused, slots clamped, an older connection
+/// evicted (a takeover: both peers are logged). Keeps the peer of an accepted connection.
+fn log_init(
+    shared: &Shared,
+    peers: &mut HashMap<ConnRef, SocketAddr>,
+    conn: ConnRef,
+    who: RunnerWho<'_>,
+    report: InitReport,
+) {
+    let m = &shared.metrics.control;
+    let (namespace, name, key, peer) = (
+        short(who.namespace),
+        short(who.name),
+        short(who.key),
+        who.peer,
+    );
+    if let Some(why) = report.refused {
+        m.inc(Counter::RunnersRefused);
+        tracing::info!(%peer, namespace, runner = name, runner_key = key, %why,
+            "runner refused: its Init is above a limit (closed with runner.init_too_large)");
+        return;
+    }
+    peers.insert(conn, peer);
+    if let Some(asked) = report.slots_clamped_from {
+        m.inc(Counter::RunnerSlotsClamped);
+        let max = shared.config.limits.runner_max_slots;
+        tracing::info!(%peer, namespace, runner = name, runner_key = key, asked, max,
+            "runner totalSlots clamped to limits.runner_max_slots");
+    }
+    if let Some(old) = report.evicted {
+        m.inc(Counter::RunnerEvictions);
+        let old_peer = peers.get(&old).map(|p| p.to_string());
+        let old_peer = old_peer.as_deref().unwrap_or("unknown");
+        tracing::info!(new_peer = %peer, old_peer, namespace, runner = name, runner_key = key,
+            "runner connection taken over by a newer one with the same key (ws.eviction)");
+    }
+}
+
+/// Reads the stored inputs of `ids` and hands each to the engine as `InputLoaded`.
+///
+/// A read job rather than a blocking read: the control plane keeps serving while the store
+/// works, and the job runs after every write queued before it (so it sees the input of a
+/// create from an earlier round). The store offers no one-key read of a control-plane record
+/// (only `LoadMeta`, every record), so one `LoadMeta` serves all the inputs asked for in a
+/// round, filtered on the store's thread so that only the wanted bytes travel. A failed read
+/// is not answered: the start waits, is stopped at `actor_start_threshold`, and the next
+/// wake reads again (starting without the input would lose it for good).
+fn load_inputs(shared: &Shared, kv: &KvHandle, ids: Vec<String>) {
+    let shared = shared.clone();
+    let job = Job::LoadMeta(KvReply::new(
+        move |res: Result<Vec<MetaRecord>, KvError>| {
+            let records = match res {
+                Ok(r) => r,
+                Err(err) => {
+                    tracing::error!(%err, actors = ids.len(), "reading actor inputs failed");
+                    return;
+                }
+            };
+            let mut wanted: HashSet<Vec<u8>> = ids.iter().map(|id| engine::input_key(id)).collect();
+            for (key, value) in records {
+                if wanted.remove(&key) {
+                    let actor_id = String::from_utf8_lossy(&key[engine::INPUT_KEY_PREFIX.len()..]);
+                    let _ = shared.control.send(ControlMsg::InputLoaded {
+                        actor_id: actor_id.into_owned(),
+                        input: Some(value),
+                    });
+                }
+            }
+            // Not in the store: the actor starts without its input.
+            for key in wanted {
+                let actor_id = String::from_utf8_lossy(&key[engine::INPUT_KEY_PREFIX.len()..]);
+                tracing::warn!(actor_id = %actor_id, "an actor's input is missing from the store");
+                let _ = shared.control.send(ControlMsg::InputLoaded {
+                    actor_id: actor_id.into_owned(),
+                    input: None,
+                });
+            }
+        },
+    ));
+    if kv.submit(job).is_err() {
+        tracing::error!("the store is gone; actor inputs cannot be read");
     }
 }
 
