@@ -32,10 +32,24 @@ if [ ! -x "$venv/bin/kosoku" ] || [ tests/autobahn/requirements.txt -nt "$venv/.
 fi
 export AUTOBAHN_KOSOKU="$PWD/$venv/bin/kosoku"
 
+# Headless Chromium for tests/browser.rs (Debian's package), installed only when missing.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+  else
+    echo "chromium is missing and cannot be installed here (needs root and apt-get): tests/browser.rs will fail under CI" >&2
+  fi
+fi
+
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --locked --all-targets 2>&1 | tee "$log"
-# One closing line for the whole run (the last lines above are the benches' smoke runs).
+# --no-fail-fast: a failing test binary must not hide the ones after it.
+status=0
+cargo test --locked --all-targets --no-fail-fast 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run, also when it failed (the last lines above are the
+# benches' smoke runs).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
