@@ -43,8 +43,11 @@
 //! Actors are durable: identity, key, input, generation, alarm, destroy state and hibernating
 //! records. Every change marks the actor dirty; [`Engine::take_store_ops`] turns the dirty set
 //! into ordered [`StoreOp`]s (one record per actor per call) that the shell writes to the
-//! store, ideally before executing the actions of the same call. Runners, placements,
-//! commands and waiters are not durable: [`Engine::restore`] brings every live actor back
+//! store, ideally before executing the actions of the same call. An actor's `input` is held
+//! only until that write: a start reads it back ([`Engine::take_input_loads`], answered with
+//! [`Engine::input_loaded`]) and its start command waits for it, so actors that wait for a
+//! runner hold no input, and once the start is proven received no copy is left. Runners,
+//! placements, commands and waiters are not durable: [`Engine::restore`] brings every live actor back
 //! asleep, and a runner that reconnects to a restarted gateway gets a new runnerId (so it
 //! stops whatever it still runs) — the record format is described in `persist`.
 //!

@@ -8,7 +8,8 @@
 //! * `engine/input/{actor id}` → the actor's raw `input` bytes. Written once, before the first
 //!   actor record that names it; deleted after the destroyed record. The input (up to
 //!   `max_input_bytes`) lives apart so that the frequent actor record rewrites (each allocation,
-//!   alarm) stay small.
+//!   alarm) stay small. The engine keeps only whether an actor has one; each start reads it
+//!   (see [`Engine::take_input_loads`]), and [`Engine::restore`] does not keep the bytes.
 //! * `engine/hib/{actor id}/{gateway id}{request id}` (the two ids as 4 raw bytes each) → the
 //!   socket's last-seen time, Unix ms as 8 bytes little-endian. One key per hibernatable
 //!   socket, so opening, refreshing or closing one socket writes a few bytes whatever the
