@@ -323,3 +323,84 @@ fn daemon_sockets(daemon: &Daemon) -> usize {
         .filter(|p| p.to_string_lossy().starts_with("socket:"))
         .count()
 }
+
+/// Out of file descriptors: accepting backs off and the warning is written at most once a
+/// second (it used to be written 533 times in 5 s), and the daemon serves again once the
+/// flood closes.
+#[test]
+fn running_out_of_descriptors_does_not_flood_the_log() {
+    use std::io::{BufRead, BufReader};
+    let data = temp_dir("nofile");
+    let log = data.join("stderr.log");
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=96:96")
+        .arg(env!("CARGO_BIN_EXE_torpor"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+            "--data-dir",
+        ])
+        .arg(data.join("store"))
+        .env("TORPOR_PIN_THREADS", "false")
+        .env("TORPOR_LIMITS__CONNECTIONS_PER_SHARD", "10000")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: std::net::SocketAddr = line["torpor listening on ".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let start = Instant::now();
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        flood.push(TcpStream::connect(addr).unwrap());
+    }
+    // Wait until the daemon has hit the limit (it logged the failure once).
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("accept failed")
+    {
+        assert!(Instant::now() < deadline, "never ran out of descriptors");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Stay out of descriptors for a while so the accept loop retries (the bound below is
+    // computed from the time actually taken, so it holds however long this is).
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(flood);
+    // Served again.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let mut out = String::new();
+        use std::io::Read;
+        if s.read_to_string(&mut out).is_ok() && out.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not served after the flood");
+    }
+    let elapsed = start.elapsed().as_secs() + 1;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_dir_all(&data);
+    let lines = text.matches("accept failed").count() as u64;
+    eprintln!("{lines} 'accept failed' lines in about {elapsed} s");
+    assert!(
+        lines <= elapsed + 1,
+        "{lines} 'accept failed' lines in about {elapsed} s:\n{text}"
+    );
+}
