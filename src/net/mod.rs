@@ -230,12 +230,13 @@ async fn accept_loop(state: Rc<RefCell<ShardState>>, listener: TcpListener, coun
             Err(e) => {
                 // Out of descriptors (or another failure): wait, doubling up to a second, so
                 // a flood neither spins the shard nor fills the log.
-                let st = state.borrow();
-                if out_of_fds(&e) {
-                    st.metrics().inc(Counter::AcceptPauses);
+                {
+                    let st = state.borrow();
+                    if out_of_fds(&e) {
+                        st.metrics().inc(Counter::AcceptPauses);
+                    }
+                    crate::warn_limited!(st.metrics(), error = %e, retry_ms = backoff.as_millis() as u64, "accept failed");
                 }
-                crate::warn_limited!(st.metrics(), error = %e, retry_ms = backoff.as_millis() as u64, "accept failed");
-                drop(st);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
