@@ -557,3 +557,256 @@ fn engine_runner_actor_kv_survives_kill_9() {
     assert_eq!(got, serde_json::json!([value]));
     runner.stop();
 }
+
+// ---- the admin token (auth.admin_token) -------------------------------------------------------
+
+/// Spawns the engine-runner script with `ENGINE_RUNNER_TOKEN` (the package's `token` option)
+/// set to `token`, or unset; does not wait for anything.
+fn spawn_engine_runner(endpoint: &str, token: Option<&str>, name: &'static str) -> Proc {
+    let dir = interop_dir();
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join("engine_runner_echo.mjs"))
+        .arg(endpoint)
+        .current_dir(&dir)
+        .env(
+            "ENGINE_RUNNER_LOG",
+            std::env::var("ENGINE_RUNNER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env_remove("ENGINE_RUNNER_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(t) = token {
+        cmd.env("ENGINE_RUNNER_TOKEN", t);
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn node engine_runner_echo.mjs: {e}"));
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            eprintln!("[{name}] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    Proc { child, lines, name }
+}
+
+/// `http` with `Authorization: Bearer <token>` added.
+fn http_bearer(
+    addr: std::net::SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let bearer = format!("Bearer {token}");
+    let mut h = vec![("authorization", bearer.as_str())];
+    h.extend_from_slice(headers);
+    http(addr, method, path, &h, body)
+}
+
+/// One metric series read with the token (0 when absent).
+fn metric_bearer(d: &Daemon, token: &str, series: &str) -> f64 {
+    let (status, _, body) = http_bearer(d.addr, token, "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == series).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Waits (bounded) until a metric read with the token satisfies `pred`.
+fn wait_metric_bearer(d: &Daemon, token: &str, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let v = metric_bearer(d, token, series);
+        if pred(v) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metric {series} stuck at {v}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Creates an echo actor with the token; returns its id.
+fn create_actor_bearer(d: &Daemon, token: &str, key: &str) -> String {
+    let body = serde_json::json!({
+        "name": "echo", "key": key, "runner_name_selector": "default", "crash_policy": "sleep",
+    });
+    let (status, _, resp) = http_bearer(
+        d.addr,
+        token,
+        "POST",
+        "/actors?namespace=default",
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "create: {}", String::from_utf8_lossy(&resp));
+    json_body(&resp)["actor"]["actor_id"]
+        .as_str()
+        .expect("actor.actor_id")
+        .to_string()
+}
+
+fn error_header(headers: &[(String, String)]) -> Option<&str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == "x-rivet-error")
+        .map(|(_, v)| v.as_str())
+}
+
+/// With `auth.admin_token` set, the package's `token` option is all a runner needs: the actor
+/// starts on it, and a WebSocket, HTTP and KV work through the gateway (which clients reach
+/// without the token); the engine API refuses calls without the token.
+#[test]
+fn engine_runner_with_the_admin_token_works_end_to_end() {
+    if !node_available() {
+        return;
+    }
+    let token = format!("er-token-{:x}", common::rand_u64());
+    let d = Daemon::start(1, &[("TORPOR_AUTH__ADMIN_TOKEN", &token)]);
+    let runner = EngineRunner {
+        proc: spawn_engine_runner(&d.endpoint(), Some(&token), "engine-runner+token"),
+    };
+    runner.proc.wait_line("READY ");
+    wait_metric_bearer(&d, &token, "torpor_runners_connected", |v| v == 1.0);
+
+    // The engine API without the token (or with another) is refused.
+    let (status, headers, _) = http(d.addr, "GET", "/actors/names?namespace=default", &[], b"");
+    assert_eq!(
+        (status, error_header(&headers)),
+        (401, Some("api.unauthorized"))
+    );
+    let (status, headers, _) = http_bearer(
+        d.addr,
+        "wrong",
+        "GET",
+        "/actors/names?namespace=default",
+        &[],
+        b"",
+    );
+    assert_eq!(
+        (status, error_header(&headers)),
+        (401, Some("api.unauthorized"))
+    );
+
+    let actor_id = create_actor_bearer(&d, &token, &format!("token-{:x}", common::rand_u64()));
+    runner.expect("ACTOR_STARTED", &actor_id);
+
+    // A WebSocket through the gateway.
+    let mut ws = ws_connect(d.addr, &actor_id, "/echo?token=1");
+    runner.expect("WS_OPEN", &actor_id);
+    let mut rng = Rng(0x70c3_e000_0000_0001);
+    let msgs: Vec<Message> = (0..20)
+        .map(|i| {
+            if i % 2 == 0 {
+                Message::Text(text_of_len(&mut rng, 1 + i * 101).into())
+            } else {
+                Message::Binary(rng.bytes(1 + i * 997).into())
+            }
+        })
+        .collect();
+    echo_all(&mut ws, &msgs);
+    let (code, _) = client_close(&mut ws, 1000, "bye");
+    assert_eq!(code, 1000);
+
+    // HTTP through the gateway.
+    let (status, _, resp) = http(
+        d.addr,
+        "POST",
+        &format!("/gateway/{actor_id}/with/token"),
+        &[("content-type", "text/plain")],
+        b"payload",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    let v = json_body(&resp);
+    assert_eq!(v["path"], "/with/token");
+    assert_eq!(v["body"], "payload");
+
+    // KV through the package's own KV client.
+    kv(
+        &d,
+        &actor_id,
+        serde_json::json!({"op": "put", "entries": [[hex(b"k"), hex(b"v")]]}),
+    )
+    .unwrap();
+    let got = kv(
+        &d,
+        &actor_id,
+        serde_json::json!({"op": "get", "keys": [hex(b"k")]}),
+    )
+    .unwrap();
+    assert_eq!(got, serde_json::json!([hex(b"v")]));
+
+    assert_eq!(
+        metric_bearer(
+            &d,
+            &token,
+            "torpor_errors_total{code=\"runner.unauthorized\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric_bearer(&d, &token, "torpor_runner_protocol_errors_total"),
+        0.0
+    );
+    runner.stop();
+}
+
+/// A runner with a wrong token, or none, is refused at the upgrade and never gets an actor:
+/// an actor created with the token stays unplaced and a gateway request ends in
+/// `actor.wake_timeout`.
+#[test]
+fn engine_runner_without_the_right_token_is_refused_and_gets_no_actor() {
+    if !node_available() {
+        return;
+    }
+    let token = format!("er-token-{:x}", common::rand_u64());
+    let d = Daemon::start(
+        1,
+        &[
+            ("TORPOR_AUTH__ADMIN_TOKEN", &token),
+            ("TORPOR_TIMEOUTS__ACTOR_WAKE_MS", "1500"),
+        ],
+    );
+    let refused = "torpor_errors_total{code=\"runner.unauthorized\"}";
+    let before = metric_bearer(&d, &token, "torpor_unauthorized_total");
+
+    // An actor created with the token, before any runner is there.
+    let actor_id = create_actor_bearer(&d, &token, &format!("orphan-{:x}", common::rand_u64()));
+
+    // A wrong token: refused (the package retries; every attempt is refused).
+    let wrong = spawn_engine_runner(&d.endpoint(), Some("not-the-token"), "engine-runner-wrong");
+    let n = wait_metric_bearer(&d, &token, refused, |v| v >= 1.0);
+    let mut seen: Vec<String> = wrong.lines.try_iter().collect();
+    drop(wrong);
+    // No token at all: refused too.
+    let none = spawn_engine_runner(&d.endpoint(), None, "engine-runner-none");
+    wait_metric_bearer(&d, &token, refused, |v| v > n);
+    assert!(metric_bearer(&d, &token, "torpor_unauthorized_total") >= before + 2.0);
+    assert_eq!(metric_bearer(&d, &token, "torpor_runners_connected"), 0.0);
+
+    // The actor has nowhere to run: a gateway request waits for it and times out.
+    let (status, headers, body) = http(d.addr, "GET", &format!("/gateway/{actor_id}/"), &[], b"");
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(error_header(&headers), Some("actor.wake_timeout"));
+    assert_eq!(metric_bearer(&d, &token, "torpor_runners_connected"), 0.0);
+    // Neither refused runner ever saw an Init nor an actor.
+    seen.extend(none.lines.try_iter());
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.starts_with("READY") || l.starts_with("ACTOR_STARTED")),
+        "a refused runner got somewhere: {seen:?}"
+    );
+}

@@ -1,6 +1,7 @@
 // Echo actors on the unmodified `@rivetkit/engine-runner` package, for interop tests.
 //
 // Usage: node engine_runner_echo.mjs <endpoint>          (e.g. http://127.0.0.1:6420)
+//   ENGINE_RUNNER_TOKEN   the admin token, passed to the package as its `token` option
 //
 // Starts one `Runner` (namespace "default", runner name "default", a fresh random runner key
 // chosen by the package itself, 10 slots) against the gateway at <endpoint>. Its actors:
@@ -193,6 +194,8 @@ runner = new Runner({
   metadata: { runner: "engine_runner_echo" },
   logger: makeLogger({}),
   noAutoShutdown: true,
+  // ENGINE_RUNNER_TOKEN, when set: offered as the `rivet_token.<token>` subprotocol.
+  token: process.env.ENGINE_RUNNER_TOKEN || undefined,
 
   onConnected() {
     emit(`READY runner_id=${runner.runnerId}`);
