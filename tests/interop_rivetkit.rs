@@ -845,3 +845,259 @@ fn rivetkit_runner_crash_new_runner_key_loses_nothing() {
 fn rivetkit_runner_crash_same_runner_key_loses_nothing() {
     runner_crash_scenario(true);
 }
+
+// ---- the admin token (auth.admin_token) -------------------------------------------------------
+
+/// GET with `Authorization: Bearer <token>` (the `Gateway` helpers above call without it).
+fn get_bearer(gw: &Gateway, token: &str, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let bearer = format!("Bearer {token}");
+    http(gw.addr, "GET", path, &[("authorization", &bearer)], b"")
+}
+
+fn metric_bearer(gw: &Gateway, token: &str, series: &str) -> f64 {
+    let (status, _, body) = get_bearer(gw, token, "/metrics");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == series).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+fn wait_metric_bearer(gw: &Gateway, token: &str, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = metric_bearer(gw, token, series);
+        if pred(v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "metric {series} stuck at {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the engine API (asked with the token) reports the actor asleep.
+fn wait_asleep_bearer(gw: &Gateway, token: &str, actor_id: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, _, body) = get_bearer(
+            gw,
+            token,
+            &format!("/actors?actor_ids={actor_id}&namespace=default"),
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let a = json_body(&body)["actors"].get(0).cloned();
+        if let Some(a) = &a {
+            if !a["sleep_ts"].is_null() && a["connectable_ts"].is_null() {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "actor {actor_id} never reported asleep: {a:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts the rivetkit app with `RIVET_TOKEN` = `token` (or without it). Waits only for its
+/// `STARTED` line: whether the gateway accepts it is up to the caller.
+fn start_app_with_token(node: &Path, gw: &Gateway, token: Option<&str>) -> App {
+    let dir = interop_dir().join("rivetkit_app");
+    let mut cmd = Command::new(node);
+    cmd.arg(dir.join("runner.mjs"))
+        .current_dir(&dir)
+        .env("RIVET_ENDPOINT", gw.endpoint())
+        .env("RIVET_NAMESPACE", "default")
+        .env("RIVET_RUNNER", "default")
+        .env("RIVET_TOTAL_SLOTS", "100")
+        .env("APP_SLEEP_TIMEOUT_MS", SLEEP_TIMEOUT_MS)
+        .env(
+            "RIVET_LOG_LEVEL",
+            std::env::var("RIVET_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+        )
+        .env_remove("APP_RUNNER_KEY")
+        .env_remove("RIVET_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(t) = token {
+        cmd.env("RIVET_TOKEN", t);
+    }
+    let mut child = cmd.spawn().expect("spawn node runner.mjs");
+    let out = child.stdout.take().expect("piped stdout");
+    let mut lines = Lines::new("rivetkit-app", out);
+    lines.wait_prefix("STARTED ");
+    App { child, lines }
+}
+
+/// Starts the rivetkit client driver with `RIVET_TOKEN` = `token` (the client's `token`
+/// option defaults to it), or without it.
+fn start_client_with_token(node: &Path, gw: &Gateway, token: Option<&str>) -> Client {
+    let dir = interop_dir();
+    let mut cmd = Command::new(node);
+    cmd.arg(dir.join("rivetkit_client.mjs"))
+        .arg(gw.endpoint())
+        .current_dir(&dir)
+        .env(
+            "RIVET_LOG_LEVEL",
+            std::env::var("RIVET_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+        )
+        .env_remove("RIVET_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(t) = token {
+        cmd.env("RIVET_TOKEN", t);
+    }
+    let mut child = cmd.spawn().expect("spawn node rivetkit_client.mjs");
+    let stdin = child.stdin.take().expect("piped stdin");
+    let out = child.stdout.take().expect("piped stdout");
+    let mut lines = Lines::new("rivetkit-client", out);
+    lines.wait_prefix("READY");
+    Client {
+        child,
+        stdin,
+        lines,
+        next: 0,
+    }
+}
+
+/// With `auth.admin_token` set, rivetkit configured with the token (`RIVET_TOKEN`, read by both
+/// the registry and the client) works end to end: resolve, actions over HTTP, state kept in KV
+/// across a sleep and wake, a connection (WebSocket) through the gateway. A client without the
+/// token, or with another, is refused by the engine API.
+#[test]
+fn rivetkit_with_the_admin_token_works_and_clients_without_it_are_refused() {
+    let Some(node) = node() else { return };
+    let token = format!("rk-token-{:x}", common::rand_u64());
+    let gw = Gateway::start(&[("TORPOR_AUTH__ADMIN_TOKEN", &token)]);
+    let mut app = start_app_with_token(&node, &gw, Some(&token));
+    wait_metric_bearer(&gw, &token, "torpor_runners_connected", |v| v >= 1.0);
+    let mut client = start_client_with_token(&node, &gw, Some(&token));
+
+    let k = key("token");
+    let id = client.ok(&format!("resolve {k}"));
+    let id = id.as_str().expect("actor id").to_string();
+    assert_eq!(client.ok(&format!("action {k} increment [5]")), json!(5));
+    assert_eq!(client.ok(&format!("action {k} append [\"kv\"]")), json!(1));
+    // State is in the gateway's KV: it survives the actor's sleep.
+    app.expect_with("ACTOR_SLEEP", &id, "count=5 log=1");
+    wait_asleep_bearer(&gw, &token, &id);
+    assert_eq!(client.ok(&format!("action {k} get []")), json!(5));
+    app.expect_with("ACTOR_WAKE", &id, "count=5 log=1");
+    // A connection: rivetkit's WebSocket through the gateway.
+    client.ok(&format!("connect c1 {k}"));
+    assert_eq!(client.ok("conn_action c1 append [\"ws\"]"), json!(2));
+    assert_eq!(
+        strings(&client.ok("conn_action c1 log []")),
+        vec!["kv".to_string(), "ws".to_string()]
+    );
+    assert_same_socket(&mut client);
+
+    // Without the token, or with a wrong one, the client cannot resolve or create actors.
+    let refused_before = metric_bearer(
+        &gw,
+        &token,
+        "torpor_errors_total{code=\"api.unauthorized\"}",
+    );
+    let mut anon = start_client_with_token(&node, &gw, None);
+    let err = anon
+        .call(&format!("resolve {k}"))
+        .expect_err("a client without the token");
+    assert!(
+        err.starts_with("api.unauthorized "),
+        "client without the token: {err}"
+    );
+    let mut wrong = start_client_with_token(&node, &gw, Some("not-the-token"));
+    let err = wrong
+        .call(&format!("action {} increment [1]", key("wrong")))
+        .expect_err("a client with a wrong token");
+    assert!(
+        err.starts_with("api.unauthorized "),
+        "client with a wrong token: {err}"
+    );
+    wait_metric_bearer(
+        &gw,
+        &token,
+        "torpor_errors_total{code=\"api.unauthorized\"}",
+        |v| v >= refused_before + 2.0,
+    );
+    // Nothing they did reached the actor.
+    assert_eq!(client.ok(&format!("action {k} get []")), json!(5));
+}
+
+/// A rivetkit runner with a wrong token is refused at the upgrade and never hosts an actor: an
+/// actor created with the token stays unplaced, a gateway request ends in `actor.wake_timeout`
+/// and the app never starts it.
+#[test]
+fn rivetkit_runner_with_a_wrong_token_is_refused_and_gets_no_actor() {
+    let Some(node) = node() else { return };
+    let token = format!("rk-token-{:x}", common::rand_u64());
+    let gw = Gateway::start(&[
+        ("TORPOR_AUTH__ADMIN_TOKEN", &token),
+        ("TORPOR_TIMEOUTS__ACTOR_WAKE_MS", "1500"),
+    ]);
+    let before = metric_bearer(&gw, &token, "torpor_unauthorized_total");
+
+    // An actor created with the token (PUT /actors, as rivetkit's getOrCreate does).
+    let k = key("orphan");
+    let body = json!({
+        "name": "counter", "key": k, "runner_name_selector": "default", "crash_policy": "sleep",
+    });
+    let bearer = format!("Bearer {token}");
+    let (status, _, resp) = http(
+        gw.addr,
+        "PUT",
+        "/actors?namespace=default",
+        &[
+            ("authorization", &bearer),
+            ("content-type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    let id = json_body(&resp)["actor"]["actor_id"]
+        .as_str()
+        .expect("actor id")
+        .to_string();
+
+    let mut app = start_app_with_token(&node, &gw, Some("not-the-token"));
+    wait_metric_bearer(
+        &gw,
+        &token,
+        "torpor_errors_total{code=\"runner.unauthorized\"}",
+        |v| v >= 1.0,
+    );
+    assert!(metric_bearer(&gw, &token, "torpor_unauthorized_total") > before);
+    assert_eq!(metric_bearer(&gw, &token, "torpor_runners_connected"), 0.0);
+
+    // The actor has nowhere to run.
+    let (status, headers, body) = http(
+        gw.addr,
+        "POST",
+        &format!("/gateway/{id}/action/get"),
+        &[
+            ("x-rivet-encoding", "json"),
+            ("content-type", "application/json"),
+        ],
+        b"{\"args\":[]}",
+    );
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "x-rivet-error" && v == "actor.wake_timeout"),
+        "{headers:?}"
+    );
+    assert_eq!(metric_bearer(&gw, &token, "torpor_runners_connected"), 0.0);
+    assert_eq!(
+        app.count("ACTOR_WAKE", &id, ""),
+        0,
+        "the refused runner started the actor"
+    );
+    assert_eq!(app.lines.count(|l| l.starts_with("ACTOR_WAKE ")), 0);
+}
