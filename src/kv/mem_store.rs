@@ -1,6 +1,10 @@
 //! An in-memory actor KV backend: the same key layout and semantics as the redb backend, kept
 //! in `BTreeMap`s. For tests, and for setups that want no durability at all.
 //!
+//! Per-actor usage (SPEC §1.6 quota, see the `kv` module doc) is kept in a map next to the data
+//! and updated by every write, under the same undo log, so it behaves exactly like the redb
+//! backend's usage table.
+//!
 //! A write batch records an undo log and rolls it back when the batch fails, so a failed batch
 //! leaves nothing behind — exactly like an aborted redb transaction. A shared flag can make
 //! commits fail, to test that a failed commit acknowledges nothing.
@@ -12,8 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::{
-    decode_value, encode_key, encode_list_range, encode_value, BatchFn, KvBackend, KvBatch,
-    KvEntries, KvError, KvStore, ListRange, MetaRecord,
+    decode_value, encode_key, encode_list_range, encode_value, entry_bytes, over_quota,
+    usage_after_put, BatchFn, KvBackend, KvBatch, KvEntries, KvError, KvStore, ListRange,
+    MetaRecord, PutOutcome, VALUE_HEADER,
 };
 use crate::protocol::{KvKey, KvMetadata, KvValue};
 
@@ -22,6 +27,16 @@ type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 enum Undo {
     Kv(Vec<u8>, Option<Vec<u8>>),
     Meta(Vec<u8>, Option<Vec<u8>>),
+    Usage(String, Option<u64>),
+}
+
+/// Usage bytes of a stored entry whose table key is `table_key_len` bytes with an actor prefix
+/// of `prefix_len` bytes.
+fn stored_bytes(table_key_len: usize, prefix_len: usize, stored: &[u8]) -> u64 {
+    entry_bytes(
+        table_key_len.saturating_sub(prefix_len),
+        stored.len().saturating_sub(VALUE_HEADER),
+    )
 }
 
 /// The in-memory backend.
@@ -29,6 +44,8 @@ enum Undo {
 pub struct MemBackend {
     kv: Map,
     meta: Map,
+    /// Usage of every actor that has keys.
+    usage: BTreeMap<String, u64>,
     put_seq: u64,
     fail_commits: Option<Arc<AtomicBool>>,
 }
@@ -58,6 +75,7 @@ impl MemBackend {
         let mut view = MemView {
             kv: &mut self.kv,
             meta: &mut self.meta,
+            usage: &mut self.usage,
             seq: &mut seq,
             undo: &mut undo,
             writable,
@@ -83,6 +101,13 @@ impl MemBackend {
                     let (map, key, old) = match u {
                         Undo::Kv(k, old) => (&mut self.kv, k, old),
                         Undo::Meta(k, old) => (&mut self.meta, k, old),
+                        Undo::Usage(actor, old) => {
+                            match old {
+                                Some(v) => self.usage.insert(actor, v),
+                                None => self.usage.remove(&actor),
+                            };
+                            continue;
+                        }
                     };
                     match old {
                         Some(v) => map.insert(key, v),
@@ -108,6 +133,7 @@ impl KvBackend for MemBackend {
 struct MemView<'a> {
     kv: &'a mut Map,
     meta: &'a mut Map,
+    usage: &'a mut BTreeMap<String, u64>,
     seq: &'a mut u64,
     undo: &'a mut Vec<Undo>,
     writable: bool,
@@ -123,25 +149,56 @@ impl MemView<'_> {
         }
     }
 
-    fn remove_kv(&mut self, key: Vec<u8>) {
-        if let Some(old) = self.kv.remove(&key) {
-            self.undo.push(Undo::Kv(key, Some(old)));
+    fn usage_of(&self, actor: &str) -> u64 {
+        self.usage.get(actor).copied().unwrap_or(0)
+    }
+
+    /// Sets the actor's usage (an actor without keys has no entry), with undo.
+    fn set_usage(&mut self, actor: &str, bytes: u64) {
+        let old = if bytes == 0 {
+            self.usage.remove(actor)
+        } else {
+            self.usage.insert(actor.to_string(), bytes)
+        };
+        if old != Some(bytes) {
+            self.undo.push(Undo::Usage(actor.to_string(), old));
         }
     }
 
-    fn remove_encoded_range(&mut self, range: &ListRange<'_>, actor: &str) -> Result<(), KvError> {
+    /// Removes one table key; the usage bytes it held (0 when missing).
+    fn remove_kv(&mut self, key: Vec<u8>, prefix_len: usize) -> u64 {
+        match self.kv.remove(&key) {
+            Some(old) => {
+                let bytes = stored_bytes(key.len(), prefix_len, &old);
+                self.undo.push(Undo::Kv(key, Some(old)));
+                bytes
+            }
+            None => 0,
+        }
+    }
+
+    /// Removes the keys of `range` of `actor`; returns the usage bytes they held.
+    fn remove_encoded_range(&mut self, range: &ListRange<'_>, actor: &str) -> Result<u64, KvError> {
         let Some(enc) = encode_list_range(actor, range)? else {
-            return Ok(());
+            return Ok(0);
         };
         let keys: Vec<Vec<u8>> = self
             .kv
             .range::<[u8], _>(enc.bounds())
             .map(|(k, _)| k.clone())
             .collect();
+        let mut freed: u64 = 0;
         for k in keys {
-            self.remove_kv(k);
+            freed = freed.saturating_add(self.remove_kv(k, enc.prefix_len));
         }
-        Ok(())
+        Ok(freed)
+    }
+
+    /// Lowers the actor's usage by `freed` bytes.
+    fn free(&mut self, actor: &str, freed: u64) {
+        if freed > 0 {
+            self.set_usage(actor, self.usage_of(actor).saturating_sub(freed));
+        }
     }
 }
 
@@ -187,13 +244,18 @@ impl KvStore for MemView<'_> {
         }
     }
 
+    fn usage(&mut self, actor: &str) -> Result<u64, KvError> {
+        Ok(self.usage_of(actor))
+    }
+
     fn put(
         &mut self,
         actor: &str,
         keys: &[KvKey],
         values: &[KvValue],
         now_unix_ms: i64,
-    ) -> Result<(), KvError> {
+        max_usage: u64,
+    ) -> Result<PutOutcome, KvError> {
         self.check_writable()?;
         if keys.len() != values.len() {
             return Err(KvError::Storage(format!(
@@ -201,6 +263,20 @@ impl KvStore for MemView<'_> {
                 keys.len(),
                 values.len()
             )));
+        }
+        let usage = self.usage_of(actor);
+        let after = {
+            let kv = &*self.kv;
+            let scratch = &mut self.scratch;
+            usage_after_put(usage, keys, values, |key| {
+                encode_key(actor, key, scratch)?;
+                Ok(kv.get(scratch.as_slice()).map(|stored| {
+                    entry_bytes(key.len(), stored.len().saturating_sub(VALUE_HEADER))
+                }))
+            })?
+        };
+        if over_quota(usage, after, max_usage) {
+            return Ok(PutOutcome::OverQuota { usage, after });
         }
         for (key, value) in keys.iter().zip(values) {
             let mut k = Vec::new();
@@ -215,16 +291,20 @@ impl KvStore for MemView<'_> {
             self.undo.push(Undo::Kv(k, old));
             *self.seq = version;
         }
-        Ok(())
+        self.set_usage(actor, after);
+        Ok(PutOutcome::Stored)
     }
 
     fn delete(&mut self, actor: &str, keys: &[KvKey]) -> Result<(), KvError> {
         self.check_writable()?;
+        let mut freed: u64 = 0;
         for key in keys {
             let mut k = Vec::new();
             encode_key(actor, key, &mut k)?;
-            self.remove_kv(k);
+            let prefix_len = k.len() - key.len();
+            freed = freed.saturating_add(self.remove_kv(k, prefix_len));
         }
+        self.free(actor, freed);
         Ok(())
     }
 
@@ -234,12 +314,16 @@ impl KvStore for MemView<'_> {
             start: std::ops::Bound::Included(start),
             end: std::ops::Bound::Excluded(end),
         });
-        self.remove_encoded_range(&range, actor)
+        let freed = self.remove_encoded_range(&range, actor)?;
+        self.free(actor, freed);
+        Ok(())
     }
 
     fn drop_actor(&mut self, actor: &str) -> Result<(), KvError> {
         self.check_writable()?;
-        self.remove_encoded_range(&ListRange::All, actor)
+        self.remove_encoded_range(&ListRange::All, actor)?;
+        self.set_usage(actor, 0);
+        Ok(())
     }
 }
 

@@ -22,6 +22,12 @@
 //! keys — so list, delete-range and drop are single range scans. The stored value is
 //! `u64 BE version ‖ i64 BE updateTs ‖ value bytes` ([`encode_value`]).
 //!
+//! Usage quota: an actor's usage is the sum over its keys of (key length + value length), user
+//! bytes only (no prefix, no metadata header). Every backend keeps it per actor, exact, updated
+//! inside the same transaction as the data (see [`KvStore::usage`]), so a put is checked against
+//! [`KvLimits::max_actor_bytes`] with one usage lookup and one lookup per key — never a scan of
+//! the actor's keys.
+//!
 //! Metadata (`KvMetadata { version, updateTs }`, SPEC §1.3): `version` is the 8-byte big-endian
 //! store-wide put sequence number of the write that stored the value (it strictly increases with
 //! every put of any key and is never reused, also not after a delete and re-put); `updateTs` is
@@ -69,6 +75,11 @@ pub struct KvLimits {
     pub max_actor_id_size: usize,
     /// Page cache of the embedded store in bytes (`limits.store_cache_bytes`, default 32 MiB).
     pub cache_bytes: usize,
+    /// Most KV bytes (keys plus values) one actor may store (`limits.kv_bytes_per_actor`,
+    /// default 1 GiB). A put that would raise the actor's usage above it is refused whole; a
+    /// put that does not raise the usage (an overwrite with smaller values) is always allowed,
+    /// so an actor above a lowered quota can still shrink.
+    pub max_actor_bytes: u64,
 }
 
 impl Default for KvLimits {
@@ -82,6 +93,7 @@ impl Default for KvLimits {
             max_list_limit: 16384,
             max_actor_id_size: 1024,
             cache_bytes: crate::config::DEFAULT_STORE_CACHE_BYTES,
+            max_actor_bytes: 1 << 30,
         }
     }
 }
@@ -169,21 +181,82 @@ pub trait KvStore {
         limit: usize,
         out: &mut KvEntries,
     ) -> Result<(), KvError>;
+    /// The actor's usage: the sum over its keys of key length + value length (0 for an actor
+    /// without keys). Exact: every write method keeps it up to date in the same transaction.
+    fn usage(&mut self, actor: &str) -> Result<u64, KvError>;
     /// Stores every `keys[i] = values[i]` (later duplicates win), stamping `now_unix_ms` as
-    /// `updateTs` and a fresh version on each.
+    /// `updateTs` and a fresh version on each, and updates the actor's usage — unless the put
+    /// would raise the usage above `max_usage`: then nothing is written and
+    /// [`PutOutcome::OverQuota`] is returned. (See [`usage_after_put`] for the arithmetic.)
     fn put(
         &mut self,
         actor: &str,
         keys: &[KvKey],
         values: &[KvValue],
         now_unix_ms: i64,
-    ) -> Result<(), KvError>;
+        max_usage: u64,
+    ) -> Result<PutOutcome, KvError>;
     /// Removes every key of `keys` (missing keys are fine).
     fn delete(&mut self, actor: &str, keys: &[KvKey]) -> Result<(), KvError>;
     /// Removes every key `k` with `start <= k < end`.
     fn delete_range(&mut self, actor: &str, start: &[u8], end: &[u8]) -> Result<(), KvError>;
     /// Removes every key of the actor.
     fn drop_actor(&mut self, actor: &str) -> Result<(), KvError>;
+}
+
+/// What [`KvStore::put`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Every pair is stored.
+    Stored,
+    /// Refused by the quota; nothing was written. `usage` is the actor's usage, `after` what
+    /// it would have been.
+    OverQuota { usage: u64, after: u64 },
+}
+
+/// Usage bytes of one entry: key length + value length.
+pub fn entry_bytes(key_len: usize, value_len: usize) -> u64 {
+    (key_len as u64).saturating_add(value_len as u64)
+}
+
+/// The usage of an actor whose usage is `usage` once `keys[i] = values[i]` are stored (later
+/// duplicates win: only the last occurrence of a key counts). `stored(key)` gives the usage
+/// bytes of `key`'s current entry, `None` when it has none; it is called once per distinct key.
+/// Shared by the backends so that they count exactly alike.
+pub fn usage_after_put(
+    usage: u64,
+    keys: &[KvKey],
+    values: &[KvValue],
+    mut stored: impl FnMut(&[u8]) -> Result<Option<u64>, KvError>,
+) -> Result<u64, KvError> {
+    let mut freed: u64 = 0;
+    let mut added: u64 = 0;
+    let mut count = |key: &KvKey, value: &KvValue| -> Result<(), KvError> {
+        freed = freed.saturating_add(stored(key)?.unwrap_or(0));
+        added = added.saturating_add(entry_bytes(key.len(), value.len()));
+        Ok(())
+    };
+    if keys.len() <= 1 {
+        // The common case needs no duplicate detection (and no allocation).
+        keys.iter().zip(values).try_for_each(|(k, v)| count(k, v))?;
+    } else {
+        let mut seen: std::collections::HashSet<&[u8]> =
+            std::collections::HashSet::with_capacity(keys.len());
+        for (k, v) in keys.iter().zip(values).rev() {
+            if seen.insert(k.as_slice()) {
+                count(k, v)?;
+            }
+        }
+    }
+    // `freed` never exceeds `usage` in a consistent store; saturate rather than panic if it
+    // does (the usage is then wrong either way).
+    Ok(usage.saturating_sub(freed).saturating_add(added))
+}
+
+/// True when a put taking the usage from `usage` to `after` is refused by `max_usage`: it
+/// raises the usage, above the quota.
+pub fn over_quota(usage: u64, after: u64, max_usage: u64) -> bool {
+    after > usage && after > max_usage
 }
 
 /// A transaction view: actor KV plus the control plane's meta records (opaque bytes the engine
@@ -380,6 +453,14 @@ pub fn decode_value(stored: &[u8]) -> Result<(KvMetadata, &[u8]), KvError> {
 // Request semantics
 // ---------------------------------------------------------------------------------------------
 
+/// The code that starts the message of a put refused by the per-actor quota.
+pub const QUOTA_EXCEEDED: &str = "kv.quota_exceeded";
+
+/// True when `resp` is the refusal of a put by the per-actor quota.
+pub fn is_quota_refusal(resp: &KvResponseData) -> bool {
+    matches!(resp, KvResponseData::Error(e) if e.message.starts_with(QUOTA_EXCEEDED))
+}
+
 fn refuse(message: String) -> KvResponseData {
     KvResponseData::Error(KvErrorResponse { message })
 }
@@ -476,7 +557,8 @@ pub fn is_read_only(req: &KvRequestData) -> bool {
 /// Semantics: Get answers only existing keys, in request order (duplicates answered as often
 /// as asked); List answers in raw-byte key order (descending with `reverse`), at most `limit`
 /// entries (default `default_list_limit`, clamped to `max_list_limit`), an empty prefix lists
-/// everything, `exclusive` excludes the range end; Put writes all pairs or none; DeleteRange
+/// everything, `exclusive` excludes the range end; Put writes all pairs or none (none when it
+/// would raise the actor's usage above `max_actor_bytes`); DeleteRange
 /// removes `[start, end)` and is answered with `Delete`; Drop removes every key of the actor.
 pub fn apply<S: KvStore + ?Sized>(
     store: &mut S,
@@ -540,8 +622,20 @@ pub fn apply<S: KvStore + ?Sized>(
             }))
         }
         KvRequestData::Put(r) => {
-            store.put(actor_id, &r.keys, &r.values, now_unix_ms)?;
-            Ok(KvResponseData::Put)
+            match store.put(
+                actor_id,
+                &r.keys,
+                &r.values,
+                now_unix_ms,
+                limits.max_actor_bytes,
+            )? {
+                PutOutcome::Stored => Ok(KvResponseData::Put),
+                PutOutcome::OverQuota { usage, after } => Ok(refuse(format!(
+                    "{QUOTA_EXCEEDED}: put would raise the actor's kv usage from {usage} to \
+                     {after} bytes, above max_actor_bytes (limits.kv_bytes_per_actor, {} bytes)",
+                    limits.max_actor_bytes
+                ))),
+            }
         }
         KvRequestData::Delete(r) => {
             store.delete(actor_id, &r.keys)?;

@@ -1,9 +1,21 @@
 //! The embedded, durable actor KV backend on redb (one file, copy-on-write B-trees, crash safe).
 //!
 //! Tables: `kv` (table key and value layout in the module doc of `kv`), `meta` (the control
-//! plane's opaque records) and `sys` (the store-wide put sequence that supplies metadata
-//! versions). Every write transaction commits with `Durability::Immediate`: when
-//! [`KvBackend::write_batch`] returns `Ok`, the data is on disk.
+//! plane's opaque records), `usage` (actor id → the actor's KV usage in bytes, for the quota;
+//! no entry for an actor without keys) and `sys` (the store-wide put sequence that supplies
+//! metadata versions, and the marker that `usage` is maintained). Every write transaction
+//! commits with `Durability::Immediate`: when [`KvBackend::write_batch`] returns `Ok`, the data
+//! is on disk.
+//!
+//! Why usage is stored rather than recomputed: the alternative — sum an actor's keys when its
+//! space is first touched after a start — costs a scan of up to `kv_bytes_per_actor` (1 GiB by
+//! default) on the worker thread, stalling every other actor's request behind it, and needs an
+//! in-memory cache that must itself roll back with failed batches. A `usage` entry written in
+//! the same transaction as the data it describes is exact after any crash (kill -9 included:
+//! both commit or neither does), costs one small B-tree lookup and insert per put, and group
+//! commit changes nothing since each batch is one transaction. A file written before the table
+//! existed has no `usage_v1` marker in `sys`: opening it computes every actor's usage with one
+//! scan of `kv`, once.
 //!
 //! This module must never acknowledge a write before its commit returned, never panic on any
 //! stored or requested bytes, and never be used from the data path directly (the worker owns
@@ -17,15 +29,19 @@ use redb::{
 };
 
 use super::{
-    decode_value, encode_key, encode_list_range, encode_value_into, BatchFn, KvBackend, KvBatch,
-    KvEntries, KvError, KvStore, ListRange, MetaRecord, VALUE_HEADER,
+    decode_value, encode_key, encode_list_range, encode_value_into, entry_bytes, over_quota,
+    usage_after_put, BatchFn, KvBackend, KvBatch, KvEntries, KvError, KvStore, ListRange,
+    MetaRecord, PutOutcome, VALUE_HEADER,
 };
 use crate::protocol::{KvKey, KvMetadata, KvValue};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("meta");
 const SYS: TableDefinition<&str, u64> = TableDefinition::new("sys");
+const USAGE: TableDefinition<&str, u64> = TableDefinition::new("usage");
 const PUT_SEQ: &str = "put_seq";
+/// Present in `sys` once `usage` holds the usage of every actor.
+const USAGE_READY: &str = "usage_v1";
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +129,15 @@ impl RedbStore {
         let put_seq = {
             txn.open_table(KV).map_err(|e| fail(&e))?;
             txn.open_table(META).map_err(|e| fail(&e))?;
-            let sys = txn.open_table(SYS).map_err(|e| fail(&e))?;
+            txn.open_table(USAGE).map_err(|e| fail(&e))?;
+            let mut sys = txn.open_table(SYS).map_err(|e| fail(&e))?;
+            if sys.get(USAGE_READY).map_err(|e| fail(&e))?.is_none() {
+                let actors = rebuild_usage(&txn).map_err(|e| fail(&e))?;
+                if actors > 0 {
+                    tracing::info!(path = %path.display(), actors, "kv store: computed the usage of every actor (first open since per-actor quotas)");
+                }
+                sys.insert(USAGE_READY, 1).map_err(|e| fail(&e))?;
+            }
             let seq = sys.get(PUT_SEQ).map_err(|e| fail(&e))?;
             seq.map(|g| g.value()).unwrap_or(0)
         };
@@ -150,6 +174,19 @@ impl RedbStore {
         Ok(out)
     }
 
+    /// Forgets the usage table and its marker, as in a file written before quotas existed
+    /// (for tests of the rebuild on open).
+    #[cfg(test)]
+    pub(crate) fn forget_usage(&mut self) -> Result<(), KvError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        txn.delete_table(USAGE).map_err(storage)?;
+        txn.open_table(SYS)
+            .map_err(storage)?
+            .remove(USAGE_READY)
+            .map_err(storage)?;
+        txn.commit().map_err(storage)
+    }
+
     /// Number of actor KV entries of every actor (for tests and diagnostics).
     pub fn kv_len(&self) -> Result<u64, KvError> {
         let txn = self.db.begin_read().map_err(storage)?;
@@ -167,6 +204,7 @@ impl KvBackend for RedbStore {
             let mut view = WriteView {
                 kv: txn.open_table(KV).map_err(storage)?,
                 meta: txn.open_table(META).map_err(storage)?,
+                usage: txn.open_table(USAGE).map_err(storage)?,
                 seq: &mut seq,
                 scratch: Vec::new(),
             };
@@ -198,6 +236,7 @@ impl KvBackend for RedbStore {
         let mut view = ReadView {
             kv: txn.open_table(KV).map_err(storage)?,
             meta: txn.open_table(META).map_err(storage)?,
+            usage: txn.open_table(USAGE).map_err(storage)?,
             scratch: Vec::new(),
         };
         f(&mut view)
@@ -205,6 +244,61 @@ impl KvBackend for RedbStore {
 }
 
 type Bytes<'a> = &'a [u8];
+type Str<'a> = &'a str;
+
+/// Recomputes the `usage` table from `kv` with one scan (keys of one actor are contiguous).
+/// Returns the number of actors with keys.
+fn rebuild_usage(txn: &redb::WriteTransaction) -> Result<u64, KvError> {
+    let kv = txn.open_table(KV).map_err(storage)?;
+    let mut usage = txn.open_table(USAGE).map_err(storage)?;
+    usage.retain(|_, _| false).map_err(storage)?;
+    let mut current: Option<(String, u64)> = None;
+    let mut actors: u64 = 0;
+    let mut flush = |c: Option<(String, u64)>,
+                     usage: &mut redb::Table<'_, Str<'static>, u64>|
+     -> Result<(), KvError> {
+        if let Some((actor, bytes)) = c {
+            actors += 1;
+            usage.insert(actor.as_str(), bytes).map_err(storage)?;
+        }
+        Ok(())
+    };
+    for item in kv.iter().map_err(storage)? {
+        let (k, v) = item.map_err(storage)?;
+        let (k, v) = (k.value(), v.value());
+        let (actor, user_key_len) = split_table_key(k)?;
+        let bytes = entry_bytes(user_key_len, v.len().saturating_sub(VALUE_HEADER));
+        match &mut current {
+            Some((a, sum)) if a.as_str() == actor => *sum = sum.saturating_add(bytes),
+            _ => {
+                let next = Some((actor.to_string(), bytes));
+                flush(std::mem::replace(&mut current, next), &mut usage)?;
+            }
+        }
+    }
+    flush(current, &mut usage)?;
+    Ok(actors)
+}
+
+/// The actor id and the user key length of a table key.
+fn split_table_key(k: &[u8]) -> Result<(&str, usize), KvError> {
+    let corrupt = || KvError::Corrupt(format!("table key of {} bytes without an actor", k.len()));
+    let len: [u8; 4] = k
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(corrupt)?;
+    let end = usize::try_from(u32::from_be_bytes(len))
+        .ok()
+        .and_then(|n| n.checked_add(4))
+        .filter(|&end| end <= k.len())
+        .ok_or_else(corrupt)?;
+    let actor = std::str::from_utf8(&k[4..end]).map_err(|_| corrupt())?;
+    Ok((actor, k.len() - end))
+}
+
+fn usage_in<T: ReadableTable<Str<'static>, u64>>(t: &T, actor: &str) -> Result<u64, KvError> {
+    Ok(t.get(actor).map_err(storage)?.map_or(0, |g| g.value()))
+}
 
 fn get_in<T: ReadableTable<Bytes<'static>, Bytes<'static>>>(
     t: &T,
@@ -279,15 +373,50 @@ fn load_meta_in<T: ReadableTable<Bytes<'static>, Bytes<'static>>>(
 struct WriteView<'t, 's> {
     kv: redb::Table<'t, Bytes<'static>, Bytes<'static>>,
     meta: redb::Table<'t, Bytes<'static>, Bytes<'static>>,
+    usage: redb::Table<'t, Str<'static>, u64>,
     seq: &'s mut u64,
     scratch: Vec<u8>,
 }
 
 impl WriteView<'_, '_> {
-    fn remove_range(&mut self, start: Bound<&[u8]>, end: Bound<&[u8]>) -> Result<(), KvError> {
+    /// Removes every table key in the bounds (keys of one actor, whose prefix is `prefix_len`
+    /// bytes); returns the usage bytes they held.
+    fn remove_range(
+        &mut self,
+        prefix_len: usize,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+    ) -> Result<u64, KvError> {
+        let mut freed: u64 = 0;
         self.kv
-            .retain_in::<&[u8], _>((start, end), |_, _| false)
-            .map_err(storage)
+            .retain_in::<&[u8], _>((start, end), |k, v| {
+                freed = freed.saturating_add(entry_bytes(
+                    k.len().saturating_sub(prefix_len),
+                    v.len().saturating_sub(VALUE_HEADER),
+                ));
+                false
+            })
+            .map_err(storage)?;
+        Ok(freed)
+    }
+
+    /// Lowers the actor's usage by `freed` bytes.
+    fn free(&mut self, actor: &str, freed: u64) -> Result<(), KvError> {
+        if freed == 0 {
+            return Ok(());
+        }
+        let usage = usage_in(&self.usage, actor)?;
+        self.set_usage(actor, usage.saturating_sub(freed))
+    }
+
+    /// Stores the actor's usage; an actor without keys has no entry.
+    fn set_usage(&mut self, actor: &str, bytes: u64) -> Result<(), KvError> {
+        if bytes == 0 {
+            self.usage.remove(actor).map_err(storage)?;
+        } else {
+            self.usage.insert(actor, bytes).map_err(storage)?;
+        }
+        Ok(())
     }
 }
 
@@ -307,19 +436,41 @@ impl KvStore for WriteView<'_, '_> {
         list_in(&self.kv, actor, range, reverse, limit, out)
     }
 
+    fn usage(&mut self, actor: &str) -> Result<u64, KvError> {
+        usage_in(&self.usage, actor)
+    }
+
     fn put(
         &mut self,
         actor: &str,
         keys: &[KvKey],
         values: &[KvValue],
         now_unix_ms: i64,
-    ) -> Result<(), KvError> {
+        max_usage: u64,
+    ) -> Result<PutOutcome, KvError> {
         if keys.len() != values.len() {
             return Err(KvError::Storage(format!(
                 "put of {} keys with {} values",
                 keys.len(),
                 values.len()
             )));
+        }
+        // The sizes of the entries being replaced: one point lookup per distinct key (the
+        // pages are then hot for the insert below).
+        let usage = usage_in(&self.usage, actor)?;
+        let after = {
+            let kv = &self.kv;
+            let scratch = &mut self.scratch;
+            usage_after_put(usage, keys, values, |key| {
+                encode_key(actor, key, scratch)?;
+                Ok(kv
+                    .get(scratch.as_slice())
+                    .map_err(storage)?
+                    .map(|g| entry_bytes(key.len(), g.value().len().saturating_sub(VALUE_HEADER))))
+            })?
+        };
+        if over_quota(usage, after, max_usage) {
+            return Ok(PutOutcome::OverQuota { usage, after });
         }
         for (key, value) in keys.iter().zip(values) {
             encode_key(actor, key, &mut self.scratch)?;
@@ -336,15 +487,22 @@ impl KvStore for WriteView<'_, '_> {
             encode_value_into(version, now_unix_ms, value, slot.as_mut());
             *self.seq = version;
         }
-        Ok(())
+        if after != usage {
+            self.set_usage(actor, after)?;
+        }
+        Ok(PutOutcome::Stored)
     }
 
     fn delete(&mut self, actor: &str, keys: &[KvKey]) -> Result<(), KvError> {
+        let mut freed: u64 = 0;
         for key in keys {
             encode_key(actor, key, &mut self.scratch)?;
-            self.kv.remove(self.scratch.as_slice()).map_err(storage)?;
+            if let Some(old) = self.kv.remove(self.scratch.as_slice()).map_err(storage)? {
+                let bytes = entry_bytes(key.len(), old.value().len().saturating_sub(VALUE_HEADER));
+                freed = freed.saturating_add(bytes);
+            }
         }
-        Ok(())
+        self.free(actor, freed)
     }
 
     fn delete_range(&mut self, actor: &str, start: &[u8], end: &[u8]) -> Result<(), KvError> {
@@ -355,9 +513,10 @@ impl KvStore for WriteView<'_, '_> {
         encode_key(actor, start, &mut lo)?;
         encode_key(actor, end, &mut self.scratch)?;
         let hi = std::mem::take(&mut self.scratch);
-        let r = self.remove_range(Bound::Included(&lo), Bound::Excluded(&hi));
+        let prefix_len = lo.len() - start.len();
+        let r = self.remove_range(prefix_len, Bound::Included(&lo), Bound::Excluded(&hi));
         self.scratch = hi;
-        r
+        self.free(actor, r?)
     }
 
     fn drop_actor(&mut self, actor: &str) -> Result<(), KvError> {
@@ -365,7 +524,8 @@ impl KvStore for WriteView<'_, '_> {
             return Ok(());
         };
         let (start, end) = enc.bounds();
-        self.remove_range(start, end)
+        self.remove_range(enc.prefix_len, start, end)?;
+        self.set_usage(actor, 0)
     }
 }
 
@@ -388,6 +548,7 @@ impl KvBatch for WriteView<'_, '_> {
 struct ReadView {
     kv: redb::ReadOnlyTable<Bytes<'static>, Bytes<'static>>,
     meta: redb::ReadOnlyTable<Bytes<'static>, Bytes<'static>>,
+    usage: redb::ReadOnlyTable<Str<'static>, u64>,
     scratch: Vec<u8>,
 }
 
@@ -411,7 +572,18 @@ impl KvStore for ReadView {
         list_in(&self.kv, actor, range, reverse, limit, out)
     }
 
-    fn put(&mut self, _: &str, _: &[KvKey], _: &[KvValue], _: i64) -> Result<(), KvError> {
+    fn usage(&mut self, actor: &str) -> Result<u64, KvError> {
+        usage_in(&self.usage, actor)
+    }
+
+    fn put(
+        &mut self,
+        _: &str,
+        _: &[KvKey],
+        _: &[KvValue],
+        _: i64,
+        _: u64,
+    ) -> Result<PutOutcome, KvError> {
         Err(read_only())
     }
 

@@ -89,6 +89,48 @@ impl<B: KvBackend> H<B> {
         r.expect("storage error");
         out
     }
+
+    /// The actor's usage, read in a read transaction.
+    fn usage(&mut self, actor: &str) -> u64 {
+        let mut u = None;
+        self.b
+            .read_batch(&mut |v| {
+                u = Some(v.usage(actor)?);
+                Ok(())
+            })
+            .expect("storage error");
+        u.expect("read ran")
+    }
+}
+
+/// A store under test with a settable quota, for tests that run on both backends.
+trait Quota {
+    fn run(&mut self, actor: &str, req: KvRequestData) -> KvResponseData;
+    fn usage(&mut self, actor: &str) -> u64;
+    fn set_quota(&mut self, bytes: u64);
+}
+
+impl<B: KvBackend> Quota for H<B> {
+    fn run(&mut self, actor: &str, req: KvRequestData) -> KvResponseData {
+        H::run(self, actor, req)
+    }
+    fn usage(&mut self, actor: &str) -> u64 {
+        H::usage(self, actor)
+    }
+    fn set_quota(&mut self, bytes: u64) {
+        self.limits.max_actor_bytes = bytes;
+    }
+}
+
+/// Runs `f` on a fresh MemBackend and a fresh redb store whose quota is `quota` bytes.
+fn both_quota(quota: u64, f: impl Fn(&mut dyn Quota)) {
+    let mut mem = H::new(MemBackend::new());
+    mem.limits.max_actor_bytes = quota;
+    f(&mut mem);
+    let dir = TempDir::new("quota");
+    let mut redb = H::new(RedbStore::open(&dir.file()).expect("open"));
+    redb.limits.max_actor_bytes = quota;
+    f(&mut redb);
 }
 
 fn k(s: &[u8]) -> Vec<u8> {
@@ -603,6 +645,200 @@ fn put_payload_limit_counts_keys_and_values() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Per-actor quota
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn quota_refuses_a_crossing_put_whole_and_deletes_make_room() {
+    both_quota(100, |s| {
+        let v40 = [b'v'; 40];
+        assert_eq!(s.run("a", put(&[(b"k1", &v40)])), KvResponseData::Put);
+        assert_eq!(s.usage("a"), 42);
+        // 42 + 2 × 42 = 126 > 100: refused whole, naming the quota.
+        let crossing = || put(&[(b"k2", &v40[..]), (b"k3", &v40[..])]);
+        let msg = error_message(&s.run("a", crossing()));
+        assert!(msg.starts_with(QUOTA_EXCEEDED), "{msg}");
+        assert!(
+            msg.contains("limits.kv_bytes_per_actor")
+                && msg.contains("(limits.kv_bytes_per_actor, 100 bytes)")
+                && msg.contains("from 42 to 126 bytes"),
+            "{msg}"
+        );
+        assert_eq!(pairs(&s.run("a", get(&[b"k2", b"k3"]))), vec![]);
+        assert_eq!(
+            keys_of(&s.run("a", list(all(), None, None))),
+            vec![k(b"k1")]
+        );
+        assert_eq!(s.usage("a"), 42, "nothing of the refused put is counted");
+        // The quota is per actor.
+        assert_eq!(s.run("b", crossing()), KvResponseData::Put);
+        assert_eq!(s.usage("b"), 84);
+        // After a delete the same put fits.
+        assert_eq!(
+            s.run("a", del(&[b"k1", b"missing"])),
+            KvResponseData::Delete
+        );
+        assert_eq!(s.usage("a"), 0);
+        assert_eq!(s.run("a", crossing()), KvResponseData::Put);
+        assert_eq!(s.usage("a"), 84);
+        // Exactly at the quota is accepted, one byte more is not.
+        assert_eq!(s.run("a", put(&[(b"k4", &[0u8; 14])])), KvResponseData::Put);
+        assert_eq!(s.usage("a"), 100);
+        assert!(error_message(&s.run("a", put(&[(b"", b"x")]))).starts_with(QUOTA_EXCEEDED));
+        // An empty key and value weigh nothing, even at the quota.
+        assert_eq!(s.run("a", put(&[(b"", b"")])), KvResponseData::Put);
+        assert_eq!(s.usage("a"), 100);
+        assert_eq!(s.usage("nobody"), 0);
+    });
+}
+
+#[test]
+fn quota_counts_overwrites_and_duplicates_by_difference() {
+    both_quota(100, |s| {
+        assert_eq!(s.run("a", put(&[(b"k", &[1u8; 50])])), KvResponseData::Put);
+        assert_eq!(s.usage("a"), 51);
+        // 51 → 91: only the difference counts (51 + 91 would exceed 100).
+        assert_eq!(s.run("a", put(&[(b"k", &[2u8; 90])])), KvResponseData::Put);
+        assert_eq!(s.usage("a"), 91);
+        assert_eq!(s.run("a", put(&[(b"k", &[3u8; 10])])), KvResponseData::Put);
+        assert_eq!(s.usage("a"), 11);
+        // A key written twice in one put counts once, with its last value.
+        assert_eq!(
+            s.run("a", put(&[(b"x", b"aaaa"), (b"y", b"1"), (b"x", b"bb")])),
+            KvResponseData::Put
+        );
+        assert_eq!(pairs(&s.run("a", get(&[b"x"]))), vec![(k(b"x"), k(b"bb"))]);
+        assert_eq!(s.usage("a"), 11 + 3 + 2);
+        // Duplicates are counted once in the check too: 16 - 3 + 82 = 95 fits (counting both
+        // occurrences would make it 186).
+        assert_eq!(
+            s.run("a", put(&[(b"x", &[0u8; 90]), (b"x", &[0u8; 81])])),
+            KvResponseData::Put
+        );
+        assert_eq!(s.usage("a"), 11 + 82 + 2);
+        // Above a lowered quota, a put that does not raise the usage is still accepted (the
+        // actor can shrink), one that raises it is refused.
+        s.set_quota(10);
+        assert_eq!(s.run("a", put(&[(b"x", b"")])), KvResponseData::Put);
+        assert_eq!(s.usage("a"), 11 + 1 + 2);
+        assert_eq!(s.run("a", put(&[(b"k", &[4u8; 10])])), KvResponseData::Put);
+        assert!(error_message(&s.run("a", put(&[(b"k", &[4u8; 11])]))).starts_with(QUOTA_EXCEEDED));
+        assert!(error_message(&s.run("a", put(&[(b"z", b"")]))).starts_with(QUOTA_EXCEEDED));
+        assert_eq!(s.usage("a"), 14);
+        // A put that moves bytes between keys without growing is fine.
+        assert_eq!(
+            s.run("a", put(&[(b"k", b""), (b"x", &[5u8; 10])])),
+            KvResponseData::Put
+        );
+        assert_eq!(s.usage("a"), 1 + 11 + 2);
+        assert_eq!(pairs(&s.run("a", get(&[b"k"]))), vec![(k(b"k"), k(b""))]);
+    });
+}
+
+#[test]
+fn quota_delete_range_and_drop_free_usage() {
+    both_quota(1000, |s| {
+        for key in [b"a", b"b", b"c", b"d"] {
+            s.run("x", put(&[(key, &[0u8; 9])]));
+        }
+        s.run("x", put(&[(b"", b"e")]));
+        s.run("y", put(&[(b"b", b"12345")]));
+        assert_eq!(s.usage("x"), 4 * 10 + 1);
+        assert_eq!(s.usage("y"), 6);
+        assert_eq!(s.run("x", del_range(b"b", b"d")), KvResponseData::Delete);
+        assert_eq!(s.usage("x"), 2 * 10 + 1);
+        // Empty ranges and ranges without keys free nothing.
+        s.run("x", del_range(b"d", b"b"));
+        s.run("x", del_range(b"b", b"c"));
+        assert_eq!(s.usage("x"), 21);
+        assert_eq!(s.run("x", KvRequestData::Drop), KvResponseData::Drop);
+        assert_eq!(s.usage("x"), 0);
+        assert_eq!(s.usage("y"), 6, "other actors keep their usage");
+        s.run("y", del_range(b"", &[0xFF]));
+        assert_eq!(s.usage("y"), 0);
+        // A dropped actor starts over with its whole quota.
+        assert_eq!(s.run("x", put(&[(b"k", &[0u8; 998])])), KvResponseData::Put);
+        assert_eq!(s.usage("x"), 999);
+    });
+}
+
+#[test]
+fn quota_usage_survives_reopen() {
+    let dir = TempDir::new("quota-reopen");
+    let want = |h: &mut H<RedbStore>| (h.usage("a"), h.usage("b"), h.usage("c"));
+    let before;
+    {
+        let mut h = H::new(RedbStore::open(&dir.file()).unwrap());
+        h.limits.max_actor_bytes = 100;
+        h.run("a", put(&[(b"k1", &[0u8; 30]), (b"k2", &[0u8; 30])]));
+        h.run("a", put(&[(b"k1", &[0u8; 10])]));
+        h.run("b", put(&[(b"k", b"v")]));
+        h.run("b", del(&[b"k"]));
+        h.run("c", put(&[(b"x", b"1"), (b"y", b"2"), (b"z", b"3")]));
+        h.run("c", del_range(b"y", b"z"));
+        assert!(error_message(&h.run("a", put(&[(b"k3", &[0u8; 60])]))).starts_with(QUOTA_EXCEEDED));
+        before = want(&mut h);
+        assert_eq!(before, (12 + 32, 0, 4));
+    }
+    let mut h = H::new(RedbStore::open(&dir.file()).unwrap());
+    h.limits.max_actor_bytes = 100;
+    assert_eq!(want(&mut h), before);
+    // The quota still holds after the reopen.
+    assert!(error_message(&h.run("a", put(&[(b"k3", &[0u8; 60])]))).starts_with(QUOTA_EXCEEDED));
+    assert_eq!(h.run("a", put(&[(b"k3", &[0u8; 54])])), KvResponseData::Put);
+    assert_eq!(h.usage("a"), 100);
+}
+
+#[test]
+fn quota_usage_is_computed_for_a_file_from_before_quotas() {
+    let dir = TempDir::new("quota-rebuild");
+    let before;
+    {
+        let mut h = H::new(RedbStore::open(&dir.file()).unwrap());
+        h.run("a", put(&[(b"k1", &[0u8; 30]), (b"k2", b"")]));
+        h.run("ab", put(&[(b"c", b"1")]));
+        h.run("", put(&[(&[0xFF], b"22")]));
+        before = (h.usage("a"), h.usage("ab"), h.usage(""));
+        assert_eq!(before, (34, 2, 3));
+        h.b.forget_usage().unwrap();
+    }
+    let mut h = H::new(RedbStore::open(&dir.file()).unwrap());
+    assert_eq!((h.usage("a"), h.usage("ab"), h.usage("")), before);
+    h.run("a", del(&[b"k1"]));
+    assert_eq!(h.usage("a"), 2);
+}
+
+#[test]
+fn quota_refusals_are_counted_by_the_worker() {
+    let limits = KvLimits {
+        max_actor_bytes: 10,
+        ..KvLimits::default()
+    };
+    let h = spawn_backend(MemBackend::new(), limits).unwrap();
+    assert_eq!(h.limits().max_actor_bytes, 10);
+    assert_eq!(
+        h.kv_blocking("a", put(&[(b"k", b"123456789")])),
+        KvResponseData::Put
+    );
+    let r = h.kv_blocking("a", put(&[(b"j", b"")]));
+    assert!(is_quota_refusal(&r), "{r:?}");
+    let big = vec![0u8; 3000];
+    assert!(!is_quota_refusal(&h.kv_blocking("a", get(&[&big]))));
+    let s = h.stats();
+    assert_eq!((s.puts, s.refused, s.quota_refused), (2, 2, 1), "{s:?}");
+}
+
+#[test]
+fn quota_default_is_one_gib() {
+    assert_eq!(KvLimits::default().max_actor_bytes, 1 << 30);
+    let cfg = crate::config::Config::default();
+    assert_eq!(
+        cfg.kv_limits().max_actor_bytes,
+        cfg.limits.kv_bytes_per_actor
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Transactions and durability
 // ---------------------------------------------------------------------------------------------
 
@@ -654,12 +890,13 @@ fn failed_batch_keeps_nothing() {
         let mut seen = None;
         backend(&mut |v| {
             let l = apply(v, &limits, "a", list(all(), None, None), 3)?;
-            seen = Some((pairs(&l), v.load_meta()?, metadata(&l)));
+            seen = Some((pairs(&l), v.load_meta()?, metadata(&l), v.usage("a")?));
             Ok(())
         })
         .unwrap();
-        let (p, meta, md) = seen.unwrap();
+        let (p, meta, md, usage) = seen.unwrap();
         assert_eq!(p, vec![(k(b"old"), k(b"1"))], "redb={redb}");
+        assert_eq!(usage, 4, "the usage rolls back with the batch, redb={redb}");
         assert_eq!(meta, vec![(k(b"m"), k(b"1"))], "redb={redb}");
         assert_eq!(version(&md[0]), 1);
     }
@@ -1044,8 +1281,24 @@ fn to_request(op: &Op) -> KvRequestData {
 /// key → (value, version, updateTs)
 type ModelMap = BTreeMap<Vec<u8>, (Vec<u8>, u64, i64)>;
 
-/// The obvious model: per actor a sorted map of key → (value, version, ts); lists filter
-/// every entry.
+/// The quota of the model tests: small, so that puts are refused often.
+const MODEL_QUOTA: u64 = 24;
+
+/// How the model answers a put refused by the quota (the store's message is normalized to it).
+fn quota_marker() -> KvResponseData {
+    KvResponseData::Error(crate::protocol::KvErrorResponse {
+        message: QUOTA_EXCEEDED.to_string(),
+    })
+}
+
+fn model_usage(m: &ModelMap) -> u64 {
+    m.iter()
+        .map(|(k, (v, _, _))| (k.len() + v.len()) as u64)
+        .sum()
+}
+
+/// The obvious model: per actor a sorted map of key → (value, version, ts), usage summed over
+/// every entry; lists filter every entry.
 #[derive(Default)]
 struct Model {
     actors: BTreeMap<String, ModelMap>,
@@ -1094,6 +1347,15 @@ impl Model {
                 })
             }
             Op::Put(p) => {
+                let usage = model_usage(m);
+                let mut next = m.clone();
+                for (k, v) in p {
+                    next.insert(k.clone(), (v.clone(), 0, 0));
+                }
+                let after = model_usage(&next);
+                if after > usage && after > MODEL_QUOTA {
+                    return quota_marker();
+                }
                 for (k, v) in p {
                     self.seq += 1;
                     m.insert(k.clone(), (v.clone(), self.seq, now));
@@ -1139,6 +1401,7 @@ fn check_against_model<B: KvBackend>(
     chunks: &[usize],
 ) -> Result<(), TestCaseError> {
     let mut h = H::new(backend);
+    h.limits.max_actor_bytes = MODEL_QUOTA;
     let mut model = Model::default();
     let mut now = h.now;
     let mut i = 0;
@@ -1159,7 +1422,22 @@ fn check_against_model<B: KvBackend>(
         for (j, (a, op)) in ops[i..i + n].iter().enumerate() {
             now += 1;
             let want = model.apply(ACTORS[*a], op, now);
-            prop_assert_eq!(&got[j], &want, "op {} {:?} on {:?}", i + j, op, ACTORS[*a]);
+            let got = if is_quota_refusal(&got[j]) {
+                quota_marker()
+            } else {
+                got[j].clone()
+            };
+            prop_assert_eq!(&got, &want, "op {} {:?} on {:?}", i + j, op, ACTORS[*a]);
+        }
+        for actor in ACTORS {
+            let want = model.actors.get(actor).map_or(0, model_usage);
+            prop_assert_eq!(
+                h.usage(actor),
+                want,
+                "usage of {:?} after op {}",
+                actor,
+                i + n - 1
+            );
         }
         i += n;
     }

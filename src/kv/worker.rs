@@ -26,7 +26,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use super::{
-    apply, is_read_only, KvBackend, KvBatch, KvError, KvLimits, KvOpenError, MetaRecord, RedbStore,
+    apply, is_quota_refusal, is_read_only, KvBackend, KvBatch, KvError, KvLimits, KvOpenError,
+    MetaRecord, RedbStore,
 };
 use crate::protocol::{KvErrorResponse, KvGetRequest, KvRequestData, KvResponseData};
 
@@ -170,8 +171,10 @@ pub struct KvStats {
     pub meta_deletes: AtomicU64,
     pub flushes: AtomicU64,
     pub meta_loads: AtomicU64,
-    /// KV requests refused by a limit.
+    /// KV requests refused by a limit (the per-actor quota included).
     pub refused: AtomicU64,
+    /// Puts refused by the per-actor quota (`limits.kv_bytes_per_actor`); also in `refused`.
+    pub quota_refused: AtomicU64,
     /// Jobs answered with a storage error (failed op or failed commit).
     pub failed: AtomicU64,
     /// Batches run (read or write).
@@ -200,6 +203,7 @@ pub struct KvStatsSnapshot {
     pub flushes: u64,
     pub meta_loads: u64,
     pub refused: u64,
+    pub quota_refused: u64,
     pub failed: u64,
     pub batches: u64,
     pub commits: u64,
@@ -224,6 +228,7 @@ impl KvStats {
             flushes: l(&self.flushes),
             meta_loads: l(&self.meta_loads),
             refused: l(&self.refused),
+            quota_refused: l(&self.quota_refused),
             failed: l(&self.failed),
             batches: l(&self.batches),
             commits: l(&self.commits),
@@ -567,6 +572,9 @@ fn exec(
                 Ok(resp) => {
                     if matches!(resp, KvResponseData::Error(_)) {
                         bump(&stats.refused);
+                        if is_quota_refusal(&resp) {
+                            bump(&stats.quota_refused);
+                        }
                     }
                     Ok(Outcome::Kv(resp))
                 }
