@@ -110,14 +110,18 @@ impl NetNs {
 
     fn setup(&mut self) -> Result<(), String> {
         // A free /30 of 10.213.0.0/16 (chosen at random, so parallel runs do not meet).
-        let mut seed = common::rand_u64();
+        let mut tries = 0;
         let (a, b) = loop {
+            let seed = common::rand_u64();
             let a = (seed & 0xff) as u8;
             let b = (((seed >> 8) & 0x3f) * 4) as u8;
             if !subnet_in_use(a, b) {
                 break (a, b);
             }
-            seed = common::rand_u64();
+            tries += 1;
+            if tries == 64 {
+                return Err("no free /30 in 10.213.0.0/16 after 64 tries".into());
+            }
         };
         self.host_ip = Ipv4Addr::new(10, 213, a, b + 1);
         self.ns_ip = Ipv4Addr::new(10, 213, a, b + 2);
