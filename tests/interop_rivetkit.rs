@@ -194,6 +194,10 @@ impl Gateway {
     }
 
     fn spawn(&mut self) {
+        if self.addr.port() != 0 {
+            // A killed torpor's listener can outlive it for a moment (see `wait_port_free`).
+            common::wait_port_free(self.addr);
+        }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_torpor"));
         cmd.arg("serve")
             .arg("--listen")
