@@ -320,6 +320,11 @@ fn render_kv(out: &mut String, k: &crate::kv::KvStatsSnapshot) {
             k.refused,
         ),
         (
+            "torpor_kv_quota_refused_total",
+            "KV puts refused by limits.kv_bytes_per_actor (also in torpor_kv_refused_total)",
+            k.quota_refused,
+        ),
+        (
             "torpor_kv_failed_total",
             "Store jobs answered with a storage error",
             k.failed,

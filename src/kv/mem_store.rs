@@ -350,4 +350,11 @@ impl KvBatch for MemView<'_> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
+
+    fn get_meta(&mut self, keys: &[Vec<u8>]) -> Result<Vec<MetaRecord>, KvError> {
+        Ok(keys
+            .iter()
+            .filter_map(|k| Some((k.clone(), self.meta.get(k)?.clone())))
+            .collect())
+    }
 }

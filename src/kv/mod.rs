@@ -266,6 +266,8 @@ pub trait KvBatch: KvStore {
     fn delete_meta(&mut self, key: &[u8]) -> Result<(), KvError>;
     /// Every meta record, ordered by key.
     fn load_meta(&mut self) -> Result<Vec<MetaRecord>, KvError>;
+    /// The meta records of `keys` that exist, in the order asked.
+    fn get_meta(&mut self, keys: &[Vec<u8>]) -> Result<Vec<MetaRecord>, KvError>;
 }
 
 /// Closure run inside one transaction.

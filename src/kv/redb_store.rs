@@ -370,6 +370,19 @@ fn load_meta_in<T: ReadableTable<Bytes<'static>, Bytes<'static>>>(
     Ok(out)
 }
 
+fn get_meta_in<T: ReadableTable<Bytes<'static>, Bytes<'static>>>(
+    t: &T,
+    keys: &[Vec<u8>],
+) -> Result<Vec<MetaRecord>, KvError> {
+    let mut out = Vec::new();
+    for k in keys {
+        if let Some(v) = t.get(k.as_slice()).map_err(storage)? {
+            out.push((k.clone(), v.value().to_vec()));
+        }
+    }
+    Ok(out)
+}
+
 struct WriteView<'t, 's> {
     kv: redb::Table<'t, Bytes<'static>, Bytes<'static>>,
     meta: redb::Table<'t, Bytes<'static>, Bytes<'static>>,
@@ -543,6 +556,10 @@ impl KvBatch for WriteView<'_, '_> {
     fn load_meta(&mut self) -> Result<Vec<MetaRecord>, KvError> {
         load_meta_in(&self.meta)
     }
+
+    fn get_meta(&mut self, keys: &[Vec<u8>]) -> Result<Vec<MetaRecord>, KvError> {
+        get_meta_in(&self.meta, keys)
+    }
 }
 
 struct ReadView {
@@ -611,5 +628,9 @@ impl KvBatch for ReadView {
 
     fn load_meta(&mut self) -> Result<Vec<MetaRecord>, KvError> {
         load_meta_in(&self.meta)
+    }
+
+    fn get_meta(&mut self, keys: &[Vec<u8>]) -> Result<Vec<MetaRecord>, KvError> {
+        get_meta_in(&self.meta, keys)
     }
 }

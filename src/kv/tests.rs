@@ -1126,6 +1126,16 @@ fn meta_records_through_the_worker() {
         })
         .unwrap();
         assert_eq!(h.load_meta_blocking().unwrap(), vec![(k(b"a"), k(b"1"))]);
+        // One-key reads see the writes queued before them, and skip missing keys.
+        let (tx, rx) = std::sync::mpsc::channel();
+        h.submit(Job::GetMeta {
+            keys: vec![k(b"zz"), k(b"a"), k(b"b")],
+            reply: crate::kv::worker::Reply::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        })
+        .unwrap();
+        assert_eq!(rx.recv().unwrap().unwrap(), vec![(k(b"a"), k(b"1"))]);
         h.delete_meta_blocking(b"zz").unwrap();
         assert_eq!(h.stats().meta_puts, 2);
     }

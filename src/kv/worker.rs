@@ -117,6 +117,11 @@ pub enum Job {
     Flush(Done),
     /// Every control-plane record, as committed by everything submitted before it.
     LoadMeta(Reply<Result<Vec<MetaRecord>, KvError>>),
+    /// The control-plane records of these keys that exist (same ordering guarantee).
+    GetMeta {
+        keys: Vec<Vec<u8>>,
+        reply: Reply<Result<Vec<MetaRecord>, KvError>>,
+    },
 }
 
 impl Job {
@@ -153,7 +158,7 @@ impl Job {
         match self {
             Job::Kv { req, .. } => !is_read_only(req),
             Job::PutMeta { .. } | Job::DeleteMeta { .. } => true,
-            Job::Flush(_) | Job::LoadMeta(_) => false,
+            Job::Flush(_) | Job::LoadMeta(_) | Job::GetMeta { .. } => false,
         }
     }
 }
@@ -604,6 +609,13 @@ fn exec(
                 Err(e) => Ok(Outcome::Failed(e)),
             }
         }
+        Job::GetMeta { keys, .. } => {
+            bump(&stats.meta_loads);
+            match view.get_meta(keys) {
+                Ok(m) => Ok(Outcome::Meta(m)),
+                Err(e) => Ok(Outcome::Failed(e)),
+            }
+        }
     }
 }
 
@@ -626,11 +638,13 @@ fn deliver(stats: &KvStats, job: Job, outcome: Result<Outcome, KvError>) {
             }
         }
         (Job::Flush(done), r) => done.send(r.map(|_| ())),
-        (Job::LoadMeta(reply), Ok(Outcome::Meta(m))) => reply.send(Ok(m)),
-        (Job::LoadMeta(reply), Err(e)) => reply.send(Err(e)),
+        (Job::LoadMeta(reply) | Job::GetMeta { reply, .. }, Ok(Outcome::Meta(m))) => {
+            reply.send(Ok(m))
+        }
+        (Job::LoadMeta(reply) | Job::GetMeta { reply, .. }, Err(e)) => reply.send(Err(e)),
         // Outcomes are produced per job kind above; a mismatch cannot happen, and would be
         // answered by the reply's drop rather than lost.
-        (Job::Kv { .. } | Job::LoadMeta(_), Ok(_)) => {
+        (Job::Kv { .. } | Job::LoadMeta(_) | Job::GetMeta { .. }, Ok(_)) => {
             tracing::error!("kv worker: outcome does not match its job");
         }
     }

@@ -317,15 +317,15 @@ fn log_init(
 ///
 /// A read job rather than a blocking read: the control plane keeps serving while the store
 /// works, and the job runs after every write queued before it (so it sees the input of a
-/// create from an earlier round). The store offers no one-key read of a control-plane record
-/// (only `LoadMeta`, every record), so one `LoadMeta` serves all the inputs asked for in a
-/// round, filtered on the store's thread so that only the wanted bytes travel. A failed read
-/// is not answered: the start waits, is stopped at `actor_start_threshold`, and the next
+/// create from an earlier round). One job reads the inputs asked for in a round. A failed
+/// read is not answered: the start waits, is stopped at `actor_start_threshold`, and the next
 /// wake reads again (starting without the input would lose it for good).
 fn load_inputs(shared: &Shared, kv: &KvHandle, ids: Vec<String>) {
     let shared = shared.clone();
-    let job = Job::LoadMeta(KvReply::new(
-        move |res: Result<Vec<MetaRecord>, KvError>| {
+    let keys: Vec<Vec<u8>> = ids.iter().map(|id| engine::input_key(id)).collect();
+    let job = Job::GetMeta {
+        keys: keys.clone(),
+        reply: KvReply::new(move |res: Result<Vec<MetaRecord>, KvError>| {
             let records = match res {
                 Ok(r) => r,
                 Err(err) => {
@@ -333,7 +333,7 @@ fn load_inputs(shared: &Shared, kv: &KvHandle, ids: Vec<String>) {
                     return;
                 }
             };
-            let mut wanted: HashSet<Vec<u8>> = ids.iter().map(|id| engine::input_key(id)).collect();
+            let mut wanted: HashSet<Vec<u8>> = keys.into_iter().collect();
             for (key, value) in records {
                 if wanted.remove(&key) {
                     let actor_id = String::from_utf8_lossy(&key[engine::INPUT_KEY_PREFIX.len()..]);
@@ -352,8 +352,8 @@ fn load_inputs(shared: &Shared, kv: &KvHandle, ids: Vec<String>) {
                     input: None,
                 });
             }
-        },
-    ));
+        }),
+    };
     if kv.submit(job).is_err() {
         tracing::error!("the store is gone; actor inputs cannot be read");
     }
