@@ -37,7 +37,8 @@ series!(Counter, COUNTERS {
     Replays => ("torpor_tunnel_replays_total", "Sockets whose pending window was replayed to a runner"),
     ReplayedMessages => ("torpor_tunnel_replayed_messages_total", "Messages replayed to runners"),
     BackpressurePauses => ("torpor_tunnel_backpressure_pauses_total", "Times a client socket stopped being read because its pending window was full"),
-    UnroutableTunnelMessages => ("torpor_tunnel_unroutable_total", "Runner tunnel messages for unknown or closed requests"),
+    UnroutableTunnelMessages => ("torpor_tunnel_unroutable_total", "Runner tunnel messages for a request that does not exist (never did, or closed long ago), or that the sending runner does not host"),
+    LateTunnelMessages => ("torpor_tunnel_late_messages_total", "Runner tunnel messages for a client WebSocket the gateway closed shortly before (the runner's answer to the close, last acks): expected, not errors"),
     RunnerProtocolErrors => ("torpor_runner_protocol_errors_total", "Runner messages that failed to decode"),
     HttpRequests => ("torpor_http_requests_total", "HTTP requests handled"),
     Hibernations => ("torpor_hibernations_total", "Client WebSockets that entered hibernation"),
@@ -68,85 +69,119 @@ series!(Gauge, GAUGES {
     OpenConnections => ("torpor_connections_open", "Open TCP connections (clients and runners)"),
 });
 
-/// Close and error codes counted by label. Unknown labels go to `other`.
-pub const CLOSE_REASONS: &[&str] = &[
-    "ws.closed",
-    "ws.eviction",
-    "ws.invalid_packet",
-    "ws.timed_out_waiting_for_init",
-    "ws.invalid_initial_packet",
-    "ws.runner_disconnected",
-    "ws.ping_timeout",
-    "ws.protocol_error",
-    "ws.invalid_utf8",
-    "ws.message_too_big",
-    "ws.frame_too_big",
-    "ws.going_away",
-    "actor.stopped",
-    "actor.destroyed",
-    "guard.websocket_message_not_acked",
-    "guard.websocket_pending_limit_reached",
-    "guard.websocket_open_timeout",
-    "guard.client_too_slow",
-    "guard.hibernation_timeout",
-    "guard.client_idle_timeout",
-    "runner.init_too_large",
-    "other",
-];
-
-pub const ERROR_CODES: &[&str] = &[
-    "actor.not_found",
-    "actor.wake_timeout",
-    "guard.websocket_open_timeout",
-    "guard.websocket_open_refused",
-    "guard.runner_unavailable",
-    "request.bad_request",
-    "request.runner_disconnected",
-    "request.aborted",
-    "request.response_too_large",
-    "guard.response_timeout",
-    "guard.draining",
-    "actor.stopped",
-    "actor.destroyed",
-    "request.not_found",
-    "http.bad_request",
-    "http.header_too_large",
-    "http.body_too_large",
-    "http.unsupported_version",
-    "http.unsupported_transfer_encoding",
-    "request.unsupported_version",
-    "runner.invalid_query",
-    "runner.unsupported_protocol_version",
-    "runner.unauthorized",
-    "api.unauthorized",
-    "api.forbidden_origin",
-    "other",
-];
-
-fn label_index(table: &[&str], label: &str) -> usize {
-    table
-        .iter()
-        .position(|l| *l == label)
-        .unwrap_or(table.len() - 1)
+/// Defines a closed set of label values: an enum, its label strings (one list, so a
+/// variant and its text cannot drift apart), and an exact string → variant lookup generated
+/// as a `match` (a duplicate label is an unreachable pattern, which the build refuses).
+macro_rules! labels {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $label:literal),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(usize)]
+        #[deny(unreachable_patterns)]
+        pub enum $name { $($variant),* }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),*];
+            pub fn label(self) -> &'static str { match self { $($name::$variant => $label),* } }
+            /// The variant whose label is exactly `s`, if any.
+            #[deny(unreachable_patterns)]
+            pub fn of(s: &str) -> Option<$name> {
+                match s { $($label => Some($name::$variant),)* _ => None }
+            }
+        }
+    };
 }
+
+labels!(
+    /// Why the gateway closed a WebSocket (`torpor_websocket_closes_total{reason=…}`). Every
+    /// reason string the gateway itself sends is listed (a test checks the sources); free text
+    /// from a peer never becomes a label: a client's own close frame counts as
+    /// `client.closed`, an actor's close (the runner's `WebSocketClose`) as `actor.closed`.
+    CloseLabel {
+        ClientClosed => "client.closed",
+        ActorClosed => "actor.closed",
+        WsClosed => "ws.closed",
+        WsEviction => "ws.eviction",
+        WsInvalidPacket => "ws.invalid_packet",
+        WsTimedOutWaitingForInit => "ws.timed_out_waiting_for_init",
+        WsInvalidInitialPacket => "ws.invalid_initial_packet",
+        WsRunnerDisconnected => "ws.runner_disconnected",
+        WsPingTimeout => "ws.ping_timeout",
+        WsProtocolError => "ws.protocol_error",
+        WsInvalidUtf8 => "ws.invalid_utf8",
+        WsMessageTooBig => "ws.message_too_big",
+        WsFrameTooBig => "ws.frame_too_big",
+        WsGoingAway => "ws.going_away",
+        ActorStopped => "actor.stopped",
+        ActorDestroyed => "actor.destroyed",
+        MessageNotAcked => "guard.websocket_message_not_acked",
+        PendingLimitReached => "guard.websocket_pending_limit_reached",
+        OpenTimeout => "guard.websocket_open_timeout",
+        ClientTooSlow => "guard.client_too_slow",
+        HibernationTimeout => "guard.hibernation_timeout",
+        ClientIdleTimeout => "guard.client_idle_timeout",
+        RunnerInitTooLarge => "runner.init_too_large",
+        EngineTooManyRunners => "engine.too_many_runners",
+        Other => "other",
+    }
+);
+
+labels!(
+    /// Why the gateway refused a request (`torpor_errors_total{code=…}`).
+    ErrorLabel {
+        ActorNotFound => "actor.not_found",
+        ActorWakeTimeout => "actor.wake_timeout",
+        OpenTimeout => "guard.websocket_open_timeout",
+        OpenRefused => "guard.websocket_open_refused",
+        RunnerUnavailable => "guard.runner_unavailable",
+        ControlUnavailable => "guard.control_unavailable",
+        RequestBadRequest => "request.bad_request",
+        RequestRunnerDisconnected => "request.runner_disconnected",
+        RequestAborted => "request.aborted",
+        ResponseTooLarge => "request.response_too_large",
+        ResponseTimeout => "guard.response_timeout",
+        Draining => "guard.draining",
+        ActorStopped => "actor.stopped",
+        ActorDestroyed => "actor.destroyed",
+        RequestNotFound => "request.not_found",
+        HttpBadRequest => "http.bad_request",
+        HttpHeaderTooLarge => "http.header_too_large",
+        HttpBodyTooLarge => "http.body_too_large",
+        HttpUnsupportedVersion => "http.unsupported_version",
+        HttpUnsupportedTransferEncoding => "http.unsupported_transfer_encoding",
+        RequestUnsupportedVersion => "request.unsupported_version",
+        WsInvalidMethod => "ws.invalid_method",
+        WsInvalidHttpVersion => "ws.invalid_http_version",
+        WsMissingUpgrade => "ws.missing_upgrade",
+        WsMissingConnectionUpgrade => "ws.missing_connection_upgrade",
+        WsUnsupportedVersion => "ws.unsupported_version",
+        WsInvalidKey => "ws.invalid_key",
+        RunnerInvalidQuery => "runner.invalid_query",
+        RunnerUnsupportedProtocolVersion => "runner.unsupported_protocol_version",
+        RunnerUnauthorized => "runner.unauthorized",
+        ApiUnauthorized => "api.unauthorized",
+        ApiForbiddenOrigin => "api.forbidden_origin",
+        Other => "other",
+    }
+);
 
 /// One shard's block of metrics.
 pub struct ShardMetrics {
     counters: [AtomicU64; COUNTERS],
     gauges: [AtomicI64; GAUGES],
-    closes: Vec<AtomicU64>,
-    errors: Vec<AtomicU64>,
+    closes: [AtomicU64; CLOSES],
+    errors: [AtomicU64; ERRORS],
 }
+
+const CLOSES: usize = CloseLabel::ALL.len();
+const ERRORS: usize = ErrorLabel::ALL.len();
 
 impl Default for ShardMetrics {
     fn default() -> Self {
         ShardMetrics {
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
             gauges: std::array::from_fn(|_| AtomicI64::new(0)),
-            closes: (0..CLOSE_REASONS.len())
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            errors: (0..ERROR_CODES.len()).map(|_| AtomicU64::new(0)).collect(),
+            closes: std::array::from_fn(|_| AtomicU64::new(0)),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -169,12 +204,23 @@ impl ShardMetrics {
     pub fn gauge_max(&self, g: Gauge, v: i64) {
         self.gauges[g as usize].fetch_max(v, Relaxed);
     }
+    /// Counts a close by the gateway's reason string: a reason the gateway does not send
+    /// counts as `other` (the sources are checked so that none does).
     pub fn close(&self, code: u16, reason: &str) {
         let _ = code;
-        self.closes[label_index(CLOSE_REASONS, reason)].fetch_add(1, Relaxed);
+        self.close_as(CloseLabel::of(reason).unwrap_or(CloseLabel::Other));
     }
+    #[inline]
+    pub fn close_as(&self, label: CloseLabel) {
+        self.closes[label as usize].fetch_add(1, Relaxed);
+    }
+    /// Counts a refusal by its error code (`other` for a code not listed in [`ErrorLabel`]).
     pub fn error(&self, code: &str) {
-        self.errors[label_index(ERROR_CODES, code)].fetch_add(1, Relaxed);
+        self.error_as(ErrorLabel::of(code).unwrap_or(ErrorLabel::Other));
+    }
+    #[inline]
+    pub fn error_as(&self, label: ErrorLabel) {
+        self.errors[label as usize].fetch_add(1, Relaxed);
     }
 }
 
@@ -213,6 +259,21 @@ impl Metrics {
             .sum()
     }
 
+    /// Publishes the control plane's actor counts (sleeping, starting, running, stopping).
+    pub fn set_actor_counts(&self, counts: [i64; 4]) {
+        for (a, v) in self.actors.iter().zip(counts) {
+            a.store(v, Relaxed);
+        }
+    }
+
+    pub fn set_runners_known(&self, n: i64) {
+        self.runners_known.store(n, Relaxed);
+    }
+
+    pub fn actor_count(&self, state: usize) -> i64 {
+        self.actors[state].load(Relaxed)
+    }
+
     pub fn gauge(&self, g: Gauge) -> i64 {
         let vals = self.blocks().map(|s| s.gauges[g as usize].load(Relaxed));
         match g {
@@ -223,13 +284,15 @@ impl Metrics {
         }
     }
 
+    /// Closes counted under `reason` (a label of [`CloseLabel`]; anything else reads `other`).
     pub fn closes(&self, reason: &str) -> u64 {
-        let i = label_index(CLOSE_REASONS, reason);
+        let i = CloseLabel::of(reason).unwrap_or(CloseLabel::Other) as usize;
         self.blocks().map(|s| s.closes[i].load(Relaxed)).sum()
     }
 
+    /// Refusals counted under `code` (a label of [`ErrorLabel`]; anything else reads `other`).
     pub fn errors(&self, code: &str) -> u64 {
-        let i = label_index(ERROR_CODES, code);
+        let i = ErrorLabel::of(code).unwrap_or(ErrorLabel::Other) as usize;
         self.blocks().map(|s| s.errors[i].load(Relaxed)).sum()
     }
 
@@ -251,7 +314,8 @@ impl Metrics {
             "# HELP torpor_websocket_closes_total WebSockets closed by the gateway, by reason"
         );
         let _ = writeln!(out, "# TYPE torpor_websocket_closes_total counter");
-        for (i, r) in CLOSE_REASONS.iter().enumerate() {
+        for &l in CloseLabel::ALL {
+            let (i, r) = (l as usize, l.label());
             let v: u64 = self.blocks().map(|s| s.closes[i].load(Relaxed)).sum();
             let _ = writeln!(out, "torpor_websocket_closes_total{{reason=\"{r}\"}} {v}");
         }
@@ -260,7 +324,8 @@ impl Metrics {
             "# HELP torpor_errors_total Requests refused by the gateway, by error code"
         );
         let _ = writeln!(out, "# TYPE torpor_errors_total counter");
-        for (i, r) in ERROR_CODES.iter().enumerate() {
+        for &l in ErrorLabel::ALL {
+            let (i, r) = (l as usize, l.label());
             let v: u64 = self.blocks().map(|s| s.errors[i].load(Relaxed)).sum();
             let _ = writeln!(out, "torpor_errors_total{{code=\"{r}\"}} {v}");
         }
@@ -290,6 +355,78 @@ impl Metrics {
             render_kv(&mut out, &kv.stats());
         }
         out
+    }
+}
+
+/// Request ids of client WebSockets a shard closed recently (at most `cap`, each for `ttl`),
+/// so that the runner's expected late messages for them (its answer to the close, acks of
+/// the last messages) count as late rather than unroutable, while a message for a request id
+/// that never existed still counts as unroutable. Steady state allocates nothing.
+pub struct RecentlyClosed {
+    ttl: std::time::Duration,
+    cap: usize,
+    set: std::collections::HashSet<[u8; 4]>,
+    order: std::collections::VecDeque<(std::time::Instant, [u8; 4])>,
+}
+
+impl RecentlyClosed {
+    /// How long a closed request's late messages are expected by default: longer than a
+    /// runner's reconnect (its owed close is sent when it comes back and answered then).
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(120);
+    /// Most request ids remembered per shard (about 40 bytes each).
+    pub const CAP: usize = 1 << 16;
+
+    pub fn new(ttl: std::time::Duration, cap: usize) -> RecentlyClosed {
+        RecentlyClosed {
+            ttl,
+            cap: cap.max(1),
+            set: Default::default(),
+            order: Default::default(),
+        }
+    }
+
+    /// Remembers that request `req` closed at `now` (the oldest is forgotten at `cap`).
+    pub fn insert(&mut self, req: [u8; 4], now: std::time::Instant) {
+        self.expire(now);
+        if !self.set.insert(req) {
+            return;
+        }
+        if self.order.len() >= self.cap {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.order.push_back((now, req));
+    }
+
+    /// Whether `req` closed less than `ttl` before `now` (and is still remembered).
+    pub fn contains(&mut self, req: [u8; 4], now: std::time::Instant) -> bool {
+        self.expire(now);
+        self.set.contains(&req)
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn expire(&mut self, now: std::time::Instant) {
+        while let Some(&(at, req)) = self.order.front() {
+            if now.saturating_duration_since(at) < self.ttl {
+                break;
+            }
+            self.order.pop_front();
+            self.set.remove(&req);
+        }
+    }
+}
+
+impl Default for RecentlyClosed {
+    fn default() -> Self {
+        RecentlyClosed::new(Self::TTL, Self::CAP)
     }
 }
 
@@ -379,5 +516,141 @@ mod tests {
         assert!(text.contains(
             "torpor_websocket_closes_total{reason=\"guard.websocket_message_not_acked\"} 1"
         ));
+    }
+
+    #[test]
+    fn labels_round_trip_and_are_unique() {
+        for &l in CloseLabel::ALL {
+            assert_eq!(CloseLabel::of(l.label()), Some(l), "{}", l.label());
+        }
+        for &l in ErrorLabel::ALL {
+            assert_eq!(ErrorLabel::of(l.label()), Some(l), "{}", l.label());
+        }
+        let closes: std::collections::HashSet<_> =
+            CloseLabel::ALL.iter().map(|l| l.label()).collect();
+        assert_eq!(closes.len(), CloseLabel::ALL.len());
+        let errors: std::collections::HashSet<_> =
+            ErrorLabel::ALL.iter().map(|l| l.label()).collect();
+        assert_eq!(errors.len(), ErrorLabel::ALL.len());
+        // `other` is last, and only what nothing else names lands there.
+        assert_eq!(CloseLabel::ALL.last(), Some(&CloseLabel::Other));
+        assert_eq!(ErrorLabel::ALL.last(), Some(&ErrorLabel::Other));
+        assert_eq!(CloseLabel::of(""), None);
+        assert_eq!(CloseLabel::of("ws.close"), None);
+    }
+
+    #[test]
+    fn every_close_and_every_label_is_rendered() {
+        let m = Metrics::new(1);
+        m.shards[0].close_as(CloseLabel::ClientClosed);
+        m.control.error("guard.control_unavailable");
+        let text = m.render();
+        for &l in CloseLabel::ALL {
+            let want = format!("torpor_websocket_closes_total{{reason=\"{}\"}} ", l.label());
+            assert!(text.contains(&want), "{want}");
+        }
+        for &l in ErrorLabel::ALL {
+            let want = format!("torpor_errors_total{{code=\"{}\"}} ", l.label());
+            assert!(text.contains(&want), "{want}");
+        }
+        assert!(text.contains("torpor_websocket_closes_total{reason=\"client.closed\"} 1"));
+        assert!(text.contains("torpor_errors_total{code=\"guard.control_unavailable\"} 1"));
+        assert_eq!(m.closes("other"), 0);
+        assert_eq!(m.errors("other"), 0);
+        m.set_actor_counts([5, 1, 2, 3]);
+        m.set_runners_known(7);
+        let text = m.render();
+        assert!(text.contains("torpor_actors{state=\"sleeping\"} 5"));
+        assert!(text.contains("torpor_actors{state=\"starting\"} 1"));
+        assert!(text.contains("torpor_actors{state=\"running\"} 2"));
+        assert!(text.contains("torpor_actors{state=\"stopping\"} 3"));
+        assert!(text.contains("torpor_runners_known 7"));
+    }
+
+    /// Strings the sources use in the `{group}.{code}` shape that are not gateway close
+    /// reasons or error codes, and why.
+    const NOT_LABELS: &[&str] = &[
+        // The runner library's own closes and HTTP error header: they reach the gateway as
+        // an actor's close (`actor.closed`) or a tunnelled response.
+        "ws.message_index_skip",
+        "ws.meta_not_found_during_restore",
+        "ws.duplicate_open",
+        "runner.actor_not_found",
+    ];
+
+    /// Every reason and code string in `src/` is a label (or listed in [`NOT_LABELS`]), so a
+    /// new reason or a typo cannot land in `other` unnoticed.
+    #[test]
+    fn every_reason_in_the_sources_has_a_label() {
+        fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    out.push(p);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let groups = [
+            "ws", "guard", "actor", "runner", "request", "http", "api", "engine", "client",
+        ];
+        let mut unknown = Vec::new();
+        let mut seen = 0;
+        // This file holds the labels themselves (and a typo on purpose in a test).
+        files.retain(|f| !f.ends_with("src/metrics.rs"));
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap();
+            for lit in text.split('"').skip(1).step_by(2) {
+                let Some((group, code)) = lit.split_once('.') else {
+                    continue;
+                };
+                let shaped = groups.contains(&group)
+                    && !code.is_empty()
+                    && code
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if !shaped {
+                    continue;
+                }
+                seen += 1;
+                if CloseLabel::of(lit).is_none()
+                    && ErrorLabel::of(lit).is_none()
+                    && !NOT_LABELS.contains(&lit)
+                {
+                    unknown.push(format!("{}: {lit}", f.display()));
+                }
+            }
+        }
+        assert!(seen > 50, "the scan found only {seen} reason strings");
+        assert!(
+            unknown.is_empty(),
+            "reason strings without a metrics label: {unknown:#?}"
+        );
+    }
+
+    #[test]
+    fn recently_closed_forgets_after_ttl_and_at_cap() {
+        let t0 = std::time::Instant::now();
+        let s = std::time::Duration::from_secs(1);
+        let mut r = RecentlyClosed::new(10 * s, 3);
+        r.insert([1; 4], t0);
+        assert!(r.contains([1; 4], t0 + 9 * s));
+        assert!(!r.contains([2; 4], t0), "never closed");
+        assert!(!r.contains([1; 4], t0 + 10 * s), "expired");
+        assert!(r.is_empty());
+        for i in 0..4u8 {
+            r.insert([i; 4], t0);
+        }
+        assert_eq!(r.len(), 3);
+        assert!(!r.contains([0; 4], t0), "oldest dropped at the cap");
+        assert!(r.contains([3; 4], t0));
+        r.insert([3; 4], t0);
+        assert_eq!(r.len(), 3, "a second close of the same id is one entry");
     }
 }

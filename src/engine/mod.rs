@@ -232,6 +232,16 @@ impl Default for EngineConfig {
     }
 }
 
+/// Live actors by state (metrics). Destroyed actors kept for `destroyed_retention` are in
+/// none of these: they no longer exist for any caller but `GET /actors?actor_ids=`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ActorCounts {
+    pub sleeping: usize,
+    pub starting: usize,
+    pub running: usize,
+    pub stopping: usize,
+}
+
 /// A routing lookup waiting for its actor.
 #[derive(Debug)]
 struct Waiter {
@@ -327,6 +337,33 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// Live actors by state. Reads every actor (O(actors)): callers that publish it often
+    /// throttle it (the shell does so at most every few hundred milliseconds).
+    pub fn actor_counts(&self) -> ActorCounts {
+        let mut c = ActorCounts::default();
+        for a in self.actors.values() {
+            match a.status {
+                ActorStatus::Sleeping => c.sleeping += 1,
+                ActorStatus::Starting => c.starting += 1,
+                ActorStatus::Running => c.running += 1,
+                ActorStatus::Stopping => c.stopping += 1,
+                ActorStatus::Destroyed => {}
+            }
+        }
+        c
+    }
+
+    /// Live (not destroyed) actors, O(1): the sum of [`Engine::actor_counts`].
+    pub fn live_actors(&self) -> usize {
+        self.live_actors
+    }
+
+    /// Runner records the control plane holds, O(1): connected runners and disconnected ones
+    /// not yet lost (`runner_lost_threshold`).
+    pub fn runners_known(&self) -> usize {
+        self.runners.len()
     }
 
     /// Wall-clock milliseconds at `now`.

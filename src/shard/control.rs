@@ -256,6 +256,7 @@ pub fn run_control(
         if !loads.is_empty() {
             load_inputs(&shared, &kv, std::mem::take(&mut loads));
         }
+        publish_gauges(&shared, &engine);
     }
 }
 
@@ -528,3 +529,35 @@ fn dispatch(shared: &Shared, actions: Vec<Action>) {
         }
     }
 }
+
+/// Publishes the control plane's gauges after a batch: runners known (O(1)) every time, and
+/// actors by state. Counting actors by state reads every actor, so it is done at most every
+/// [`ACTOR_COUNTS_EVERY`] and only when the live count or the runners changed since, or
+/// after [`ACTOR_COUNTS_MAX_AGE`] (a start or a stop changes no cheap total), never once per
+/// batch under load. The loop wakes at least every tick, so a change shows within
+/// `ACTOR_COUNTS_MAX_AGE` + one tick.
+fn publish_gauges(shared: &Shared, engine: &Engine) {
+    use std::cell::Cell;
+    thread_local! {
+        /// (when counted, live actors and runners known then).
+        static LAST: Cell<Option<(Instant, usize, usize)>> = const { Cell::new(None) };
+    }
+    let m = &shared.metrics;
+    let (live, runners) = (engine.live_actors(), engine.runners_known());
+    m.set_runners_known(runners as i64);
+    let now = Instant::now();
+    let due = LAST.get().is_none_or(|(at, l, r)| {
+        let age = now.saturating_duration_since(at);
+        age >= ACTOR_COUNTS_MAX_AGE || (age >= ACTOR_COUNTS_EVERY && (l, r) != (live, runners))
+    });
+    if due {
+        let c = engine.actor_counts();
+        m.set_actor_counts([c.sleeping, c.starting, c.running, c.stopping].map(|n| n as i64));
+        LAST.set(Some((now, live, runners)));
+    }
+}
+
+/// Least time between two counts of the actors by state.
+const ACTOR_COUNTS_EVERY: Duration = Duration::from_millis(100);
+/// Most time between two counts of the actors by state.
+const ACTOR_COUNTS_MAX_AGE: Duration = Duration::from_millis(500);

@@ -8,7 +8,7 @@
 use super::control::ControlMsg;
 use super::{RequestKey, Shared};
 use crate::engine::ConnRef;
-use crate::metrics::{Counter, Gauge, ShardMetrics};
+use crate::metrics::{CloseLabel, Counter, Gauge, RecentlyClosed, ShardMetrics};
 use crate::protocol::{self, ToClient, ToClientTunnelMessage, ToClientTunnelMessageKind};
 use crate::tunnel::{
     AckResult, ClientMsg, CloseReason, Detach, DetachCause, SocketState, TunnelSocket, WindowLimits,
@@ -420,6 +420,9 @@ pub struct ShardState {
     /// `WebSocketClose` frames for runners that were away when their client closed; sent
     /// when the runner reattaches so it does not keep the request forever.
     owed_closes: Vec<(u32, Vec<Bytes>)>,
+    /// Client WebSockets closed lately: the runner's late messages for them are expected
+    /// (`torpor_tunnel_late_messages_total`), not unroutable.
+    recently_closed: RecentlyClosed,
 }
 
 pub const TRUE_BYTE: Bytes = Bytes::from_static(&[1]);
@@ -444,6 +447,7 @@ impl ShardState {
             scratch: BytesMut::with_capacity(64 * 1024),
             idle_todo: Vec::new(),
             owed_closes: Vec::new(),
+            recently_closed: RecentlyClosed::default(),
         }
     }
 
@@ -649,14 +653,16 @@ impl ShardState {
                 if RequestKey::decode(r.req) == key && owner(r.runner_idx) {
                     let gen = c.gen;
                     self.request_in(key.slot, gen, msg);
-                } else {
+                } else if RequestKey::decode(r.req) == key {
                     self.metrics().inc(Counter::UnroutableTunnelMessages);
+                } else {
+                    self.count_stray(key, now);
                 }
                 return;
             }
         }
         let Some((slot, gen)) = self.client_by_key(key) else {
-            self.metrics().inc(Counter::UnroutableTunnelMessages);
+            self.count_stray(key, now);
             return;
         };
         if let ConnKind::Client(cc) = &mut self.conns[slot as usize].kind {
@@ -670,7 +676,8 @@ impl ShardState {
                         cc.early_bytes += data.len();
                         cc.early.push((from, data, binary));
                     }
-                    _ => self.metrics().inc(Counter::UnroutableTunnelMessages),
+                    // Acks and closes of the attachment that ended: expected, late.
+                    _ => self.metrics().inc(Counter::LateTunnelMessages),
                 }
                 return;
             }
@@ -700,6 +707,7 @@ impl ShardState {
             TunnelIn::Ack(index) => self.on_ack(slot, gen, index, now),
             TunnelIn::Open { .. } | TunnelIn::Close { .. } | TunnelIn::Other(_) => {
                 let conn = self.get(slot, gen).expect("checked above");
+                let closing = conn.out.closing;
                 let ConnKind::Client(cc) = &mut conn.kind else {
                     return;
                 };
@@ -720,10 +728,15 @@ impl ShardState {
                             now,
                         );
                     }
+                    // The runner's answer to the gateway's close (its request is closed).
+                    TunnelIn::Close { .. } if closing => {
+                        self.metrics().inc(Counter::LateTunnelMessages);
+                    }
                     TunnelIn::Close { code, reason, .. } => {
                         cc.runner_closed = true;
                         let reason = reason.unwrap_or_else(|| "ws.closed".to_string());
-                        self.close_client(slot, gen, code.unwrap_or(1000), reason, now);
+                        let code = code.unwrap_or(1000);
+                        self.close_client_as(slot, gen, code, reason, CloseLabel::ActorClosed, now);
                     }
                     _ => self.metrics().inc(Counter::UnroutableTunnelMessages),
                 }
@@ -976,13 +989,31 @@ impl ShardState {
 
     /// Queues a close frame to a client, tells the runner, and frees the window. The reader
     /// task removes the slab entry when the socket ends.
+    ///
+    /// The metric counts `reason` when it is one of the gateway's own reasons; any other text
+    /// is the client's own close frame (the reader passes it on), counted as `client.closed`.
     pub fn close_client(
         &mut self,
         slot: u32,
         gen: u32,
         code: u16,
         reason: impl Into<Cow<'static, str>>,
-        _now: Instant,
+        now: Instant,
+    ) {
+        let reason = reason.into();
+        let label = CloseLabel::of(&reason).unwrap_or(CloseLabel::ClientClosed);
+        self.close_client_as(slot, gen, code, reason, label, now);
+    }
+
+    /// [`Self::close_client`], counted under `label`.
+    pub fn close_client_as(
+        &mut self,
+        slot: u32,
+        gen: u32,
+        code: u16,
+        reason: impl Into<Cow<'static, str>>,
+        label: CloseLabel,
+        now: Instant,
     ) {
         let reason = reason.into();
         let Some(conn) = self.conns.get_mut(slot as usize).filter(|c| c.gen == gen) else {
@@ -992,7 +1023,10 @@ impl ShardState {
             return;
         }
         let m = &self.shared.metrics.shards[self.id as usize];
-        m.close(code, &reason);
+        m.close_as(label);
+        if let ConnKind::Client(cc) = &conn.kind {
+            self.recently_closed.insert(cc.req, now);
+        }
         conn.out.push_close(code, &reason);
         let is_client = matches!(conn.kind, ConnKind::Client(_));
         let mut tell_runner = None;
@@ -1021,6 +1055,17 @@ impl ShardState {
                 self.owed_closes.push((runner_idx, frames));
             }
         }
+    }
+
+    /// Counts a runner message for a request this shard does not have: late when its client
+    /// WebSocket closed lately (the runner's answer to the close, last acks), else unroutable.
+    fn count_stray(&mut self, key: RequestKey, now: Instant) {
+        let c = if self.recently_closed.contains(key.encode(), now) {
+            Counter::LateTunnelMessages
+        } else {
+            Counter::UnroutableTunnelMessages
+        };
+        self.metrics().inc(c);
     }
 
     /// Frees a client's pending window (bytes back to the shard budget, gauges down).
@@ -1367,9 +1412,15 @@ impl ShardState {
             .on_runner_attached(now)
             .map(|e| (e.index, e.data.clone(), e.binary))
             .collect();
-        let m = &self.shared.metrics.shards[self.id as usize];
-        m.inc(Counter::Replays);
-        m.add(Counter::ReplayedMessages, replay.len() as u64);
+        // A reattachment with nothing pending re-sends nothing: not a replay. (A runner that
+        // reconnects reattaches its sockets at once; after a restart the fence then finds the
+        // actors gone, the sockets hibernate and replay again when the actor's next
+        // generation runs: counting both doubled the count per restart.)
+        if !replay.is_empty() {
+            let m = &self.shared.metrics.shards[self.id as usize];
+            m.inc(Counter::Replays);
+            m.add(Counter::ReplayedMessages, replay.len() as u64);
+        }
         let mut frames = Vec::with_capacity(replay.len() * 3);
         for (index, data, binary) in replay {
             frames.extend(self.ws_message_frames(req, index, data, binary));
