@@ -577,7 +577,11 @@ impl Engine {
             return None;
         }
         let idx = a.runner?;
-        let conn: ConnRef = self.runners.get(idx)?.conn?;
+        let r = self.runners.get(idx)?;
+        if !r.proven(&a.id, a.generation) {
+            return None;
+        }
+        let conn: ConnRef = r.conn?;
         Some(Route {
             actor_id: a.id.clone(),
             generation: a.generation,
@@ -967,6 +971,9 @@ impl Engine {
         // Follow-up actions go after the AckEvents, so that an ack for generation g reaches
         // the runner before a start of generation g + 1 of the same actor.
         let before = std::mem::take(&mut self.out);
+        // Running actors whose event proved, during a reconnect's possession check, that this
+        // connection hosts them: their waiting lookups are answered after the batch.
+        let mut proven: Vec<String> = Vec::new();
         for ev in events {
             let cp = ev.checkpoint;
             let Some(a) = self.actors.get_mut(&cp.actor_id) else {
@@ -976,7 +983,9 @@ impl Engine {
                 continue;
             }
             if let Some(proof) = self.runners.get_mut(idx).and_then(|r| r.proof.as_mut()) {
-                proof.insert((cp.actor_id.clone(), cp.generation));
+                if proof.insert((cp.actor_id.clone(), cp.generation)) && !a.waiters.is_empty() {
+                    proven.push(cp.actor_id.clone());
+                }
             }
             // The latest event of a live instance stays unacknowledged: the runner re-sends
             // it after every Init, which proves it still hosts the actor (see
@@ -1007,6 +1016,9 @@ impl Engine {
                 r.prune_start(&cp.actor_id, cp.generation);
             }
             self.apply_event(idx, &cp.actor_id, ev.inner, now);
+        }
+        for id in proven {
+            self.answer_waiters(&id);
         }
         let follow = std::mem::replace(&mut self.out, before);
         acks.retain(|c| c.index >= 0);
@@ -1133,6 +1145,23 @@ impl Engine {
             }
         }
         self.place_pending(now);
+    }
+
+    /// Give every stopping actor placed on runner `idx` that has no stop deadline a fresh
+    /// one (its deadline passed while the runner was disconnected or fenced, when it cannot
+    /// end the stop: see `expire_actor_deadlines`).
+    pub(super) fn rearm_stop_deadlines(&mut self, idx: usize, now: Instant) {
+        let Some(r) = self.runners.get(idx) else {
+            return;
+        };
+        let deadline = now + self.cfg.actor_stop_threshold;
+        for id in &r.actors {
+            if let Some(a) = self.actors.get_mut(id) {
+                if a.status == ActorStatus::Stopping && a.deadline.is_none() {
+                    set_deadline(&mut self.actor_deadlines, a, Some(deadline));
+                }
+            }
+        }
     }
 
     pub(super) fn gc_destroyed(&mut self, now: Instant) {

@@ -83,6 +83,8 @@ pub(super) struct Runner {
     pub actor_names: Vec<String>,
     pub conn: Option<ConnRef>,
     pub disconnected_at: Option<Instant>,
+    /// The runner said `Stopping` on its current session: nothing new is placed here. Every
+    /// `Init` clears it (a runner that reconnects wants work).
     pub stopping: bool,
     /// Actors placed here (starting, running or stopping); each takes one slot.
     pub actors: BTreeSet<String>,
@@ -99,6 +101,16 @@ pub(super) struct Runner {
 }
 
 impl Runner {
+    /// May traffic for generation `generation` of `actor_id` (placed here) go to this
+    /// runner's connection? Not while a reconnect's possession check is out and the actor has
+    /// sent nothing back on the new connection: a new process behind the same key does not
+    /// host it (it would answer `actor_not_found`), and the pong settles it either way.
+    pub fn proven(&self, actor_id: &str, generation: u32) -> bool {
+        self.proof
+            .as_ref()
+            .is_none_or(|p| p.contains(&(actor_id.to_string(), generation)))
+    }
+
     pub fn free_slots(&self) -> u32 {
         let used = u32::try_from(self.actors.len()).unwrap_or(u32::MAX);
         self.total_slots.saturating_sub(used)
@@ -197,6 +209,11 @@ impl Engine {
                 r.total_slots = init.total_slots;
                 r.version = init.version;
                 r.metadata = init.metadata;
+                // A runner that said `Stopping` and connects again is a new process that
+                // wants work (or one that changed its mind): the drain belonged to the old
+                // session. The actors it was stopping stay placed until the possession fence
+                // below settles them.
+                r.stopping = false;
                 idx
             }
             None => {
@@ -419,7 +436,10 @@ impl Engine {
         }
         r.conn = None;
         r.disconnected_at = Some(now);
+        // The fence and the possession check belonged to this connection; the next `Init`
+        // starts both anew.
         r.fence = None;
+        r.proof = None;
         if let Ok(runner_idx) = RunnerIdx::try_from(idx) {
             self.out.push(Action::RunnerDetached { runner_idx });
         }
@@ -522,7 +542,12 @@ impl Engine {
         for (actor_id, generation) in vanished.into_iter().chain(gone) {
             self.placement_vanished(&actor_id, generation, idx, now);
         }
+        // What is still placed here is hosted here: stops wait for their `Stopped` again
+        // (a deadline that passed while the runner was away or fenced did nothing), and the
+        // lookups that waited for the proof get their route.
+        self.rearm_stop_deadlines(idx, now);
         self.flush(idx);
+        self.answer_runner_waiters(idx);
         self.place_pending(now);
         self.take_out()
     }
