@@ -474,8 +474,23 @@ fn render_kv(out: &mut String, k: &crate::kv::KvStatsSnapshot) {
         ),
         (
             "torpor_kv_commit_failures_total",
-            "Write transactions that failed",
+            "Write transactions that failed (or could not start because the store is down)",
             k.commit_failures,
+        ),
+        (
+            "torpor_kv_panics_total",
+            "Panics of the storage engine caught by the store thread",
+            k.panics,
+        ),
+        (
+            "torpor_store_reopens_total",
+            "Reopens of the store after an I/O error, damage or a panic",
+            k.reopens,
+        ),
+        (
+            "torpor_store_reopen_failures_total",
+            "Failed attempts to reopen the store",
+            k.reopen_failures,
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -492,6 +507,12 @@ fn render_kv(out: &mut String, k: &crate::kv::KvStatsSnapshot) {
         "torpor_kv_commit_seconds_total {}",
         k.commit_nanos as f64 / 1e9
     );
+    let _ = writeln!(
+        out,
+        "# HELP torpor_store_up 1 while the store commits, 0 while it cannot (store.unavailable)"
+    );
+    let _ = writeln!(out, "# TYPE torpor_store_up gauge");
+    let _ = writeln!(out, "torpor_store_up {}", u8::from(k.store_up));
 }
 
 #[cfg(test)]

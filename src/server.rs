@@ -62,16 +62,17 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
     let (shared, (inboxes, control_rx)) = Shared::new(cfg.clone(), metrics.clone(), gateway_id, n)?;
     let control_tx = shared.control.clone();
 
-    // The embedded store: actor KV spaces and the control plane's records.
-    let kv = crate::kv::spawn(&cfg.store_path(), cfg.kv_limits()).map_err(|e| {
+    // The embedded store: actor KV spaces and the control plane's records. A damaged file, or
+    // an emptied one in a data directory that held a store (`torpor.id`), is refused here with
+    // a message naming the file and what to do (exit 1, nothing listens yet).
+    let kv = crate::kv::spawn(&cfg.store_path(), cfg.kv_limits())
+        .map_err(|e| std::io::Error::other(format!("cannot open the store: {e}")))?;
+    let records = kv.load_meta_blocking().map_err(|e| {
         std::io::Error::other(format!(
-            "cannot open the store {}: {e}",
+            "cannot read the store {}: {e}",
             cfg.store_path().display()
         ))
     })?;
-    let records = kv
-        .load_meta_blocking()
-        .map_err(|e| std::io::Error::other(format!("cannot read the store: {e}")))?;
     let _ = metrics.kv.set(kv.clone());
     let control = {
         let shared = shared.clone();

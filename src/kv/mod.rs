@@ -38,9 +38,12 @@
 //! and never mix keys of different actors.
 
 pub mod mem_store;
+mod panics;
 pub mod redb_store;
 pub mod worker;
 
+#[cfg(test)]
+mod fault_tests;
 #[cfg(test)]
 mod tests;
 
@@ -52,7 +55,9 @@ use crate::protocol::{
 };
 
 pub use redb_store::{KvOpenError, RedbStore};
-pub use worker::{spawn, spawn_backend, Closed, Job, KvHandle, KvStats, KvStatsSnapshot, Reply};
+pub use worker::{
+    spawn, spawn_backend, Closed, Job, KvHandle, KvStats, KvStatsSnapshot, Reply, STORE_UNAVAILABLE,
+};
 
 /// Limits applied to every request (SPEC §1.6; all configurable). Each refusal is answered with
 /// a `KvErrorResponse` whose message names the limit's field.
@@ -111,6 +116,20 @@ pub enum KvError {
     /// The store is not running (shut down, or the request was dropped unanswered).
     #[error("kv.unavailable: {0}")]
     Unavailable(String),
+    /// The storage engine cannot be used until it is reopened: an I/O error (a full disk, a
+    /// failing device), damage found in the file, or a panic inside the engine. The worker
+    /// reopens the backend (see [`KvBackend::reopen`]) and answers with this error until a
+    /// commit succeeds again.
+    #[error("store.unavailable: {0}")]
+    StoreDown(String),
+}
+
+impl KvError {
+    /// True when the error means the whole store is unusable until it is reopened (as opposed
+    /// to one bad record or one refused operation).
+    pub fn is_store_down(&self) -> bool {
+        matches!(self, KvError::StoreDown(_))
+    }
 }
 
 /// One control-plane record of the meta table: opaque key and value bytes.
@@ -281,6 +300,22 @@ pub trait KvBackend: Send + 'static {
     fn write_batch(&mut self, f: &mut BatchFn<'_>) -> Result<(), KvError>;
     /// Runs `f` in a read transaction; its write methods fail.
     fn read_batch(&mut self, f: &mut BatchFn<'_>) -> Result<(), KvError>;
+    /// Closes and reopens the storage after a [`KvError::StoreDown`] error or a panic inside
+    /// the backend; `verify` asks for a full integrity check of what is reopened (after a panic
+    /// or damage, the file is not trusted until checked). `Ok` when the backend can be used
+    /// again; until then every batch fails. A backend without anything to reopen keeps the
+    /// default.
+    fn reopen(&mut self, verify: bool) -> Result<(), KvError> {
+        let _ = verify;
+        Ok(())
+    }
+    /// Checks, before a store that is down is used again, that the cause of the failure is
+    /// gone as far as it can be seen from outside (e.g. there is free space again). A full
+    /// disk lets redb reopen and commit small transactions in pages it already holds while
+    /// any growth fails; without this check the store would flap between up and down.
+    fn probe(&mut self) -> Result<(), KvError> {
+        Ok(())
+    }
 }
 
 /// The selection of a list request in user-key space.

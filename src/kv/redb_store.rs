@@ -40,6 +40,8 @@ const META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("meta");
 const SYS: TableDefinition<&str, u64> = TableDefinition::new("sys");
 const USAGE: TableDefinition<&str, u64> = TableDefinition::new("usage");
 const PUT_SEQ: &str = "put_seq";
+/// Free space a store that failed must find before it is used again ([`KvBackend::probe`]).
+pub const PROBE_BYTES: u64 = 4 << 20;
 /// Present in `sys` once `usage` holds the usage of every actor.
 const USAGE_READY: &str = "usage_v1";
 
@@ -57,6 +59,18 @@ pub enum KvOpenError {
     },
     #[error("kv store {}: {message}", path.display())]
     Storage { path: PathBuf, message: String },
+    /// The file is damaged (truncated, overwritten, failed its integrity check, or made the
+    /// storage engine panic). Nothing is started on it.
+    #[error("kv store {} is damaged: {message}. torpor does not start on a damaged store: restore the file from a backup, or move it away to start with an empty store (every actor and KV space in it is then lost)", path.display())]
+    Damaged { path: PathBuf, message: String },
+    /// The file is empty or missing while the data directory says a store was created there
+    /// (the marker file, see [`RedbStore::open_checked`]).
+    #[error("kv store {} {what}, but {} says a store was created in this data directory: its actors and KV data would be lost silently. Restore the store from a backup, or delete {} to start with an empty store", path.display(), marker.display(), marker.display())]
+    MissingData {
+        path: PathBuf,
+        marker: PathBuf,
+        what: &'static str,
+    },
     #[error("kv store {}: cannot start its thread: {source}", path.display())]
     Thread {
         path: PathBuf,
@@ -65,14 +79,30 @@ pub enum KvOpenError {
     },
 }
 
-fn storage<E: std::fmt::Display>(e: E) -> KvError {
-    KvError::Storage(e.to_string())
+/// A storage error as the worker sees it. I/O errors (a full disk), damage and a poisoned
+/// engine make the whole store unusable until it is reopened ([`KvError::StoreDown`]); the rest
+/// concern one operation.
+fn storage<E: Into<redb::Error>>(e: E) -> KvError {
+    let e: redb::Error = e.into();
+    match e {
+        redb::Error::Io(_)
+        | redb::Error::PreviousIo
+        | redb::Error::Corrupted(_)
+        | redb::Error::LockPoisoned(_) => KvError::StoreDown(e.to_string()),
+        other => KvError::Storage(other.to_string()),
+    }
+}
+
+fn closed() -> KvError {
+    KvError::StoreDown("the store file is closed after an error and not reopened yet".to_string())
 }
 
 /// The redb-backed store. `Send`: open it on one thread, hand it to the worker.
 pub struct RedbStore {
-    db: Database,
+    /// `None` between a failure that closed it and a successful [`KvBackend::reopen`].
+    db: Option<Database>,
     path: PathBuf,
+    cache_bytes: usize,
     /// Last put sequence number committed (0: none yet).
     put_seq: u64,
 }
@@ -81,49 +111,77 @@ impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedbStore")
             .field("path", &self.path)
+            .field("open", &self.db.is_some())
             .field("put_seq", &self.put_seq)
             .finish()
     }
 }
 
-impl RedbStore {
-    /// Opens (creating when missing, parent directories included) the store file at `path`.
-    /// A file already held by another open store is refused with [`KvOpenError::AlreadyOpen`].
-    pub fn open(path: &Path) -> Result<RedbStore, KvOpenError> {
-        Self::open_with_cache(path, crate::config::DEFAULT_STORE_CACHE_BYTES)
-    }
+/// The marker file of a store: next to it, same name with the extension `id`
+/// (`data_dir/torpor.id` for `data_dir/torpor.redb`).
+pub fn marker_path(store: &Path) -> PathBuf {
+    store.with_extension("id")
+}
 
-    /// [`RedbStore::open`] with a page cache of `cache_bytes` (redb keeps 9/10 of it for pages
-    /// read and written, 1/10 for pages waiting to be written).
-    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<RedbStore, KvOpenError> {
-        let path_buf = path.to_path_buf();
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| KvOpenError::Io {
-                path: path_buf.clone(),
-                source,
-            })?;
+fn open_error(path: &Path, e: DatabaseError) -> KvOpenError {
+    let path = path.to_path_buf();
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => KvOpenError::AlreadyOpen { path },
+        DatabaseError::Storage(redb::StorageError::Io(source))
+            if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            KvOpenError::Damaged {
+                path,
+                message: format!("the file ends before its data ({source}); it was truncated"),
+            }
         }
-        let db = redb::Builder::new()
+        DatabaseError::Storage(redb::StorageError::Io(source))
+            if source.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            KvOpenError::Damaged {
+                path,
+                message: format!(
+                    "its header is not that of a valid store ({source}): it was overwritten or \
+                     is not a redb file"
+                ),
+            }
+        }
+        DatabaseError::Storage(redb::StorageError::Io(source)) => KvOpenError::Io { path, source },
+        DatabaseError::Storage(redb::StorageError::Corrupted(message)) => {
+            KvOpenError::Damaged { path, message }
+        }
+        other => KvOpenError::Storage {
+            path,
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Opens (or initializes an empty or missing) file with redb; a panic of redb is an error.
+fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, KvOpenError> {
+    match super::panics::contain(|| {
+        redb::Builder::new()
             .set_cache_size(cache_bytes)
             .create(path)
-            .map_err(|e| match e {
-                DatabaseError::DatabaseAlreadyOpen => KvOpenError::AlreadyOpen {
-                    path: path_buf.clone(),
-                },
-                DatabaseError::Storage(redb::StorageError::Io(source)) => KvOpenError::Io {
-                    path: path_buf.clone(),
-                    source,
-                },
-                other => KvOpenError::Storage {
-                    path: path_buf.clone(),
-                    message: other.to_string(),
-                },
-            })?;
-        let fail = |e: &dyn std::fmt::Display| KvOpenError::Storage {
-            path: path_buf.clone(),
-            message: e.to_string(),
-        };
-        // Create the tables so that read transactions find them, and load the put sequence.
+    }) {
+        Ok(r) => r.map_err(|e| open_error(path, e)),
+        Err(panic) => Err(KvOpenError::Damaged {
+            path: path.to_path_buf(),
+            message: format!(
+                "the storage engine failed an internal check while opening it ({panic})"
+            ),
+        }),
+    }
+}
+
+/// Creates the tables so that read transactions find them, computes usage if the file
+/// predates it, and returns the put sequence.
+fn init_tables(db: &Database, path: &Path) -> Result<u64, KvOpenError> {
+    let fail = |e: &dyn std::fmt::Display| KvOpenError::Storage {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let run = || -> Result<u64, KvOpenError> {
         let mut txn = db.begin_write().map_err(|e| fail(&e))?;
         txn.set_durability(Durability::Immediate);
         let put_seq = {
@@ -142,9 +200,176 @@ impl RedbStore {
             seq.map(|g| g.value()).unwrap_or(0)
         };
         txn.commit().map_err(|e| fail(&e))?;
+        Ok(put_seq)
+    };
+    match super::panics::contain(run) {
+        Ok(r) => r,
+        Err(panic) => Err(KvOpenError::Damaged {
+            path: path.to_path_buf(),
+            message: format!(
+                "the storage engine failed an internal check while reading it ({panic})"
+            ),
+        }),
+    }
+}
+
+/// Checks a whole file: redb's integrity check (every page of every tree against its
+/// checksum; a damaged last commit is rolled back to the one before), then a read of every
+/// record of every table in the shape torpor stored it. `Err` is the damage found.
+fn verify(db: &mut Database, path: &Path) -> Result<(), String> {
+    let run = || -> Result<(), String> {
+        match db.check_integrity() {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(path = %path.display(),
+                "kv store: the integrity check found damage and repaired it (a damaged last \
+                 transaction is rolled back to the one before it)"),
+            Err(e) => return Err(format!("integrity check failed: {e}")),
+        }
+        let txn = db.begin_read().map_err(|e| e.to_string())?;
+        let mut records: u64 = 0;
+        let kv = txn.open_table(KV).map_err(|e| e.to_string())?;
+        for item in kv.iter().map_err(|e| e.to_string())? {
+            let (k, v) = item.map_err(|e| e.to_string())?;
+            split_table_key(k.value()).map_err(|e| e.to_string())?;
+            decode_value(v.value()).map_err(|e| e.to_string())?;
+            records += 1;
+        }
+        let meta = txn.open_table(META).map_err(|e| e.to_string())?;
+        for item in meta.iter().map_err(|e| e.to_string())? {
+            item.map_err(|e| e.to_string())?;
+            records += 1;
+        }
+        for t in [USAGE, SYS] {
+            let t = txn.open_table(t).map_err(|e| e.to_string())?;
+            for item in t.iter().map_err(|e| e.to_string())? {
+                item.map_err(|e| e.to_string())?;
+                records += 1;
+            }
+        }
+        tracing::debug!(path = %path.display(), records, "kv store: every record read back");
+        Ok(())
+    };
+    match super::panics::contain(run) {
+        Ok(r) => r,
+        Err(panic) => Err(format!(
+            "the storage engine failed an internal check while checking it ({panic})"
+        )),
+    }
+}
+
+/// Writes the marker file durably (temporary file, fsync, rename, fsync of the directory).
+fn write_marker(marker: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = marker.with_extension("id.tmp");
+    let id: u64 = rand::random();
+    let text = format!(
+        "torpor store {id:016x}\n\
+         This file says that a torpor store was created in this directory. torpor refuses to\n\
+         start when the store file next to it is missing or empty (its data would be lost\n\
+         silently). Delete this file only to start deliberately with an empty store.\n"
+    );
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, marker)?;
+    if let Some(dir) = marker.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl RedbStore {
+    /// Opens (creating when missing, parent directories included) the store file at `path`.
+    /// A file already held by another open store is refused with [`KvOpenError::AlreadyOpen`].
+    pub fn open(path: &Path) -> Result<RedbStore, KvOpenError> {
+        Self::open_with_cache(path, crate::config::DEFAULT_STORE_CACHE_BYTES)
+    }
+
+    /// [`RedbStore::open`] with a page cache of `cache_bytes` (redb keeps 9/10 of it for pages
+    /// read and written, 1/10 for pages waiting to be written). No integrity check and no
+    /// marker file: see [`RedbStore::open_checked`] for the daemon's start-up.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<RedbStore, KvOpenError> {
+        create_parent(path)?;
+        let db = open_db(path, cache_bytes)?;
+        let put_seq = init_tables(&db, path)?;
         Ok(RedbStore {
-            db,
-            path: path_buf,
+            db: Some(db),
+            path: path.to_path_buf(),
+            cache_bytes,
+            put_seq,
+        })
+    }
+
+    /// The daemon's start-up open: refuses a store that lost its data, checks the whole file,
+    /// and marks the data directory as holding a store.
+    ///
+    /// The marker ([`marker_path`], `data_dir/torpor.id`) is written once the store file has
+    /// been created (or first opened by a version that writes it). Rules:
+    /// - no store file (or an empty one) and no marker: a fresh start, the store is created and
+    ///   the marker written;
+    /// - no store file, or an empty one, but a marker: refused ([`KvOpenError::MissingData`]):
+    ///   the store existed and its data is gone (deleted, truncated to 0 bytes); starting empty
+    ///   would make every actor disappear without a word;
+    /// - a non-empty file: redb opens it (a panic of redb is contained), then [`verify`] runs
+    ///   redb's integrity check and reads every record of every table; damage is refused with
+    ///   [`KvOpenError::Damaged`] (the daemon exits 1 with the message). A file without the
+    ///   marker (written before markers existed) gets one.
+    ///
+    /// The check reads the whole file: start-up time grows with the store's size.
+    pub fn open_checked(path: &Path, cache_bytes: usize) -> Result<RedbStore, KvOpenError> {
+        create_parent(path)?;
+        let marker = marker_path(path);
+        let has_marker = marker.exists();
+        let len = match std::fs::metadata(path) {
+            Ok(m) => Some(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(KvOpenError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let fresh = matches!(len, None | Some(0));
+        if fresh && has_marker {
+            return Err(KvOpenError::MissingData {
+                path: path.to_path_buf(),
+                marker,
+                what: if len.is_none() {
+                    "does not exist"
+                } else {
+                    "is empty (0 bytes)"
+                },
+            });
+        }
+        let mut db = open_db(path, cache_bytes)?;
+        let checked = if fresh {
+            Ok(())
+        } else {
+            verify(&mut db, path).map_err(|message| KvOpenError::Damaged {
+                path: path.to_path_buf(),
+                message,
+            })
+        };
+        let put_seq = match checked.and_then(|()| init_tables(&db, path)) {
+            Ok(seq) => seq,
+            Err(e) => {
+                close_db(db);
+                return Err(e);
+            }
+        };
+        if !has_marker {
+            write_marker(&marker).map_err(|source| KvOpenError::Io {
+                path: marker.clone(),
+                source,
+            })?;
+        }
+        Ok(RedbStore {
+            db: Some(db),
+            path: path.to_path_buf(),
+            cache_bytes,
             put_seq,
         })
     }
@@ -152,6 +377,10 @@ impl RedbStore {
     /// The file this store lives in.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn db(&self) -> Result<&Database, KvError> {
+        self.db.as_ref().ok_or_else(closed)
     }
 
     /// Stores one meta record and commits durably.
@@ -178,7 +407,7 @@ impl RedbStore {
     /// (for tests of the rebuild on open).
     #[cfg(test)]
     pub(crate) fn forget_usage(&mut self) -> Result<(), KvError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        let txn = self.db()?.begin_write().map_err(storage)?;
         txn.delete_table(USAGE).map_err(storage)?;
         txn.open_table(SYS)
             .map_err(storage)?
@@ -189,15 +418,41 @@ impl RedbStore {
 
     /// Number of actor KV entries of every actor (for tests and diagnostics).
     pub fn kv_len(&self) -> Result<u64, KvError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db()?.begin_read().map_err(storage)?;
         let t = txn.open_table(KV).map_err(storage)?;
         t.len().map_err(storage)
     }
 }
 
+/// Drops a database: redb writes its allocator state on drop, which can fail or (on a damaged
+/// file) panic; the panic is contained and the file lock released either way.
+fn close_db(db: Database) {
+    if let Err(panic) = super::panics::contain(move || drop(db)) {
+        tracing::warn!(%panic, "kv store: closing the database panicked");
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        if let Some(db) = self.db.take() {
+            close_db(db);
+        }
+    }
+}
+
+fn create_parent(path: &Path) -> Result<(), KvOpenError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| KvOpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 impl KvBackend for RedbStore {
     fn write_batch(&mut self, f: &mut BatchFn<'_>) -> Result<(), KvError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let mut txn = self.db()?.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate);
         let mut seq = self.put_seq;
         let result = (|| {
@@ -232,7 +487,7 @@ impl KvBackend for RedbStore {
     }
 
     fn read_batch(&mut self, f: &mut BatchFn<'_>) -> Result<(), KvError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db()?.begin_read().map_err(storage)?;
         let mut view = ReadView {
             kv: txn.open_table(KV).map_err(storage)?,
             meta: txn.open_table(META).map_err(storage)?,
@@ -240,6 +495,64 @@ impl KvBackend for RedbStore {
             scratch: Vec::new(),
         };
         f(&mut view)
+    }
+
+    /// Reserves [`PROBE_BYTES`] in a scratch file next to the store (and removes it): a disk
+    /// that cannot give that much is still full.
+    fn probe(&mut self) -> Result<(), KvError> {
+        use std::os::fd::AsRawFd;
+        let scratch = self.path.with_extension("probe");
+        let result = (|| -> std::io::Result<()> {
+            let f = std::fs::File::create(&scratch)?;
+            // SAFETY: posix_fallocate on a file descriptor this function owns.
+            let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, PROBE_BYTES as libc::off_t) };
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+            Ok(())
+        })();
+        let _ = std::fs::remove_file(&scratch);
+        result.map_err(|e| {
+            KvError::StoreDown(format!(
+                "cannot reserve {} MiB next to the store ({e})",
+                PROBE_BYTES >> 20
+            ))
+        })
+    }
+
+    /// Drops the database (its file lock with it) and opens the file again: redb refuses every
+    /// operation after an I/O error ("Previous I/O error occurred") until then. Opening repairs
+    /// an uncleanly closed file and keeps the last committed transaction. With `verify` the
+    /// whole file is checked as at start-up ([`verify`]); damage keeps the store closed.
+    fn reopen(&mut self, verify_file: bool) -> Result<(), KvError> {
+        if let Some(db) = self.db.take() {
+            // Dropping writes redb's allocator state; after an I/O error that may fail or
+            // (after a panic inside redb) panic. Either way the lock is released.
+            close_db(db);
+        }
+        let mut db = open_db(&self.path, self.cache_bytes)
+            .map_err(|e| KvError::StoreDown(format!("reopening failed: {e}")))?;
+        let checked = if verify_file {
+            verify(&mut db, &self.path)
+                .map_err(|m| KvError::StoreDown(format!("the store file is damaged: {m}")))
+        } else {
+            Ok(())
+        };
+        // The committed sequence: a commit that reported an error may still have reached the
+        // disk, so the file, not memory, says what was used.
+        let seq = checked.and_then(|()| {
+            init_tables(&db, &self.path)
+                .map_err(|e| KvError::StoreDown(format!("reopening failed: {e}")))
+        });
+        match seq {
+            Ok(seq) => self.put_seq = seq,
+            Err(e) => {
+                close_db(db);
+                return Err(e);
+            }
+        }
+        self.db = Some(db);
+        Ok(())
     }
 }
 

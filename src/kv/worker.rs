@@ -14,16 +14,40 @@
 //! the reply's `Drop`. Callbacks run on the worker thread (or on the thread that drops the
 //! job): they must be short and must not block (hand the result to a mailbox and return).
 //!
+//! Failures of the store itself. A batch that fails with [`KvError::StoreDown`] (an I/O error
+//! such as a full disk, damage, a poisoned engine) or that panics inside the backend (the panic
+//! is caught per batch, counted, and never kills the thread) marks the store *down*: the
+//! backend is closed and reopened ([`KvBackend::reopen`], verified after a panic) before the
+//! next batch, and again in the background with a back-off from [`RETRY_MIN`] doubling to
+//! [`RETRY_MAX`] while nothing arrives; a store that is down is used again only once
+//! [`KvBackend::probe`] sees the cause gone (free space). While down, every job is answered with a
+//! `store.unavailable: …` error, [`KvHandle::is_up`] is false (the daemon's `/readyz` answers
+//! 503 and `torpor_store_up` reads 0), and every batch is a write transaction, so that the store
+//! is up again only once a commit succeeded. The first batch after the cause is gone (space
+//! freed) reopens and commits.
+//!
+//! Durability rule for control-plane records. Fire-and-forget meta writes (`PutMeta` /
+//! `DeleteMeta` without `done`) come from the engine, whose memory already holds the change.
+//! When their batch fails they are not dropped: the latest value per key is kept and written
+//! first in every following write transaction until one commits, so that the file converges to
+//! the engine's memory once the store is back (a newer write of the same key replaces the kept
+//! one). Whoever needs to know that a change is durable submits a `Flush` after it: the flush
+//! succeeds only when everything before it, kept records included, is committed. A process
+//! killed while records are kept loses them; what it acknowledged (after a successful flush)
+//! is on disk. Writes with a `done` reply and runner KV requests are answered with the error
+//! and not retried: their submitter knows they failed.
+//!
 //! This module must never answer a write before its commit returned, never lose a reply, and
 //! never block a submitter.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{JoinHandle, ThreadId};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use super::{
     apply, is_quota_refusal, is_read_only, KvBackend, KvBatch, KvError, KvLimits, KvOpenError,
@@ -35,6 +59,12 @@ use crate::protocol::{KvErrorResponse, KvGetRequest, KvRequestData, KvResponseDa
 pub const MAX_BATCH_JOBS: usize = 1024;
 /// Put payload (keys + values) after which a batch takes no further job.
 pub const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+/// First wait before a background recovery attempt of a store that is down.
+pub const RETRY_MIN: Duration = Duration::from_millis(20);
+/// Longest wait between background recovery attempts.
+pub const RETRY_MAX: Duration = Duration::from_secs(1);
+/// The error code that starts every answer given while the store cannot commit.
+pub const STORE_UNAVAILABLE: &str = "store.unavailable";
 
 /// What a reply carries when its job was dropped without an answer.
 pub trait Unanswered {
@@ -192,6 +222,14 @@ pub struct KvStats {
     pub commit_nanos: AtomicU64,
     /// Jobs in the largest batch so far.
     pub max_batch_jobs: AtomicU64,
+    /// Panics of the backend caught by the worker (each one marks the store down).
+    pub panics: AtomicU64,
+    /// Successful reopens of the backend after a failure.
+    pub reopens: AtomicU64,
+    /// Failed attempts to reopen the backend.
+    pub reopen_failures: AtomicU64,
+    /// Set while the store cannot commit (see the module doc); a gauge, not a counter.
+    pub down: AtomicBool,
 }
 
 /// A copy of [`KvStats`].
@@ -215,6 +253,11 @@ pub struct KvStatsSnapshot {
     pub commit_failures: u64,
     pub commit_nanos: u64,
     pub max_batch_jobs: u64,
+    pub panics: u64,
+    pub reopens: u64,
+    pub reopen_failures: u64,
+    /// False while the store cannot commit.
+    pub store_up: bool,
 }
 
 impl KvStats {
@@ -240,6 +283,10 @@ impl KvStats {
             commit_failures: l(&self.commit_failures),
             commit_nanos: l(&self.commit_nanos),
             max_batch_jobs: l(&self.max_batch_jobs),
+            panics: l(&self.panics),
+            reopens: l(&self.reopens),
+            reopen_failures: l(&self.reopen_failures),
+            store_up: !self.down.load(Ordering::Relaxed),
         }
     }
 }
@@ -255,6 +302,8 @@ enum Msg {
 
 struct Shared {
     stats: Arc<KvStats>,
+    /// Why the store is down (the last error), while it is.
+    reason: Arc<Mutex<String>>,
     limits: KvLimits,
     join: Mutex<Option<JoinHandle<()>>>,
     worker: ThreadId,
@@ -382,6 +431,24 @@ impl KvHandle {
         self.shared.stats.snapshot()
     }
 
+    /// False while the store cannot commit (after an I/O error, damage or a panic, until a
+    /// reopen and a commit succeed).
+    pub fn is_up(&self) -> bool {
+        !self.shared.stats.down.load(Ordering::Acquire)
+    }
+
+    /// Why the store is down (`None` while it is up).
+    pub fn down_reason(&self) -> Option<String> {
+        if self.is_up() {
+            return None;
+        }
+        let reason = match self.shared.reason.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        Some(reason)
+    }
+
     /// The limits requests are checked against.
     pub fn limits(&self) -> &KvLimits {
         &self.shared.limits
@@ -401,9 +468,11 @@ impl KvHandle {
     }
 }
 
-/// Opens the redb store at `path` and starts its worker thread.
+/// Opens the redb store at `path` as the daemon does at start-up
+/// ([`RedbStore::open_checked`]: damaged or emptied stores are refused) and starts its worker
+/// thread.
 pub fn spawn(path: &Path, limits: KvLimits) -> Result<KvHandle, KvOpenError> {
-    let store = RedbStore::open_with_cache(path, limits.cache_bytes)?;
+    let store = RedbStore::open_checked(path, limits.cache_bytes)?;
     spawn_backend(store, limits).map_err(|source| KvOpenError::Thread {
         path: path.to_path_buf(),
         source,
@@ -414,10 +483,17 @@ pub fn spawn(path: &Path, limits: KvLimits) -> Result<KvHandle, KvOpenError> {
 pub fn spawn_backend<B: KvBackend>(backend: B, limits: KvLimits) -> std::io::Result<KvHandle> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let stats = Arc::new(KvStats::default());
+    let reason = Arc::new(Mutex::new(String::new()));
     let worker = Worker {
         backend,
         limits: limits.clone(),
         stats: stats.clone(),
+        reason: reason.clone(),
+        pending: BTreeMap::new(),
+        needs_reopen: false,
+        verify_on_reopen: false,
+        backoff: RETRY_MIN,
+        attempts: 0,
     };
     let join = std::thread::Builder::new()
         .name("torpor-kv".to_string())
@@ -427,6 +503,7 @@ pub fn spawn_backend<B: KvBackend>(backend: B, limits: KvLimits) -> std::io::Res
         tx,
         shared: Arc::new(Shared {
             stats,
+            reason,
             limits,
             join: Mutex::new(Some(join)),
             worker: worker_id,
@@ -438,6 +515,18 @@ struct Worker<B> {
     backend: B,
     limits: KvLimits,
     stats: Arc<KvStats>,
+    reason: Arc<Mutex<String>>,
+    /// Fire-and-forget meta writes of failed batches, latest value per key (`None`: delete),
+    /// written first in every write transaction until one commits (see the module doc).
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The backend failed in a way that needs a reopen before the next batch.
+    needs_reopen: bool,
+    /// The next reopen checks the whole file (after a panic or damage).
+    verify_on_reopen: bool,
+    /// Wait before the next background recovery attempt.
+    backoff: Duration,
+    /// Failed attempts since the store went down (for the log).
+    attempts: u64,
 }
 
 /// A job's outcome inside a transaction, delivered after the commit.
@@ -456,6 +545,12 @@ fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+enum Next {
+    Msg(Msg),
+    Retry,
+    Closed,
+}
+
 impl<B: KvBackend> Worker<B> {
     fn run(mut self, rx: Receiver<Msg>) {
         let mut carry: Option<Job> = None;
@@ -466,17 +561,34 @@ impl<B: KvBackend> Worker<B> {
                 batch.push(job);
             } else {
                 let next = if stopping {
-                    rx.try_recv().ok()
+                    rx.try_recv().map_or(Next::Closed, Next::Msg)
+                } else if self.troubled() {
+                    match rx.recv_timeout(self.backoff) {
+                        Ok(m) => Next::Msg(m),
+                        Err(RecvTimeoutError::Timeout) => Next::Retry,
+                        Err(RecvTimeoutError::Disconnected) => Next::Closed,
+                    }
                 } else {
-                    rx.recv().ok()
+                    rx.recv().map_or(Next::Closed, Next::Msg)
                 };
                 match next {
-                    Some(Msg::Job(job)) => batch.push(job),
-                    Some(Msg::Shutdown) => {
+                    Next::Msg(Msg::Job(job)) => batch.push(job),
+                    Next::Msg(Msg::Shutdown) => {
                         stopping = true;
                         continue;
                     }
-                    None => break,
+                    Next::Retry => {
+                        // Nothing arrived: try to recover in the background (an empty batch
+                        // reopens if needed and commits the kept records, or probes).
+                        self.run_batch(Vec::new());
+                        self.backoff = if self.troubled() {
+                            (self.backoff * 2).min(RETRY_MAX)
+                        } else {
+                            RETRY_MIN
+                        };
+                        continue;
+                    }
+                    Next::Closed => break,
                 }
             }
             let mut bytes: usize = batch.iter().map(Job::weight).sum();
@@ -496,32 +608,169 @@ impl<B: KvBackend> Worker<B> {
                 }
             }
             self.run_batch(batch);
+            if !self.troubled() {
+                self.backoff = RETRY_MIN;
+            }
+        }
+        if !self.pending.is_empty() {
+            tracing::error!(
+                records = self.pending.len(),
+                "kv store stopped while it could not commit: control-plane records changed \
+                 since the last commit are lost (nothing of them was acknowledged)"
+            );
         }
         // Anything sent after this point is dropped with the receiver, which answers it.
     }
 
+    /// True while the store needs recovery work: down, or holding records to write.
+    fn troubled(&self) -> bool {
+        self.needs_reopen || !self.pending.is_empty() || self.stats.down.load(Ordering::Relaxed)
+    }
+
+    fn mark_down(&mut self, e: &KvError) {
+        match self.reason.lock() {
+            Ok(mut g) => *g = e.to_string(),
+            Err(p) => *p.into_inner() = e.to_string(),
+        }
+        self.attempts += 1;
+        if !self.stats.down.swap(true, Ordering::AcqRel) {
+            tracing::error!(error = %e, "kv store is down: writes are refused with store.unavailable until it is reopened and commits again");
+        } else if self.attempts.is_power_of_two() {
+            tracing::warn!(error = %e, attempts = self.attempts, "kv store still down");
+        }
+    }
+
+    fn mark_up(&mut self) {
+        if self.stats.down.swap(false, Ordering::AcqRel) {
+            tracing::info!(
+                failed_attempts = self.attempts,
+                "kv store recovered: commits succeed again"
+            );
+        }
+        self.attempts = 0;
+    }
+
+    /// Closes and reopens the backend; a panic inside counts and keeps it down.
+    fn reopen(&mut self) -> Result<(), KvError> {
+        let verify = self.verify_on_reopen;
+        let backend = &mut self.backend;
+        let result = match super::panics::contain(|| backend.reopen(verify)) {
+            Ok(r) => r,
+            Err(panic) => {
+                bump(&self.stats.panics);
+                Err(KvError::StoreDown(format!(
+                    "the storage engine panicked while reopening ({panic})"
+                )))
+            }
+        };
+        match &result {
+            Ok(()) => {
+                bump(&self.stats.reopens);
+                self.needs_reopen = false;
+                self.verify_on_reopen = false;
+                tracing::info!("kv store reopened");
+            }
+            Err(_) => bump(&self.stats.reopen_failures),
+        }
+        result
+    }
+
+    /// Answers a batch that cannot run because the store is down.
+    fn refuse(&mut self, batch: Vec<Job>, e: KvError, writes: bool) {
+        if writes {
+            bump(&self.stats.commit_failures);
+        }
+        self.mark_down(&e);
+        self.keep_records(&batch);
+        for job in batch {
+            deliver(&self.stats, job, Err(e.clone()));
+        }
+    }
+
+    /// Keeps the fire-and-forget meta writes of a failed batch (see the module doc).
+    fn keep_records(&mut self, batch: &[Job]) {
+        for job in batch {
+            match job {
+                Job::PutMeta {
+                    key,
+                    value,
+                    done: None,
+                } => {
+                    self.pending.insert(key.clone(), Some(value.clone()));
+                }
+                Job::DeleteMeta { key, done: None } => {
+                    self.pending.insert(key.clone(), None);
+                }
+                _ => {}
+            }
+        }
+    }
+
     fn run_batch(&mut self, mut batch: Vec<Job>) {
-        let stats = &*self.stats;
-        bump(&stats.batches);
-        stats
+        bump(&self.stats.batches);
+        self.stats
             .max_batch_jobs
             .fetch_max(batch.len() as u64, Ordering::Relaxed);
-        let writes = batch.iter().any(Job::writes);
+        // While down, every batch is a write: the store is up again only once a commit works.
+        let writes = batch.iter().any(Job::writes)
+            || !self.pending.is_empty()
+            || self.stats.down.load(Ordering::Relaxed);
+        if self.needs_reopen {
+            if let Err(e) = self.reopen() {
+                self.refuse(batch, e, writes);
+                return;
+            }
+        }
+        if self.stats.down.load(Ordering::Relaxed) {
+            let backend = &mut self.backend;
+            let probed = super::panics::contain(|| backend.probe()).unwrap_or_else(|panic| {
+                Err(KvError::StoreDown(format!("probe panicked: {panic}")))
+            });
+            if let Err(e) = probed {
+                self.refuse(batch, e, writes);
+                return;
+            }
+        }
         let now = unix_ms();
         let limits = &self.limits;
+        let stats = &*self.stats;
+        let pending = &self.pending;
+        let backend = &mut self.backend;
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
         let started = Instant::now();
         let mut f = |view: &mut dyn KvBatch| -> Result<(), KvError> {
             outcomes.clear();
+            if writes {
+                for (key, value) in pending {
+                    match value {
+                        Some(v) => view.put_meta(key, v)?,
+                        None => view.delete_meta(key)?,
+                    }
+                }
+            }
             for job in batch.iter_mut() {
                 outcomes.push(exec(view, limits, stats, job, now)?);
             }
             Ok(())
         };
-        let result = if writes {
-            self.backend.write_batch(&mut f)
-        } else {
-            self.backend.read_batch(&mut f)
+        // A panic inside the backend (redb on a damaged page) or inside the batch is contained:
+        // the batch is answered with an error and the store is reopened and checked.
+        let result = match super::panics::contain(|| {
+            if writes {
+                backend.write_batch(&mut f)
+            } else {
+                backend.read_batch(&mut f)
+            }
+        }) {
+            Ok(r) => r,
+            Err(panic) => {
+                bump(&stats.panics);
+                self.verify_on_reopen = true;
+                tracing::error!(%panic, jobs = batch.len(), "the storage engine panicked in a batch; nothing of it is acknowledged");
+                Err(KvError::StoreDown(format!(
+                    "the storage engine panicked ({panic})"
+                )))
+            }
         };
         if writes {
             let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -530,19 +779,30 @@ impl<B: KvBackend> Worker<B> {
                 Ok(()) => bump(&stats.commits),
                 Err(e) => {
                     bump(&stats.commit_failures);
-                    tracing::error!(error = %e, jobs = batch.len(), "kv batch failed; nothing of it is acknowledged");
+                    if !e.is_store_down() {
+                        tracing::error!(error = %e, jobs = batch.len(), "kv batch failed; nothing of it is acknowledged");
+                    }
                 }
             }
         }
         match result {
             Ok(()) => {
+                if writes {
+                    self.pending.clear();
+                    self.mark_up();
+                }
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
-                    deliver(stats, job, Ok(outcome));
+                    deliver(&self.stats, job, Ok(outcome));
                 }
             }
             Err(e) => {
+                if e.is_store_down() {
+                    self.needs_reopen = true;
+                    self.mark_down(&e);
+                }
+                self.keep_records(&batch);
                 for job in batch {
-                    deliver(stats, job, Err(e.clone()));
+                    deliver(&self.stats, job, Err(e.clone()));
                 }
             }
         }
@@ -583,8 +843,9 @@ fn exec(
                     }
                     Ok(Outcome::Kv(resp))
                 }
-                // A failed read wrote nothing: answer it alone and keep the batch.
-                Err(e) if read_only => Ok(Outcome::Failed(e)),
+                // A failed read wrote nothing: answer it alone and keep the batch (unless the
+                // store itself failed: then the batch fails and the store is reopened).
+                Err(e) if read_only && !e.is_store_down() => Ok(Outcome::Failed(e)),
                 Err(e) => Err(e),
             }
         }
@@ -606,6 +867,7 @@ fn exec(
             bump(&stats.meta_loads);
             match view.load_meta() {
                 Ok(m) => Ok(Outcome::Meta(m)),
+                Err(e) if e.is_store_down() => Err(e),
                 Err(e) => Ok(Outcome::Failed(e)),
             }
         }
@@ -613,6 +875,7 @@ fn exec(
             bump(&stats.meta_loads);
             match view.get_meta(keys) {
                 Ok(m) => Ok(Outcome::Meta(m)),
+                Err(e) if e.is_store_down() => Err(e),
                 Err(e) => Ok(Outcome::Failed(e)),
             }
         }

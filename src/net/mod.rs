@@ -628,10 +628,19 @@ async fn route_api(
     match path {
         "/livez" => return Response::json(200, "{\"status\":\"ok\"}"),
         "/readyz" => {
-            return if state.borrow().shared.draining.load(Ordering::Relaxed) {
-                Response::error(503, "guard.draining", "the gateway is shutting down")
-            } else {
-                Response::json(200, "{\"status\":\"ready\"}")
+            let st = state.borrow();
+            if st.shared.draining.load(Ordering::Relaxed) {
+                return Response::error(503, "guard.draining", "the gateway is shutting down");
+            }
+            // Not ready while the store cannot commit (full disk, I/O error, damage).
+            let store_down = st.shared.metrics.kv.get().and_then(|kv| kv.down_reason());
+            return match store_down {
+                Some(why) => Response::error(
+                    503,
+                    crate::kv::STORE_UNAVAILABLE,
+                    &format!("the store cannot commit: {why}"),
+                ),
+                None => Response::json(200, "{\"status\":\"ready\"}"),
             };
         }
         "/metrics" => {

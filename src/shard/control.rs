@@ -67,6 +67,15 @@ pub enum ControlMsg {
         body: Bytes,
         waiter: u64,
     },
+    /// An engine API request held while the store was down, let through once a probe commit
+    /// succeeded (sent by the control plane to itself, see `api_request`).
+    ApiChecked {
+        method: String,
+        path: String,
+        query: Vec<(String, String)>,
+        body: Bytes,
+        waiter: u64,
+    },
     /// The store's answer to a read of an actor's input (sent by `load_inputs`).
     InputLoaded {
         actor_id: String,
@@ -184,16 +193,25 @@ pub fn run_control(
                     waiter,
                 } => {
                     let key = key.unwrap_or_default();
-                    let (r, actions) = engine.resolve_by_name(
-                        &namespace,
-                        &name,
-                        &key,
-                        get_or_create,
-                        None,
-                        waiter,
-                        now,
-                    );
-                    answer_resolve(&shared, waiter, r);
+                    // While the store cannot commit, a get-or-create only finds existing
+                    // actors: a created one could not be made durable.
+                    let create = get_or_create && kv.is_up();
+                    let (r, actions) =
+                        engine.resolve_by_name(&namespace, &name, &key, create, None, waiter, now);
+                    if get_or_create && !create && matches!(r, Resolve::NotFound) {
+                        reply_resolve_err(&shared, waiter, ShardResolveError::Unavailable);
+                    } else if persist(&mut engine, &kv) && matches!(r, Resolve::Ready(_)) {
+                        // It created the actor: answer once its record is durable.
+                        let shared = shared.clone();
+                        let _ = kv.submit(Job::Flush(Done::new(move |res| match res {
+                            Ok(()) => answer_resolve(&shared, waiter, r),
+                            Err(_) => {
+                                reply_resolve_err(&shared, waiter, ShardResolveError::Unavailable)
+                            }
+                        })));
+                    } else {
+                        answer_resolve(&shared, waiter, r);
+                    }
                     actions
                 }
                 ControlMsg::Wake { actor_id } => engine.wake(&actor_id, now).1,
@@ -223,22 +241,35 @@ pub fn run_control(
                     body,
                     waiter,
                 } => {
-                    let reply =
-                        engine::api::handle(&mut engine, &method, &path, &query, &body, now);
-                    let answer = Reply::Api {
-                        status: reply.status,
-                        body: reply.body,
+                    let req = ApiRequest {
+                        method,
+                        path,
+                        query,
+                        body,
+                        waiter,
                     };
-                    if persist(&mut engine, &kv) {
-                        // Answer once the change is durable (a created actor survives a crash).
-                        let shared = shared.clone();
-                        let _ = kv.submit(Job::Flush(Done::new(move |_| {
-                            send_reply(&shared, waiter, answer)
-                        })));
+                    if writes_actors(&req.method) && !kv.is_up() {
+                        probe_then_api(&shared, &kv, req);
+                        Vec::new()
                     } else {
-                        send_reply(&shared, waiter, answer);
+                        api_request(&shared, &mut engine, &kv, req, now)
                     }
-                    reply.actions
+                }
+                ControlMsg::ApiChecked {
+                    method,
+                    path,
+                    query,
+                    body,
+                    waiter,
+                } => {
+                    let req = ApiRequest {
+                        method,
+                        path,
+                        query,
+                        body,
+                        waiter,
+                    };
+                    api_request(&shared, &mut engine, &kv, req, now)
                 }
             };
             persist(&mut engine, &kv);
@@ -258,6 +289,113 @@ pub fn run_control(
         }
         publish_gauges(&shared, &engine);
     }
+}
+
+/// An engine API request as the shard sent it.
+struct ApiRequest {
+    method: String,
+    path: String,
+    query: Vec<(String, String)>,
+    body: Bytes,
+    waiter: u64,
+}
+
+/// Methods of the engine API that may change actors (create, get-or-create, destroy).
+fn writes_actors(method: &str) -> bool {
+    !matches!(method, "GET" | "HEAD" | "OPTIONS")
+}
+
+/// The answer to an engine API call while the store cannot commit.
+fn store_unavailable(err: &KvError) -> Reply {
+    let body = serde_json::json!({
+        "group": "store",
+        "code": "unavailable",
+        "message": format!(
+            "the store cannot commit, so this change is not acknowledged ({err}); retry later \
+             (a retried create is safe with PUT /actors, get-or-create)"
+        ),
+    });
+    Reply::Api {
+        status: 503,
+        body: body.to_string(),
+    }
+}
+
+/// The store is down: before the engine sees a request that changes actors, a flush asks the
+/// store to reopen and commit (the first request after the cause is gone gets through). On
+/// success the request comes back as `ApiChecked`; on failure it is answered 503
+/// `store.unavailable` and the engine never saw it (nothing created, nothing destroyed).
+fn probe_then_api(shared: &Shared, kv: &KvHandle, req: ApiRequest) {
+    let shared = shared.clone();
+    let _ = kv.submit(Job::Flush(Done::new(move |res| match res {
+        Ok(()) => {
+            let waiter = req.waiter;
+            let msg = ControlMsg::ApiChecked {
+                method: req.method,
+                path: req.path,
+                query: req.query,
+                body: req.body,
+                waiter,
+            };
+            if shared.control.send(msg).is_err() {
+                send_reply(
+                    &shared,
+                    waiter,
+                    store_unavailable(&KvError::Unavailable("the control plane stopped".into())),
+                );
+            }
+        }
+        Err(e) => send_reply(&shared, req.waiter, store_unavailable(&e)),
+    })));
+}
+
+/// Runs an engine API request. `GET /health` says 503 while the store cannot commit.
+///
+/// Durability rule: an answer to a request that may change actors (create, get-or-create,
+/// destroy; any method but GET) is sent only after a flush that covers everything queued
+/// before it succeeded, so a 200 (or a 404 for an actor destroyed earlier) is durable. If that
+/// flush fails, the answer is 503 `{"group":"store","code":"unavailable"}` and the change is
+/// NOT acknowledged. The engine's memory already holds it, though, and the store keeps the
+/// records and writes them once it commits again (see `kv::worker`): a 503 means "unknown,
+/// retry". A client retrying a create with PUT /actors (get-or-create) gets the one actor
+/// (never two with the same key); a retried POST may answer 400 `actor.duplicate_key` when the
+/// first attempt's actor was kept; a retried DELETE answers 200 or 404 once durable. If the
+/// process dies before the store commits again, the unacknowledged change is gone. While the
+/// store is known to be down, requests that change actors do not reach the engine at all
+/// (`probe_then_api`), so this window is only the batch in which the store failed.
+fn api_request(
+    shared: &Shared,
+    engine: &mut Engine,
+    kv: &KvHandle,
+    req: ApiRequest,
+    now: Instant,
+) -> Vec<Action> {
+    let waiter = req.waiter;
+    if req.method == "GET" && req.path.trim_matches('/') == "health" {
+        if let Some(why) = kv.down_reason() {
+            send_reply(shared, waiter, store_unavailable(&KvError::StoreDown(why)));
+            return Vec::new();
+        }
+    }
+    let reply = engine::api::handle(engine, &req.method, &req.path, &req.query, &req.body, now);
+    let answer = Reply::Api {
+        status: reply.status,
+        body: reply.body,
+    };
+    if persist(engine, kv) || writes_actors(&req.method) {
+        // Answer once the change (and anything kept from a failed commit) is durable.
+        let shared = shared.clone();
+        let _ = kv.submit(Job::Flush(Done::new(move |res| match res {
+            Ok(()) => send_reply(&shared, waiter, answer),
+            Err(e) => {
+                tracing::warn!(error = %e, "engine API change not acknowledged: the store could not commit it");
+                send_reply(&shared, waiter, store_unavailable(&e))
+            }
+        })));
+    } else {
+        send_reply(shared, waiter, answer);
+    }
+    reply.actions
 }
 
 /// A runner as its log lines name it.
@@ -434,6 +572,10 @@ fn answer_resolve(shared: &Shared, waiter: u64, r: Resolve) {
         Resolve::NotFound => reply_resolve(shared, waiter, Err(ShardResolveError::NotFound)),
         Resolve::Pending { .. } => {}
     }
+}
+
+fn reply_resolve_err(shared: &Shared, waiter: u64, err: ShardResolveError) {
+    send_reply(shared, waiter, Reply::Resolve(Err(err)));
 }
 
 fn reply_resolve(shared: &Shared, waiter: u64, result: Result<engine::Route, ShardResolveError>) {
