@@ -169,6 +169,10 @@ pub struct Timeouts {
     /// How often each shard hands the memory it freed back to the OS (0 = never): after a
     /// burst of connections the allocator would otherwise keep their pages.
     pub memory_trim_ms: u64,
+    /// On SIGTERM, how long in-flight HTTP requests and queued messages get to finish before
+    /// every WebSocket is closed with 1001 (whose close handshakes then get
+    /// `close_handshake_ms`).
+    pub drain_ms: u64,
 }
 
 impl Default for Config {
@@ -240,6 +244,7 @@ impl Default for Timeouts {
             client_idle_ping_ms: 30_000,
             client_pong_timeout_ms: 30_000,
             memory_trim_ms: 1_000,
+            drain_ms: 10_000,
         }
     }
 }
@@ -559,7 +564,8 @@ ser_fields!(
     close_handshake_ms,
     client_idle_ping_ms,
     client_pong_timeout_ms,
-    memory_trim_ms
+    memory_trim_ms,
+    drain_ms
 );
 
 fn merge(base: &mut toml::Table, overlay: toml::Table) {

@@ -1,6 +1,7 @@
 //! Process assembly: binds the listeners, starts the control-plane thread and one pinned
-//! shard thread per core, and handles SIGTERM/SIGINT (drain, tell runners, close clients with
-//! 1001, exit 0 within the grace period).
+//! shard thread per core, and handles SIGTERM/SIGINT: a graceful drain (readiness 503, no new
+//! connections, in-flight work finishes within `timeouts.drain_ms`, then 1001 closes whose
+//! handshakes complete), the store flushed, exit 0; a second signal exits at once.
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -11,9 +12,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// How long shards get to flush close frames after SIGTERM.
-const GRACE: Duration = Duration::from_millis(500);
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(cfg: Config) -> std::io::Result<()> {
@@ -96,7 +94,13 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
                 })?,
         );
     }
-    tracing::info!(%addr, shards = n, gateway_id = ?gateway_id, "torpor listening");
+    // One start-up line, in the chosen format: a JSON log line, or this plain line on stdout
+    // (what scripts and the tests wait for).
+    if cfg.log_format == "json" {
+        tracing::info!(%addr, shards = n, gateway_id = ?gateway_id, "torpor listening");
+    } else {
+        println!("torpor listening on {addr} shards={n}");
+    }
     if shared.access.protected_mode() {
         tracing::info!(
             "protected mode: no auth.admin_token is configured, so the engine API and runner connections are accepted from loopback peers only (gateway traffic to actors is open)"
@@ -104,10 +108,9 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
     } else {
         tracing::info!("authentication on: the engine API and runners need the admin token");
     }
-    println!("torpor listening on {addr} shards={n}");
 
     wait_for_signal(sigs);
-    tracing::info!("shutting down");
+    tracing::info!("draining: readiness 503, no new connections");
     shared.draining.store(true, Ordering::SeqCst);
     for fd in &listen_fds {
         // SAFETY: shutting down a socket this process owns; it leaves the listening state
@@ -119,16 +122,38 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
     for mb in shared.shards.iter() {
         mb.send(ShardMsg::Shutdown);
     }
-    let _ = control_tx.send(ControlMsg::Shutdown);
-    std::thread::sleep(GRACE);
-    let _ = control.join();
-    // Everything queued is committed before the process exits.
-    if let Err(e) = kv.flush_blocking() {
-        tracing::error!(error = %e, "flushing the store failed");
+    // The shards drain (see `net::drain`) while the control plane keeps answering them (an
+    // in-flight request may still be waiting for its actor). A second signal stops at once:
+    // every acknowledged change is already durable.
+    let t = &cfg.timeouts;
+    let bound = Duration::from_millis(t.drain_ms + t.close_handshake_ms) + Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + bound;
+    while shared.drained.load(Ordering::SeqCst) < n {
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!("the drain did not finish in time; stopping anyway");
+            break;
+        }
+        if wait_for_signal_for(sigs, Duration::from_millis(20)) {
+            tracing::warn!("second signal: stopping at once");
+            std::process::exit(1);
+        }
     }
+    let _ = control_tx.send(ControlMsg::Shutdown);
+    let _ = control.join();
+    // Everything queued is committed before the process exits; if that fails the exit
+    // status says so.
+    let flushed = kv.flush_blocking();
     kv.shutdown();
     drop(threads);
-    Ok(())
+    match flushed {
+        Ok(()) => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Err(e) => Err(std::io::Error::other(format!(
+            "stopped, but flushing the store failed: {e}"
+        ))),
+    }
 }
 
 /// Raises the soft open-files limit to the hard one (as nginx's `worker_rlimit_nofile`):
@@ -155,6 +180,16 @@ fn block_signals() -> libc::sigset_t {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
+}
+
+/// Waits up to `timeout` for one of the blocked signals; true if one arrived.
+fn wait_for_signal_for(set: libc::sigset_t, timeout: Duration) -> bool {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: waits for one of the blocked signals, writing nothing we own but `set`'s copy.
+    unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) > 0 }
 }
 
 fn wait_for_signal(set: libc::sigset_t) {

@@ -11,7 +11,7 @@ use super::{
     READ_CHUNK, WS_CHUNKS, WS_READ_CHUNK,
 };
 use crate::http::parse::{parse_query, RequestHead};
-use crate::metrics::{Counter, Gauge};
+use crate::metrics::{CloseLabel, Counter, Gauge};
 use crate::protocol::{self, StrMap, ToClientTunnelMessageKind};
 use crate::shard::state::{ConnKind, Pause, ShardState, TunnelIn};
 use crate::tunnel::TunnelSocket;
@@ -347,10 +347,16 @@ async fn ws_loop(
                 }
                 Ok(Some(WsEvent::Pong(_))) => {}
                 Ok(Some(WsEvent::Close { code, reason })) => {
+                    let mut st = state.borrow_mut();
+                    if st.get(slot, gen).is_some_and(|c| c.out.closing) {
+                        // The answer to our close: the handshake is complete and the server
+                        // ends the TCP connection (RFC 6455 §7.1.1); the peer waits for it.
+                        break 'outer;
+                    }
+                    // Counted as `client.closed` whatever reason text the client sent.
                     let reason = String::from_utf8_lossy(&reason).into_owned();
-                    state
-                        .borrow_mut()
-                        .close_client(slot, gen, code.unwrap_or(1000), reason, now);
+                    let code = code.unwrap_or(1000);
+                    st.close_client_as(slot, gen, code, reason, CloseLabel::ClientClosed, now);
                 }
                 Ok(None) => break,
                 Err(e) => {

@@ -77,6 +77,11 @@ pub async fn resolve(
         Some(Reply::Resolve(Err(ResolveError::NotFound))) => {
             Err((404, "actor.not_found", "the actor does not exist"))
         }
+        Some(Reply::Resolve(Err(ResolveError::Unavailable))) => Err((
+            503,
+            "store.unavailable",
+            "the store cannot commit; retry later",
+        )),
         _ => Err((503, "actor.wake_timeout", "the actor did not become ready")),
     }
 }

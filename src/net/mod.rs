@@ -152,6 +152,11 @@ pub fn run_shard(
         for a in accepts {
             let _ = a.await;
         }
+        // The listeners end at the drain, but the shard's connections are still closing
+        // (`drain`): leaving this future would drop the runtime with every task, and the
+        // sockets would end with a bare FIN instead of their close frames. The process ends
+        // once the main thread has seen every shard drained.
+        std::future::pending::<()>().await;
     });
 }
 
@@ -279,9 +284,44 @@ async fn mailbox_task(state: Rc<RefCell<ShardState>>, inbox: Inbox<ShardMsg>) {
         let now = Instant::now();
         let mut st = state.borrow_mut();
         while let Some(msg) = inbox.try_recv() {
+            if matches!(msg, ShardMsg::Shutdown) {
+                tokio_uring::spawn(drain(state.clone()));
+                continue;
+            }
             st.on_msg(msg, now);
         }
     }
+}
+
+/// The shard's part of a graceful stop (SIGTERM), as Envoy and Pingora drain: the listener
+/// is already shut, so no new connection arrives. In-flight HTTP requests and queued messages
+/// get up to `timeouts.drain_ms` to finish; then every client WebSocket and runner connection
+/// gets a 1001 close (requests still waiting fail with `guard.draining`), and the shard waits
+/// for the peers' close replies, which `timeouts.close_handshake_ms` bounds (the writer resets
+/// a connection whose peer does not answer). Then it counts itself drained.
+async fn drain(state: Rc<RefCell<ShardState>>) {
+    const POLL: Duration = Duration::from_millis(5);
+    let (drain, close) = {
+        let st = state.borrow();
+        let t = &st.shared.config.timeouts;
+        (
+            Duration::from_millis(t.drain_ms),
+            Duration::from_millis(t.close_handshake_ms),
+        )
+    };
+    let until = Instant::now() + drain;
+    while Instant::now() < until && !state.borrow().drain_idle() {
+        tokio::time::sleep(POLL).await;
+    }
+    state.borrow_mut().shutdown(Instant::now());
+    // The close deadline of each connection starts when its close frame is queued; a little
+    // more lets the resets it triggers be reaped.
+    let until = Instant::now() + close + Duration::from_millis(200);
+    while Instant::now() < until && state.borrow().has_open_websockets() {
+        tokio::time::sleep(POLL).await;
+    }
+    let st = state.borrow();
+    st.shared.drained.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Periodic ack-timeout pass (SPEC §2.5).
@@ -441,6 +481,20 @@ async fn conn_task(
         let (path, query) = split_path_query(&head.path);
         let path = path.to_string();
         let query = query.to_string();
+        if state.borrow().shared.draining.load(Ordering::Relaxed)
+            && (path == "/runners/connect" || is_upgrade(&head))
+        {
+            // No new WebSocket while draining: the peer should go to another instance.
+            refuse(
+                &state,
+                &stream,
+                503,
+                "guard.draining",
+                "the gateway is shutting down",
+            )
+            .await;
+            return;
+        }
         if path == "/runners/connect" {
             runner::serve(state, stream, head, buf, &query, peer).await;
             return;
@@ -472,8 +526,10 @@ async fn conn_task(
                 return;
             }
         };
-        let keep_alive = head.keep_alive();
         let resp = route_http(&state, &head, &path, &query, gateway, body).await;
+        // While draining, each answer ends its connection (as Envoy's `connection: close`).
+        let keep_alive =
+            head.keep_alive() && !state.borrow().shared.draining.load(Ordering::Relaxed);
         let resp = if keep_alive { resp } else { closing(resp) };
         if !write_response(&stream, &resp).await || !keep_alive {
             return;
@@ -671,7 +727,19 @@ async fn route_api(
     )
     .await;
     match reply {
-        Some(Reply::Api { status, body }) => Response::json(status, &body),
+        Some(Reply::Api { status, body }) => {
+            let mut r = Response::json(status, &body);
+            if status >= 400 {
+                // The engine's error body says `{group, code}`; the header says it too (SPEC
+                // §2.3), for clients that read headers only.
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
+                    if let (Some(g), Some(c)) = (v["group"].as_str(), v["code"].as_str()) {
+                        r.headers.push(("x-rivet-error".into(), format!("{g}.{c}")));
+                    }
+                }
+            }
+            r
+        }
         _ => error_response(
             state,
             503,

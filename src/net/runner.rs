@@ -123,6 +123,7 @@ pub async fn serve(
     let init_deadline =
         tokio::time::Instant::now() + Duration::from_millis(cfg.timeouts.runner_init_ms);
     let mut initialised = false;
+    let mut handshake_done = false;
     let mut chunk = RUNNER_CHUNKS.0;
     'outer: loop {
         loop {
@@ -142,7 +143,17 @@ pub async fn serve(
                 }
                 Ok(Some(WsEvent::Pong(_))) => continue,
                 Ok(Some(WsEvent::Close { code, .. })) => {
-                    close(&state, slot, gen, code.unwrap_or(1000), "ws.closed");
+                    if state
+                        .borrow_mut()
+                        .get(slot, gen)
+                        .is_some_and(|c| c.out.closing)
+                    {
+                        // The answer to our close: the handshake is complete, and the server
+                        // ends the TCP connection (RFC 6455 §7.1.1).
+                        handshake_done = true;
+                    } else {
+                        close(&state, slot, gen, code.unwrap_or(1000), "ws.closed");
+                    }
                     break 'outer;
                 }
                 Ok(None) => break,
@@ -202,10 +213,10 @@ pub async fn serve(
             break;
         }
     }
-    // Drain until the peer goes away (the writer ends it after the close frame).
-    loop {
-        let alive = state.borrow_mut().get(slot, gen).is_some();
-        if !alive || !read_more(&stream, &mut buf, READ_CHUNK).await {
+    // Drain until the peer goes away (the writer ends it after the close frame), unless
+    // the close handshake is already complete.
+    while !handshake_done && state.borrow_mut().get(slot, gen).is_some() {
+        if !read_more(&stream, &mut buf, READ_CHUNK).await {
             break;
         }
         buf.clear();

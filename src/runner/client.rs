@@ -197,9 +197,15 @@ pub(crate) fn connect_url(config: &RunnerConfig) -> Result<String, RunnerError> 
 }
 
 /// Why a session ended.
+/// How long a closed session waits to send its answer to the gateway's close frame.
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
+
 enum End {
-    /// Socket failed, closed by the gateway, or dropped on request: reconnect.
+    /// Socket failed, or dropped on request: reconnect.
     Lost,
+    /// The gateway closed the connection (not an eviction): answer its close frame, then
+    /// reconnect.
+    Closed,
     /// Evicted by a newer connection with our identity, or shut down: stop.
     Stop,
 }
@@ -403,6 +409,12 @@ impl Shell {
                 self.close(&mut ws).await;
                 End::Stop
             }
+            Some(End::Closed) => {
+                // tungstenite queued the reply to the gateway's close frame; send it, so the
+                // gateway sees the close handshake end rather than a connection dropped.
+                let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, ws.flush()).await;
+                End::Lost
+            }
             _ => End::Lost,
         }
     }
@@ -456,7 +468,7 @@ impl Shell {
                 if reason.split('#').next() == Some("ws.eviction") {
                     Some(End::Stop)
                 } else {
-                    Some(End::Lost)
+                    Some(End::Closed)
                 }
             }
             Some(Ok(Message::Text(_))) => {

@@ -62,6 +62,9 @@ pub struct Shared {
     pub control: crossbeam_channel::Sender<control::ControlMsg>,
     /// Set on SIGTERM: `/readyz` answers 503 and listeners stop accepting.
     pub draining: Arc<AtomicBool>,
+    /// Shards that finished their drain after SIGTERM (in-flight work done, WebSockets
+    /// closed); the main thread waits for all of them before it stops the control plane.
+    pub drained: Arc<std::sync::atomic::AtomicUsize>,
     /// Who may call the engine API and connect runners.
     pub access: Arc<crate::http::access::Access>,
 }
@@ -98,6 +101,7 @@ impl Shared {
             shards: mailboxes.into(),
             control,
             draining: Arc::new(AtomicBool::new(false)),
+            drained: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
         Ok((shared, (inboxes, control_rx)))
     }

@@ -1689,7 +1689,28 @@ impl ShardState {
         }
     }
 
-    fn shutdown(&mut self, now: Instant) {
+    /// Nothing left to let finish before the drain closes the WebSockets: no HTTP request
+    /// waiting for its actor's answer, no routing or API answer awaited from the control
+    /// plane, and every connection's outbound queue written.
+    pub fn drain_idle(&self) -> bool {
+        self.waiters.is_empty()
+            && self
+                .conns
+                .iter()
+                .all(|(_, c)| !matches!(c.kind, ConnKind::Request(_)) && c.out.chunks.is_empty())
+    }
+
+    /// Whether a client WebSocket or a runner connection is still open (the drain waits for
+    /// their close handshakes).
+    pub fn has_open_websockets(&self) -> bool {
+        self.conns
+            .iter()
+            .any(|(_, c)| matches!(c.kind, ConnKind::Client(_) | ConnKind::Runner(_)))
+    }
+
+    /// The drain's last step: HTTP requests still waiting fail with `guard.draining`, and every
+    /// client WebSocket and runner connection gets a 1001 close.
+    pub fn shutdown(&mut self, now: Instant) {
         self.fail_requests("guard.draining", |_| true);
         let all: Vec<(u32, u32, bool)> = self
             .conns
