@@ -425,12 +425,17 @@ fn spawn_signal_thread(tx: tokio::sync::mpsc::UnboundedSender<Signal>) -> std::i
 
 fn main() {
     let args = Args::parse();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    if args.chaos_seed.is_some() {
+        // Chaos mode breaks the connection on purpose: the resets it causes are expected,
+        // not warnings.
+        filter = filter.add_directive("torpor::runner::client=error".parse().expect("directive"));
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter)
         .init();
 
     let (sig_tx, sig_rx) = tokio::sync::mpsc::unbounded_channel();
