@@ -160,6 +160,7 @@ labels!(
         RunnerUnauthorized => "runner.unauthorized",
         ApiUnauthorized => "api.unauthorized",
         ApiForbiddenOrigin => "api.forbidden_origin",
+        StoreUnavailable => "store.unavailable",
         Other => "other",
     }
 );

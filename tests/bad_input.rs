@@ -623,7 +623,11 @@ fn tunnel_messages_for_closed_requests_are_counted_and_ignored() {
     daemon.wait_metric("torpor_client_websockets_open", |v| v == 1.0);
 
     let ids = ids_of_shard(0);
-    send_to_ids(&daemon, &mut raw, &ids, ids.len() * 3);
+    let late = daemon.metric("torpor_tunnel_late_messages_total");
+    // The three naming the request closed a moment ago count as late, the rest as
+    // unroutable.
+    send_to_ids(&daemon, &mut raw, &ids, ids.len() * 3 - 3);
+    daemon.wait_metric("torpor_tunnel_late_messages_total", |v| v == late + 3.0);
     assert_eq!(daemon.metric("torpor_runner_protocol_errors_total"), 0.0);
     assert_eq!(daemon.metric("torpor_runners_connected"), 2.0);
     echo_once(&mut bystander, "after");

@@ -782,6 +782,11 @@ impl Core {
         self.lost_deadline = None;
         self.io.phase = Phase::Connected;
         Counters::bump(&self.io.counters.connections);
+        if self.draining {
+            // A new connection is a new session to the gateway: say again that this runner
+            // is shutting down, or it would be given new actors.
+            self.io.push_control(ToServer::Stopping);
+        }
 
         // Unacknowledged events first, then the tunnel messages that waited, in order.
         let mut keys: Vec<&(Arc<str>, u32)> = self.io.events.keys().collect();

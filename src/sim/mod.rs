@@ -156,7 +156,7 @@ fn index_wraps_through_replays_and_hibernation() {
     cfg.slots = 1;
     cfg.actors = 1;
     cfg.max_sockets = 1;
-    cfg.steps = 30_000;
+    cfg.steps = 36_000;
     cfg.hib_probability = 1.0;
     cfg.global_cap = crate::tunnel::Budget::DEFAULT_PROCESS_CAP;
     cfg.limits = crate::tunnel::WindowLimits {
