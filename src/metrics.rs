@@ -161,6 +161,16 @@ labels!(
         ApiUnauthorized => "api.unauthorized",
         ApiForbiddenOrigin => "api.forbidden_origin",
         StoreUnavailable => "store.unavailable",
+        // The engine API's refusals (`{group, code}` of its JSON errors).
+        ApiBadRequest => "api.bad_request",
+        ApiNotFound => "api.not_found",
+        ApiMethodNotAllowed => "api.method_not_allowed",
+        ApiNotImplemented => "api.not_implemented",
+        DatacenterNotFound => "datacenter.not_found",
+        ActorDuplicateKey => "actor.duplicate_key",
+        ActorTooManyActors => "actor.too_many_actors",
+        ActorInputTooLarge => "actor.input_too_large",
+        ActorQuotaExceeded => "actor.quota_exceeded",
         Other => "other",
     }
 );

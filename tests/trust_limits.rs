@@ -161,6 +161,10 @@ fn actor_inputs_wait_in_the_store_not_in_memory() {
         body.as_bytes(),
     );
     assert_eq!(status, 413);
+    assert_eq!(
+        daemon.metric("torpor_errors_total{code=\"actor.input_too_large\"}"),
+        1.0
+    );
 }
 
 /// 50,000 actors in 10 s used to be accepted from anyone; a namespace now has a quota, and a
@@ -194,6 +198,10 @@ fn actors_per_namespace_and_name_lengths_are_bounded() {
         .as_str()
         .unwrap()
         .contains("limits.actors_per_namespace"));
+    assert_eq!(
+        daemon.metric("torpor_errors_total{code=\"actor.quota_exceeded\"}"),
+        1.0
+    );
     // Through the gateway's get-or-create too: refused, nothing created.
     let (status, _, _) = http(
         daemon.addr,
@@ -211,8 +219,12 @@ fn actors_per_namespace_and_name_lengths_are_bounded() {
     // A 4 MB runner_name_selector used to be accepted.
     let (status, _, _) = create("other", &"s".repeat(4 * 1024 * 1024));
     assert!(status == 400 || status == 413, "{status}");
-    let (status, _, _) = create("other", &"s".repeat(257));
+    let (status, h, _) = create("other", &"s".repeat(257));
     assert_eq!(status, 400);
+    assert!(h
+        .iter()
+        .any(|(k, v)| k == "x-rivet-error" && v == "api.bad_request"));
+    assert!(daemon.metric("torpor_errors_total{code=\"api.bad_request\"}") >= 1.0);
 }
 
 /// One actor could write 300 MiB of KV in seconds. A put past `limits.kv_bytes_per_actor`

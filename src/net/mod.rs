@@ -734,7 +734,9 @@ async fn route_api(
                 // §2.3), for clients that read headers only.
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
                     if let (Some(g), Some(c)) = (v["group"].as_str(), v["code"].as_str()) {
-                        r.headers.push(("x-rivet-error".into(), format!("{g}.{c}")));
+                        let code = format!("{g}.{c}");
+                        state.borrow().metrics().error(&code);
+                        r.headers.push(("x-rivet-error".into(), code));
                     }
                 }
             }
