@@ -9,12 +9,10 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use torpor::protocol::{
-    decode_to_client, encode_to_server, ActorCheckpoint, ActorState, Command, Event,
-    EventActorStateUpdate, EventWrapper, MessageId, StrMap, ToClient, ToClientTunnelMessageKind,
-    ToServer, ToServerInit, ToServerResponseStart, ToServerTunnelMessage,
-    ToServerTunnelMessageKind,
+    encode_to_server, ActorCheckpoint, ActorState, Command, Event, EventActorStateUpdate,
+    EventWrapper, MessageId, StrMap, ToClient, ToClientTunnelMessageKind, ToServer,
+    ToServerResponseStart, ToServerTunnelMessage, ToServerTunnelMessageKind,
 };
-use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::Message;
 
@@ -26,43 +24,13 @@ struct SlowRunner {
 
 impl SlowRunner {
     fn connect(addr: SocketAddr) -> SlowRunner {
-        let url = format!(
-            "ws://{addr}/runners/connect?protocol_version=7&namespace=default&runner_key=slow"
-        );
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut()
-            .insert("sec-websocket-protocol", "rivet".parse().unwrap());
-        let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        let (mut ws, _) = tungstenite::client::client(req, stream).expect("runner upgrade");
-        ws.send(Message::binary(encode_to_server(&ToServer::Init(
-            ToServerInit {
-                name: "slow".into(),
-                version: 1,
-                total_slots: 10,
-                prepopulate_actor_names: None,
-                metadata: None,
-            },
-        ))))
-        .unwrap();
-        let mut r = SlowRunner { ws };
-        r.until(|m| matches!(m, ToClient::Init(_)).then_some(()));
-        r
+        let mut ws = raw_runner_ws(addr, "slow", runner_init("slow", 10));
+        runner_until(&mut ws, |m| matches!(m, ToClient::Init(_)).then_some(()));
+        SlowRunner { ws }
     }
 
-    fn until<T>(&mut self, mut pick: impl FnMut(ToClient) -> Option<T>) -> T {
-        loop {
-            match self.ws.read() {
-                Ok(Message::Binary(b)) => {
-                    if let Some(t) = pick(decode_to_client(&b).expect("gateway bytes")) {
-                        return t;
-                    }
-                }
-                Ok(Message::Close(f)) => panic!("runner closed: {f:?}"),
-                Ok(_) => continue,
-                Err(e) => panic!("runner read: {e}"),
-            }
-        }
+    fn until<T>(&mut self, pick: impl FnMut(ToClient) -> Option<T>) -> T {
+        runner_until(&mut self.ws, pick)
     }
 
     /// Waits for the start of `actor` and reports it running.

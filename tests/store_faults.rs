@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use torpor::protocol::{
-    decode_to_client, encode_to_server, Command as RunnerCommand, KvGetRequest, KvPutRequest,
-    KvRequestData, KvResponseData, ToClient, ToServer, ToServerInit, ToServerKvRequest,
+    encode_to_server, Command as RunnerCommand, KvGetRequest, KvPutRequest, KvRequestData,
+    KvResponseData, ToClient, ToServer, ToServerKvRequest,
 };
-use tungstenite::client::IntoClientRequest;
 use tungstenite::Message;
 
 /// A tmpfs mounted for one test; unmounted on drop (also when the test panics).
@@ -80,42 +79,13 @@ fn fill(dir: &Path) -> PathBuf {
 }
 
 fn runner_ws(addr: SocketAddr, key: &str, name: &str) -> Ws {
-    let url = format!(
-        "ws://{addr}/runners/connect?protocol_version=7&namespace=default&runner_key={key}"
-    );
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "rivet".parse().unwrap());
-    let stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    let (mut ws, _) = tungstenite::client::client(req, stream).expect("runner upgrade");
-    let init = ToServerInit {
-        name: name.into(),
-        version: 1,
-        total_slots: 100,
-        prepopulate_actor_names: None,
-        metadata: None,
-    };
-    ws.send(Message::binary(encode_to_server(&ToServer::Init(init))))
-        .unwrap();
+    let mut ws = raw_runner_ws(addr, key, runner_init(name, 100));
     until(&mut ws, |m| matches!(m, ToClient::Init(_)).then_some(()));
     ws
 }
 
-/// Reads gateway messages until `pick` returns something.
-fn until<T>(ws: &mut Ws, mut pick: impl FnMut(ToClient) -> Option<T>) -> T {
-    loop {
-        match ws.read() {
-            Ok(Message::Binary(b)) => {
-                if let Some(t) = pick(decode_to_client(&b).expect("gateway bytes")) {
-                    return t;
-                }
-            }
-            Ok(Message::Close(f)) => panic!("closed: {f:?}"),
-            Ok(_) => continue,
-            Err(e) => panic!("runner read: {e}"),
-        }
-    }
+fn until<T>(ws: &mut Ws, pick: impl FnMut(ToClient) -> Option<T>) -> T {
+    runner_until(ws, pick)
 }
 
 /// Waits for the start command of `actor`.

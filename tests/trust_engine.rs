@@ -5,28 +5,13 @@
 
 mod common;
 
-use common::{http, json_body, Daemon, Ws, WAIT};
-use std::net::{SocketAddr, TcpStream};
-use torpor::protocol::{
-    decode_to_client, encode_to_server, ActorName, ActorNameMap, Command, ToClient, ToServer,
-    ToServerInit,
-};
-use tungstenite::client::IntoClientRequest;
+use common::{http, json_body, Daemon, Ws};
+use std::net::SocketAddr;
+use torpor::protocol::{ActorName, ActorNameMap, Command, ToClient, ToServerInit};
 use tungstenite::Message;
 
 fn runner(addr: SocketAddr, key: &str, init: ToServerInit) -> Ws {
-    let url = format!(
-        "ws://{addr}/runners/connect?protocol_version=7&namespace=default&runner_key={key}"
-    );
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "rivet".parse().unwrap());
-    let stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    let (mut ws, _) = tungstenite::client::client(req, stream).expect("runner upgrade");
-    ws.send(Message::binary(encode_to_server(&ToServer::Init(init))))
-        .unwrap();
-    ws
+    common::raw_runner_ws(addr, key, init)
 }
 
 fn init(names: usize, slots: u32) -> ToServerInit {
@@ -62,20 +47,8 @@ fn closed(ws: &mut Ws) -> (u16, String) {
     }
 }
 
-/// Reads gateway messages until `pick` returns something.
-fn until<T>(ws: &mut Ws, mut pick: impl FnMut(ToClient) -> Option<T>) -> T {
-    loop {
-        match ws.read() {
-            Ok(Message::Binary(b)) => {
-                if let Some(t) = pick(decode_to_client(&b).expect("gateway bytes")) {
-                    return t;
-                }
-            }
-            Ok(Message::Close(f)) => panic!("closed: {f:?}"),
-            Ok(_) => continue,
-            Err(e) => panic!("runner read: {e}"),
-        }
-    }
+fn until<T>(ws: &mut Ws, pick: impl FnMut(ToClient) -> Option<T>) -> T {
+    common::runner_until(ws, pick)
 }
 
 #[test]

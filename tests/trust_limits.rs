@@ -5,45 +5,21 @@
 mod common;
 
 use common::*;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use torpor::protocol::{
-    decode_to_client, encode_to_server, ActorName, ActorNameMap, Command, KvPutRequest,
-    KvRequestData, KvResponseData, ToClient, ToServer, ToServerInit, ToServerKvRequest,
+    encode_to_server, ActorName, ActorNameMap, Command, KvPutRequest, KvRequestData,
+    KvResponseData, ToClient, ToServer, ToServerInit, ToServerKvRequest,
 };
-use tungstenite::client::IntoClientRequest;
 use tungstenite::Message;
 
 const MIB: u64 = 1024 * 1024;
 
 fn runner_ws(addr: SocketAddr, key: &str, init: ToServerInit) -> Ws {
-    let url = format!(
-        "ws://{addr}/runners/connect?protocol_version=7&namespace=default&runner_key={key}"
-    );
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "rivet".parse().unwrap());
-    let stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    let (mut ws, _) = tungstenite::client::client(req, stream).expect("runner upgrade");
-    ws.send(Message::binary(encode_to_server(&ToServer::Init(init))))
-        .unwrap();
-    ws
+    raw_runner_ws(addr, key, init)
 }
 
-/// Reads gateway messages until `pick` returns something.
-fn until<T>(ws: &mut Ws, mut pick: impl FnMut(ToClient) -> Option<T>) -> T {
-    loop {
-        match ws.read() {
-            Ok(Message::Binary(b)) => {
-                if let Some(t) = pick(decode_to_client(&b).expect("gateway bytes")) {
-                    return t;
-                }
-            }
-            Ok(Message::Close(f)) => panic!("closed: {f:?}"),
-            Ok(_) => continue,
-            Err(e) => panic!("runner read: {e}"),
-        }
-    }
+fn until<T>(ws: &mut Ws, pick: impl FnMut(ToClient) -> Option<T>) -> T {
+    runner_until(ws, pick)
 }
 
 fn init(name: &str, names: ActorNameMap) -> ToServerInit {

@@ -474,3 +474,57 @@ impl Rng {
         (0..n).map(|_| self.next() as u8).collect()
     }
 }
+
+/// A runner written out by hand: connects to `/runners/connect` (namespace `default`,
+/// subprotocol `rivet`) with `key` and sends `init`. It does not wait for the gateway's
+/// answer (a test may expect a refusal).
+pub fn raw_runner_ws(addr: SocketAddr, key: &str, init: torpor::protocol::ToServerInit) -> Ws {
+    use tungstenite::client::IntoClientRequest;
+    let url = format!(
+        "ws://{addr}/runners/connect?protocol_version=7&namespace=default&runner_key={key}"
+    );
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "rivet".parse().unwrap());
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let (mut ws, _) = tungstenite::client::client(req, stream).expect("runner upgrade");
+    let init = torpor::protocol::ToServer::Init(init);
+    ws.send(tungstenite::Message::binary(
+        torpor::protocol::encode_to_server(&init),
+    ))
+    .unwrap();
+    ws
+}
+
+/// A plain `Init` for a runner named `name` with `slots` slots.
+pub fn runner_init(name: &str, slots: u32) -> torpor::protocol::ToServerInit {
+    torpor::protocol::ToServerInit {
+        name: name.into(),
+        version: 1,
+        total_slots: slots,
+        prepopulate_actor_names: None,
+        metadata: None,
+    }
+}
+
+/// Reads a hand-written runner's gateway messages until `pick` returns something (panics if
+/// the gateway closes the connection first).
+pub fn runner_until<T>(
+    ws: &mut Ws,
+    mut pick: impl FnMut(torpor::protocol::ToClient) -> Option<T>,
+) -> T {
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Binary(b)) => {
+                let msg = torpor::protocol::decode_to_client(&b).expect("gateway bytes");
+                if let Some(t) = pick(msg) {
+                    return t;
+                }
+            }
+            Ok(tungstenite::Message::Close(f)) => panic!("runner closed: {f:?}"),
+            Ok(_) => continue,
+            Err(e) => panic!("runner read: {e}"),
+        }
+    }
+}
