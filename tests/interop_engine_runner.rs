@@ -548,6 +548,13 @@ fn engine_runner_actor_kv_survives_kill_9() {
     let daemon = daemon.kill_and_restart(1, &[]);
     // The runner reconnects by itself; the actor record came back from the store.
     daemon.wait_metric("torpor_runners_connected", |v| v == 1.0);
+    // The restarted torpor gives the runner a new runner id, so the package stops the actor
+    // it still runs. Wait for that stop before waking the actor again: in
+    // @rivetkit/engine-runner 2.2.1 the stop (`#stopAllActors` → `forceStopActor(actorId)`,
+    // no generation) removes whatever generation of the actor is in its map when its
+    // `onActorStop` returns, so a start of the next generation that arrives meanwhile is
+    // dropped and its requests leak ("actor does not exist in handleRequestStart").
+    runner.expect("ACTOR_STOPPED", &actor_id);
     let got = kv(
         &daemon,
         &actor_id,
