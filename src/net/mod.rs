@@ -15,7 +15,7 @@ use crate::http::access;
 use crate::http::parse::{body_kind, parse_request_head, split_path_query, BodyKind, RequestHead};
 use crate::http::response::Response;
 use crate::metrics::{Counter, Gauge};
-use crate::shard::control::ControlMsg;
+use crate::shard::control::{ApiRequest, ControlMsg};
 use crate::shard::mailbox::Inbox;
 use crate::shard::state::{ConnKind, Reply};
 use crate::shard::{ShardMsg, ShardState, Shared};
@@ -716,12 +716,14 @@ async fn route_api(
     let query = crate::http::parse::parse_query(query);
     let reply = ask_control(
         state,
-        |waiter| ControlMsg::Api {
-            method,
-            path,
-            query,
-            body,
-            waiter,
+        |waiter| {
+            ControlMsg::Api(ApiRequest {
+                method,
+                path,
+                query,
+                body,
+                waiter,
+            })
         },
         Duration::from_secs(60),
     )

@@ -60,22 +60,10 @@ pub enum ControlMsg {
     /// Refresh the records of these hibernatable sockets (actor id, request).
     HibernatingRefresh(Vec<(Arc<str>, protocol::HibernatingRequest)>),
     /// An engine API request (`/actors`, `/metadata`, …).
-    Api {
-        method: String,
-        path: String,
-        query: Vec<(String, String)>,
-        body: Bytes,
-        waiter: u64,
-    },
+    Api(ApiRequest),
     /// An engine API request held while the store was down, let through once a probe commit
     /// succeeded (sent by the control plane to itself, see `api_request`).
-    ApiChecked {
-        method: String,
-        path: String,
-        query: Vec<(String, String)>,
-        body: Bytes,
-        waiter: u64,
-    },
+    ApiChecked(ApiRequest),
     /// The store's answer to a read of an actor's input (sent by `load_inputs`).
     InputLoaded {
         actor_id: String,
@@ -234,20 +222,7 @@ pub fn run_control(
                     }
                     Vec::new()
                 }
-                ControlMsg::Api {
-                    method,
-                    path,
-                    query,
-                    body,
-                    waiter,
-                } => {
-                    let req = ApiRequest {
-                        method,
-                        path,
-                        query,
-                        body,
-                        waiter,
-                    };
+                ControlMsg::Api(req) => {
                     if writes_actors(&req.method) && !kv.is_up() {
                         probe_then_api(&shared, &kv, req);
                         Vec::new()
@@ -255,22 +230,7 @@ pub fn run_control(
                         api_request(&shared, &mut engine, &kv, req, now)
                     }
                 }
-                ControlMsg::ApiChecked {
-                    method,
-                    path,
-                    query,
-                    body,
-                    waiter,
-                } => {
-                    let req = ApiRequest {
-                        method,
-                        path,
-                        query,
-                        body,
-                        waiter,
-                    };
-                    api_request(&shared, &mut engine, &kv, req, now)
-                }
+                ControlMsg::ApiChecked(req) => api_request(&shared, &mut engine, &kv, req, now),
             };
             persist(&mut engine, &kv);
             loads.append(&mut engine.take_input_loads());
@@ -292,12 +252,12 @@ pub fn run_control(
 }
 
 /// An engine API request as the shard sent it.
-struct ApiRequest {
-    method: String,
-    path: String,
-    query: Vec<(String, String)>,
-    body: Bytes,
-    waiter: u64,
+pub struct ApiRequest {
+    pub method: String,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub body: Bytes,
+    pub waiter: u64,
 }
 
 /// Methods of the engine API that may change actors (create, get-or-create, destroy).
@@ -330,13 +290,7 @@ fn probe_then_api(shared: &Shared, kv: &KvHandle, req: ApiRequest) {
     let _ = kv.submit(Job::Flush(Done::new(move |res| match res {
         Ok(()) => {
             let waiter = req.waiter;
-            let msg = ControlMsg::ApiChecked {
-                method: req.method,
-                path: req.path,
-                query: req.query,
-                body: req.body,
-                waiter,
-            };
+            let msg = ControlMsg::ApiChecked(req);
             if shared.control.send(msg).is_err() {
                 send_reply(
                     &shared,
