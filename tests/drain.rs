@@ -156,19 +156,10 @@ fn one_round(round: usize) {
     let mut daemon = Daemon::start(2, &[]);
     let _echo = Runner::start(&daemon.endpoint(), &[]);
     let mut slow = SlowRunner::connect(daemon.addr);
-    let body = serde_json::json!({"name": "slow", "runner_name_selector": "slow"}).to_string();
-    let (status, _, resp) = http(
-        daemon.addr,
-        "POST",
-        "/actors?namespace=default",
-        &[("content-type", "application/json")],
-        body.as_bytes(),
-    );
+    let body = serde_json::json!({"name": "slow", "runner_name_selector": "slow"});
+    let (status, _, resp) = post_actor(daemon.addr, &body);
     assert_eq!(status, 200);
-    let slow_actor = json_body(&resp)["actor"]["actor_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let slow_actor = created_actor_id(&resp);
     slow.run_actor(&slow_actor);
     let echo_actor = daemon.create_actor("echo", None);
     let mut clients: Vec<Ws> = (0..20)
@@ -259,18 +250,9 @@ fn sigterm_drains_twenty_times() {
 fn a_second_signal_stops_at_once() {
     let daemon = Daemon::start(1, &[("TORPOR_TIMEOUTS__DRAIN_MS", "60000")]);
     let mut slow = SlowRunner::connect(daemon.addr);
-    let body = serde_json::json!({"name": "slow", "runner_name_selector": "slow"}).to_string();
-    let (_, _, resp) = http(
-        daemon.addr,
-        "POST",
-        "/actors?namespace=default",
-        &[("content-type", "application/json")],
-        body.as_bytes(),
-    );
-    let actor = json_body(&resp)["actor"]["actor_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let body = serde_json::json!({"name": "slow", "runner_name_selector": "slow"});
+    let (_, _, resp) = post_actor(daemon.addr, &body);
+    let actor = created_actor_id(&resp);
     slow.run_actor(&actor);
     let addr = daemon.addr;
     let path = format!("/gateway/{actor}/never");

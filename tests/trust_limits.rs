@@ -108,15 +108,8 @@ fn actor_inputs_wait_in_the_store_not_in_memory() {
             "runner_name_selector": "nobody",
             "crash_policy": "sleep",
             "input": input,
-        })
-        .to_string();
-        let (status, _, resp) = http(
-            daemon.addr,
-            "POST",
-            "/actors?namespace=default",
-            &[("content-type", "application/json")],
-            body.as_bytes(),
-        );
+        });
+        let (status, _, resp) = post_actor(daemon.addr, &body);
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
         if i % 25 == 0 {
             echo_round(&mut client, "inputs");
@@ -127,15 +120,8 @@ fn actor_inputs_wait_in_the_store_not_in_memory() {
     assert!(grown < 160 * MIB, "RSS grew by {} MiB", grown / MIB);
     // Larger than the limit is refused.
     let big = base64::engine::general_purpose::STANDARD.encode(vec![1u8; 4 * 1024 * 1024 + 1]);
-    let body = serde_json::json!({"name": "x", "runner_name_selector": "nobody", "input": big})
-        .to_string();
-    let (status, _, _) = http(
-        daemon.addr,
-        "POST",
-        "/actors?namespace=default",
-        &[("content-type", "application/json")],
-        body.as_bytes(),
-    );
+    let body = serde_json::json!({"name": "x", "runner_name_selector": "nobody", "input": big});
+    let (status, _, _) = post_actor(daemon.addr, &body);
     assert_eq!(status, 413);
     assert_eq!(
         daemon.metric("torpor_errors_total{code=\"actor.input_too_large\"}"),
@@ -220,19 +206,10 @@ fn kv_bytes_per_actor_are_bounded() {
         },
     );
     until(&mut ws, |m| matches!(m, ToClient::Init(_)).then_some(()));
-    let body = serde_json::json!({"name": "kv", "runner_name_selector": "kv"}).to_string();
-    let (status, _, resp) = http(
-        daemon.addr,
-        "POST",
-        "/actors?namespace=default",
-        &[("content-type", "application/json")],
-        body.as_bytes(),
-    );
+    let body = serde_json::json!({"name": "kv", "runner_name_selector": "kv"});
+    let (status, _, resp) = post_actor(daemon.addr, &body);
     assert_eq!(status, 200);
-    let actor = json_body(&resp)["actor"]["actor_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let actor = created_actor_id(&resp);
     until(&mut ws, |m| match m {
         ToClient::Commands(c) => c
             .iter()

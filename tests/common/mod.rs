@@ -372,6 +372,28 @@ pub fn create_actor(addr: SocketAddr, name: &str, key: Option<&str>) -> String {
     create_actor_auth(addr, None, name, key)
 }
 
+/// `POST /actors?namespace=default` with `body` (no token): (status, headers, body).
+pub fn post_actor(
+    addr: SocketAddr,
+    body: &serde_json::Value,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    http(
+        addr,
+        "POST",
+        "/actors?namespace=default",
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
+/// The `actor.actor_id` of a create's answer.
+pub fn created_actor_id(resp: &[u8]) -> String {
+    json_body(resp)["actor"]["actor_id"]
+        .as_str()
+        .expect("actor.actor_id")
+        .to_string()
+}
+
 /// Creates an actor, sending `token` as the bearer credential when given.
 pub fn create_actor_auth(
     addr: SocketAddr,
