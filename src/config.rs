@@ -84,10 +84,9 @@ pub struct Cors {
     pub allowed_origins: Vec<String>,
 }
 
-/// Default of `limits.store_cache_bytes`. redb's own default (1 GiB) lets the cache keep a
-/// copy of every page written, so memory grows with each hibernating socket's record
-/// (2.6 KiB per socket measured with 10,000 sockets).
-pub const DEFAULT_STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// Default of `limits.store_cache_bytes`: the store's own default, defined with the store's
+/// limits ([`crate::kv::KvLimits`]).
+pub use crate::kv::DEFAULT_STORE_CACHE_BYTES;
 
 /// Size limits (bytes and counts).
 #[derive(Debug, Clone, Deserialize)]
@@ -582,6 +581,7 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::KvLimits;
 
     #[test]
     fn defaults_are_valid() {
@@ -679,5 +679,15 @@ mod tests {
         .unwrap();
         assert_eq!(c.timeouts.client_idle_ping_ms, 0);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn quota_default_is_one_gib() {
+        assert_eq!(KvLimits::default().max_actor_bytes, 1 << 30);
+        let cfg = crate::config::Config::default();
+        assert_eq!(
+            cfg.kv_limits().max_actor_bytes,
+            cfg.limits.kv_bytes_per_actor
+        );
     }
 }

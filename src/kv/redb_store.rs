@@ -284,7 +284,7 @@ impl RedbStore {
     /// Opens (creating when missing, parent directories included) the store file at `path`.
     /// A file already held by another open store is refused with [`KvOpenError::AlreadyOpen`].
     pub fn open(path: &Path) -> Result<RedbStore, KvOpenError> {
-        Self::open_with_cache(path, crate::config::DEFAULT_STORE_CACHE_BYTES)
+        Self::open_with_cache(path, super::DEFAULT_STORE_CACHE_BYTES)
     }
 
     /// [`RedbStore::open`] with a page cache of `cache_bytes` (redb keeps 9/10 of it for pages

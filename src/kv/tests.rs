@@ -828,16 +828,6 @@ fn quota_refusals_are_counted_by_the_worker() {
     assert_eq!((s.puts, s.refused, s.quota_refused), (2, 2, 1), "{s:?}");
 }
 
-#[test]
-fn quota_default_is_one_gib() {
-    assert_eq!(KvLimits::default().max_actor_bytes, 1 << 30);
-    let cfg = crate::config::Config::default();
-    assert_eq!(
-        cfg.kv_limits().max_actor_bytes,
-        cfg.limits.kv_bytes_per_actor
-    );
-}
-
 // ---------------------------------------------------------------------------------------------
 // Transactions and durability
 // ---------------------------------------------------------------------------------------------
