@@ -54,12 +54,20 @@
 //! The shard must pass a connection's `Events`, `AckCommands`, `Stopping` and every `Pong` with
 //! `ts < 0` to the engine in arrival order (and leave those pongs out of RTT measurements).
 
-mod actors;
+mod actor;
 pub mod api;
+mod events;
 mod persist;
+mod placement;
+mod registry;
+mod routing;
 mod runners;
+mod stopping;
+mod store_keys;
 #[cfg(test)]
 mod tests;
+mod timers;
+mod waiters;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -70,12 +78,13 @@ use slab::Slab;
 
 use crate::protocol::{HibernatingRequest, ToClient, ToServer};
 
-pub use actors::{ActorInfo, ActorStatus, CrashPolicy, CreateActor, CreateError};
-pub use persist::{
-    actor_key, hib_key, input_key, ActorRecord, HibernatingRecord, RecordError, RestoreReport,
-    StoreOp, ACTOR_KEY_PREFIX, HIB_KEY_PREFIX, INPUT_KEY_PREFIX, KEY_PREFIX, RECORD_VERSION,
-};
+pub use actor::{ActorInfo, ActorStatus, CrashPolicy, CreateActor, CreateError};
+pub use persist::{ActorRecord, HibernatingRecord, RecordError, RestoreReport, RECORD_VERSION};
 pub use runners::InitReport;
+pub use store_keys::{
+    actor_key, hib_key, input_key, StoreOp, ACTOR_KEY_PREFIX, HIB_KEY_PREFIX, INPUT_KEY_PREFIX,
+    KEY_PREFIX,
+};
 
 /// One runner WebSocket connection, as the shards name it: owning shard, slab slot, and the
 /// slot's generation (so that a reused slot is a different connection).
@@ -262,7 +271,7 @@ pub struct Engine {
     runner_by_conn: HashMap<ConnRef, usize>,
     next_fence: i64,
 
-    actors: HashMap<String, actors::Actor>,
+    actors: HashMap<String, actor::Actor>,
     /// (namespace, name, key) → live actor id.
     actor_by_key: HashMap<(String, String, String), String>,
     /// Creation order (for listing): sequence → actor id.
@@ -446,7 +455,7 @@ impl Engine {
         }
         a.hibernating.insert(req, now);
         let ms = self.unix_ms(now);
-        self.hib_ops.push(persist::hib_put(actor_id, req, ms));
+        self.hib_ops.push(store_keys::hib_put(actor_id, req, ms));
         true
     }
 
@@ -454,7 +463,7 @@ impl Engine {
     pub fn hibernating_remove(&mut self, actor_id: &str, req: HibernatingRequest) {
         if let Some(a) = self.actors.get_mut(actor_id) {
             if a.hibernating.remove(&req).is_some() {
-                self.hib_ops.push(persist::hib_delete(actor_id, req));
+                self.hib_ops.push(store_keys::hib_delete(actor_id, req));
             }
         }
     }
@@ -463,7 +472,7 @@ impl Engine {
     pub fn hibernating(&self, actor_id: &str) -> Vec<(HibernatingRequest, Instant)> {
         self.actors
             .get(actor_id)
-            .map(|a| persist::sorted_hibernating(&a.hibernating))
+            .map(|a| actor::sorted_hibernating(&a.hibernating))
             .unwrap_or_default()
     }
 

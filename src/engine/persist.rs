@@ -37,92 +37,16 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::actors::{Actor, ActorStatus, CrashPolicy};
+use super::actor::{mark, Actor, ActorStatus, CrashPolicy};
+use super::store_keys::{
+    actor_key, hib_key, hib_put, input_key, parse_hib_key, StoreOp, ACTOR_KEY_PREFIX,
+    HIB_KEY_PREFIX, INPUT_KEY_PREFIX, KEY_PREFIX,
+};
 use super::Engine;
 use crate::protocol::HibernatingRequest;
 
-/// Key prefix of every engine record.
-pub const KEY_PREFIX: &[u8] = b"engine/";
-/// Key prefix of actor records (followed by the actor id).
-pub const ACTOR_KEY_PREFIX: &[u8] = b"engine/actor/";
-/// Key prefix of actor input records (followed by the actor id).
-pub const INPUT_KEY_PREFIX: &[u8] = b"engine/input/";
-/// Key prefix of hibernating-socket records (followed by `{actor id}/` and 8 id bytes).
-pub const HIB_KEY_PREFIX: &[u8] = b"engine/hib/";
-
 /// Current [`ActorRecord::v`].
 pub const RECORD_VERSION: u32 = 1;
-
-/// One write for the store, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreOp {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
-}
-
-/// `engine/actor/{id}`.
-pub fn actor_key(actor_id: &str) -> Vec<u8> {
-    [ACTOR_KEY_PREFIX, actor_id.as_bytes()].concat()
-}
-
-/// `engine/input/{id}`.
-pub fn input_key(actor_id: &str) -> Vec<u8> {
-    [INPUT_KEY_PREFIX, actor_id.as_bytes()].concat()
-}
-
-/// `engine/hib/{actor id}/{gateway id}{request id}`.
-pub fn hib_key(actor_id: &str, h: HibernatingRequest) -> Vec<u8> {
-    let mut k = Vec::with_capacity(HIB_KEY_PREFIX.len() + actor_id.len() + 9);
-    k.extend_from_slice(HIB_KEY_PREFIX);
-    k.extend_from_slice(actor_id.as_bytes());
-    k.push(b'/');
-    k.extend_from_slice(&h.gateway_id);
-    k.extend_from_slice(&h.request_id);
-    k
-}
-
-/// The actor id and socket of a hibernating record's key (without the prefix).
-fn parse_hib_key(rest: &[u8]) -> Option<(&str, HibernatingRequest)> {
-    let split = rest.len().checked_sub(9)?;
-    let (id, tail) = rest.split_at(split);
-    if id.is_empty() || tail[0] != b'/' {
-        return None;
-    }
-    let id = std::str::from_utf8(id).ok()?;
-    let mut gateway_id = [0u8; 4];
-    let mut request_id = [0u8; 4];
-    gateway_id.copy_from_slice(&tail[1..5]);
-    request_id.copy_from_slice(&tail[5..9]);
-    Some((
-        id,
-        HibernatingRequest {
-            gateway_id,
-            request_id,
-        },
-    ))
-}
-
-pub(super) fn hib_put(actor_id: &str, h: HibernatingRequest, last_seen_ms: i64) -> StoreOp {
-    StoreOp::Put {
-        key: hib_key(actor_id, h),
-        value: last_seen_ms.to_le_bytes().to_vec(),
-    }
-}
-
-pub(super) fn hib_delete(actor_id: &str, h: HibernatingRequest) -> StoreOp {
-    StoreOp::Delete {
-        key: hib_key(actor_id, h),
-    }
-}
-
-/// An actor's hibernating records in a stable order (by gateway id, then request id).
-pub(super) fn sorted_hibernating(
-    m: &HashMap<HibernatingRequest, Instant>,
-) -> Vec<(HibernatingRequest, Instant)> {
-    let mut v: Vec<_> = m.iter().map(|(h, t)| (*h, *t)).collect();
-    v.sort_by_key(|(h, _)| (h.gateway_id, h.request_id));
-    v
-}
 
 /// A hibernating client socket of the actor, last seen at `last_seen_ms` (Unix ms). Written
 /// by earlier versions inside the actor record; now each has a key of its own.
@@ -222,14 +146,6 @@ pub struct RestoreReport {
     pub missing_input: usize,
     /// Entries outside the engine's key prefix (ignored).
     pub foreign: usize,
-}
-
-/// Set the actor's dirty flag and queue it for the next [`Engine::take_store_ops`].
-pub(super) fn mark(dirty: &mut Vec<String>, a: &mut Actor) {
-    if !a.dirty {
-        a.dirty = true;
-        dirty.push(a.id.clone());
-    }
 }
 
 impl Engine {
