@@ -16,6 +16,9 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use torpor::config::Config;
 use torpor::engine::ConnRef;
+use torpor::gateway::{
+    ConnId, ConnKind, Gateway, Output, RunnerAccept, Settings, ShardMsg, WriterTurn,
+};
 use torpor::metrics::Metrics;
 use torpor::net::writer::MAX_IOV;
 use torpor::net::READ_CHUNK;
@@ -23,8 +26,7 @@ use torpor::protocol::{
     encode_ws_ack_to_server, encode_ws_message_prefix_to_server, ws_message_trailer,
 };
 use torpor::shard::mailbox::Inbox;
-use torpor::shard::state::{ConnKind, RunnerConn};
-use torpor::shard::{ShardMsg, ShardState, Shared};
+use torpor::shard::Shared;
 use torpor::tunnel::TunnelSocket;
 use torpor::ws::{apply_mask, encode_header, OpCode, WsEvent, WsReader, WsReaderConfig};
 
@@ -48,21 +50,59 @@ fn shared(n: usize) -> (Shared, Vec<Inbox<ShardMsg>>) {
     (shared, inboxes)
 }
 
-fn add_runner(st: &mut ShardState) -> ConnRef {
-    let (slot, gen) = st.insert(ConnKind::Runner(RunnerConn {
-        last_pong: Instant::now(),
-        superseded: false,
-        runner_idx: Some(0),
-    }));
-    st.conn_ref(slot, gen)
+/// Shard `id`'s gateway core.
+fn core(id: u16, sh: &Shared) -> Gateway {
+    let settings = Settings {
+        shard: id,
+        shards: sh.shards.len(),
+        config: sh.config.clone(),
+        metrics: sh.metrics.clone(),
+        gateway_id: GW,
+    };
+    Gateway::new(settings, id as u64, Instant::now(), 0)
 }
 
-/// An open client socket on `st` tunnelled to runner 0; returns (slot, gen, request id).
-fn add_client(st: &mut ShardState, hibernatable: bool) -> (u32, u32, [u8; 4]) {
-    let socket = TunnelSocket::new(st.limits);
-    let (slot, gen, req) = st.insert_client("actor".into(), 0, 1, socket, None);
-    st.client_opened(slot, gen, hibernatable, Instant::now());
-    (slot, gen, req)
+/// A runner connection on `st`, attached as runner 0.
+fn add_runner(st: &mut Gateway) -> ConnRef {
+    let accept = RunnerAccept {
+        namespace: "default".into(),
+        runner_key: "key".into(),
+        accept: String::new(),
+    };
+    let id = st.runner_connected(accept, "127.0.0.1:1".parse().unwrap(), Instant::now());
+    let conn = st.conn_ref(id);
+    let attached = ShardMsg::RunnerAttached {
+        runner_idx: 0,
+        conn,
+    };
+    st.handle_shard_msg(attached, Instant::now());
+    conn
+}
+
+fn id_of(conn: ConnRef) -> ConnId {
+    ConnId {
+        slot: conn.slot,
+        gen: conn.gen,
+    }
+}
+
+/// An open client socket on `st` tunnelled to runner 0; returns its id and request id.
+fn add_client(st: &mut Gateway, hibernatable: bool) -> (ConnId, [u8; 4]) {
+    let socket = TunnelSocket::new(st.limits());
+    let id = st.insert_client("actor".into(), 0, 1, socket);
+    st.client_opened(id, hibernatable, Instant::now());
+    (id, st.request_id(id).expect("client"))
+}
+
+/// Drops what the core asks of a shell (a bench has no other shard or control plane).
+fn drain(st: &mut Gateway) {
+    while st.poll_output().is_some() {}
+}
+
+/// One writer turn's chunks moved into `batch`.
+fn take(st: &mut Gateway, conn: ConnRef, batch: &mut Vec<Bytes>) {
+    let _ = st.writer_turn(id_of(conn), batch, MAX_IOV);
+    drain(st);
 }
 
 /// The shell's read: room (reclaimed in place when free), then the kernel's bytes.
@@ -75,9 +115,9 @@ fn read_into(buf: &mut BytesMut, wire: &[u8]) {
 
 /// One client and one runner connection on one shard.
 struct Rig {
-    st: ShardState,
+    st: Gateway,
     _inbox: Vec<Inbox<ShardMsg>>,
-    client: (u32, u32),
+    client: ConnId,
     req: [u8; 4],
     runner: ConnRef,
     creader: WsReader,
@@ -90,14 +130,14 @@ struct Rig {
 impl Rig {
     fn new(hibernatable: bool) -> Rig {
         let (shared, inbox) = shared(1);
-        let mut st = ShardState::new(0, shared);
+        let mut st = core(0, &shared);
         let runner = add_runner(&mut st);
-        st.runners = vec![Some(runner)];
-        let (slot, gen, req) = add_client(&mut st, hibernatable);
+        let (client, req) = add_client(&mut st, hibernatable);
+        drain(&mut st);
         Rig {
             st,
             _inbox: inbox,
-            client: (slot, gen),
+            client,
             req,
             runner,
             creader: WsReader::new(WsReaderConfig::default()),
@@ -110,27 +150,29 @@ impl Rig {
 
     fn client_reads(&mut self, wire: &[u8]) {
         read_into(&mut self.cbuf, wire);
-        let (slot, gen) = self.client;
         let now = Instant::now();
-        while let Ok(Some(WsEvent::Message { text, data })) = self.creader.next(&mut self.cbuf) {
-            self.st.client_message(slot, gen, data, !text, now);
+        while let Ok(Some(ev)) = self.creader.next(&mut self.cbuf) {
+            self.st.handle_client_frame(self.client, ev, now);
         }
+        drain(&mut self.st);
     }
 
     fn runner_reads(&mut self, wire: &[u8]) {
         read_into(&mut self.rbuf, wire);
         let now = Instant::now();
+        let id = id_of(self.runner);
         while let Ok(Some(WsEvent::Message { data, .. })) = self.rreader.next(&mut self.rbuf) {
-            torpor::net::runner::on_message(&mut self.st, self.runner, data, now);
+            self.st.handle_runner_message(id, data, now);
         }
+        drain(&mut self.st);
     }
 
     /// One writer turn on a connection; returns the bytes it would write.
-    fn turn(&mut self, slot: u32, gen: u32) -> usize {
+    fn turn(&mut self, id: ConnId) -> usize {
         self.batch.clear();
-        let n = match self.st.get(slot, gen) {
-            Some(c) => c.out.take_batch(&mut self.batch, MAX_IOV),
-            None => 0,
+        let n = match self.st.writer_turn(id, &mut self.batch, MAX_IOV) {
+            WriterTurn::Write { bytes } => bytes,
+            _ => 0,
         };
         black_box(&self.batch);
         self.batch.clear();
@@ -138,8 +180,7 @@ impl Rig {
     }
 
     fn next_index(&mut self) -> u16 {
-        let (slot, gen) = self.client;
-        match self.st.get(slot, gen).map(|c| &c.kind) {
+        match self.st.kind(self.client) {
             Some(ConnKind::Client(cc)) => cc.socket.next_index(),
             _ => 0,
         }
@@ -165,19 +206,19 @@ fn forward(c: &mut Criterion) {
         let wire = masked(&data);
         g.bench_function(BenchmarkId::new("client_to_runner", size), |b| {
             let mut rig = Rig::new(false);
-            let (rs, rg) = (rig.runner.slot, rig.runner.gen);
+            let r = id_of(rig.runner);
             b.iter(|| {
                 rig.client_reads(black_box(&wire));
-                rig.turn(rs, rg)
+                rig.turn(r)
             })
         });
         g.bench_function(BenchmarkId::new("client_to_runner_acked", size), |b| {
             let mut rig = Rig::new(true);
-            let (rs, rg) = (rig.runner.slot, rig.runner.gen);
+            let r = id_of(rig.runner);
             b.iter(|| {
                 let index = rig.next_index();
                 rig.client_reads(black_box(&wire));
-                let n = rig.turn(rs, rg);
+                let n = rig.turn(r);
                 rig.runner_reads(&ack_frame(rig.req, index));
                 n
             })
@@ -191,10 +232,10 @@ fn forward(c: &mut Criterion) {
             let mut rig = Rig::new(true);
             body[5..9].copy_from_slice(&rig.req);
             let wire = masked(&body);
-            let (cs, cg) = rig.client;
+            let c = rig.client;
             b.iter(|| {
                 rig.runner_reads(black_box(&wire));
-                rig.turn(cs, cg)
+                rig.turn(c)
             })
         });
     }
@@ -208,7 +249,7 @@ fn framing(c: &mut Criterion) {
     let mut g = c.benchmark_group("framing");
     g.throughput(Throughput::Elements(1));
     let (sh, _inbox) = shared(1);
-    let mut st = ShardState::new(0, sh);
+    let mut st = core(0, &sh);
     let payload = Bytes::from(vec![0x61u8; 1024]);
     let mut i = 0u16;
     g.bench_function("ws_message_frames", |b| {
@@ -227,27 +268,37 @@ fn framing(c: &mut Criterion) {
     });
     let chunk = Bytes::from_static(b"chunk");
     let runner = add_runner(&mut st);
+    let r = id_of(runner);
     g.bench_function("writer_list_fresh_3", |b| {
         b.iter(|| {
-            let out = &mut st.get(runner.slot, runner.gen).expect("conn").out;
-            out.push_all([chunk.clone(), chunk.clone(), chunk.clone()]);
-            let n = out.chunks.len().min(MAX_IOV);
-            let batch: Vec<Bytes> = out.chunks.drain(..n).collect();
-            out.bytes -= batch.iter().map(Bytes::len).sum::<usize>();
+            st.write_local(r, [chunk.clone(), chunk.clone(), chunk.clone()]);
+            let mut batch = Vec::new();
+            st.writer_turn(r, &mut batch, MAX_IOV);
+            drain(&mut st);
             black_box(batch)
         })
     });
     let mut batch = Vec::new();
     g.bench_function("writer_list_reused_3", |b| {
         b.iter(|| {
-            let out = &mut st.get(runner.slot, runner.gen).expect("conn").out;
-            out.push_all([chunk.clone(), chunk.clone(), chunk.clone()]);
+            st.write_local(r, [chunk.clone(), chunk.clone(), chunk.clone()]);
             batch.clear();
-            out.take_batch(&mut batch, MAX_IOV);
+            st.writer_turn(r, &mut batch, MAX_IOV);
+            drain(&mut st);
             black_box(&batch);
         })
     });
     g.finish();
+}
+
+/// What a shard's shell does with the core's messages for other shards: each goes to that
+/// shard's mailbox.
+fn forward_outputs(st: &mut Gateway, sh: &Shared) {
+    while let Some(o) = st.poll_output() {
+        if let Output::ToShard(to, msg) = o {
+            sh.shards[to as usize].send(msg);
+        }
+    }
 }
 
 /// Blocks until the eventfd is written (the shard loop's io_uring read, done plainly).
@@ -281,7 +332,7 @@ fn handoff(c: &mut Criterion) {
         };
         g.bench_function(name, |b| {
             let (sh, _inbox) = shared(1);
-            let mut st = ShardState::new(0, sh);
+            let mut st = core(0, &sh);
             let runner = add_runner(&mut st);
             let mut batch = Vec::new();
             let mut i = 0u16;
@@ -294,9 +345,7 @@ fn handoff(c: &mut Criterion) {
                     st.send_to_conn(runner, frames);
                 }
                 batch.clear();
-                if let Some(c) = st.get(runner.slot, runner.gen) {
-                    c.out.take_batch(&mut batch, MAX_IOV);
-                }
+                take(&mut st, runner, &mut batch);
                 black_box(&batch);
             })
         });
@@ -313,8 +362,8 @@ fn handoff(c: &mut Criterion) {
         g.bench_function(name, |b| {
             let (sh, mut inboxes) = shared(2);
             let inbox1 = inboxes.pop().expect("two inboxes");
-            let mut st0 = ShardState::new(0, sh.clone());
-            let mut st1 = ShardState::new(1, sh);
+            let mut st0 = core(0, &sh);
+            let mut st1 = core(1, &sh);
             let runner = add_runner(&mut st1);
             let mut batch = Vec::new();
             let mut i = 0u16;
@@ -331,15 +380,14 @@ fn handoff(c: &mut Criterion) {
                             st0.send_to_conn(runner, frames);
                         }
                     }
+                    forward_outputs(&mut st0, &sh);
                     inbox1.rearm();
                     let now = Instant::now();
                     while let Some(msg) = inbox1.try_recv() {
-                        st1.on_msg(msg, now);
+                        st1.handle_shard_msg(msg, now);
                     }
                     batch.clear();
-                    if let Some(c) = st1.get(runner.slot, runner.gen) {
-                        c.out.take_batch(&mut batch, MAX_IOV);
-                    }
+                    take(&mut st1, runner, &mut batch);
                     black_box(&batch);
                 }
                 start
@@ -358,7 +406,7 @@ fn handoff(c: &mut Criterion) {
     let peer = {
         let (sh, applied, stop) = (sh.clone(), applied.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut st = ShardState::new(1, sh);
+            let mut st = core(1, &sh);
             let runner = add_runner(&mut st);
             conn_tx.send(runner).expect("bench thread");
             let fd = inbox1.wake_fd().expect("eventfd");
@@ -369,20 +417,18 @@ fn handoff(c: &mut Criterion) {
                 let now = Instant::now();
                 let mut n = 0;
                 while let Some(msg) = inbox1.try_recv() {
-                    st.on_msg(msg, now);
+                    st.handle_shard_msg(msg, now);
                     n += 1;
                 }
                 batch.clear();
-                if let Some(c) = st.get(runner.slot, runner.gen) {
-                    c.out.take_batch(&mut batch, MAX_IOV);
-                }
+                take(&mut st, runner, &mut batch);
                 black_box(&batch);
                 applied.fetch_add(n, Ordering::Release);
             }
         })
     };
     let runner = conn_rx.recv().expect("peer shard");
-    let mut st = ShardState::new(0, sh.clone());
+    let mut st = core(0, &sh);
     let mut i = 0u16;
     for list in [false, true] {
         let name = if list {
@@ -405,6 +451,7 @@ fn handoff(c: &mut Criterion) {
                             st.send_to_conn(runner, frames);
                         }
                     }
+                    forward_outputs(&mut st, &sh);
                     while applied.load(Ordering::Acquire) < target {
                         std::hint::spin_loop();
                     }

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod gateway;
 pub mod http;
 pub mod kv;
 pub mod logging;

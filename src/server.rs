@@ -4,10 +4,11 @@
 //! handshakes complete), the store flushed, exit 0; a second signal exits at once.
 
 use crate::config::Config;
+use crate::gateway::{ControlMsg, ShardMsg};
 use crate::metrics::Metrics;
 use crate::net::{bind_reuseport, ensure_port_free, run_shard};
-use crate::shard::control::{run_control, ControlMsg};
-use crate::shard::{pin_to_core, ShardMsg, Shared};
+use crate::shard::control::run_control;
+use crate::shard::{pin_to_core, Shared};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

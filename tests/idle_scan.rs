@@ -1,4 +1,4 @@
-//! The shard's idle scan of client WebSockets (`ShardState::idle_scan`), driven with made-up
+//! The shard's idle scan of client WebSockets (`Gateway::idle_scan`), driven with made-up
 //! clocks: one scan per shard decides which silent client is pinged, which is closed for not
 //! answering, and which is reset for not reading. No sockets, no sleeping.
 
@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use torpor::config::Config;
+use torpor::gateway::{ConnId, Gateway, RunnerAccept, Settings, ShardMsg};
 use torpor::metrics::{Counter, Metrics};
-use torpor::shard::state::{ConnKind, RunnerConn};
-use torpor::shard::{ShardState, Shared};
 use torpor::tunnel::TunnelSocket;
 use torpor::ws::OpCode;
 
@@ -17,11 +16,10 @@ const IDLE: Duration = Duration::from_millis(1_000);
 const PONG: Duration = Duration::from_millis(400);
 
 struct Rig {
-    st: ShardState,
+    st: Gateway,
     metrics: Metrics,
-    client: (u32, u32),
+    client: ConnId,
     t0: Instant,
-    _keep: Box<dyn std::any::Any>,
 }
 
 fn rig(idle_ms: u64) -> Rig {
@@ -30,24 +28,37 @@ fn rig(idle_ms: u64) -> Rig {
     cfg.timeouts.client_pong_timeout_ms = PONG.as_millis() as u64;
     cfg.limits.client_outbound_bytes = 1024;
     let metrics = Metrics::new(1);
-    let (shared, keep) = Shared::new(Arc::new(cfg), metrics.clone(), [7; 4], 1).expect("eventfd");
-    let mut st = ShardState::new(0, shared);
+    let settings = Settings {
+        shard: 0,
+        shards: 1,
+        config: Arc::new(cfg),
+        metrics: metrics.clone(),
+        gateway_id: [7; 4],
+    };
     let t0 = Instant::now();
-    let (rslot, rgen) = st.insert(ConnKind::Runner(RunnerConn {
-        last_pong: t0,
-        superseded: false,
-        runner_idx: Some(0),
-    }));
-    st.runners = vec![Some(st.conn_ref(rslot, rgen))];
-    let socket = TunnelSocket::new(st.limits);
-    let (slot, gen, _) = st.insert_client("actor".into(), 0, 1, socket, None);
-    st.client_opened(slot, gen, false, t0);
+    let mut st = Gateway::new(settings, 1, t0, 0);
+    let accept = RunnerAccept {
+        namespace: "default".into(),
+        runner_key: "key".into(),
+        accept: String::new(),
+    };
+    let runner = st.runner_connected(accept, "127.0.0.1:1".parse().unwrap(), t0);
+    let conn = st.conn_ref(runner);
+    st.handle_shard_msg(
+        ShardMsg::RunnerAttached {
+            runner_idx: 0,
+            conn,
+        },
+        t0,
+    );
+    let socket = TunnelSocket::new(st.limits());
+    let client = st.insert_client("actor".into(), 0, 1, socket);
+    st.client_opened(client, false, t0);
     Rig {
         st,
         metrics,
-        client: (slot, gen),
+        client,
         t0,
-        _keep: Box::new(keep),
     }
 }
 
@@ -58,13 +69,8 @@ impl Rig {
 
     /// Everything queued to the client so far, as one byte string.
     fn queued(&mut self) -> Vec<u8> {
-        let (slot, gen) = self.client;
-        let c = self.st.get(slot, gen).expect("client");
-        c.out
-            .chunks
-            .iter()
-            .flat_map(|b| b.iter().copied())
-            .collect()
+        let out = self.st.out_queue(self.client).expect("client");
+        out.chunks().flat_map(|b| b.iter().copied()).collect()
     }
 
     fn pings(&self) -> u64 {
@@ -72,21 +78,18 @@ impl Rig {
     }
 
     fn read(&mut self) {
-        let (slot, gen) = self.client;
-        assert!(self.st.client_read(slot, gen));
+        assert!(self.st.client_read(self.client));
     }
 
     fn closing(&mut self) -> (bool, bool) {
-        let (slot, gen) = self.client;
-        let c = self.st.get(slot, gen).expect("client");
-        (c.out.closing, c.out.abort)
+        let out = self.st.out_queue(self.client).expect("client");
+        (out.is_closing(), out.is_aborted())
     }
 
     /// Queues `n` payload bytes to the client that it has not read.
     fn unread(&mut self, n: usize) {
-        let (slot, gen) = self.client;
         let frames = self.st.ws_frame(OpCode::Binary, Bytes::from(vec![0u8; n]));
-        self.st.write_local(slot, gen, frames);
+        self.st.write_local(self.client, frames);
     }
 }
 
@@ -156,8 +159,7 @@ fn a_slow_client_that_makes_progress_stays() {
     let mut r = rig(IDLE.as_millis() as u64);
     r.unread(600);
     // The writer got some of it out during the period.
-    let (slot, gen) = r.client;
-    r.st.get(slot, gen).expect("client").out.written += 100;
+    r.st.out_queue(r.client).expect("client").written += 100;
     r.scan(IDLE);
     assert_eq!(r.closing(), (false, false));
     // Nothing more during the next period: reset.

@@ -2,12 +2,13 @@
 //!
 //! The real per-message code runs without sockets: masked client frames are written into a
 //! read buffer the way the shell's read does, parsed by the real [`WsReader`], handed to
-//! `ShardState::client_message` (tunnel socket, pending window, framing, routing), and the
-//! runner connection's outbound queue is drained the way the writer does for one `writev`;
-//! the runner's acks come back through `net::runner::on_message`. The reverse direction feeds
-//! a runner frame carrying `ToServer::TunnelMessage(WebSocketMessage)` through the same
-//! functions down to the client's outbound chunks. Both run on one shard and across two
-//! shards (the mailbox hand-off drained by `ShardState::on_msg`, as the shard loop does).
+//! the gateway core's `handle_client_frame` (tunnel socket, pending window, framing, routing),
+//! and the runner connection's outbound queue is drained the way the writer does for one
+//! `writev`; the runner's acks come back through `handle_runner_message`. The reverse
+//! direction feeds a runner frame carrying `ToServer::TunnelMessage(WebSocketMessage)`
+//! through the same functions down to the client's outbound chunks. Both run on one shard
+//! and across two shards (the core's `ToShard` outputs sent through the real mailbox and
+//! drained into `handle_shard_msg`, as the shard loop does).
 //!
 //! After a warm-up, every heap allocation and reallocation made by this thread is counted
 //! over many messages, and each message's payload chunk is checked by address: it must point
@@ -32,6 +33,9 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use torpor::config::Config;
 use torpor::engine::ConnRef;
+use torpor::gateway::{
+    ConnId, ConnKind, Gateway, Output, RunnerAccept, Settings, ShardMsg, WriterTurn,
+};
 use torpor::metrics::Metrics;
 use torpor::net::writer::MAX_IOV;
 use torpor::net::READ_CHUNK;
@@ -40,8 +44,7 @@ use torpor::protocol::{
     ws_message_trailer, ToClientHot,
 };
 use torpor::shard::mailbox::Inbox;
-use torpor::shard::state::{ConnKind, RunnerConn};
-use torpor::shard::{ShardMsg, ShardState, Shared};
+use torpor::shard::Shared;
 use torpor::tunnel::TunnelSocket;
 use torpor::ws::{
     apply_mask, encode_header, parse_header, OpCode, Role, WsEvent, WsReader, WsReaderConfig,
@@ -144,10 +147,11 @@ fn copied(chunks: &[Bytes], want: &[u8], region: &Range<usize>) -> usize {
 
 /// One client socket tunnelled to one runner connection, on one shard or across two.
 struct Rig {
-    shards: Vec<ShardState>,
+    shards: Vec<Gateway>,
+    shared: Shared,
     inboxes: Vec<Inbox<ShardMsg>>,
-    _control: crossbeam_channel::Receiver<torpor::shard::control::ControlMsg>,
-    client: (u32, u32),
+    _control: crossbeam_channel::Receiver<torpor::gateway::ControlMsg>,
+    client: ConnId,
     runner: ConnRef,
     req: [u8; 4],
     hibernatable: bool,
@@ -166,36 +170,52 @@ impl Rig {
         let n = if cross_shard { 2 } else { 1 };
         let (shared, (inboxes, control_rx)) =
             Shared::new(Arc::new(Config::default()), Metrics::new(n), GW, n).expect("eventfd");
-        let mut shards: Vec<ShardState> = (0..n)
-            .map(|i| ShardState::new(i as u16, shared.clone()))
-            .collect();
         let now = Instant::now();
+        let mut shards: Vec<Gateway> = (0..n)
+            .map(|i| {
+                let settings = Settings {
+                    shard: i as u16,
+                    shards: n,
+                    config: shared.config.clone(),
+                    metrics: shared.metrics.clone(),
+                    gateway_id: GW,
+                };
+                Gateway::new(settings, i as u64, now, 0)
+            })
+            .collect();
         // The runner lives on the last shard, the client on shard 0.
         let rs = &mut shards[n - 1];
-        let (rslot, rgen) = rs.insert(ConnKind::Runner(RunnerConn {
-            last_pong: now,
-            superseded: false,
-            runner_idx: Some(0),
-        }));
-        let runner = rs.conn_ref(rslot, rgen);
+        let accept = RunnerAccept {
+            namespace: "default".into(),
+            runner_key: "key".into(),
+            accept: String::new(),
+        };
+        let rid = rs.runner_connected(accept, "127.0.0.1:1".parse().unwrap(), now);
+        let runner = rs.conn_ref(rid);
         for s in shards.iter_mut() {
-            s.runners = vec![Some(runner)];
+            let attached = ShardMsg::RunnerAttached {
+                runner_idx: 0,
+                conn: runner,
+            };
+            s.handle_shard_msg(attached, now);
         }
         let cs = &mut shards[0];
-        let socket = TunnelSocket::new(cs.limits);
-        let (slot, gen, req) = cs.insert_client("actor".into(), 0, 1, socket, None);
-        cs.client_opened(slot, gen, hibernatable, now);
+        let socket = TunnelSocket::new(cs.limits());
+        let client = cs.insert_client("actor".into(), 0, 1, socket);
+        cs.client_opened(client, hibernatable, now);
+        let req = cs.request_id(client).expect("client");
         let reader = || {
             WsReader::new(WsReaderConfig {
                 role: Role::Server,
                 ..WsReaderConfig::default()
             })
         };
-        Rig {
+        let mut rig = Rig {
             shards,
+            shared,
             inboxes,
             _control: control_rx,
-            client: (slot, gen),
+            client,
             runner,
             req,
             hibernatable,
@@ -205,21 +225,38 @@ impl Rig {
             runner_buf: BytesMut::with_capacity(READ_CHUNK),
             batch: Vec::new(),
             handoffs: 0,
-        }
+        };
+        rig.pump();
+        rig
     }
 
     fn runner_shard(&self) -> usize {
         self.runner.shard as usize
     }
 
-    /// What each shard's mailbox task does on a wake-up: rearm, drain, apply.
+    /// What each shard's shell does after a call: the core's messages for other shards go
+    /// through their mailboxes, and each mailbox task drains its mailbox on a wake-up.
     fn pump(&mut self) {
         let now = Instant::now();
-        for (i, inbox) in self.inboxes.iter().enumerate() {
-            inbox.rearm();
-            while let Some(msg) = inbox.try_recv() {
-                self.handoffs += 1;
-                self.shards[i].on_msg(msg, now);
+        loop {
+            let mut sent = false;
+            for core in self.shards.iter_mut() {
+                while let Some(o) = core.poll_output() {
+                    if let Output::ToShard(to, msg) = o {
+                        self.shared.shards[to as usize].send(msg);
+                        sent = true;
+                    }
+                }
+            }
+            if !sent {
+                return;
+            }
+            for (i, inbox) in self.inboxes.iter().enumerate() {
+                inbox.rearm();
+                while let Some(msg) = inbox.try_recv() {
+                    self.handoffs += 1;
+                    self.shards[i].handle_shard_msg(msg, now);
+                }
             }
         }
     }
@@ -227,19 +264,15 @@ impl Rig {
     /// The client's read loop for one read of `wire`.
     fn client_reads(&mut self, wire: &[u8]) -> Range<usize> {
         let region = read_into(&mut self.client_buf, wire);
-        let (slot, gen) = self.client;
+        let id = self.client;
         let now = Instant::now();
         while let Some(ev) = self
             .client_reader
             .next(&mut self.client_buf)
             .expect("valid")
         {
-            match ev {
-                WsEvent::Message { text, data } => {
-                    self.shards[0].client_message(slot, gen, data, !text, now)
-                }
-                other => panic!("unexpected client event {other:?}"),
-            }
+            assert!(matches!(ev, WsEvent::Message { .. }), "unexpected {ev:?}");
+            self.shards[0].handle_client_frame(id, ev, now);
         }
         self.pump();
         region
@@ -257,12 +290,11 @@ impl Rig {
         {
             match ev {
                 WsEvent::Message { text: false, data } => {
-                    assert!(torpor::net::runner::on_message(
-                        &mut self.shards[r],
-                        self.runner,
-                        data,
-                        now
-                    ));
+                    let id = ConnId {
+                        slot: self.runner.slot,
+                        gen: self.runner.gen,
+                    };
+                    assert!(self.shards[r].handle_runner_message(id, data, now));
                 }
                 other => panic!("unexpected runner event {other:?}"),
             }
@@ -272,27 +304,26 @@ impl Rig {
     }
 
     /// One writer turn on a connection: the chunks it would hand to `writev`.
-    fn writer_turn(&mut self, shard: usize, slot: u32, gen: u32) -> &[Bytes] {
+    fn writer_turn(&mut self, shard: usize, id: ConnId) -> &[Bytes] {
         self.batch.clear();
-        let conn = self.shards[shard].get(slot, gen).expect("connection");
-        conn.out.take_batch(&mut self.batch, MAX_IOV);
+        let turn = self.shards[shard].writer_turn(id, &mut self.batch, MAX_IOV);
+        assert!(matches!(turn, WriterTurn::Write { .. } | WriterTurn::Idle));
         &self.batch
     }
 
     fn runner_turn(&mut self) -> &[Bytes] {
         let (r, ConnRef { slot, gen, .. }) = (self.runner_shard(), self.runner);
-        self.writer_turn(r, slot, gen)
+        self.writer_turn(r, ConnId { slot, gen })
     }
 
     fn client_turn(&mut self) -> &[Bytes] {
-        let (slot, gen) = self.client;
-        self.writer_turn(0, slot, gen)
+        let id = self.client;
+        self.writer_turn(0, id)
     }
 
     /// Index the client's next message gets.
     fn next_index(&mut self) -> u16 {
-        let (slot, gen) = self.client;
-        match &self.shards[0].get(slot, gen).expect("client").kind {
+        match self.shards[0].kind(self.client).expect("client") {
             ConnKind::Client(cc) => cc.socket.next_index(),
             _ => unreachable!(),
         }

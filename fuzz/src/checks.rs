@@ -171,10 +171,10 @@ fn route_check(head: &torpor::http::parse::RequestHead) {
     let _ = torpor::http::parse::parse_query(query);
     let _ = torpor::ws::handshake::validate_upgrade(head);
     let _ = torpor::ws::handshake::offered_protocols(head).count();
-    if let Some(target) = torpor::net::client::parse_target(head, path, query) {
+    if let Some(target) = torpor::gateway::route::parse_target(head, path, query) {
         let actor_path = match &target {
-            torpor::net::client::Target::Actor { path, .. } => path,
-            torpor::net::client::Target::Named { path, .. } => path,
+            torpor::gateway::route::Target::Actor { path, .. } => path,
+            torpor::gateway::route::Target::Named { path, .. } => path,
         };
         assert!(actor_path.starts_with('/'), "actor path {actor_path:?}");
         if let Some((_, q)) = actor_path.split_once('?') {
@@ -184,7 +184,7 @@ fn route_check(head: &torpor::http::parse::RequestHead) {
             );
         }
     }
-    let headers = torpor::net::gateway::request_headers(head, 3);
+    let headers = torpor::gateway::route::request_headers(head, 3);
     let mut keys: Vec<&str> = headers.0.iter().map(|(k, _)| k.as_str()).collect();
     let n = keys.len();
     keys.sort_unstable();

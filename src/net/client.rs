@@ -1,132 +1,23 @@
-//! The client WebSocket driver: routes the upgrade to an actor, opens the tunnel
-//! (`WebSocketOpen`, index 0), completes the client's handshake once the runner answered, and
-//! then pumps frames: client data → the shard's window logic → the runner; runner traffic
-//! arrives through `ShardState::tunnel_in`.
-//!
-//! It owns the socket's lifetime: when its read loop ends it frees the slab entry, the
-//! window's bytes, and tells the runner if that is still owed.
+//! The client WebSocket driver: routes the upgrade to an actor, lets the gateway core open
+//! the tunnel, completes the client's handshake once the runner answered, and then pumps
+//! frames: read → core → (the writer) write. Every rule is the core's
+//! ([`crate::gateway`]); this file only reads, waits and writes.
 
-use super::{
-    closing, next_chunk, read_more, read_some, refuse, remove_conn, write_response, writer,
-    READ_CHUNK, WS_CHUNKS, WS_READ_CHUNK,
-};
-use crate::http::parse::{parse_query, RequestHead};
-use crate::metrics::{CloseLabel, Counter, Gauge};
-use crate::protocol::{self, StrMap, ToClientTunnelMessageKind};
-use crate::shard::state::{ConnKind, Pause, ShardState, TunnelIn};
-use crate::tunnel::TunnelSocket;
-use crate::ws::frame::OpCode;
-use crate::ws::reader::{Role, WsEvent, WsReader, WsReaderConfig};
+use super::shell::Shard;
+use super::{closing, next_chunk, read_more, read_some, refuse, write_response, writer};
+use super::{READ_CHUNK, WS_CHUNKS, WS_READ_CHUNK};
+use crate::gateway::route::{header_map, parse_target, pick_protocol};
+use crate::gateway::{ConnId, Next, OpenPhase, Pause, Refusal};
+use crate::http::parse::RequestHead;
+use crate::protocol;
+use crate::ws::reader::{Role, WsReader, WsReaderConfig};
 use bytes::{Bytes, BytesMut};
-use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
 
-/// Where a gateway request goes.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Target {
-    /// `/gateway/{actorId}[@token]/…` or the header/subprotocol form.
-    Actor { actor_id: String, path: String },
-    /// `/gateway/{name}/…?rvt-method=get|getOrCreate&rvt-key=…`.
-    Named {
-        namespace: String,
-        name: String,
-        key: Option<String>,
-        get_or_create: bool,
-        path: String,
-    },
-}
-
-/// Parses the gateway target from the path, query and headers (SPEC §2.1). `None` = not a
-/// gateway request.
-pub fn parse_target(head: &RequestHead, path: &str, query: &str) -> Option<Target> {
-    // Only origin-form targets (`/…`) are routed; anything else (`*`, absolute-form, or a
-    // bare word) would hand the actor a path that is not a path.
-    if !path.starts_with('/') {
-        return None;
-    }
-    let params = parse_query(query);
-    let kept: Vec<String> = query
-        .split('&')
-        .filter(|kv| !kv.is_empty() && !kv.starts_with("rvt-"))
-        .map(str::to_string)
-        .collect();
-    let with_query = |p: &str| {
-        let p = if p.is_empty() { "/" } else { p };
-        if kept.is_empty() {
-            p.to_string()
-        } else {
-            format!("{p}?{}", kept.join("&"))
-        }
-    };
-    if let Some(rest) = path.strip_prefix("/gateway/") {
-        let (first, tail) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let first = crate::http::parse::percent_decode(first)?;
-        let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        if let Some(method) = param("rvt-method") {
-            return Some(Target::Named {
-                namespace: param("rvt-namespace").unwrap_or_else(|| "default".into()),
-                name: first,
-                key: param("rvt-key"),
-                get_or_create: method.eq_ignore_ascii_case("getOrCreate"),
-                path: with_query(tail),
-            });
-        }
-        let actor_id = match first.split_once('@') {
-            Some((id, _token)) => id.to_string(),
-            None => first,
-        };
-        if actor_id.is_empty() {
-            return None;
-        }
-        return Some(Target::Actor {
-            actor_id,
-            path: with_query(tail),
-        });
-    }
-    // Header form (HTTP) and subprotocol form (WebSocket).
-    if head.header("x-rivet-target").is_some_and(|t| t == "actor") {
-        if let Some(id) = head.header("x-rivet-actor") {
-            return Some(Target::Actor {
-                actor_id: id.to_string(),
-                path: with_query(path),
-            });
-        }
-    }
-    let protos: Vec<&str> = crate::ws::handshake::offered_protocols(head).collect();
-    if protos.contains(&"rivet_target.actor") {
-        if let Some(id) = protos.iter().find_map(|p| p.strip_prefix("rivet_actor.")) {
-            return Some(Target::Actor {
-                actor_id: id.to_string(),
-                path: with_query(path),
-            });
-        }
-    }
-    None
-}
-
-/// The upgrade headers as a map with unique keys (repeated headers joined with ", ").
-pub fn header_map(head: &RequestHead) -> StrMap {
-    let mut out: Vec<(String, String)> = Vec::with_capacity(head.headers.len());
-    for (k, v) in &head.headers {
-        match out.iter_mut().find(|(ek, _)| ek == k) {
-            Some((_, ev)) => {
-                ev.push_str(", ");
-                ev.push_str(v);
-            }
-            None => out.push((k.clone(), v.clone())),
-        }
-    }
-    StrMap(out)
-}
-
 pub async fn serve(
-    state: Rc<RefCell<ShardState>>,
+    shard: Rc<Shard>,
     stream: Rc<TcpStream>,
     head: RequestHead,
     buf: BytesMut,
@@ -142,118 +33,48 @@ pub async fn serve(
             } else {
                 "request.bad_request"
             };
-            state.borrow().metrics().error(code);
+            shard.metrics().error(code);
             write_response(&stream, &closing(e.to_response())).await;
             return;
         }
     };
     let Some(target) = parse_target(&head, path, query) else {
-        refuse(&state, &stream, 404, "request.not_found", "no such route").await;
+        refuse(&shard, &stream, Refusal::NOT_FOUND_ROUTE).await;
         return;
     };
-    let (timeouts, max_frame, max_message, out_limit) = {
-        let st = state.borrow();
-        let c = &st.shared.config;
+    let limits = {
+        let l = &shard.shared.config.limits;
         (
-            c.timeouts.clone(),
-            c.limits.ws_max_frame_bytes,
-            c.limits.ws_max_message_bytes,
-            c.limits.client_outbound_bytes,
+            l.ws_max_frame_bytes as usize,
+            l.ws_max_message_bytes as usize,
         )
     };
-    let routed = match super::gateway::resolve(&state, target).await {
+    let (routed, actor_path) = match super::gateway::resolve(&shard, target).await {
         Ok(r) => r,
-        Err((status, code, msg)) => {
-            refuse(&state, &stream, status, code, msg).await;
+        Err(r) => {
+            refuse(&shard, &stream, r).await;
             return;
         }
     };
-    let (actor_id, generation, runner_idx, runner_conn, actor_path) = (
-        routed.actor_id,
-        routed.generation,
-        routed.runner_idx,
-        routed.conn,
-        routed.path,
-    );
-
-    // Register the request and open the tunnel.
-    let (open_tx, open_rx) = oneshot::channel();
-    let (slot, gen, req) = {
-        let mut st = state.borrow_mut();
-        let limits = st.limits;
-        let socket = TunnelSocket::new(limits);
-        let open_index = socket.take_open_index();
-        let (slot, gen, req) = st.insert_client(
-            actor_id.clone(),
-            runner_idx,
-            generation,
-            socket,
-            Some(open_tx),
-        );
-        if st.runners.len() <= runner_idx as usize {
-            st.runners.resize(runner_idx as usize + 1, None);
-        }
-        st.runners[runner_idx as usize].get_or_insert(runner_conn);
-        let frames = st.tunnel_frames(
-            req,
-            open_index,
-            ToClientTunnelMessageKind::WebSocketOpen(protocol::ToClientWebSocketOpen {
-                actor_id: actor_id.to_string(),
-                path: actor_path,
-                headers: header_map(&head),
-            }),
-        );
-        st.send_to_runner(runner_idx, frames);
-        (slot, gen, req)
-    };
-    let _ = req;
-    let open =
-        tokio::time::timeout(Duration::from_millis(timeouts.websocket_open_ms), open_rx).await;
-    let can_hibernate = match open {
-        Ok(Ok(TunnelIn::Open { can_hibernate })) => can_hibernate,
-        Ok(Ok(TunnelIn::Close { .. })) | Ok(Ok(_)) | Ok(Err(_)) => {
-            mark_runner_closed(&state, slot, gen);
-            remove_conn(&state, slot, gen);
-            refuse(
-                &state,
-                &stream,
-                503,
-                "guard.websocket_open_refused",
-                "the actor refused the WebSocket",
-            )
-            .await;
-            return;
-        }
-        Err(_) => {
-            // Tell the runner we gave up (it may still answer later).
-            {
-                let mut st = state.borrow_mut();
-                st.close_client(
-                    slot,
-                    gen,
-                    1011,
-                    "guard.websocket_open_timeout",
-                    Instant::now(),
-                );
+    // Open the tunnel and wait for the runner's answer (the core's open deadline bounds it).
+    let headers = header_map(&head);
+    let id = shard.with(|c, now| c.open_client(&routed, actor_path, headers, now));
+    let (wake, _) = shard.register(id, Some(&stream));
+    loop {
+        match shard.peek(|c| c.open_phase(id)) {
+            Some(OpenPhase::Waiting) => wake.notified().await,
+            Some(OpenPhase::Accepted) => break,
+            Some(OpenPhase::Refused(r)) => {
+                shard.with(|c, _| c.client_refused(id));
+                shard.unregister(id);
+                refuse(&shard, &stream, r).await;
+                return;
             }
-            remove_conn(&state, slot, gen);
-            refuse(
-                &state,
-                &stream,
-                503,
-                "guard.websocket_open_timeout",
-                "the actor did not accept the WebSocket in time",
-            )
-            .await;
-            return;
+            Some(OpenPhase::Open) | None => {
+                shard.unregister(id);
+                return;
+            }
         }
-    };
-    {
-        let mut st = state.borrow_mut();
-        st.client_opened(slot, gen, can_hibernate, Instant::now());
-        let m = st.metrics();
-        m.inc(Counter::ClientWebSockets);
-        m.gauge_add(Gauge::OpenClientWebSockets, 1);
     }
     let protocol = pick_protocol(&head);
     let accept = crate::ws::handshake::accept_key(key);
@@ -265,36 +86,24 @@ pub async fn serve(
         .await
         .is_err()
     {
-        finish(&state, slot, gen);
+        finish(&shard, id);
         return;
     }
-    tokio_uring::spawn(writer::writer_task(
-        state.clone(),
-        stream.clone(),
-        slot,
-        gen,
-    ));
+    shard.with(|c, _| c.client_upgraded(id));
+    tokio_uring::spawn(writer::writer_task(shard.clone(), stream.clone(), id));
     // The WebSocket's life runs in a task of its own, so the handshake's state (the whole
     // routing and open exchange) is freed now instead of living as long as the socket.
-    tokio_uring::spawn(ws_loop(
-        state,
-        stream,
-        slot,
-        gen,
-        buf,
-        (max_frame as usize, max_message as usize, out_limit),
-        guard,
-    ));
+    tokio_uring::spawn(ws_loop(shard, stream, id, wake, buf, limits, guard));
 }
 
-/// Reads the client's frames until the socket ends, then frees the slab entry.
+/// Reads the client's frames until the socket ends, then frees the entry.
 async fn ws_loop(
-    state: Rc<RefCell<ShardState>>,
+    shard: Rc<Shard>,
     stream: Rc<TcpStream>,
-    slot: u32,
-    gen: u32,
+    id: ConnId,
+    wake: Rc<Notify>,
     mut buf: BytesMut,
-    (max_frame, max_message, out_limit): (usize, usize, usize),
+    (max_frame, max_message): (usize, usize),
     // The connection's place under the shard's cap, given back when the socket's reads end.
     _guard: super::ConnGuard,
 ) {
@@ -312,57 +121,29 @@ async fn ws_loop(
     }
     'outer: loop {
         loop {
-            let paused = state.borrow().client_paused(slot, gen);
-            if let Some((resume, why)) = paused {
-                if why == Pause::Unread {
-                    state.borrow().metrics().inc(Counter::ClientReadPauses);
-                    // Woken after every write; stays paused until the client caught up.
-                    while state.borrow().client_out_full(slot, gen) {
-                        resume.notified().await;
+            match shard.with(|c, _| c.client_paused(id)) {
+                // Woken after every write; stays paused until the client caught up.
+                Some(Pause::Unread) => {
+                    while shard.with(|c, _| c.client_out_full(id)) {
+                        wake.notified().await;
                     }
-                } else {
-                    resume.notified().await;
+                    continue;
                 }
-                continue;
+                Some(Pause::Window) => {
+                    wake.notified().await;
+                    continue;
+                }
+                None => {}
             }
-            let ev = reader.next(&mut buf);
-            let now = Instant::now();
-            match ev {
-                Ok(Some(WsEvent::Message { text, data })) => {
-                    state
-                        .borrow_mut()
-                        .client_message(slot, gen, data, !text, now);
-                }
-                Ok(Some(WsEvent::Ping(p))) => {
-                    let mut st = state.borrow_mut();
-                    // Pongs pile up for a client that pings without reading: the same
-                    // outbound limit as for its actor's messages applies.
-                    let queued = st.get(slot, gen).map_or(0, |c| c.out.bytes);
-                    if queued > out_limit {
-                        st.abort_client(slot, gen, "guard.client_too_slow", now);
-                    } else {
-                        let frames = st.ws_frame(OpCode::Pong, p);
-                        st.write_local(slot, gen, frames);
-                    }
-                }
-                Ok(Some(WsEvent::Pong(_))) => {}
-                Ok(Some(WsEvent::Close { code, reason })) => {
-                    let mut st = state.borrow_mut();
-                    if st.get(slot, gen).is_some_and(|c| c.out.closing) {
-                        // The answer to our close: the handshake is complete and the server
-                        // ends the TCP connection (RFC 6455 §7.1.1); the peer waits for it.
-                        break 'outer;
-                    }
-                    // Counted as `client.closed` whatever reason text the client sent.
-                    let reason = String::from_utf8_lossy(&reason).into_owned();
-                    let code = code.unwrap_or(1000);
-                    st.close_client_as(slot, gen, code, reason, CloseLabel::ClientClosed, now);
-                }
+            let next = match reader.next(&mut buf) {
+                Ok(Some(ev)) => shard.with(|c, now| c.handle_client_frame(id, ev, now)),
                 Ok(None) => break,
-                Err(e) => {
-                    state
-                        .borrow_mut()
-                        .close_client(slot, gen, e.code, e.reason, now);
+                Err(e) => shard.with(|c, now| c.client_protocol_error(id, e.code, e.reason, now)),
+            };
+            match next {
+                Next::Continue => {}
+                Next::Done => break 'outer,
+                Next::Stop => {
                     // Stop parsing; wait for the socket to end.
                     buf.clear();
                     while read_more(&stream, &mut buf, READ_CHUNK).await {
@@ -377,11 +158,17 @@ async fn ws_loop(
             break;
         };
         chunk = next_chunk(chunk, n, offered, WS_CHUNKS);
-        if !state.borrow_mut().client_read(slot, gen) {
+        if !shard.with(|c, _| c.client_read(id)) {
             break;
         }
     }
-    finish(&state, slot, gen);
+    finish(&shard, id);
+}
+
+/// The socket ended: the core tells the runner if still owed and frees the entry.
+fn finish(shard: &Shard, id: ConnId) {
+    shard.with(|c, now| c.client_ended(id, now));
+    shard.unregister(id);
 }
 
 /// Room to ask for before the next read: what the reader wants (the rest of the frame), but
@@ -396,42 +183,10 @@ fn read_size(reader: &WsReader, buf: &BytesMut) -> usize {
 /// Smallest growth step of a client's read buffer for a large frame.
 const GROW_FLOOR: usize = 64 * 1024;
 
-fn mark_runner_closed(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) {
-    if let Some(c) = state.borrow_mut().get(slot, gen) {
-        if let ConnKind::Client(cc) = &mut c.kind {
-            cc.runner_closed = true;
-        }
-    }
-}
-
-/// The socket ended: tell the runner if still owed, free the window and the slot.
-fn finish(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) {
-    {
-        let mut st = state.borrow_mut();
-        if st.get(slot, gen).is_none() {
-            return;
-        }
-        // close_client is a no-op if a close was already queued; it tells the runner.
-        st.close_client(slot, gen, 1000, "ws.closed", Instant::now());
-        st.release_window(slot);
-        st.metrics().gauge_add(Gauge::OpenClientWebSockets, -1);
-    }
-    remove_conn(state, slot, gen);
-}
-
-/// The subprotocol the gateway answers: `rivet` if offered, else the first offered.
-fn pick_protocol(head: &RequestHead) -> Option<String> {
-    let offered: Vec<&str> = crate::ws::handshake::offered_protocols(head).collect();
-    if offered.contains(&"rivet") {
-        return Some("rivet".into());
-    }
-    offered.first().map(|s| s.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::frame::encode_header;
+    use crate::ws::frame::{encode_header, OpCode};
 
     #[test]
     fn read_size_follows_received_bytes_not_announced_length() {

@@ -9,18 +9,18 @@
 pub mod client;
 pub mod gateway;
 pub mod runner;
+pub mod shell;
 pub mod writer;
 
+use crate::gateway::{ApiRequest, ControlMsg, Refusal, Reply, ShardMsg};
 use crate::http::access;
 use crate::http::parse::{body_kind, parse_request_head, split_path_query, BodyKind, RequestHead};
 use crate::http::response::Response;
 use crate::metrics::{Counter, Gauge};
-use crate::shard::control::{ApiRequest, ControlMsg};
 use crate::shard::mailbox::Inbox;
-use crate::shard::state::{ConnKind, Reply};
-use crate::shard::{ShardMsg, ShardState, Shared};
+use crate::shard::Shared;
 use bytes::{Bytes, BytesMut};
-use std::cell::RefCell;
+use shell::Shard;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -115,22 +115,15 @@ pub fn run_shard(
     listeners: Vec<std::net::TcpListener>,
 ) {
     ring_builder().start(async move {
-        let state = Rc::new(RefCell::new(ShardState::new(id, shared.clone())));
+        let state = Rc::new(Shard::new(id, shared.clone()));
         tokio_uring::spawn(mailbox_task(state.clone(), inbox));
-        tokio_uring::spawn(gc_task(state.clone()));
-        let idle_period = state.borrow().idle_scan_period();
-        if let Some(period) = idle_period {
-            let state = state.clone();
-            tokio_uring::spawn(every(period, move || {
-                state.borrow_mut().idle_scan(Instant::now())
-            }));
-        }
-        let trim_ms = state.borrow().shared.config.timeouts.memory_trim_ms;
+        tokio_uring::spawn(timer_task(state.clone()));
+        let trim_ms = state.shared.config.timeouts.memory_trim_ms;
         if trim_ms > 0 {
             tokio_uring::spawn(every(Duration::from_millis(trim_ms), trim_heap));
         }
         let cap = {
-            let c = &state.borrow().shared.config;
+            let c = &state.shared.config;
             connection_cap(c.limits.connections_per_shard, c.shard_count())
         };
         let count = Rc::new(ConnCount {
@@ -187,8 +180,10 @@ impl Drop for ConnGuard {
 /// The connection cap of one shard: `limits.connections_per_shard`, or with 0 the open-files
 /// limit shared between the shards (less room for the store, the rings and the mailboxes).
 pub fn connection_cap(configured: usize, shards: usize) -> usize {
+    // A connection takes one slot of the shard's table, whose slots fit in a request id.
+    let max = crate::gateway::MAX_SLOTS / 2;
     if configured > 0 {
-        return configured;
+        return configured.min(max);
     }
     let mut lim: libc::rlimit = libc::rlimit {
         rlim_cur: 0,
@@ -200,7 +195,7 @@ pub fn connection_cap(configured: usize, shards: usize) -> usize {
     } else {
         1024
     };
-    (nofile.saturating_sub(256) / shards.max(1)).max(16)
+    (nofile.saturating_sub(256) / shards.max(1)).clamp(16, max)
 }
 
 /// Is `e` the process or the system running out of file descriptors?
@@ -208,14 +203,14 @@ fn out_of_fds(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
-async fn accept_loop(state: Rc<RefCell<ShardState>>, listener: TcpListener, count: Rc<ConnCount>) {
+async fn accept_loop(state: Rc<Shard>, listener: TcpListener, count: Rc<ConnCount>) {
     let mut backoff = Duration::from_millis(10);
     loop {
         if count.open.get() >= count.cap {
             // At the cap: leave new connections in the kernel's backlog until one closes.
-            state.borrow().metrics().inc(Counter::AcceptPauses);
+            state.metrics().inc(Counter::AcceptPauses);
             crate::warn_limited!(
-                state.borrow().metrics(),
+                state.metrics(),
                 cap = count.cap,
                 "connection cap reached (limits.connections_per_shard); not accepting until a connection closes"
             );
@@ -228,43 +223,37 @@ async fn accept_loop(state: Rc<RefCell<ShardState>>, listener: TcpListener, coun
                 backoff = Duration::from_millis(10);
                 s
             }
-            Err(_) if state.borrow().shared.draining.load(Ordering::Relaxed) => {
+            Err(_) if state.shared.draining.load(Ordering::Relaxed) => {
                 // The listener was shut down for the drain.
                 return;
             }
             Err(e) => {
                 // Out of descriptors (or another failure): wait, doubling up to a second, so
                 // a flood neither spins the shard nor fills the log.
-                {
-                    let st = state.borrow();
-                    if out_of_fds(&e) {
-                        st.metrics().inc(Counter::AcceptPauses);
-                    }
-                    crate::warn_limited!(st.metrics(), error = %e, retry_ms = backoff.as_millis() as u64, "accept failed");
+                if out_of_fds(&e) {
+                    state.metrics().inc(Counter::AcceptPauses);
                 }
+                crate::warn_limited!(state.metrics(), error = %e, retry_ms = backoff.as_millis() as u64, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
-        if state.borrow().shared.draining.load(Ordering::Relaxed) {
+        if state.shared.draining.load(Ordering::Relaxed) {
             drop(stream);
             continue;
         }
         let _ = stream.set_nodelay(true);
-        state.borrow().metrics().inc(Counter::ClientConnections);
+        state.metrics().inc(Counter::ClientConnections);
         count.open.set(count.open.get() + 1);
-        state
-            .borrow()
-            .metrics()
-            .gauge_add(Gauge::OpenConnections, 1);
+        state.metrics().gauge_add(Gauge::OpenConnections, 1);
         let guard = ConnGuard(count.clone());
         tokio_uring::spawn(conn_task(state.clone(), stream, peer, guard));
     }
 }
 
 /// Drains the shard's mailbox on every eventfd wake-up.
-async fn mailbox_task(state: Rc<RefCell<ShardState>>, inbox: Inbox<ShardMsg>) {
+async fn mailbox_task(state: Rc<Shard>, inbox: Inbox<ShardMsg>) {
     let fd = match inbox.wake_fd() {
         Ok(fd) => fd,
         Err(e) => {
@@ -281,14 +270,32 @@ async fn mailbox_task(state: Rc<RefCell<ShardState>>, inbox: Inbox<ShardMsg>) {
             return;
         }
         inbox.rearm();
-        let now = Instant::now();
-        let mut st = state.borrow_mut();
-        while let Some(msg) = inbox.try_recv() {
-            if matches!(msg, ShardMsg::Shutdown) {
-                tokio_uring::spawn(drain(state.clone()));
-                continue;
+        state.with(|core, now| {
+            while let Some(msg) = inbox.try_recv() {
+                if matches!(msg, ShardMsg::Shutdown) {
+                    tokio_uring::spawn(drain(state.clone()));
+                    continue;
+                }
+                core.handle_shard_msg(msg, now);
             }
-            st.on_msg(msg, now);
+        });
+    }
+}
+
+/// The shard's one timer: sleeps until the core's next deadline (or until the core set an
+/// earlier one) and runs what is due.
+async fn timer_task(state: Rc<Shard>) {
+    loop {
+        let at = state.with(|core, _| core.poll_timeout());
+        let Some(at) = at else {
+            state.timer.notified().await;
+            continue;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
+                state.with(|core, now| core.handle_timeout(now));
+            }
+            _ = state.timer.notified() => {}
         }
     }
 }
@@ -299,43 +306,27 @@ async fn mailbox_task(state: Rc<RefCell<ShardState>>, inbox: Inbox<ShardMsg>) {
 /// gets a 1001 close (requests still waiting fail with `guard.draining`), and the shard waits
 /// for the peers' close replies, which `timeouts.close_handshake_ms` bounds (the writer resets
 /// a connection whose peer does not answer). Then it counts itself drained.
-async fn drain(state: Rc<RefCell<ShardState>>) {
+async fn drain(state: Rc<Shard>) {
     const POLL: Duration = Duration::from_millis(5);
     let (drain, close) = {
-        let st = state.borrow();
-        let t = &st.shared.config.timeouts;
+        let t = &state.shared.config.timeouts;
         (
             Duration::from_millis(t.drain_ms),
             Duration::from_millis(t.close_handshake_ms),
         )
     };
     let until = Instant::now() + drain;
-    while Instant::now() < until && !state.borrow().drain_idle() {
+    while Instant::now() < until && !state.peek(|c| c.drain_idle()) {
         tokio::time::sleep(POLL).await;
     }
-    state.borrow_mut().shutdown(Instant::now());
+    state.with(|c, now| c.shutdown(now));
     // The close deadline of each connection starts when its close frame is queued; a little
     // more lets the resets it triggers be reaped.
     let until = Instant::now() + close + Duration::from_millis(200);
-    while Instant::now() < until && state.borrow().has_open_websockets() {
+    while Instant::now() < until && state.peek(|c| c.has_open_websockets()) {
         tokio::time::sleep(POLL).await;
     }
-    let st = state.borrow();
-    st.shared.drained.fetch_add(1, Ordering::SeqCst);
-}
-
-/// Periodic ack-timeout pass (SPEC §2.5).
-async fn gc_task(state: Rc<RefCell<ShardState>>) {
-    let period = {
-        let st = state.borrow();
-        let t = &st.shared.config.timeouts;
-        // Check at least as often as the ack timeout so expiry is noticed promptly.
-        Duration::from_millis(t.gc_interval_ms.min(t.ack_timeout_ms.max(10)))
-    };
-    loop {
-        tokio::time::sleep(period).await;
-        state.borrow_mut().gc(Instant::now());
-    }
+    state.shared.drained.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Runs `f` every `period` (a late tick delays the next ones rather than bunching them).
@@ -420,34 +411,22 @@ pub async fn write_response(stream: &TcpStream, resp: &Response) -> bool {
 }
 
 /// Refuses a request with an `x-rivet-error` response and closes the connection.
-pub async fn refuse(
-    state: &Rc<RefCell<ShardState>>,
-    stream: &TcpStream,
-    status: u16,
-    code: &str,
-    msg: &str,
-) {
-    state.borrow().metrics().error(code);
-    write_response(stream, &closing(Response::error(status, code, msg))).await;
+pub async fn refuse(state: &Shard, stream: &TcpStream, r: Refusal) {
+    state.metrics().error(r.code);
+    write_response(stream, &closing(r.response())).await;
 }
 
-fn error_response(state: &Rc<RefCell<ShardState>>, status: u16, code: &str, msg: &str) -> Response {
-    state.borrow().metrics().error(code);
-    Response::error(status, code, msg)
+fn error_response(state: &Shard, r: Refusal) -> Response {
+    state.metrics().error(r.code);
+    r.response()
 }
 
 /// One accepted connection: HTTP/1.1 requests until it upgrades or closes.
-async fn conn_task(
-    state: Rc<RefCell<ShardState>>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    guard: ConnGuard,
-) {
+async fn conn_task(state: Rc<Shard>, stream: TcpStream, peer: SocketAddr, guard: ConnGuard) {
     let stream = Rc::new(stream);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let (head_limit, body_limit, handshake) = {
-        let st = state.borrow();
-        let c = &st.shared.config;
+        let c = &state.shared.config;
         (
             c.limits.http_header_bytes,
             c.limits.http_body_bytes,
@@ -465,7 +444,7 @@ async fn conn_task(
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    state.borrow().metrics().error(e.code());
+                    state.metrics().error(e.code());
                     let resp = closing(e.to_response());
                     write_response(&stream, &resp).await;
                     return;
@@ -477,22 +456,15 @@ async fn conn_task(
                 _ => return, // EOF, error or handshake deadline: just close
             }
         };
-        state.borrow().metrics().inc(Counter::HttpRequests);
+        state.metrics().inc(Counter::HttpRequests);
         let (path, query) = split_path_query(&head.path);
         let path = path.to_string();
         let query = query.to_string();
-        if state.borrow().shared.draining.load(Ordering::Relaxed)
+        if state.shared.draining.load(Ordering::Relaxed)
             && (path == "/runners/connect" || is_upgrade(&head))
         {
             // No new WebSocket while draining: the peer should go to another instance.
-            refuse(
-                &state,
-                &stream,
-                503,
-                "guard.draining",
-                "the gateway is shutting down",
-            )
-            .await;
+            refuse(&state, &stream, Refusal::DRAINING).await;
             return;
         }
         if path == "/runners/connect" {
@@ -505,7 +477,7 @@ async fn conn_task(
         }
         let gateway = match path.as_str() {
             "/livez" | "/readyz" | "/metrics" => None,
-            _ => client::parse_target(&head, &path, &query),
+            _ => crate::gateway::route::parse_target(&head, &path, &query),
         };
         // The engine API is checked before its body is read: a refused caller makes torpor
         // hold nothing.
@@ -520,7 +492,7 @@ async fn conn_task(
             Ok(b) => b,
             Err(resp) => {
                 if let Some(code) = resp.header("x-rivet-error") {
-                    state.borrow().metrics().error(code);
+                    state.metrics().error(code);
                 }
                 write_response(&stream, &closing(resp)).await;
                 return;
@@ -528,8 +500,7 @@ async fn conn_task(
         };
         let resp = route_http(&state, &head, &path, &query, gateway, body).await;
         // While draining, each answer ends its connection (as Envoy's `connection: close`).
-        let keep_alive =
-            head.keep_alive() && !state.borrow().shared.draining.load(Ordering::Relaxed);
+        let keep_alive = head.keep_alive() && !state.shared.draining.load(Ordering::Relaxed);
         let resp = if keep_alive { resp } else { closing(resp) };
         if !write_response(&stream, &resp).await || !keep_alive {
             return;
@@ -595,68 +566,38 @@ async fn read_body(
     }
 }
 
-/// Asks the control plane and waits for its answer.
-pub async fn ask_control(
-    state: &Rc<RefCell<ShardState>>,
-    make: impl FnOnce(u64) -> ControlMsg,
-    timeout: Duration,
-) -> Option<Reply> {
-    let (waiter, rx) = {
-        let mut st = state.borrow_mut();
-        let (w, rx) = st.wait();
-        let id = st.waiter_id(w);
-        st.control(make(id));
-        (w, rx)
-    };
-    match tokio::time::timeout(timeout, rx).await {
-        Ok(Ok(r)) => Some(r),
-        _ => {
-            let mut st = state.borrow_mut();
-            if st.waiters.contains(waiter as usize) {
-                st.waiters.remove(waiter as usize);
-            }
-            None
-        }
-    }
-}
-
 /// The access check of an engine API route (everything but the gateway): `None` lets the
 /// request through, `Some` is the refusal (401/403) or the answer to a CORS preflight.
-fn api_gate(
-    state: &Rc<RefCell<ShardState>>,
-    head: &RequestHead,
-    path: &str,
-    peer: SocketAddr,
-) -> Option<Response> {
-    let access = state.borrow().shared.access.clone();
+fn api_gate(state: &Shard, head: &RequestHead, path: &str, peer: SocketAddr) -> Option<Response> {
+    let access = &state.shared.access;
     if head.method == "OPTIONS" {
-        state.borrow().metrics().inc(Counter::CorsPreflights);
+        state.metrics().inc(Counter::CorsPreflights);
         return Some(access.api_preflight(head));
     }
     if access::is_public_route(path) {
         return None;
     }
     let denied = access.check_api(head, peer).err()?;
-    let st = state.borrow();
-    st.metrics().inc(Counter::Unauthorized);
-    st.metrics().error(denied.code(false));
-    crate::warn_limited!(st.metrics(), %peer, code = denied.code(false), path, "engine API call refused");
+    let m = state.metrics();
+    m.inc(Counter::Unauthorized);
+    m.error(denied.code(false));
+    crate::warn_limited!(m, %peer, code = denied.code(false), path, "engine API call refused");
     Some(denied.response(false))
 }
 
 async fn route_http(
-    state: &Rc<RefCell<ShardState>>,
+    state: &Shard,
     head: &RequestHead,
     path: &str,
     query: &str,
-    gateway: Option<client::Target>,
+    gateway: Option<crate::gateway::route::Target>,
     body: Bytes,
 ) -> Response {
     if let Some(target) = gateway {
         // Preflights are the gateway's to answer: they carry no credentials, and tunnelling
         // one would wake the actor for nothing.
         let mut resp = if head.method == "OPTIONS" {
-            state.borrow().metrics().inc(Counter::CorsPreflights);
+            state.metrics().inc(Counter::CorsPreflights);
             access::gateway_preflight(head)
         } else {
             gateway::serve_http(state, head, target, body).await
@@ -667,15 +608,15 @@ async fn route_http(
         return resp;
     }
     if path.starts_with("/gateway/") {
-        return error_response(state, 404, "request.not_found", "no such route");
+        return error_response(state, Refusal::NOT_FOUND_ROUTE);
     }
     let mut resp = route_api(state, head, path, query, body).await;
-    state.borrow().shared.access.api_cors(head, &mut resp);
+    state.shared.access.api_cors(head, &mut resp);
     resp
 }
 
 async fn route_api(
-    state: &Rc<RefCell<ShardState>>,
+    state: &Shard,
     head: &RequestHead,
     path: &str,
     query: &str,
@@ -684,12 +625,16 @@ async fn route_api(
     match path {
         "/livez" => return Response::json(200, "{\"status\":\"ok\"}"),
         "/readyz" => {
-            let st = state.borrow();
-            if st.shared.draining.load(Ordering::Relaxed) {
-                return Response::error(503, "guard.draining", "the gateway is shutting down");
+            if state.shared.draining.load(Ordering::Relaxed) {
+                return Refusal::DRAINING.response();
             }
             // Not ready while the store cannot commit (full disk, I/O error, damage).
-            let store_down = st.shared.metrics.kv.get().and_then(|kv| kv.down_reason());
+            let store_down = state
+                .shared
+                .metrics
+                .kv
+                .get()
+                .and_then(|kv| kv.down_reason());
             return match store_down {
                 Some(why) => Response::error(
                     503,
@@ -700,7 +645,7 @@ async fn route_api(
             };
         }
         "/metrics" => {
-            let text = state.borrow().shared.metrics.render();
+            let text = state.shared.metrics.render();
             let mut r = Response::json(200, "");
             r.body = Bytes::from(text);
             r.headers
@@ -714,20 +659,20 @@ async fn route_api(
     let method = head.method.clone();
     let path = path.to_string();
     let query = crate::http::parse::parse_query(query);
-    let reply = ask_control(
-        state,
-        |waiter| {
-            ControlMsg::Api(ApiRequest {
-                method,
-                path,
-                query,
-                body,
-                waiter,
-            })
-        },
-        Duration::from_secs(60),
-    )
-    .await;
+    let reply = state
+        .ask(
+            |waiter| {
+                ControlMsg::Api(ApiRequest {
+                    method,
+                    path,
+                    query,
+                    body,
+                    waiter,
+                })
+            },
+            Duration::from_secs(60),
+        )
+        .await;
     match reply {
         Some(Reply::Api { status, body }) => {
             let mut r = Response::json(status, &body);
@@ -737,30 +682,13 @@ async fn route_api(
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
                     if let (Some(g), Some(c)) = (v["group"].as_str(), v["code"].as_str()) {
                         let code = format!("{g}.{c}");
-                        state.borrow().metrics().error(&code);
+                        state.metrics().error(&code);
                         r.headers.push(("x-rivet-error".into(), code));
                     }
                 }
             }
             r
         }
-        _ => error_response(
-            state,
-            503,
-            "guard.control_unavailable",
-            "control plane did not answer",
-        ),
-    }
-}
-
-/// Removes a connection's slab entry (its tasks end when they notice).
-pub fn remove_conn(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) {
-    let mut st = state.borrow_mut();
-    if st.get(slot, gen).is_some() {
-        let conn = st.conns.remove(slot as usize);
-        conn.out.notify.notify_one();
-        if let ConnKind::Client(cc) = conn.kind {
-            cc.resume.notify_one();
-        }
+        _ => error_response(state, Refusal::CONTROL_UNAVAILABLE),
     }
 }

@@ -4,21 +4,17 @@
 //! leave in one system call. The chunk list handed to `writev` comes back with its result
 //! and is reused, so a turn allocates nothing of its own.
 //!
-//! It never decides what to write; it only moves bytes, half-closes the socket after a
-//! queued close frame has been flushed, and enforces the close-handshake deadline: from the
-//! moment a close frame is queued (even while an earlier write is stuck behind a peer that
-//! does not read), the peer has `timeouts.close_handshake_ms` to finish the handshake and
-//! go away; then the TCP connection is reset. It must never hold a socket open past that
-//! deadline, nor keep the socket alive itself (the deadline holds only a weak reference).
+//! It never decides what to write; it only moves bytes and half-closes the socket after a
+//! queued close frame has been flushed. The close-handshake deadline is the core's: when it
+//! passes, the core asks the shell to reset the connection, which also ends a write stuck
+//! behind a peer that does not read.
 //!
-//! [`OutQueue`]: crate::shard::state::OutQueue
+//! [`OutQueue`]: crate::gateway::OutQueue
 
-use crate::metrics::Counter;
-use crate::shard::state::ConnKind;
-use crate::shard::ShardState;
+use super::shell::Shard;
+use crate::gateway::{ConnId, WriterTurn};
 use bytes::Bytes;
-use std::cell::RefCell;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::time::Duration;
 use tokio_uring::net::TcpStream;
 
@@ -30,133 +26,43 @@ pub const MAX_IOV: usize = 1024;
 /// queue drains so an idle connection does not hold a burst's worth of memory.
 const IDLE_IOVS: usize = 64;
 
-/// Runs until the connection's slab entry is gone or the socket fails.
-pub async fn writer_task(
-    state: Rc<RefCell<ShardState>>,
-    stream: Rc<TcpStream>,
-    slot: u32,
-    gen: u32,
-) {
-    let (notify, close_after) = {
-        let mut st = state.borrow_mut();
-        let close_after = Duration::from_millis(st.shared.config.timeouts.close_handshake_ms);
-        match st.get(slot, gen) {
-            Some(c) => (c.out.notify.clone(), close_after),
-            None => return,
-        }
+/// Runs until the connection's entry is gone or the socket fails.
+pub async fn writer_task(shard: Rc<Shard>, stream: Rc<TcpStream>, id: ConnId) {
+    let Some((_, notify)) = shard.wakers(id) else {
+        return;
     };
-    // Set once the close deadline runs (it is started at most once).
-    let mut armed = false;
     // The chunk list handed to `writev`; it comes back with the result and is reused.
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
         notify.notified().await;
         loop {
-            let (written, closing, flushed) = {
-                let mut st = state.borrow_mut();
-                let Some(conn) = st.get(slot, gen) else {
-                    return;
-                };
-                if conn.out.abort {
-                    // The peer does not read: no close handshake, reset (wakes the reader).
-                    drop(st);
-                    reset(&stream);
-                    return;
-                }
-                batch.clear();
-                let written = conn.out.take_batch(&mut batch, MAX_IOV);
-                let closing = conn.out.closing;
-                (written, closing, closing && conn.out.chunks.is_empty())
-            };
-            if closing && !armed {
-                armed = true;
-                arm_close_deadline(&state, &stream, close_after);
-            }
-            if batch.is_empty() {
-                if flushed {
+            batch.clear();
+            match shard.with(|c, _| c.writer_turn(id, &mut batch, MAX_IOV)) {
+                // Gone, or reset by the core (the shell already reset the socket).
+                WriterTurn::Gone | WriterTurn::Reset => return,
+                WriterTurn::Shutdown => {
                     // The close frame is out: send FIN; the reader waits for the peer's end.
                     let _ = stream.shutdown(std::net::Shutdown::Write);
                     return;
                 }
-                if batch.capacity() > IDLE_IOVS {
-                    batch = Vec::new();
-                }
-                break;
-            }
-            // Keep an eye on the queue while the write is in flight: a close queued behind a
-            // peer that stopped reading starts its deadline now, not once the write returns.
-            let write = write_vectored(&stream, std::mem::take(&mut batch));
-            tokio::pin!(write);
-            let (res, back) = loop {
-                tokio::select! {
-                    biased;
-                    r = &mut write => break r,
-                    _ = notify.notified() => {
-                        if is_aborted(&state, slot, gen) {
-                            // The write is stuck behind a peer that does not read.
-                            reset(&stream);
-                        } else if !armed && is_closing(&state, slot, gen) {
-                            armed = true;
-                            arm_close_deadline(&state, &stream, close_after);
-                        }
+                WriterTurn::Idle => {
+                    if batch.capacity() > IDLE_IOVS {
+                        batch = Vec::new();
                     }
+                    break;
                 }
-            };
-            if res.is_err() {
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-                return;
+                WriterTurn::Write { bytes } => {
+                    let (res, back) = write_vectored(&stream, std::mem::take(&mut batch)).await;
+                    if res.is_err() {
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    batch = back;
+                    shard.with(|c, _| c.written(id, bytes));
+                }
             }
-            batch = back;
-            progress(&state, slot, gen, written);
         }
     }
-}
-
-/// Whether the connection is to be reset without a close handshake.
-fn is_aborted(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) -> bool {
-    state
-        .borrow_mut()
-        .get(slot, gen)
-        .is_some_and(|c| c.out.abort)
-}
-
-/// Counts `bytes` written and wakes a client reader that waits for its peer to read.
-fn progress(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32, bytes: usize) {
-    let mut st = state.borrow_mut();
-    if let Some(c) = st.get(slot, gen) {
-        c.out.written += bytes as u64;
-        if let ConnKind::Client(cc) = &c.kind {
-            cc.resume.notify_one();
-        }
-    }
-}
-
-/// Whether the connection is gone or has a close frame queued.
-fn is_closing(state: &Rc<RefCell<ShardState>>, slot: u32, gen: u32) -> bool {
-    state
-        .borrow_mut()
-        .get(slot, gen)
-        .is_none_or(|c| c.out.closing)
-}
-
-/// Starts the close-handshake deadline: if the socket is still open when it expires, the
-/// connection is reset (SO_LINGER 0, so the kernel frees its buffers at once) and shut down,
-/// which ends the reader and any write stuck on the peer. Holds only a weak reference, so a
-/// connection that ends in time closes its socket at once.
-fn arm_close_deadline(state: &Rc<RefCell<ShardState>>, stream: &Rc<TcpStream>, after: Duration) {
-    let weak: Weak<TcpStream> = Rc::downgrade(stream);
-    let state = state.clone();
-    tokio_uring::spawn(async move {
-        tokio::time::sleep(after).await;
-        let Some(stream) = weak.upgrade() else {
-            return;
-        };
-        state
-            .borrow()
-            .metrics()
-            .inc(Counter::CloseHandshakeTimeouts);
-        reset(&stream);
-    });
 }
 
 /// Drops a connection: RST instead of FIN (no lingering send queue), then wakes every

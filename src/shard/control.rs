@@ -2,13 +2,15 @@
 //! messages. It is off the data path: steady-state message forwarding never passes here, only
 //! runner sessions (Init, events, command acks), actor lookups and the engine HTTP API.
 
-use super::state::{Reply, ResolveError as ShardResolveError, Routed};
-use super::{ShardMsg, Shared};
+use super::Shared;
 use crate::engine::{self, Action, ConnRef, Engine, EngineConfig, InitReport, Resolve, StoreOp};
+use crate::gateway::{
+    ApiRequest, ConnId, ControlMsg, Reply, ResolveError as ShardResolveError, Routed, ShardMsg,
+};
 use crate::kv::worker::Done;
 use crate::kv::{Job, KvError, KvHandle, MetaRecord, Reply as KvReply};
 use crate::metrics::Counter;
-use crate::protocol::{self, ToServer, ToServerInit};
+use crate::protocol::{self, ToServer};
 use crate::ws::frame::{encode_header, OpCode};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -16,61 +18,6 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Messages from shards to the control plane.
-pub enum ControlMsg {
-    RunnerInit {
-        conn: ConnRef,
-        /// The runner's address (for the log lines of evictions and refusals).
-        peer: std::net::SocketAddr,
-        namespace: String,
-        runner_key: String,
-        init: ToServerInit,
-    },
-    RunnerMsg {
-        conn: ConnRef,
-        msg: ToServer,
-    },
-    RunnerClosed {
-        conn: ConnRef,
-    },
-    /// Route a request to an actor by id (waking it if needed).
-    Resolve {
-        actor_id: String,
-        waiter: u64,
-    },
-    /// Route a request to an actor by name and key (`rvt-method=get|getOrCreate`).
-    ResolveNamed {
-        namespace: String,
-        name: String,
-        key: Option<String>,
-        get_or_create: bool,
-        waiter: u64,
-    },
-    /// Start a sleeping actor because a hibernating socket needs it.
-    Wake {
-        actor_id: String,
-    },
-    /// Record (`keep`) or forget a hibernating client socket of `actor_id`.
-    Hibernating {
-        actor_id: Arc<str>,
-        req: protocol::HibernatingRequest,
-        keep: bool,
-    },
-    /// Refresh the records of these hibernatable sockets (actor id, request).
-    HibernatingRefresh(Vec<(Arc<str>, protocol::HibernatingRequest)>),
-    /// An engine API request (`/actors`, `/metadata`, …).
-    Api(ApiRequest),
-    /// An engine API request held while the store was down, let through once a probe commit
-    /// succeeded (sent by the control plane to itself, see `api_request`).
-    ApiChecked(ApiRequest),
-    /// The store's answer to a read of an actor's input (sent by `load_inputs`).
-    InputLoaded {
-        actor_id: String,
-        input: Option<Vec<u8>>,
-    },
-    Shutdown,
-}
 
 fn engine_config(shared: &Shared) -> EngineConfig {
     let t = &shared.config.timeouts;
@@ -95,7 +42,7 @@ fn engine_config(shared: &Shared) -> EngineConfig {
 }
 
 fn unix_ms() -> i64 {
-    crate::net::runner::now_ms()
+    super::unix_ms()
 }
 
 /// Runs until `Shutdown` or until every sender is gone. `records` are the engine's durable
@@ -249,15 +196,6 @@ pub fn run_control(
         }
         publish_gauges(&shared, &engine);
     }
-}
-
-/// An engine API request as the shard sent it.
-pub struct ApiRequest {
-    pub method: String,
-    pub path: String,
-    pub query: Vec<(String, String)>,
-    pub body: Bytes,
-    pub waiter: u64,
 }
 
 /// Methods of the engine API that may change actors (create, get-or-create, destroy).
@@ -492,8 +430,7 @@ fn kv_request(
                 protocol::ToClient::KvResponse(protocol::ToClientKvResponse { request_id, data });
             if let Some(mb) = shared.shards.get(conn.shard as usize) {
                 mb.send(ShardMsg::ToRunner {
-                    slot: conn.slot,
-                    gen: conn.gen,
+                    conn: conn_id(conn),
                     frames: frames(&msg),
                 });
             }
@@ -548,6 +485,14 @@ fn frames(msg: &protocol::ToClient) -> Vec<Bytes> {
     vec![Bytes::copy_from_slice(h.as_slice()), body]
 }
 
+/// A connection of a shard, named within that shard.
+fn conn_id(conn: ConnRef) -> ConnId {
+    ConnId {
+        slot: conn.slot,
+        gen: conn.gen,
+    }
+}
+
 fn broadcast(shared: &Shared, make: impl Fn() -> ShardMsg) {
     for mb in shared.shards.iter() {
         mb.send(make());
@@ -560,8 +505,7 @@ fn dispatch(shared: &Shared, actions: Vec<Action>) {
             Action::Send { conn, msg } => {
                 if let Some(mb) = shared.shards.get(conn.shard as usize) {
                     mb.send(ShardMsg::ToRunner {
-                        slot: conn.slot,
-                        gen: conn.gen,
+                        conn: conn_id(conn),
                         frames: frames(&msg),
                     });
                 }
@@ -569,8 +513,7 @@ fn dispatch(shared: &Shared, actions: Vec<Action>) {
             Action::CloseRunner { conn, code, reason } => {
                 if let Some(mb) = shared.shards.get(conn.shard as usize) {
                     mb.send(ShardMsg::CloseConn {
-                        slot: conn.slot,
-                        gen: conn.gen,
+                        conn: conn_id(conn),
                         code,
                         reason: reason.into(),
                     });

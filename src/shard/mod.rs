@@ -2,55 +2,20 @@
 //! `tokio_uring` runtime, plus one control-plane thread that runs the sans-IO
 //! [`crate::engine::Engine`].
 //!
-//! A shard owns a slab of its connections (client WebSockets with their tunnel state and
-//! pending window, runner connections, plain HTTP connections) and a share of the global
-//! pending-bytes budget. Nothing on the data path is shared between shards: shards talk only
-//! through their mailboxes ([`mailbox`]). A `RequestId` names its owning shard and slab slot
-//! (see [`RequestKey`]) so a runner's reply is routed with one array index.
+//! A shard's state and rules are its gateway core ([`crate::gateway::Gateway`]); its
+//! sockets are the `net` shell's. Nothing on the data path is shared between shards: shards
+//! talk only through their mailboxes ([`mailbox`]).
 //!
-//! This module never decides protocol behaviour; it only holds state and moves messages.
+//! This module never decides protocol behaviour; it only starts threads and moves messages.
 
 pub mod control;
 pub mod mailbox;
-pub mod state;
 
 use crate::config::Config;
+use crate::gateway::{ControlMsg, ShardMsg};
 use crate::metrics::Metrics;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-
-pub use state::{ShardMsg, ShardState};
-
-/// Slot bits in a request id; the rest of the low 24 bits is a generation against reuse.
-pub const SLOT_BITS: u32 = 20;
-pub const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
-pub const GEN_MASK: u32 = 0xF;
-
-/// The routing content of a 4-byte `RequestId`: byte 0 is the owning shard, the next three
-/// bytes (little endian) carry the slab slot (20 bits) and a 4-bit generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestKey {
-    pub shard: u16,
-    pub slot: u32,
-    pub gen: u32,
-}
-
-impl RequestKey {
-    pub fn encode(self) -> [u8; 4] {
-        let low = (self.slot & SLOT_MASK) | ((self.gen & GEN_MASK) << SLOT_BITS);
-        let b = low.to_le_bytes();
-        [self.shard as u8, b[0], b[1], b[2]]
-    }
-
-    pub fn decode(id: [u8; 4]) -> RequestKey {
-        let low = u32::from_le_bytes([id[1], id[2], id[3], 0]);
-        RequestKey {
-            shard: id[0] as u16,
-            slot: low & SLOT_MASK,
-            gen: (low >> SLOT_BITS) & GEN_MASK,
-        }
-    }
-}
 
 /// What every shard thread is given at start.
 #[derive(Clone)]
@@ -59,7 +24,7 @@ pub struct Shared {
     pub metrics: Metrics,
     pub gateway_id: [u8; 4],
     pub shards: Arc<[mailbox::Mailbox<ShardMsg>]>,
-    pub control: crossbeam_channel::Sender<control::ControlMsg>,
+    pub control: crossbeam_channel::Sender<ControlMsg>,
     /// Set on SIGTERM: `/readyz` answers 503 and listeners stop accepting.
     pub draining: Arc<AtomicBool>,
     /// Shards that finished their drain after SIGTERM (in-flight work done, WebSockets
@@ -73,7 +38,7 @@ pub struct Shared {
 /// id) and the control plane's inbox.
 pub type Inboxes = (
     Vec<mailbox::Inbox<ShardMsg>>,
-    crossbeam_channel::Receiver<control::ControlMsg>,
+    crossbeam_channel::Receiver<ControlMsg>,
 );
 
 impl Shared {
@@ -117,15 +82,10 @@ pub fn pin_to_core(core: usize) -> bool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_key_round_trip() {
-        for &(shard, slot, gen) in &[(0u16, 0u32, 0u32), (3, 12345, 7), (255, SLOT_MASK, 15)] {
-            let k = RequestKey { shard, slot, gen };
-            assert_eq!(RequestKey::decode(k.encode()), k);
-        }
-    }
+/// Wall-clock milliseconds now.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

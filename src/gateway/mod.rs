@@ -1,0 +1,467 @@
+//! The gateway core of one shard, sans-IO: its connection table, the routing of tunnel
+//! traffic between client sockets and runner connections (on this shard or another), the
+//! client data plane, the HTTP tunnel, the runner session, hibernation and every deadline.
+//!
+//! Inputs are calls (`handle_client_frame`, `handle_runner_frame`, `handle_shard_msg`,
+//! `handle_timeout`, and the open/close calls of the connection lifecycle), each given `now`;
+//! outputs are values the shell drains with [`Gateway::poll_output`] (a connection has
+//! bytes to write, a reader may go on, a connection is to be reset, a message for another
+//! shard or the control plane, an answer to a question) and [`Gateway::poll_timeout`] (the
+//! next deadline). It never touches a socket, a clock, a thread or a global RNG: time comes
+//! in as `now`, randomness from a seeded generator given at construction.
+//!
+//! Files by concern:
+//! - [`ids`]: connection ids, request ids that route, waiter ids.
+//! - [`msg`]: messages between threads.
+//! - [`conns`]: the table's entries and their phases.
+//! - [`out`]: per-connection outbound queues.
+//! - `framing`: WebSocket and runner-protocol frames, carved from a shard scratch buffer.
+//! - `routing`: where a runner's traffic goes, runners attaching and detaching.
+//! - `client`: the client data plane (window, acks, backpressure, closes, idle watch).
+//! - `hibernation`: sockets whose actor sleeps, wakes and reattachment.
+//! - `http`: the HTTP tunnel's phases.
+//! - `runner`: the runner session (accept rules, Init, pings, fences, superseded links).
+//! - [`route`]: the client upgrade and routing rules (targets, headers, subprotocol).
+//! - `timers`: named deadlines, `poll_timeout` and `handle_timeout`.
+//! - [`reason`]: the refusals, each named once.
+
+mod client;
+pub mod conns;
+mod framing;
+mod hibernation;
+mod http;
+pub mod ids;
+pub mod msg;
+pub mod out;
+pub mod reason;
+pub mod route;
+mod routing;
+mod runner;
+mod timers;
+
+pub use conns::{ConnKind, HttpOutcome, OpenPhase, RunnerConn};
+pub use ids::{ConnId, RequestKey, MAX_SLOTS};
+pub use msg::{ApiRequest, ControlMsg, Reply, ResolveError, Routed, ShardMsg, TunnelIn};
+pub use out::{Frames, OutQueue, Pause, WriterTurn};
+pub use reason::Refusal;
+pub use runner::{accept_runner, RunnerAccept};
+pub use timers::Timer;
+
+use crate::config::Config;
+use crate::engine::ConnRef;
+use crate::metrics::{Metrics, RecentlyClosed, ShardMetrics};
+use crate::tunnel::{Budget, WindowLimits};
+use bytes::{Bytes, BytesMut};
+use conns::Conn;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use slab::Slab;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What a shard's core is given at start.
+#[derive(Clone)]
+pub struct Settings {
+    pub shard: u16,
+    pub shards: usize,
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    pub gateway_id: [u8; 4],
+}
+
+/// What the core asks of the shell.
+pub enum Output {
+    /// The connection's outbound queue has work for its writer.
+    Flush(ConnId),
+    /// Something the connection's reader (or its HTTP task) waits for changed: a pause
+    /// ended, the open exchange or the response came.
+    Wake(ConnId),
+    /// Reset the connection now (RST, no close handshake).
+    Reset(ConnId),
+    ToShard(u16, ShardMsg),
+    ToControl(ControlMsg),
+    /// The answer to a question asked with [`Gateway::ask`] (`None`: it timed out).
+    Reply(u32, Option<Reply>),
+    /// A deadline earlier than the one last reported by [`Gateway::poll_timeout`] was set.
+    Rearm,
+}
+
+/// What the shell's reader of a connection does after a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Go on reading.
+    Continue,
+    /// Stop parsing; read (and discard) until the peer ends the connection.
+    Stop,
+    /// The close handshake is complete: end the connection now.
+    Done,
+}
+
+pub struct Gateway {
+    id: u16,
+    shards: usize,
+    config: Arc<Config>,
+    metrics: Metrics,
+    gateway_id: [u8; 4],
+    conns: Slab<Conn>,
+    next_gen: u32,
+    /// runner_idx → where that runner's current connection lives.
+    runners: Vec<Option<ConnRef>>,
+    /// Questions to the control plane awaiting an answer: the waiter's generation.
+    waiters: Slab<u32>,
+    next_waiter_gen: u32,
+    budget: Budget,
+    limits: WindowLimits,
+    scratch: BytesMut,
+    /// The idle scan's list of sockets to act on, kept between scans.
+    idle_todo: Vec<(ConnId, client::IdleAction)>,
+    /// `WebSocketClose` frames for runners that were away when their client closed; sent
+    /// when the runner reattaches so it does not keep the request forever.
+    owed_closes: Vec<(u32, Vec<Bytes>)>,
+    /// Client WebSockets closed lately: the runner's late messages for them are expected
+    /// (`torpor_tunnel_late_messages_total`), not unroutable.
+    recently_closed: RecentlyClosed,
+    outputs: VecDeque<Output>,
+    rng: StdRng,
+    timers: timers::Timers,
+    /// Wall-clock milliseconds at `clock_base.0` (ping timestamps).
+    clock_base: (Instant, i64),
+}
+
+impl Gateway {
+    /// A shard's core. `seed` drives its jitter; `now` and `unix_ms` anchor its clocks.
+    pub fn new(s: Settings, seed: u64, now: Instant, unix_ms: i64) -> Gateway {
+        let n = s.shards.max(1) as u64;
+        let cfg = &s.config.limits;
+        Gateway {
+            id: s.shard,
+            shards: s.shards,
+            budget: Budget::new(cfg.pending_bytes_global / n),
+            limits: WindowLimits {
+                max_bytes: cfg.pending_bytes_per_socket,
+                max_messages: cfg.pending_messages_per_socket,
+            },
+            timers: timers::Timers::new(&s.config, now),
+            config: s.config,
+            metrics: s.metrics,
+            gateway_id: s.gateway_id,
+            conns: Slab::new(),
+            next_gen: 0,
+            runners: Vec::new(),
+            waiters: Slab::new(),
+            next_waiter_gen: 0,
+            scratch: BytesMut::with_capacity(64 * 1024),
+            idle_todo: Vec::new(),
+            owed_closes: Vec::new(),
+            recently_closed: RecentlyClosed::default(),
+            outputs: VecDeque::new(),
+            rng: StdRng::seed_from_u64(seed),
+            clock_base: (now, unix_ms),
+        }
+    }
+
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.metrics.shards[self.id as usize]
+    }
+
+    pub fn limits(&self) -> WindowLimits {
+        self.limits
+    }
+
+    /// The next thing the shell must do, in the order the core asked.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    fn out(&mut self, o: Output) {
+        self.outputs.push_back(o);
+    }
+
+    // ---- the connection table --------------------------------------------------------------
+
+    fn insert(&mut self, kind: ConnKind) -> ConnId {
+        assert!(
+            self.conns.vacant_key() < MAX_SLOTS,
+            "a shard holds at most {MAX_SLOTS} connections (the connection cap keeps it below)"
+        );
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let gen = self.next_gen;
+        let slot = self.conns.insert(Conn {
+            gen,
+            out: OutQueue::default(),
+            kind,
+        }) as u32;
+        ConnId { slot, gen }
+    }
+
+    fn conn(&self, id: ConnId) -> Option<&Conn> {
+        self.conns.get(id.slot as usize).filter(|c| c.gen == id.gen)
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(id.slot as usize)
+            .filter(|c| c.gen == id.gen)
+    }
+
+    /// Whether the connection is still in the table.
+    pub fn contains(&self, id: ConnId) -> bool {
+        self.conn(id).is_some()
+    }
+
+    /// The connection's outbound queue (tests and benches look at it).
+    pub fn out_queue(&mut self, id: ConnId) -> Option<&mut OutQueue> {
+        self.conn_mut(id).map(|c| &mut c.out)
+    }
+
+    /// The connection's entry (tests look at it).
+    pub fn kind(&self, id: ConnId) -> Option<&ConnKind> {
+        self.conn(id).map(|c| &c.kind)
+    }
+
+    pub fn conn_ref(&self, id: ConnId) -> ConnRef {
+        ConnRef {
+            shard: self.id,
+            slot: id.slot,
+            gen: id.gen,
+        }
+    }
+
+    fn request_key(&self, id: ConnId) -> RequestKey {
+        RequestKey {
+            shard: self.id,
+            slot: id.slot,
+            gen: id.gen,
+        }
+    }
+
+    /// Removes a connection's entry once its socket (or its HTTP exchange) ended.
+    pub fn remove(&mut self, id: ConnId) {
+        if self.contains(id) {
+            self.conns.remove(id.slot as usize);
+        }
+    }
+
+    /// Writes frames to a connection of this shard; returns whether it is there.
+    pub fn write_local(&mut self, id: ConnId, frames: impl IntoIterator<Item = Bytes>) -> bool {
+        let Some(c) = self.conn_mut(id) else {
+            return false;
+        };
+        if c.out.push_all(frames) {
+            self.out(Output::Flush(id));
+        }
+        true
+    }
+
+    /// Queues a close frame on any connection (once); returns whether it was queued.
+    fn queue_close(&mut self, id: ConnId, code: u16, reason: &str, now: Instant) -> bool {
+        let Some(c) = self.conn_mut(id) else {
+            return false;
+        };
+        if c.out.closing {
+            return false;
+        }
+        if c.out.push_close(code, reason) {
+            self.out(Output::Flush(id));
+        }
+        let at = now + crate::config::ms(self.config.timeouts.close_handshake_ms);
+        self.arm(at, Timer::CloseHandshake(id));
+        true
+    }
+
+    /// The connection's peer does not read: no close handshake, reset it.
+    fn reset(&mut self, id: ConnId) {
+        if let Some(c) = self.conn_mut(id) {
+            c.out.abort = true;
+            self.out(Output::Reset(id));
+        }
+    }
+
+    /// One turn of a connection's writer: moves what is queued into `batch`.
+    pub fn writer_turn(&mut self, id: ConnId, batch: &mut Vec<Bytes>, max: usize) -> WriterTurn {
+        let Some(c) = self.conn_mut(id) else {
+            return WriterTurn::Gone;
+        };
+        if c.out.abort {
+            return WriterTurn::Reset;
+        }
+        let bytes = c.out.take_batch(batch, max);
+        if !batch.is_empty() {
+            WriterTurn::Write { bytes }
+        } else if c.out.closing {
+            WriterTurn::Shutdown
+        } else {
+            WriterTurn::Idle
+        }
+    }
+
+    /// The writer handed `bytes` to the kernel: progress for a reader that waits for its
+    /// client to read.
+    pub fn written(&mut self, id: ConnId, bytes: usize) {
+        let Some(c) = self.conn_mut(id) else {
+            return;
+        };
+        c.out.written += bytes as u64;
+        if let ConnKind::Client(cc) = &mut c.kind {
+            if std::mem::take(&mut cc.reader_parked) {
+                self.out(Output::Wake(id));
+            }
+        }
+    }
+
+    // ---- questions to the control plane ----------------------------------------------------
+
+    /// Asks the control plane; the answer comes as [`Output::Reply`] with the returned
+    /// waiter id, or `None` there once `timeout` passed.
+    pub fn ask(
+        &mut self,
+        make: impl FnOnce(u64) -> ControlMsg,
+        timeout: std::time::Duration,
+        now: Instant,
+    ) -> u32 {
+        self.next_waiter_gen = (self.next_waiter_gen + 1) & 0xFFF;
+        let gen = self.next_waiter_gen;
+        let slot = self.waiters.insert(gen);
+        let id = ids::waiter_id(slot, gen);
+        let full = ((self.id as u64) << 32) | id as u64;
+        self.out(Output::ToControl(make(full)));
+        self.arm(now + timeout, Timer::Waiter(id));
+        id
+    }
+
+    fn answer(&mut self, waiter: u32, reply: Option<Reply>) {
+        let (slot, gen) = ids::waiter_slot(waiter);
+        if self.waiters.get(slot) == Some(&gen) {
+            self.waiters.remove(slot);
+            self.out(Output::Reply(waiter, reply));
+        }
+    }
+
+    fn control(&mut self, msg: ControlMsg) {
+        self.out(Output::ToControl(msg));
+    }
+
+    // ---- the drain -------------------------------------------------------------------------
+
+    /// Nothing left to let finish before the drain closes the WebSockets: no HTTP request
+    /// waiting for its actor's answer, no routing or API answer awaited from the control
+    /// plane, and every connection's outbound queue written.
+    pub fn drain_idle(&self) -> bool {
+        self.waiters.is_empty()
+            && self
+                .conns
+                .iter()
+                .all(|(_, c)| !matches!(c.kind, ConnKind::Request(_)) && c.out.chunks.is_empty())
+    }
+
+    /// Whether a client WebSocket or a runner connection is still open (the drain waits for
+    /// their close handshakes).
+    pub fn has_open_websockets(&self) -> bool {
+        self.conns
+            .iter()
+            .any(|(_, c)| matches!(c.kind, ConnKind::Client(_) | ConnKind::Runner(_)))
+    }
+
+    /// The drain's last step: HTTP requests still waiting fail with `guard.draining`, and every
+    /// client WebSocket and runner connection gets a 1001 close.
+    pub fn shutdown(&mut self, now: Instant) {
+        self.fail_requests("guard.draining", |_| true);
+        let all: Vec<(ConnId, bool)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !matches!(c.kind, ConnKind::Request(_)))
+            .map(|(s, c)| {
+                let id = ConnId {
+                    slot: s as u32,
+                    gen: c.gen,
+                };
+                (id, matches!(c.kind, ConnKind::Client(_)))
+            })
+            .collect();
+        for (id, client) in all {
+            if let Some(ConnKind::Client(cc)) = self.conn_mut(id).map(|c| &mut c.kind) {
+                // Hibernatable sockets keep their records: a restart can still list them.
+                cc.record_refresh_at = None;
+            }
+            if client {
+                self.close_client(id, 1001, "ws.going_away", now);
+            } else {
+                self.close_conn(id, 1001, "ws.going_away".into(), now);
+            }
+        }
+        self.check_invariants();
+    }
+
+    // ---- invariants ------------------------------------------------------------------------
+
+    /// Checks what must hold between calls (debug builds run it after every handler): the
+    /// pending budget equals the windows' bytes, every client's request id names its slot,
+    /// a closing queue holds its close frame last, no waiter without a deadline.
+    pub fn check_invariants(&self) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        let mut pending = 0usize;
+        for (slot, c) in self.conns.iter() {
+            match &c.kind {
+                ConnKind::Client(cc) => {
+                    let key = RequestKey::decode(cc.req);
+                    assert_eq!(
+                        key.slot, slot as u32,
+                        "a client's request id names its slot"
+                    );
+                    assert_eq!(key.shard, self.id, "a client's request id names its shard");
+                    pending += cc.socket.pending_bytes();
+                    if let Err(e) = cc.socket.check_invariants(&self.budget) {
+                        panic!("client socket invariant broken: {e}");
+                    }
+                    if cc.hibernation.is_some() {
+                        assert!(
+                            cc.runner_closed,
+                            "a hibernating socket owes its runner nothing"
+                        );
+                    }
+                }
+                ConnKind::Request(r) => {
+                    assert_eq!(RequestKey::decode(r.req).slot, slot as u32);
+                }
+                ConnKind::Runner(_) => {}
+            }
+            let queued: usize = c.out.chunks.iter().map(|b| b.len()).sum();
+            assert_eq!(
+                queued, c.out.bytes,
+                "a queue's byte count matches its chunks"
+            );
+        }
+        assert_eq!(
+            pending as u64, self.budget.used,
+            "the shard's pending budget equals the sum of its windows"
+        );
+        assert!(
+            self.waiters.len() <= self.timers.heap.len(),
+            "every waiter has a deadline"
+        );
+    }
+}
+
+/// The client socket `id` names in `conns` (a free function, so the caller can borrow the
+/// shard's budget beside it).
+fn client_of(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut conns::ClientConn> {
+    match &mut conns
+        .get_mut(id.slot as usize)
+        .filter(|c| c.gen == id.gen)?
+        .kind
+    {
+        ConnKind::Client(cc) => Some(cc),
+        _ => None,
+    }
+}

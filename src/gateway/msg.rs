@@ -1,0 +1,159 @@
+//! Messages between threads, as values: what a shard receives from other shards and the
+//! control plane ([`ShardMsg`]), what it asks of the control plane ([`ControlMsg`]), and the
+//! runner → request traffic after decoding ([`TunnelIn`]).
+//!
+//! Types only: how they travel (channels, eventfd) is the shell's business.
+
+use super::ids::{ConnId, RequestKey};
+use crate::engine::ConnRef;
+use crate::protocol::{self, ToServer, ToServerInit};
+use bytes::Bytes;
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// Messages between shards and from the control plane to a shard.
+pub enum ShardMsg {
+    /// Complete WebSocket frames to write on a runner connection owned by this shard.
+    ToRunner { conn: ConnId, frames: Vec<Bytes> },
+    /// The three chunks of one tunnelled message for a runner connection owned by this
+    /// shard, moved inline (no list to allocate per message).
+    ToRunnerInline { conn: ConnId, frames: [Bytes; 3] },
+    /// A tunnel message from a runner (`from`: its runner index, once attached) for a request
+    /// owned by this shard.
+    Tunnel {
+        key: RequestKey,
+        msg: TunnelIn,
+        from: Option<u32>,
+    },
+    /// Close a connection owned by this shard.
+    CloseConn {
+        conn: ConnId,
+        code: u16,
+        reason: Cow<'static, str>,
+    },
+    /// The runner `runner_idx` is now reachable at `conn` (after Init).
+    RunnerAttached { runner_idx: u32, conn: ConnRef },
+    /// The runner's current connection is gone; it may come back unless `lost`.
+    RunnerDetached { runner_idx: u32, lost: bool },
+    /// The actor stopped: hibernatable sockets hibernate, others close (`actor.stopped`).
+    /// A destroyed actor's sockets all close (`actor.destroyed`).
+    ActorStopped { actor_id: Arc<str>, destroyed: bool },
+    /// The actor reported `Running` (generation `generation`, on runner `runner_idx`):
+    /// hibernating sockets of an earlier generation reattach and replay.
+    ActorRunning {
+        actor_id: Arc<str>,
+        generation: u32,
+        runner_idx: u32,
+    },
+    /// Answer to a question this shard asked the control plane.
+    Reply { waiter: u32, reply: Reply },
+    /// Stop accepting and close everything (SIGTERM).
+    Shutdown,
+}
+
+/// Runner → request traffic, already decoded.
+#[derive(Debug)]
+pub enum TunnelIn {
+    Open {
+        can_hibernate: bool,
+    },
+    Message {
+        data: Bytes,
+        binary: bool,
+    },
+    Ack(u16),
+    Close {
+        code: Option<u16>,
+        reason: Option<String>,
+        hibernate: bool,
+    },
+    /// HTTP response kinds.
+    Other(protocol::ToServerTunnelMessageKind),
+}
+
+/// Answers from the control plane.
+#[derive(Debug)]
+pub enum Reply {
+    Resolve(Result<Routed, ResolveError>),
+    Api { status: u16, body: String },
+}
+
+/// Where a routable actor lives now.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub actor_id: Arc<str>,
+    pub generation: u32,
+    pub runner_idx: u32,
+    pub conn: ConnRef,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolveError {
+    NotFound,
+    Timeout,
+    Unavailable,
+}
+
+/// Messages from shards to the control plane.
+pub enum ControlMsg {
+    RunnerInit {
+        conn: ConnRef,
+        /// The runner's address (for the log lines of evictions and refusals).
+        peer: std::net::SocketAddr,
+        namespace: String,
+        runner_key: String,
+        init: ToServerInit,
+    },
+    RunnerMsg {
+        conn: ConnRef,
+        msg: ToServer,
+    },
+    RunnerClosed {
+        conn: ConnRef,
+    },
+    /// Route a request to an actor by id (waking it if needed).
+    Resolve {
+        actor_id: String,
+        waiter: u64,
+    },
+    /// Route a request to an actor by name and key (`rvt-method=get|getOrCreate`).
+    ResolveNamed {
+        namespace: String,
+        name: String,
+        key: Option<String>,
+        get_or_create: bool,
+        waiter: u64,
+    },
+    /// Start a sleeping actor because a hibernating socket needs it.
+    Wake {
+        actor_id: String,
+    },
+    /// Record (`keep`) or forget a hibernating client socket of `actor_id`.
+    Hibernating {
+        actor_id: Arc<str>,
+        req: protocol::HibernatingRequest,
+        keep: bool,
+    },
+    /// Refresh the records of these hibernatable sockets (actor id, request).
+    HibernatingRefresh(Vec<(Arc<str>, protocol::HibernatingRequest)>),
+    /// An engine API request (`/actors`, `/metadata`, …).
+    Api(ApiRequest),
+    /// An engine API request held while the store was down, let through once a probe commit
+    /// succeeded (sent by the control plane to itself).
+    ApiChecked(ApiRequest),
+    /// The store's answer to a read of an actor's input.
+    InputLoaded {
+        actor_id: String,
+        input: Option<Vec<u8>>,
+    },
+    Shutdown,
+}
+
+/// An engine API request as the shard sent it.
+pub struct ApiRequest {
+    pub method: String,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub body: Bytes,
+    pub waiter: u64,
+}

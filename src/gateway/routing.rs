@@ -1,0 +1,260 @@
+//! Where traffic goes: frames to a runner's current connection (on this shard or through
+//! another shard's mailbox), a runner's tunnel messages to the request they name (one array
+//! index: the request id names shard and slot), and the shard's table of runner connections,
+//! kept by the control plane's `RunnerAttached` / `RunnerDetached` broadcasts.
+
+use super::conns::ConnKind;
+use super::msg::{ShardMsg, TunnelIn};
+use super::out::Frames;
+use super::{ConnId, Gateway, Output, RequestKey};
+use crate::engine::ConnRef;
+use crate::metrics::Counter;
+use crate::tunnel::{Detach, DetachCause, SocketState};
+use bytes::Bytes;
+use std::borrow::Cow;
+use std::time::Instant;
+
+impl Gateway {
+    /// Sends frames to the runner's current connection, wherever it lives.
+    pub(super) fn send_to_runner(&mut self, runner_idx: u32, frames: impl Into<Frames>) -> bool {
+        let Some(Some(conn)) = self.runners.get(runner_idx as usize).copied() else {
+            return false;
+        };
+        self.send_to_conn(conn, frames)
+    }
+
+    /// Sends frames to a connection of any shard; a tunnelled message crosses to another
+    /// shard inline, without a list allocated for it.
+    pub fn send_to_conn(&mut self, conn: ConnRef, frames: impl Into<Frames>) -> bool {
+        let frames = frames.into();
+        let id = ConnId {
+            slot: conn.slot,
+            gen: conn.gen,
+        };
+        if conn.shard == self.id {
+            return self.write_local(id, frames);
+        }
+        let msg = match frames {
+            Frames::Three(frames) => ShardMsg::ToRunnerInline { conn: id, frames },
+            Frames::List(frames) => ShardMsg::ToRunner { conn: id, frames },
+        };
+        self.out(Output::ToShard(conn.shard, msg));
+        true
+    }
+
+    /// Learns where a runner is reachable (from a routing answer) unless already known.
+    pub(super) fn learn_runner(&mut self, runner_idx: u32, conn: ConnRef) {
+        let i = runner_idx as usize;
+        if self.runners.len() <= i {
+            self.runners.resize(i + 1, None);
+        }
+        self.runners[i].get_or_insert(conn);
+    }
+
+    /// Routes a runner's tunnel message to the request it names. `from` is the sending
+    /// runner's index (`None` in the instant between its `Init` and its attachment).
+    pub(super) fn route_tunnel(
+        &mut self,
+        req: [u8; 4],
+        msg: TunnelIn,
+        from: Option<u32>,
+        now: Instant,
+    ) {
+        let key = RequestKey::decode(req);
+        if key.shard == self.id {
+            self.tunnel_in(key, msg, from, now);
+        } else if (key.shard as usize) < self.shards {
+            self.out(Output::ToShard(
+                key.shard,
+                ShardMsg::Tunnel { key, msg, from },
+            ));
+        } else {
+            self.metrics().inc(Counter::UnroutableTunnelMessages);
+        }
+    }
+
+    /// Applies runner → gateway traffic to a local request. Only the runner that hosts the
+    /// request may touch it; anything else is ignored and counted.
+    fn tunnel_in(&mut self, key: RequestKey, msg: TunnelIn, from: Option<u32>, now: Instant) {
+        let owner = |idx: u32| from.is_none_or(|f| f == idx);
+        let Some(c) = self.conns.get(key.slot as usize) else {
+            self.count_stray(key, now);
+            return;
+        };
+        let id = ConnId {
+            slot: key.slot,
+            gen: c.gen,
+        };
+        match &c.kind {
+            ConnKind::Request(r) if RequestKey::decode(r.req) == key => {
+                if owner(r.runner_idx) {
+                    self.request_in(id, msg);
+                } else {
+                    self.metrics().inc(Counter::UnroutableTunnelMessages);
+                }
+            }
+            ConnKind::Client(cc) if RequestKey::decode(cc.req) == key => {
+                self.client_in(id, msg, from, now)
+            }
+            _ => self.count_stray(key, now),
+        }
+    }
+
+    /// Counts a runner message for a request this shard does not have: late when its client
+    /// WebSocket closed lately (the runner's answer to the close, last acks), else unroutable.
+    fn count_stray(&mut self, key: RequestKey, now: Instant) {
+        let c = if self.recently_closed.contains(key.encode(), now) {
+            Counter::LateTunnelMessages
+        } else {
+            Counter::UnroutableTunnelMessages
+        };
+        self.metrics().inc(c);
+    }
+
+    /// Messages from other shards and the control plane.
+    pub fn handle_shard_msg(&mut self, msg: ShardMsg, now: Instant) {
+        match msg {
+            ShardMsg::ToRunner { conn, frames } => {
+                self.write_local(conn, frames);
+                return;
+            }
+            ShardMsg::ToRunnerInline { conn, frames } => {
+                self.write_local(conn, frames);
+                return;
+            }
+            ShardMsg::Tunnel { key, msg, from } => {
+                self.tunnel_in(key, msg, from, now);
+                return;
+            }
+            ShardMsg::CloseConn { conn, code, reason } => self.close_conn(conn, code, reason, now),
+            ShardMsg::RunnerAttached { runner_idx, conn } => {
+                self.runner_attached(runner_idx, conn, now)
+            }
+            ShardMsg::RunnerDetached { runner_idx, lost } => {
+                self.runner_detached(runner_idx, now);
+                if lost {
+                    // A lost runner's record is gone (its index may be reused): nothing is
+                    // owed to it any more, and its sockets hibernate.
+                    self.owed_closes.retain(|(idx, _)| *idx != runner_idx);
+                    self.runner_lost(runner_idx, now);
+                }
+            }
+            ShardMsg::ActorStopped {
+                actor_id,
+                destroyed: false,
+            } => self.actor_stopped(&actor_id, now),
+            ShardMsg::ActorStopped {
+                actor_id,
+                destroyed: true,
+            } => self.actor_destroyed(&actor_id, now),
+            ShardMsg::ActorRunning {
+                actor_id,
+                generation,
+                runner_idx,
+            } => self.actor_running(&actor_id, generation, runner_idx, now),
+            ShardMsg::Reply { waiter, reply } => self.answer(waiter, Some(reply)),
+            ShardMsg::Shutdown => self.shutdown(now),
+        }
+        self.check_invariants();
+    }
+
+    /// Closes any connection (runner or client) with a close frame.
+    pub(super) fn close_conn(
+        &mut self,
+        id: ConnId,
+        code: u16,
+        reason: Cow<'static, str>,
+        now: Instant,
+    ) {
+        let Some(conn) = self.conn(id) else {
+            return;
+        };
+        match conn.kind {
+            ConnKind::Client(_) => self.close_client(id, code, reason, now),
+            _ => {
+                if self.queue_close(id, code, &reason, now) {
+                    self.metrics().close(code, &reason);
+                }
+            }
+        }
+    }
+
+    fn runner_attached(&mut self, runner_idx: u32, conn: ConnRef, now: Instant) {
+        let i = runner_idx as usize;
+        if self.runners.len() <= i {
+            self.runners.resize(i + 1, None);
+        }
+        // A new connection replaced one this shard still routes to: the engine evicted it on
+        // the reconnect's Init without a RunnerDetached (the old socket looked alive). What
+        // was written to it may be lost, so detach first and the sockets replay below.
+        if self.runners[i].is_some_and(|old| old != conn) {
+            self.runner_detached(runner_idx, now);
+        }
+        self.runners[i] = Some(conn);
+        // Local connections of this runner other than `conn` are stale from now on.
+        let current = (conn.shard == self.id).then_some((conn.slot, conn.gen));
+        for (slot, c) in self.conns.iter_mut() {
+            if let ConnKind::Runner(r) = &mut c.kind {
+                if current == Some((slot as u32, c.gen)) {
+                    r.runner_idx = Some(runner_idx);
+                } else if r.runner_idx == Some(runner_idx) {
+                    r.superseded = true;
+                }
+            }
+        }
+        let owed: Vec<Vec<Bytes>> = {
+            let (owed, keep) = std::mem::take(&mut self.owed_closes)
+                .into_iter()
+                .partition(|(idx, _)| *idx == runner_idx);
+            self.owed_closes = keep;
+            owed.into_iter().map(|(_, f)| f).collect()
+        };
+        for frames in owed {
+            self.send_to_conn(conn, frames);
+        }
+        // Replay every detached socket of this runner, in order, original indices.
+        // Hibernating sockets wait for their actor's next generation instead.
+        let ids = self.clients_where(|cc| {
+            cc.runner_idx == runner_idx
+                && cc.hibernation.is_none()
+                && cc.socket.state() == SocketState::Detached
+        });
+        for id in ids {
+            self.replay(id, conn, now);
+        }
+    }
+
+    fn runner_detached(&mut self, runner_idx: u32, now: Instant) {
+        if let Some(r) = self.runners.get_mut(runner_idx as usize) {
+            *r = None;
+        }
+        // An HTTP request has no replay: whatever the runner had of it is gone.
+        self.fail_requests("request.runner_disconnected", |r| {
+            r.runner_idx == runner_idx
+        });
+        let affected =
+            self.clients_where(|cc| cc.runner_idx == runner_idx && cc.hibernation.is_none());
+        for id in affected {
+            let Some(cc) = super::client_of(&mut self.conns, id) else {
+                continue;
+            };
+            if cc.opening() {
+                // Still opening: refuse it.
+                self.refuse_open(id, super::Refusal::OPEN_REFUSED);
+                continue;
+            }
+            let (pb, pm) = (cc.socket.pending_bytes(), cc.socket.pending_len());
+            match cc
+                .socket
+                .on_runner_detached(DetachCause::RunnerLost, &mut self.budget)
+            {
+                Detach::Keep | Detach::AlreadyClosed => {}
+                Detach::Close(r) => {
+                    cc.runner_closed = true;
+                    self.pending_gauges_down(pb, pm);
+                    self.close_client(id, r.code, r.reason, now);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! One shard's shell around its gateway core: the core in a `RefCell`, the tasks' wake-ups
+//! by connection, the answers awaited from the control plane, and the pump that carries out
+//! what the core asks after every call ([`Shard::with`]): wake a writer or a reader, reset a
+//! socket, send to another shard's mailbox or to the control plane, deliver an answer,
+//! re-arm the shard's one timer.
+
+use crate::gateway::{ConnId, Gateway, Output, Reply, Settings};
+use crate::metrics::ShardMetrics;
+use crate::shard::Shared;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+use std::time::Instant;
+use tokio::sync::{oneshot, Notify};
+use tokio_uring::net::TcpStream;
+
+/// The wake-ups of one connection's tasks.
+struct Wakers {
+    gen: u32,
+    reader: Rc<Notify>,
+    writer: Rc<Notify>,
+    stream: Option<Weak<TcpStream>>,
+}
+
+pub struct Shard {
+    id: u16,
+    pub shared: Shared,
+    core: RefCell<Gateway>,
+    wakers: RefCell<Vec<Option<Wakers>>>,
+    replies: RefCell<HashMap<u32, oneshot::Sender<Option<Reply>>>>,
+    /// Woken when the core set a deadline earlier than the timer sleeps until.
+    pub(super) timer: Notify,
+}
+
+impl Shard {
+    pub fn new(id: u16, shared: Shared) -> Shard {
+        let settings = Settings {
+            shard: id,
+            shards: shared.shards.len(),
+            config: shared.config.clone(),
+            metrics: shared.metrics.clone(),
+            gateway_id: shared.gateway_id,
+        };
+        let core = Gateway::new(
+            settings,
+            rand::random(),
+            Instant::now(),
+            crate::shard::unix_ms(),
+        );
+        Shard {
+            id,
+            shared,
+            core: RefCell::new(core),
+            wakers: RefCell::new(Vec::new()),
+            replies: RefCell::new(HashMap::new()),
+            timer: Notify::new(),
+        }
+    }
+
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.shared.metrics.shards[self.id as usize]
+    }
+
+    /// Calls the core with the time now, then carries out what it asked.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Gateway, Instant) -> R) -> R {
+        let r = f(&mut self.core.borrow_mut(), Instant::now());
+        self.pump();
+        r
+    }
+
+    /// Reads the core without calling it (nothing to carry out).
+    pub fn peek<R>(&self, f: impl FnOnce(&Gateway) -> R) -> R {
+        f(&self.core.borrow())
+    }
+
+    fn pump(&self) {
+        loop {
+            let Some(o) = self.core.borrow_mut().poll_output() else {
+                return;
+            };
+            match o {
+                Output::Flush(id) => {
+                    if let Some(w) = self.wakers(id) {
+                        w.1.notify_one();
+                    }
+                }
+                Output::Wake(id) => {
+                    if let Some(w) = self.wakers(id) {
+                        w.0.notify_one();
+                    }
+                }
+                Output::Reset(id) => {
+                    let stream = self.wakers.borrow().get(id.slot as usize).and_then(|w| {
+                        w.as_ref()
+                            .filter(|w| w.gen == id.gen)
+                            .and_then(|w| w.stream.as_ref()?.upgrade())
+                    });
+                    if let Some(s) = stream {
+                        super::writer::reset(&s);
+                    }
+                }
+                Output::ToShard(shard, msg) => {
+                    if let Some(mb) = self.shared.shards.get(shard as usize) {
+                        mb.send(msg);
+                    }
+                }
+                Output::ToControl(msg) => {
+                    let _ = self.shared.control.send(msg);
+                }
+                Output::Reply(waiter, reply) => {
+                    if let Some(tx) = self.replies.borrow_mut().remove(&waiter) {
+                        let _ = tx.send(reply);
+                    }
+                }
+                Output::Rearm => self.timer.notify_one(),
+            }
+        }
+    }
+
+    pub fn wakers(&self, id: ConnId) -> Option<(Rc<Notify>, Rc<Notify>)> {
+        let w = self.wakers.borrow();
+        let w = w
+            .get(id.slot as usize)?
+            .as_ref()
+            .filter(|w| w.gen == id.gen)?;
+        Some((w.reader.clone(), w.writer.clone()))
+    }
+
+    /// Registers a new connection's tasks: (reader, writer) wake-ups, and the socket a reset
+    /// ends.
+    pub fn register(&self, id: ConnId, stream: Option<&Rc<TcpStream>>) -> (Rc<Notify>, Rc<Notify>) {
+        let mut all = self.wakers.borrow_mut();
+        let i = id.slot as usize;
+        if all.len() <= i {
+            all.resize_with(i + 1, || None);
+        }
+        let w = Wakers {
+            gen: id.gen,
+            reader: Rc::new(Notify::new()),
+            writer: Rc::new(Notify::new()),
+            stream: stream.map(Rc::downgrade),
+        };
+        let pair = (w.reader.clone(), w.writer.clone());
+        all[i] = Some(w);
+        pair
+    }
+
+    /// The connection's entry is gone: its tasks are woken to notice.
+    pub fn unregister(&self, id: ConnId) {
+        let mut all = self.wakers.borrow_mut();
+        if let Some(slot) = all.get_mut(id.slot as usize) {
+            if slot.as_ref().is_some_and(|w| w.gen == id.gen) {
+                let w = slot.take().expect("checked");
+                w.reader.notify_one();
+                w.writer.notify_one();
+            }
+        }
+    }
+
+    /// Asks the control plane and waits for its answer (`None` after `timeout`).
+    pub async fn ask(
+        &self,
+        make: impl FnOnce(u64) -> crate::gateway::ControlMsg,
+        timeout: std::time::Duration,
+    ) -> Option<Reply> {
+        let (tx, rx) = oneshot::channel();
+        let waiter = self.with(|c, now| c.ask(make, timeout, now));
+        self.replies.borrow_mut().insert(waiter, tx);
+        rx.await.ok().flatten()
+    }
+}
