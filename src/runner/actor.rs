@@ -1,7 +1,8 @@
 //! The actor side of the runner library: the [`Actor`] trait a user implements, the
 //! [`ActorFactory`] that creates actors on `CommandStartActor`, the synchronous context
 //! ([`ActorCx`]) handed to every callback, and the [`ActorHandle`] for work done elsewhere
-//! (another task acking after it persisted, a timer that puts the actor to sleep).
+//! (another task acking after it persisted, a timer that puts the actor to sleep). The values
+//! they exchange are in [`super::types`].
 //!
 //! Callbacks run on the runner's task and must not block: long work belongs in a spawned task
 //! that reports back through an [`ActorHandle`]. Nothing here touches a socket.
@@ -11,111 +12,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::core::{ActorMeta, Ctl, Io};
-
-/// Identifies one tunnelled request (HTTP request or WebSocket) on the gateway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RequestKey {
-    /// The gateway that owns the client connection.
-    pub gateway_id: [u8; 4],
-    /// The request, unique among that gateway's in-flight requests.
-    pub request_id: [u8; 4],
-}
-
-impl std::fmt::Display for RequestKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in self.gateway_id.iter().chain(self.request_id.iter()) {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-/// What the gateway told the runner about an actor it starts.
-#[derive(Debug, Clone)]
-pub struct ActorInfo {
-    pub actor_id: String,
-    pub generation: u32,
-    pub name: String,
-    pub key: Option<String>,
-    pub create_ts: i64,
-    pub input: Option<Bytes>,
-}
-
-/// A WebSocket the gateway opens to an actor.
-#[derive(Debug)]
-pub struct WsOpen<'a> {
-    pub key: RequestKey,
-    /// The path the client asked for (as the actor sees it).
-    pub path: &'a str,
-    /// The client's upgrade request headers (unique keys).
-    pub headers: &'a [(String, String)],
-}
-
-/// The actor's answer to a WebSocket open.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WsOpenReply {
-    /// Accept the socket; `can_hibernate` tells the gateway to keep it open (and keep the
-    /// unacknowledged messages) while the actor sleeps or the runner is away.
-    Accept { can_hibernate: bool },
-    /// Refuse the socket; the gateway refuses the client's upgrade.
-    Reject { code: u16, reason: String },
-}
-
-/// The actor's answer when a hibernating socket is handed back on start.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WsRestore {
-    /// Take the socket back. `last_index` is the index of the last gateway message the actor
-    /// processed (what it persisted); older replays are dropped as duplicates. `None` accepts
-    /// the first message that arrives as the baseline.
-    Resume { last_index: Option<u16> },
-    /// The actor does not know this socket: close it (1000 `ws.meta_not_found_during_restore`).
-    Close,
-}
-
-/// When the gateway's WebSocket messages are acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AckPolicy {
-    /// Right after `on_websocket_message` returns (acks are coalesced per flush).
-    Immediate,
-    /// Only when the actor calls [`ActorCx::ack`] / [`ActorHandle::ack`] (after it persisted).
-    Manual,
-}
-
-/// An HTTP request tunnelled to an actor (the whole body, streamed requests are collected).
-#[derive(Debug, Clone)]
-pub struct HttpRequest {
-    pub key: RequestKey,
-    pub method: String,
-    pub path: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Bytes,
-}
-
-/// An actor's HTTP response (sent as one non-streaming `ResponseStart`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Bytes,
-}
-
-impl HttpResponse {
-    /// A response with a status, no headers and a body.
-    pub fn new(status: u16, body: impl Into<Bytes>) -> Self {
-        Self {
-            status,
-            headers: Vec::new(),
-            body: body.into(),
-        }
-    }
-
-    /// Adds a header.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.push((name.into(), value.into()));
-        self
-    }
-}
+use super::ctl::{ActorOp, Ctl};
+use super::io::{ActorMeta, Io};
+use super::types::{
+    AckPolicy, ActorInfo, HttpRequest, HttpResponse, RequestKey, WsOpen, WsOpenReply, WsRestore,
+};
 
 /// An actor hosted by the runner. All callbacks run on the runner task; none may block.
 pub trait Actor: Send + 'static {
@@ -251,26 +152,6 @@ impl ActorCx<'_> {
             generation: self.meta.generation,
         }
     }
-}
-
-/// Operations a handle asks the runner task to perform on behalf of one actor generation.
-#[derive(Debug)]
-pub(crate) enum ActorOp {
-    Send {
-        key: RequestKey,
-        data: Bytes,
-        binary: bool,
-    },
-    Close {
-        key: RequestKey,
-        code: Option<u16>,
-        reason: Option<String>,
-    },
-    Hibernate(RequestKey),
-    Ack(RequestKey, u16),
-    Sleep,
-    Stop,
-    SetAlarm(Option<i64>),
 }
 
 /// A cloneable, `Send` handle to one actor generation. Operations are applied in order on the

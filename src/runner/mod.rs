@@ -6,9 +6,10 @@
 //! requests and WebSockets, drops replayed WebSocket messages by index and closes a socket on
 //! a gap, and reconnects with backoff keeping its key, actors and per-socket indices.
 //!
-//! Layout: [`core`] is the protocol state machine (no I/O), `client` the tokio shell (socket,
-//! reconnect loop, timers), `actor` the user-facing trait and contexts, `index` the
-//! duplicate/gap rule, `backoff` the reconnect schedule.
+//! Layout: [`core`] is the protocol state machine (no I/O), `io` the state it shares with the
+//! actors' callbacks, `client` the tokio shell (socket, reconnect loop, timers), `actor` the
+//! user-facing trait and contexts, `types` the values they exchange, `ctl` what handles send
+//! to the runner task, `index` the duplicate/gap rule, `backoff` the reconnect schedule.
 //!
 //! This module is a client on a plain tokio runtime: it must never be used on the gateway's
 //! io_uring data path, and it must never panic on anything the gateway sends.
@@ -18,7 +19,10 @@ mod backoff;
 mod client;
 pub(crate) mod core;
 mod counters;
+mod ctl;
 pub mod index;
+mod io;
+mod types;
 
 #[cfg(test)]
 mod loopback_tests;
@@ -27,14 +31,14 @@ mod tests;
 
 use std::time::Duration;
 
-pub use actor::{
-    AckPolicy, Actor, ActorCx, ActorFactory, ActorHandle, ActorInfo, HttpRequest, HttpResponse,
-    RequestKey, WsOpen, WsOpenReply, WsRestore,
-};
+pub use actor::{Actor, ActorCx, ActorFactory, ActorHandle};
 pub use backoff::Backoff;
 pub use client::{Runner, RunnerHandle, RunnerStatus};
 pub use core::{GAP_CLOSE_CODE, GAP_CLOSE_REASON};
 pub use counters::CounterSnapshot;
+pub use types::{
+    AckPolicy, ActorInfo, HttpRequest, HttpResponse, RequestKey, WsOpen, WsOpenReply, WsRestore,
+};
 
 /// The runner protocol version this library speaks.
 pub const PROTOCOL_VERSION: u16 = 7;

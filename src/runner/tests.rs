@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::actor::ActorOp;
 use super::core::{Core, Ctl, InitInfo, Phase};
 use super::counters::Counters;
+use super::ctl::ActorOp;
 use super::*;
 use crate::protocol::*;
 
