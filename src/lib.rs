@@ -12,6 +12,7 @@ pub mod kv;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod plane;
 pub mod protocol;
 pub mod runner;
 pub mod server;

@@ -39,7 +39,7 @@ mod routing;
 mod runner;
 mod timers;
 
-pub use conns::{ConnKind, HttpOutcome, OpenPhase, RunnerConn};
+pub use conns::{ClientConn, ConnKind, HttpOutcome, OpenPhase, RunnerConn};
 pub use ids::{ConnId, RequestKey, MAX_SLOTS};
 pub use msg::{ApiRequest, ControlMsg, Reply, ResolveError, Routed, ShardMsg, TunnelIn};
 pub use out::{Frames, OutQueue, Pause, WriterTurn};
@@ -403,53 +403,97 @@ impl Gateway {
 
     // ---- invariants ------------------------------------------------------------------------
 
-    /// Checks what must hold between calls (debug builds run it after every handler): the
-    /// pending budget equals the windows' bytes, every client's request id names its slot,
-    /// a closing queue holds its close frame last, no waiter without a deadline.
+    /// Checks what must hold between calls (debug builds run it after the rare handlers;
+    /// the per-message handlers check the connection they touched): see [`Self::verify`].
     pub fn check_invariants(&self) {
-        if !cfg!(debug_assertions) {
-            return;
+        if cfg!(debug_assertions) {
+            if let Err(e) = self.verify() {
+                panic!("gateway invariant broken: {e}");
+            }
         }
+    }
+
+    /// What must hold between calls: the pending budget equals the windows' bytes and stays
+    /// under its cap, every socket keeps its own invariants, every client's request id names
+    /// its slot and shard, a hibernating socket owes its runner nothing, a queue's byte count
+    /// matches its chunks, every waiter has a deadline.
+    pub fn verify(&self) -> Result<(), String> {
         let mut pending = 0usize;
         for (slot, c) in self.conns.iter() {
             match &c.kind {
                 ConnKind::Client(cc) => {
                     let key = RequestKey::decode(cc.req);
-                    assert_eq!(
-                        key.slot, slot as u32,
-                        "a client's request id names its slot"
-                    );
-                    assert_eq!(key.shard, self.id, "a client's request id names its shard");
-                    pending += cc.socket.pending_bytes();
-                    if let Err(e) = cc.socket.check_invariants(&self.budget) {
-                        panic!("client socket invariant broken: {e}");
+                    if (key.slot, key.shard) != (slot as u32, self.id) {
+                        return Err(format!("client in slot {slot} has request id {key:?}"));
                     }
-                    if cc.hibernation.is_some() {
-                        assert!(
-                            cc.runner_closed,
-                            "a hibernating socket owes its runner nothing"
-                        );
+                    pending += cc.socket.pending_bytes();
+                    cc.socket
+                        .check_invariants(&self.budget)
+                        .map_err(|e| format!("client in slot {slot}: {e}"))?;
+                    if cc.hibernation.is_some() && !cc.runner_closed {
+                        return Err(format!("hibernating client in slot {slot} owes its runner"));
                     }
                 }
                 ConnKind::Request(r) => {
-                    assert_eq!(RequestKey::decode(r.req).slot, slot as u32);
+                    if RequestKey::decode(r.req).slot != slot as u32 {
+                        return Err(format!("request in slot {slot} has another request id"));
+                    }
                 }
                 ConnKind::Runner(_) => {}
             }
             let queued: usize = c.out.chunks.iter().map(|b| b.len()).sum();
-            assert_eq!(
-                queued, c.out.bytes,
-                "a queue's byte count matches its chunks"
-            );
+            if queued != c.out.bytes {
+                return Err(format!(
+                    "slot {slot}: queue says {} bytes, holds {queued}",
+                    c.out.bytes
+                ));
+            }
         }
-        assert_eq!(
-            pending as u64, self.budget.used,
-            "the shard's pending budget equals the sum of its windows"
-        );
-        assert!(
-            self.waiters.len() <= self.timers.heap.len(),
-            "every waiter has a deadline"
-        );
+        if pending as u64 != self.budget.used {
+            return Err(format!(
+                "budget used {} != the windows' {pending} bytes",
+                self.budget.used
+            ));
+        }
+        if self.budget.used > self.budget.cap {
+            return Err(format!(
+                "budget used {} over its cap {}",
+                self.budget.used, self.budget.cap
+            ));
+        }
+        if self.waiters.len() > self.timers.heap.len() {
+            return Err("a waiter without a deadline".into());
+        }
+        Ok(())
+    }
+
+    /// The shard's pending budget.
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// Questions to the control plane still awaiting an answer.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// `WebSocketClose` messages owed to runners that are away.
+    pub fn owed_closes(&self) -> usize {
+        self.owed_closes.len()
+    }
+
+    /// Client sockets in the table, with their ids.
+    pub fn clients(&self) -> impl Iterator<Item = (ConnId, &conns::ClientConn)> {
+        self.conns.iter().filter_map(|(s, c)| match &c.kind {
+            ConnKind::Client(cc) => Some((
+                ConnId {
+                    slot: s as u32,
+                    gen: c.gen,
+                },
+                cc,
+            )),
+            _ => None,
+        })
     }
 }
 

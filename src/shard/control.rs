@@ -4,19 +4,15 @@
 
 use super::Shared;
 use crate::engine::{self, Action, ConnRef, Engine, EngineConfig, InitReport, Resolve, StoreOp};
-use crate::gateway::{
-    ApiRequest, ConnId, ControlMsg, Reply, ResolveError as ShardResolveError, Routed, ShardMsg,
-};
+use crate::gateway::{ApiRequest, ControlMsg, Reply, ResolveError as ShardResolveError, ShardMsg};
 use crate::kv::worker::Done;
 use crate::kv::{Job, KvError, KvHandle, MetaRecord, Reply as KvReply};
 use crate::metrics::Counter;
+use crate::plane::{self, Stepped, To};
 use crate::protocol::{self, ToServer};
-use crate::ws::frame::{encode_header, OpCode};
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn engine_config(shared: &Shared) -> EngineConfig {
@@ -62,15 +58,20 @@ pub fn run_control(
     );
     let report = engine.restore(records, Instant::now());
     tracing::info!(?report, "control plane restored its actors");
-    let tick = Duration::from_millis(50);
-    let mut next_tick = Instant::now() + tick;
     // The TCP peer of each runner connection that sent an accepted Init (for log lines).
     let mut peers: HashMap<ConnRef, SocketAddr> = HashMap::new();
     // Actors whose stored input this round of messages needs (read in one job per round).
     let mut loads: Vec<String> = Vec::new();
+    let mut out: Vec<(To, ShardMsg)> = Vec::new();
     loop {
-        let timeout = next_tick.saturating_duration_since(Instant::now());
-        let first = match rx.recv_timeout(timeout) {
+        // Wait for a message or the engine's next deadline; the gauges are refreshed at
+        // least every ACTOR_COUNTS_MAX_AGE.
+        let now = Instant::now();
+        let wake = engine
+            .next_deadline()
+            .map_or(ACTOR_COUNTS_MAX_AGE, |t| t.saturating_duration_since(now))
+            .min(ACTOR_COUNTS_MAX_AGE);
+        let first = match rx.recv_timeout(wake) {
             Ok(m) => Some(m),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => return,
@@ -79,18 +80,16 @@ pub fn run_control(
         batch.extend(rx.try_iter());
         for msg in batch {
             let now = Instant::now();
-            let actions = match msg {
-                ControlMsg::Shutdown => return,
-                ControlMsg::RunnerInit {
+            match plane::step(&mut engine, msg, now, &mut out) {
+                Stepped::Done => {}
+                Stepped::Init {
                     conn,
                     peer,
                     namespace,
+                    name,
                     runner_key,
-                    init,
+                    report,
                 } => {
-                    let name = init.name.clone();
-                    let (actions, report) =
-                        engine.runner_init_report(conn, &namespace, &runner_key, init, now);
                     let who = RunnerWho {
                         namespace: &namespace,
                         name: &name,
@@ -98,103 +97,114 @@ pub fn run_control(
                         peer,
                     };
                     log_init(&shared, &mut peers, conn, who, report);
-                    actions
                 }
-                ControlMsg::RunnerMsg {
-                    conn,
-                    msg: ToServer::KvRequest(req),
-                } => {
-                    kv_request(&shared, &engine, &kv, conn, req);
-                    Vec::new()
-                }
-                ControlMsg::RunnerMsg { conn, msg } => engine.runner_message(conn, msg, now),
-                ControlMsg::RunnerClosed { conn } => {
+                Stepped::Closed(conn) => {
                     peers.remove(&conn);
-                    engine.runner_closed(conn, now)
                 }
-                ControlMsg::InputLoaded { actor_id, input } => {
-                    engine.input_loaded(&actor_id, input, now)
-                }
-                ControlMsg::Resolve { actor_id, waiter } => {
-                    let (r, actions) = engine.resolve(&actor_id, waiter, now);
-                    answer_resolve(&shared, waiter, r);
-                    actions
-                }
-                ControlMsg::ResolveNamed {
-                    namespace,
-                    name,
-                    key,
-                    get_or_create,
-                    waiter,
-                } => {
-                    let key = key.unwrap_or_default();
-                    // While the store cannot commit, a get-or-create only finds existing
-                    // actors: a created one could not be made durable.
-                    let create = get_or_create && kv.is_up();
-                    let (r, actions) =
-                        engine.resolve_by_name(&namespace, &name, &key, create, None, waiter, now);
-                    if get_or_create && !create && matches!(r, Resolve::NotFound) {
-                        reply_resolve_err(&shared, waiter, ShardResolveError::Unavailable);
-                    } else if persist(&mut engine, &kv) && matches!(r, Resolve::Ready(_)) {
-                        // It created the actor: answer once its record is durable.
-                        let shared = shared.clone();
-                        let _ = kv.submit(Job::Flush(Done::new(move |res| match res {
-                            Ok(()) => answer_resolve(&shared, waiter, r),
-                            Err(_) => {
-                                reply_resolve_err(&shared, waiter, ShardResolveError::Unavailable)
-                            }
-                        })));
-                    } else {
-                        answer_resolve(&shared, waiter, r);
-                    }
-                    actions
-                }
-                ControlMsg::Wake { actor_id } => engine.wake(&actor_id, now).1,
-                ControlMsg::Hibernating {
-                    actor_id,
-                    req,
-                    keep,
-                } => {
-                    if keep {
-                        // A destroyed actor's sockets are closed by its ActorDestroyed.
-                        let _ = engine.hibernating_upsert(&actor_id, req, now);
-                    } else {
-                        engine.hibernating_remove(&actor_id, req);
-                    }
-                    Vec::new()
-                }
-                ControlMsg::HibernatingRefresh(records) => {
-                    for (actor_id, req) in records {
-                        let _ = engine.hibernating_upsert(&actor_id, req, now);
-                    }
-                    Vec::new()
-                }
-                ControlMsg::Api(req) => {
-                    if writes_actors(&req.method) && !kv.is_up() {
-                        probe_then_api(&shared, &kv, req);
-                        Vec::new()
-                    } else {
-                        api_request(&shared, &mut engine, &kv, req, now)
+                Stepped::Caller(msg) => {
+                    if !caller_msg(&shared, &mut engine, &kv, msg, now, &mut out) {
+                        return;
                     }
                 }
-                ControlMsg::ApiChecked(req) => api_request(&shared, &mut engine, &kv, req, now),
-            };
+            }
             persist(&mut engine, &kv);
             loads.append(&mut engine.take_input_loads());
-            dispatch(&shared, actions);
+            send(&shared, &mut out);
         }
         let now = Instant::now();
-        if now >= next_tick {
+        if engine.next_deadline().is_some_and(|t| t <= now) {
             let actions = engine.tick(now);
+            plane::deliver(actions, &mut out);
             persist(&mut engine, &kv);
             loads.append(&mut engine.take_input_loads());
-            dispatch(&shared, actions);
-            next_tick = now + tick;
+            send(&shared, &mut out);
         }
         if !loads.is_empty() {
             load_inputs(&shared, &kv, std::mem::take(&mut loads));
         }
         publish_gauges(&shared, &engine);
+    }
+}
+
+/// The messages the plane's step hands back: KV requests, names that may create an actor
+/// (answered once durable), the engine API. Returns false on `Shutdown`.
+fn caller_msg(
+    shared: &Shared,
+    engine: &mut Engine,
+    kv: &KvHandle,
+    msg: ControlMsg,
+    now: Instant,
+    out: &mut Vec<(To, ShardMsg)>,
+) -> bool {
+    match msg {
+        ControlMsg::Shutdown => return false,
+        ControlMsg::RunnerMsg {
+            conn,
+            msg: ToServer::KvRequest(req),
+        } => kv_request(shared, engine, kv, conn, req),
+        ControlMsg::ResolveNamed {
+            namespace,
+            name,
+            key,
+            get_or_create,
+            waiter,
+        } => {
+            let key = key.unwrap_or_default();
+            // While the store cannot commit, a get-or-create only finds existing actors: a
+            // created one could not be made durable.
+            let create = get_or_create && kv.is_up();
+            let (r, actions) =
+                engine.resolve_by_name(&namespace, &name, &key, create, None, waiter, now);
+            if get_or_create && !create && matches!(r, Resolve::NotFound) {
+                out.push(plane::reply_err(waiter, ShardResolveError::Unavailable));
+            } else if persist(engine, kv) && matches!(r, Resolve::Ready(_)) {
+                // It created the actor: answer once its record is durable.
+                let shared = shared.clone();
+                let _ = kv.submit(Job::Flush(Done::new(move |res| {
+                    let reply = match res {
+                        Ok(()) => plane::answer_now(waiter, r),
+                        Err(_) => Some(plane::reply_err(waiter, ShardResolveError::Unavailable)),
+                    };
+                    send(&shared, &mut reply.into_iter().collect());
+                })));
+            } else if let Some(reply) = plane::answer_now(waiter, r) {
+                out.push(reply);
+            }
+            plane::deliver(actions, out);
+        }
+        ControlMsg::Api(req) => {
+            if writes_actors(&req.method) && !kv.is_up() {
+                probe_then_api(shared, kv, req);
+            } else {
+                let actions = api_request(shared, engine, kv, req, now);
+                plane::deliver(actions, out);
+            }
+        }
+        ControlMsg::ApiChecked(req) => {
+            let actions = api_request(shared, engine, kv, req, now);
+            plane::deliver(actions, out);
+        }
+        // Every other message is the plane's.
+        _ => {}
+    }
+    true
+}
+
+/// Sends the shard messages in `out` (in order) to their shards, and empties it.
+fn send(shared: &Shared, out: &mut Vec<(To, ShardMsg)>) {
+    for (to, msg) in out.drain(..) {
+        match to {
+            To::Shard(s) => {
+                if let Some(mb) = shared.shards.get(s as usize) {
+                    mb.send(msg);
+                }
+            }
+            To::All => {
+                for mb in shared.shards.iter() {
+                    mb.send(plane::copy_for_broadcast(&msg));
+                }
+            }
+        }
     }
 }
 
@@ -430,8 +440,8 @@ fn kv_request(
                 protocol::ToClient::KvResponse(protocol::ToClientKvResponse { request_id, data });
             if let Some(mb) = shared.shards.get(conn.shard as usize) {
                 mb.send(ShardMsg::ToRunner {
-                    conn: conn_id(conn),
-                    frames: frames(&msg),
+                    conn: plane::conn_id(conn),
+                    frames: plane::frames(&msg),
                 });
             }
         }
@@ -447,126 +457,7 @@ fn kv_request(
 }
 
 fn send_reply(shared: &Shared, waiter: u64, reply: Reply) {
-    let shard = (waiter >> 32) as usize;
-    if let Some(mb) = shared.shards.get(shard) {
-        mb.send(ShardMsg::Reply {
-            waiter: waiter as u32,
-            reply,
-        });
-    }
-}
-
-/// Answers a lookup now, unless it is pending (then `Action::Resolved` answers it later).
-fn answer_resolve(shared: &Shared, waiter: u64, r: Resolve) {
-    match r {
-        Resolve::Ready(route) => reply_resolve(shared, waiter, Ok(route)),
-        Resolve::NotFound => reply_resolve(shared, waiter, Err(ShardResolveError::NotFound)),
-        Resolve::Pending { .. } => {}
-    }
-}
-
-fn reply_resolve_err(shared: &Shared, waiter: u64, err: ShardResolveError) {
-    send_reply(shared, waiter, Reply::Resolve(Err(err)));
-}
-
-fn reply_resolve(shared: &Shared, waiter: u64, result: Result<engine::Route, ShardResolveError>) {
-    let reply = Reply::Resolve(result.map(|r| Routed {
-        actor_id: r.actor_id.into(),
-        generation: r.generation,
-        runner_idx: r.runner_idx,
-        conn: r.conn,
-    }));
-    send_reply(shared, waiter, reply);
-}
-
-fn frames(msg: &protocol::ToClient) -> Vec<Bytes> {
-    let body = Bytes::from(protocol::encode_to_client(msg));
-    let h = encode_header(true, OpCode::Binary, body.len() as u64, None);
-    vec![Bytes::copy_from_slice(h.as_slice()), body]
-}
-
-/// A connection of a shard, named within that shard.
-fn conn_id(conn: ConnRef) -> ConnId {
-    ConnId {
-        slot: conn.slot,
-        gen: conn.gen,
-    }
-}
-
-fn broadcast(shared: &Shared, make: impl Fn() -> ShardMsg) {
-    for mb in shared.shards.iter() {
-        mb.send(make());
-    }
-}
-
-fn dispatch(shared: &Shared, actions: Vec<Action>) {
-    for a in actions {
-        match a {
-            Action::Send { conn, msg } => {
-                if let Some(mb) = shared.shards.get(conn.shard as usize) {
-                    mb.send(ShardMsg::ToRunner {
-                        conn: conn_id(conn),
-                        frames: frames(&msg),
-                    });
-                }
-            }
-            Action::CloseRunner { conn, code, reason } => {
-                if let Some(mb) = shared.shards.get(conn.shard as usize) {
-                    mb.send(ShardMsg::CloseConn {
-                        conn: conn_id(conn),
-                        code,
-                        reason: reason.into(),
-                    });
-                }
-            }
-            Action::RunnerAttached { runner_idx, conn } => {
-                broadcast(shared, || ShardMsg::RunnerAttached { runner_idx, conn })
-            }
-            Action::RunnerDetached { runner_idx } => {
-                broadcast(shared, || ShardMsg::RunnerDetached {
-                    runner_idx,
-                    lost: false,
-                })
-            }
-            Action::RunnerLost { runner_idx } => broadcast(shared, || ShardMsg::RunnerDetached {
-                runner_idx,
-                lost: true,
-            }),
-            Action::ActorRunning {
-                actor_id,
-                generation,
-                runner_idx,
-            } => {
-                let id: Arc<str> = actor_id.into();
-                broadcast(shared, || ShardMsg::ActorRunning {
-                    actor_id: id.clone(),
-                    generation,
-                    runner_idx,
-                })
-            }
-            Action::ActorStopped { actor_id } => {
-                let id: Arc<str> = actor_id.into();
-                broadcast(shared, || ShardMsg::ActorStopped {
-                    actor_id: id.clone(),
-                    destroyed: false,
-                })
-            }
-            Action::ActorDestroyed { actor_id } => {
-                let id: Arc<str> = actor_id.into();
-                broadcast(shared, || ShardMsg::ActorStopped {
-                    actor_id: id.clone(),
-                    destroyed: true,
-                })
-            }
-            Action::Resolved { waiter, result } => {
-                let result = result.map_err(|e| match e {
-                    engine::ResolveError::Timeout => ShardResolveError::Timeout,
-                    engine::ResolveError::Destroyed => ShardResolveError::NotFound,
-                });
-                reply_resolve(shared, waiter, result);
-            }
-        }
-    }
+    send(shared, &mut vec![plane::answer(waiter, reply)]);
 }
 
 /// Publishes the control plane's gauges after a batch: runners known (O(1)) every time, and
