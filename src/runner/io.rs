@@ -40,7 +40,7 @@ pub(crate) enum Phase {
     Connected,
 }
 
-/// Per-actor bookkeeping that callbacks may update through [`ActorCx`].
+/// Per-actor bookkeeping that callbacks may update through [`ActorCx`](super::ActorCx).
 #[derive(Debug)]
 pub(crate) struct ActorMeta {
     pub(crate) actor_id: Arc<str>,
