@@ -93,9 +93,10 @@ macro_rules! labels {
 
 labels!(
     /// Why the gateway closed a WebSocket (`torpor_websocket_closes_total{reason=…}`). Every
-    /// reason string the gateway itself sends is listed (a test checks the sources); free text
-    /// from a peer never becomes a label: a client's own close frame counts as
-    /// `client.closed`, an actor's close (the runner's `WebSocketClose`) as `actor.closed`.
+    /// close the gateway itself sends is a `gateway::Reason`, which names its label (a test
+    /// checks that each has its own, of the same text); free text from a peer never becomes a
+    /// label: a client's own close frame counts as `client.closed`, an actor's close (the
+    /// runner's `WebSocketClose`) as `actor.closed`.
     CloseLabel {
         ClientClosed => "client.closed",
         ActorClosed => "actor.closed",
@@ -215,12 +216,7 @@ impl ShardMetrics {
     pub fn gauge_max(&self, g: Gauge, v: i64) {
         self.gauges[g as usize].fetch_max(v, Relaxed);
     }
-    /// Counts a close by the gateway's reason string: a reason the gateway does not send
-    /// counts as `other` (the sources are checked so that none does).
-    pub fn close(&self, code: u16, reason: &str) {
-        let _ = code;
-        self.close_as(CloseLabel::of(reason).unwrap_or(CloseLabel::Other));
-    }
+    /// Counts a close (the gateway's closes count `Reason::label`).
     #[inline]
     pub fn close_as(&self, label: CloseLabel) {
         self.closes[label as usize].fetch_add(1, Relaxed);
@@ -535,8 +531,8 @@ mod tests {
         let m = Metrics::new(2);
         m.shards[0].inc(Counter::Acks);
         m.shards[1].add(Counter::Acks, 2);
-        m.shards[1].close(1011, "guard.websocket_message_not_acked");
-        m.shards[0].close(1011, "something.unlisted");
+        m.shards[1].close_as(CloseLabel::MessageNotAcked);
+        m.shards[0].close_as(CloseLabel::Other);
         m.shards[0].gauge_max(Gauge::MaxSocketPendingBytes, 10);
         m.shards[1].gauge_max(Gauge::MaxSocketPendingBytes, 7);
         assert_eq!(m.counter(Counter::Acks), 3);

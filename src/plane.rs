@@ -5,7 +5,7 @@
 //! get-or-create that must be durable before it is answered) are handed back to the caller.
 
 use crate::engine::{self, Action, ConnRef, Engine, InitReport, Resolve};
-use crate::gateway::{ConnId, ControlMsg, Reply, ResolveError, Routed, ShardMsg};
+use crate::gateway::{ConnId, ControlMsg, Reason, Reply, ResolveError, Routed, ShardMsg};
 use crate::protocol::{self, ToServer};
 use crate::ws::frame::{encode_header, OpCode};
 use bytes::Bytes;
@@ -178,7 +178,7 @@ pub fn deliver(actions: Vec<Action>, out: &mut Vec<(To, ShardMsg)>) {
                 ShardMsg::CloseConn {
                     conn: conn_id(conn),
                     code,
-                    reason: reason.into(),
+                    reason: engine_close(code, reason),
                 },
             ),
             Action::RunnerAttached { runner_idx, conn } => {
@@ -239,6 +239,17 @@ pub fn deliver(actions: Vec<Action>, out: &mut Vec<(To, ShardMsg)>) {
     }
 }
 
+/// The gateway's [`Reason`] for an engine's runner close (`code` only for the log): the
+/// engine names its reasons as strings, and this is where they become the gateway's.
+pub fn engine_close(code: u16, reason: &'static str) -> Reason {
+    match reason {
+        "ws.eviction" => Reason::WsEviction,
+        "runner.init_too_large" => Reason::RunnerInitTooLarge,
+        "engine.too_many_runners" => Reason::EngineTooManyRunners,
+        other => Reason::unmapped("engine", code, other, Reason::WsClosed),
+    }
+}
+
 /// Copies a message for every shard (`ShardMsg` is not `Clone`: payload frames never are
 /// broadcast, only control events).
 pub fn copy_for_broadcast(msg: &ShardMsg) -> ShardMsg {
@@ -269,5 +280,45 @@ pub fn copy_for_broadcast(msg: &ShardMsg) -> ShardMsg {
         },
         ShardMsg::Shutdown => ShardMsg::Shutdown,
         _ => unreachable!("only control events are broadcast"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine's runner closes become the gateway's reasons with the engine's codes.
+    #[test]
+    fn engine_closes_map_to_reasons() {
+        let conn = ConnRef {
+            shard: 1,
+            slot: 2,
+            gen: 3,
+        };
+        for (code, reason, want) in [
+            (1000, "ws.eviction", Reason::WsEviction),
+            (1011, "runner.init_too_large", Reason::RunnerInitTooLarge),
+            (
+                1011,
+                "engine.too_many_runners",
+                Reason::EngineTooManyRunners,
+            ),
+        ] {
+            let mut out = Vec::new();
+            deliver(vec![Action::CloseRunner { conn, code, reason }], &mut out);
+            let [(
+                To::Shard(1),
+                ShardMsg::CloseConn {
+                    conn: id,
+                    code: c,
+                    reason: got,
+                },
+            )] = &out[..]
+            else {
+                panic!("{reason}: not one CloseConn to shard 1");
+            };
+            assert_eq!((*id, *c, *got), (conn_id(conn), code, want));
+            assert_eq!((got.code(), got.as_str()), (code, reason));
+        }
     }
 }

@@ -6,10 +6,10 @@
 use super::conns::{ClientConn, Conn, ConnKind, OpenPhase};
 use super::msg::{ControlMsg, Routed, TunnelIn};
 use super::out::{OutQueue, Pause};
-use super::{ConnId, Gateway, Next, Output, Timer};
+use super::{ConnId, Gateway, Next, Output, Peer, Reason, Timer};
 use crate::metrics::{CloseLabel, Counter, Gauge, ShardMetrics};
 use crate::protocol::{self, StrMap, ToClientTunnelMessageKind};
-use crate::tunnel::{AckResult, ClientMsg, CloseReason, DetachCause, TunnelSocket};
+use crate::tunnel::{AckResult, ClientMsg, DetachCause, TunnelSocket};
 use crate::ws::frame::OpCode;
 use crate::ws::reader::WsEvent;
 use bytes::Bytes;
@@ -153,7 +153,7 @@ impl Gateway {
                 let limit = self.config.limits.client_outbound_bytes;
                 let queued = self.conn(id).map_or(0, |c| c.out.bytes);
                 if queued > limit {
-                    self.abort_client(id, "guard.client_too_slow", now);
+                    self.abort_client(id, Reason::ClientTooSlow, now);
                 } else {
                     let frames = self.ws_frame(OpCode::Pong, p);
                     self.write_local(id, frames);
@@ -169,8 +169,8 @@ impl Gateway {
                 }
                 // Counted as `client.closed` whatever reason text the client sent.
                 let reason = String::from_utf8_lossy(&reason).into_owned();
-                let code = code.unwrap_or(1000);
-                self.close_client_as(id, code, reason, CloseLabel::ClientClosed, now);
+                let code = code.unwrap_or(crate::ws::close::NORMAL);
+                self.close_client_peer(id, Peer::Client, code, reason, now);
                 Next::Continue
             }
         };
@@ -178,16 +178,10 @@ impl Gateway {
         next
     }
 
-    /// The client broke the WebSocket protocol: close with the reader's code and reason; the
-    /// shell stops parsing.
-    pub fn client_protocol_error(
-        &mut self,
-        id: ConnId,
-        code: u16,
-        reason: &'static str,
-        now: Instant,
-    ) -> Next {
-        self.close_client(id, code, reason, now);
+    /// The client broke the WebSocket protocol: close with the reader's reason (a
+    /// [`crate::ws::close::WsClose`] converts); the shell stops parsing.
+    pub fn client_protocol_error(&mut self, id: ConnId, reason: Reason, now: Instant) -> Next {
+        self.close_client(id, reason, now);
         Next::Stop
     }
 
@@ -278,7 +272,7 @@ impl Gateway {
                 m.gauge_add(Gauge::PausedClientWebSockets, 1);
             }
             ClientMsg::Close(reason) => {
-                self.close_client(id, reason.code, reason.reason, now);
+                self.close_client(id, reason.into(), now);
             }
             // The reader never offers a message while paused or opening; a closed socket
             // discards.
@@ -306,6 +300,20 @@ impl Gateway {
                     cc.early_bytes += data.len();
                     cc.early.push((from, data, binary));
                 }
+                // The actor closed the socket for good: the old generation before it
+                // stopped, or the new one refusing to restore it, its close overtaking the
+                // `Running` that would reattach it. Nobody serves it any more: it closes
+                // (found by the simulation: kept open, it was replayed to a runner that had
+                // closed it and hung until the ack timeout).
+                TunnelIn::Close {
+                    code,
+                    reason,
+                    hibernate: false,
+                } => {
+                    let reason = reason.unwrap_or_else(|| Reason::WsClosed.as_str().to_string());
+                    let code = code.unwrap_or(crate::ws::close::NORMAL);
+                    self.close_client_peer(id, Peer::Actor, code, reason, now);
+                }
                 // Acks and closes of the attachment that ended: expected, late.
                 _ => self.metrics().inc(Counter::LateTunnelMessages),
             }
@@ -329,7 +337,7 @@ impl Gateway {
                 let too_slow = conn.out.bytes > limit;
                 self.write_local(id, frames);
                 if too_slow {
-                    self.abort_client(id, "guard.client_too_slow", now);
+                    self.abort_client(id, Reason::ClientTooSlow, now);
                 }
             }
             TunnelIn::Ack(index) => self.on_ack(id, index, now),
@@ -350,9 +358,10 @@ impl Gateway {
             }
             TunnelIn::Close { code, reason, .. } => {
                 cc.runner_closed = true;
-                let reason = reason.unwrap_or_else(|| "ws.closed".to_string());
-                let code = code.unwrap_or(1000);
-                self.close_client_as(id, code, reason, CloseLabel::ActorClosed, now);
+                // Counted as `actor.closed` whatever reason text the actor sent.
+                let reason = reason.unwrap_or_else(|| Reason::WsClosed.as_str().to_string());
+                let code = code.unwrap_or(crate::ws::close::NORMAL);
+                self.close_client_peer(id, Peer::Actor, code, reason, now);
             }
             _ => self.metrics().inc(Counter::UnroutableTunnelMessages),
         }
@@ -404,7 +413,7 @@ impl Gateway {
                 let frames = self.ws_message_frames(req, index, data, binary);
                 self.send_to_runner(runner_idx, frames);
             }
-            Some(ClientMsg::Close(r)) => self.close_client(id, r.code, r.reason, now),
+            Some(ClientMsg::Close(r)) => self.close_client(id, r.into(), now),
             _ => {}
         }
     }
@@ -426,38 +435,54 @@ impl Gateway {
     /// Closes a client that does not read: like [`Self::close_client`] (the runner is told,
     /// the metric counts `reason`), but the connection is reset at once, since a close frame
     /// queued behind what the client never read would not reach it.
-    pub(super) fn abort_client(&mut self, id: ConnId, reason: &'static str, now: Instant) {
-        self.close_client(id, 1011, reason, now);
+    pub(super) fn abort_client(&mut self, id: ConnId, reason: Reason, now: Instant) {
+        self.close_client(id, reason, now);
         self.reset(id);
     }
 
-    /// Queues a close frame to a client, tells the runner, and frees the window. The shell
-    /// removes the entry when the socket ends ([`Gateway::client_ended`]).
-    ///
-    /// The metric counts `reason` when it is one of the gateway's own reasons; any other text
-    /// is the client's own close frame, counted as `client.closed`.
-    pub(super) fn close_client(
-        &mut self,
-        id: ConnId,
-        code: u16,
-        reason: impl Into<Cow<'static, str>>,
-        now: Instant,
-    ) {
-        let reason = reason.into();
-        let label = CloseLabel::of(&reason).unwrap_or(CloseLabel::ClientClosed);
-        self.close_client_as(id, code, reason, label, now);
+    /// Queues the gateway's close frame to a client (`reason` with its code), tells the
+    /// runner, and frees the window; the metric counts `reason`. The shell removes the entry
+    /// when the socket ends ([`Gateway::client_ended`]).
+    pub(super) fn close_client(&mut self, id: ConnId, reason: Reason, now: Instant) {
+        self.close_client_code(id, reason.code(), reason, now);
     }
 
-    /// [`Self::close_client`], counted under `label`.
-    pub(super) fn close_client_as(
+    /// [`Self::close_client`] with another code than the reason's own.
+    pub(super) fn close_client_code(
         &mut self,
         id: ConnId,
         code: u16,
-        reason: impl Into<Cow<'static, str>>,
+        reason: Reason,
+        now: Instant,
+    ) {
+        let text = Cow::Borrowed(reason.as_str());
+        self.close_client_as(id, code, text, reason.label(), now);
+    }
+
+    /// [`Self::close_client`] passing on a peer's own words: the client's close frame (its
+    /// code and reason go to the runner) or the actor's `WebSocketClose` (they go to the
+    /// client). Counted by whose they are, never by their text.
+    pub(super) fn close_client_peer(
+        &mut self,
+        id: ConnId,
+        peer: Peer,
+        code: u16,
+        text: String,
+        now: Instant,
+    ) {
+        self.close_client_as(id, code, Cow::Owned(text), peer.label(), now);
+    }
+
+    /// The close of a client, under both paths: `code` and `reason` in the close frame and
+    /// the runner's `WebSocketClose`, counted under `label`.
+    fn close_client_as(
+        &mut self,
+        id: ConnId,
+        code: u16,
+        reason: Cow<'static, str>,
         label: CloseLabel,
         now: Instant,
     ) {
-        let reason = reason.into();
         let Some(conn) = self.conn(id) else {
             return;
         };
@@ -535,7 +560,7 @@ impl Gateway {
             Some(OpenPhase::Accepted | OpenPhase::Open)
         );
         // close_client is a no-op if a close was already queued; it tells the runner.
-        self.close_client(id, 1000, "ws.closed", now);
+        self.close_client(id, Reason::WsClosed, now);
         self.release_window(id);
         if open {
             self.metrics().gauge_add(Gauge::OpenClientWebSockets, -1);
@@ -558,8 +583,7 @@ impl Gateway {
         let timeout = crate::config::ms(self.config.timeouts.ack_timeout_ms);
         let expired = self.clients_where(|cc| cc.socket.ack_expired(now, timeout));
         for id in expired {
-            let r = CloseReason::NOT_ACKED;
-            self.close_client(id, r.code, r.reason, now);
+            self.close_client(id, Reason::MessageNotAcked, now);
         }
         self.hibernation_pass(now);
     }
@@ -633,13 +657,8 @@ impl Gateway {
                     let frames = self.ws_frame(OpCode::Ping, Bytes::new());
                     self.write_local(id, frames);
                 }
-                IdleAction::Close => self.close_client(
-                    id,
-                    crate::ws::close::INTERNAL_ERROR,
-                    "guard.client_idle_timeout",
-                    now,
-                ),
-                IdleAction::Abort => self.abort_client(id, "guard.client_too_slow", now),
+                IdleAction::Close => self.close_client(id, Reason::ClientIdleTimeout, now),
+                IdleAction::Abort => self.abort_client(id, Reason::ClientTooSlow, now),
             }
         }
         self.idle_todo = todo;

@@ -7,11 +7,11 @@
 
 use super::conns::{ConnKind, Hibernation};
 use super::msg::{ControlMsg, TunnelIn};
-use super::{ConnId, Gateway};
+use super::{ConnId, Gateway, Reason};
 use crate::engine::ConnRef;
 use crate::metrics::{Counter, Gauge};
 use crate::protocol;
-use crate::tunnel::{CloseReason, Detach, DetachCause};
+use crate::tunnel::{Detach, DetachCause};
 use bytes::Bytes;
 use rand::Rng;
 use std::time::Instant;
@@ -69,8 +69,7 @@ impl Gateway {
             self.control(ControlMsg::HibernatingRefresh(records));
         }
         for id in expired {
-            let r = CloseReason::HIBERNATION_TIMEOUT;
-            self.close_client(id, r.code, r.reason, now);
+            self.close_client(id, Reason::HibernationTimeout, now);
         }
     }
 
@@ -254,7 +253,7 @@ impl Gateway {
                 self.refuse_open(id, super::Refusal::OPEN_REFUSED);
                 continue;
             }
-            self.close_client(id, 1000, "actor.destroyed", now);
+            self.close_client(id, Reason::ActorDestroyed, now);
         }
     }
 
@@ -285,7 +284,7 @@ impl Gateway {
             Detach::Close(r) => {
                 cc.runner_closed = cause != DetachCause::HibernateRequested;
                 self.pending_gauges_down(pb, pm);
-                self.close_client(id, r.code, r.reason, now);
+                self.close_client(id, r.into(), now);
             }
         }
     }

@@ -23,7 +23,7 @@
 //! - `runner`: the runner session (accept rules, Init, pings, fences, superseded links).
 //! - [`route`]: the client upgrade and routing rules (targets, headers, subprotocol).
 //! - `timers`: named deadlines, `poll_timeout` and `handle_timeout`.
-//! - [`reason`]: the refusals, each named once.
+//! - [`reason`]: the refusals and the close reasons, each named once.
 
 mod client;
 pub mod conns;
@@ -43,7 +43,7 @@ pub use conns::{ClientConn, ConnKind, HttpOutcome, OpenPhase, RunnerConn};
 pub use ids::{ConnId, RequestKey, MAX_SLOTS};
 pub use msg::{ApiRequest, ControlMsg, Reply, ResolveError, Routed, ShardMsg, TunnelIn};
 pub use out::{Frames, OutQueue, Pause, WriterTurn};
-pub use reason::Refusal;
+pub use reason::{Peer, Reason, Refusal};
 pub use runner::{accept_runner, RunnerAccept};
 pub use timers::Timer;
 
@@ -262,15 +262,17 @@ impl Gateway {
         true
     }
 
-    /// Queues a close frame on any connection (once); returns whether it was queued.
-    fn queue_close(&mut self, id: ConnId, code: u16, reason: &str, now: Instant) -> bool {
+    /// Queues a close frame on any connection (once); returns whether it was queued. It
+    /// counts nothing: the close paths do ([`Self::close_conn`], [`Self::close_client`] and,
+    /// for a peer's own words, [`Self::close_client_peer`]).
+    fn queue_close(&mut self, id: ConnId, code: u16, text: &str, now: Instant) -> bool {
         let Some(c) = self.conn_mut(id) else {
             return false;
         };
         if c.out.closing {
             return false;
         }
-        if c.out.push_close(code, reason) {
+        if c.out.push_close(code, text) {
             self.out(Output::Flush(id));
         }
         let at = now + crate::config::ms(self.config.timeouts.close_handshake_ms);
@@ -393,9 +395,9 @@ impl Gateway {
                 cc.record_refresh_at = None;
             }
             if client {
-                self.close_client(id, 1001, "ws.going_away", now);
+                self.close_client(id, Reason::WsGoingAway, now);
             } else {
-                self.close_conn(id, 1001, "ws.going_away".into(), now);
+                self.close_conn(id, Reason::WsGoingAway, now);
             }
         }
         self.check_invariants();

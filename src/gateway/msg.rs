@@ -5,10 +5,10 @@
 //! Types only: how they travel (channels, eventfd) is the shell's business.
 
 use super::ids::{ConnId, RequestKey};
+use super::reason::Reason;
 use crate::engine::ConnRef;
 use crate::protocol::{self, ToServer, ToServerInit};
 use bytes::Bytes;
-use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Messages between shards and from the control plane to a shard.
@@ -25,11 +25,12 @@ pub enum ShardMsg {
         msg: TunnelIn,
         from: Option<u32>,
     },
-    /// Close a connection owned by this shard.
+    /// Close a connection owned by this shard (the engine's `CloseRunner`: its code, and its
+    /// reason as the gateway's).
     CloseConn {
         conn: ConnId,
         code: u16,
-        reason: Cow<'static, str>,
+        reason: Reason,
     },
     /// The runner `runner_idx` is now reachable at `conn` (after Init).
     RunnerAttached { runner_idx: u32, conn: ConnRef },

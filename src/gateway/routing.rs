@@ -6,12 +6,11 @@
 use super::conns::ConnKind;
 use super::msg::{ShardMsg, TunnelIn};
 use super::out::Frames;
-use super::{ConnId, Gateway, Output, RequestKey};
+use super::{ConnId, Gateway, Output, Reason, RequestKey};
 use crate::engine::ConnRef;
 use crate::metrics::Counter;
 use crate::tunnel::{Detach, DetachCause, SocketState};
 use bytes::Bytes;
-use std::borrow::Cow;
 use std::time::Instant;
 
 impl Gateway {
@@ -126,7 +125,9 @@ impl Gateway {
                 self.tunnel_in(key, msg, from, now);
                 return;
             }
-            ShardMsg::CloseConn { conn, code, reason } => self.close_conn(conn, code, reason, now),
+            ShardMsg::CloseConn { conn, code, reason } => {
+                self.close_conn_code(conn, code, reason, now)
+            }
             ShardMsg::RunnerAttached { runner_idx, conn } => {
                 self.runner_attached(runner_idx, conn, now)
             }
@@ -158,22 +159,23 @@ impl Gateway {
         self.check_invariants();
     }
 
-    /// Closes any connection (runner or client) with a close frame.
-    pub(super) fn close_conn(
-        &mut self,
-        id: ConnId,
-        code: u16,
-        reason: Cow<'static, str>,
-        now: Instant,
-    ) {
+    /// Closes any connection (runner or client) with the gateway's close frame: `reason`
+    /// with its code.
+    pub(super) fn close_conn(&mut self, id: ConnId, reason: Reason, now: Instant) {
+        self.close_conn_code(id, reason.code(), reason, now);
+    }
+
+    /// [`Self::close_conn`] with another code than the reason's own: the answer to a runner's
+    /// close echoes its code, and the engine's closes carry theirs.
+    pub(super) fn close_conn_code(&mut self, id: ConnId, code: u16, reason: Reason, now: Instant) {
         let Some(conn) = self.conn(id) else {
             return;
         };
         match conn.kind {
-            ConnKind::Client(_) => self.close_client(id, code, reason, now),
+            ConnKind::Client(_) => self.close_client_code(id, code, reason, now),
             _ => {
-                if self.queue_close(id, code, &reason, now) {
-                    self.metrics().close(code, &reason);
+                if self.queue_close(id, code, reason.as_str(), now) {
+                    self.metrics().close_as(reason.label());
                 }
             }
         }
@@ -252,7 +254,7 @@ impl Gateway {
                 Detach::Close(r) => {
                     cc.runner_closed = true;
                     self.pending_gauges_down(pb, pm);
-                    self.close_client(id, r.code, r.reason, now);
+                    self.close_client(id, r.into(), now);
                 }
             }
         }

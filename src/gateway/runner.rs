@@ -7,7 +7,7 @@
 
 use super::conns::{ConnKind, RunnerConn};
 use super::msg::{ControlMsg, TunnelIn};
-use super::{ConnId, Gateway, Next, Timer};
+use super::{ConnId, Gateway, Next, Reason, Timer};
 use crate::http::access::Access;
 use crate::http::parse::{parse_query, RequestHead};
 use crate::http::response::Response;
@@ -119,7 +119,7 @@ impl Gateway {
         let msg = match ev {
             WsEvent::Message { text: false, data } => data,
             WsEvent::Message { text: true, .. } => {
-                self.close_conn(id, 1011, "ws.invalid_packet".into(), now);
+                self.close_conn(id, Reason::WsInvalidPacket, now);
                 return Next::Stop;
             }
             WsEvent::Ping(p) => {
@@ -134,14 +134,16 @@ impl Gateway {
                     // ends the TCP connection (RFC 6455 §7.1.1).
                     return Next::Done;
                 }
-                self.close_conn(id, code.unwrap_or(1000), "ws.closed".into(), now);
+                // The answer echoes the runner's code.
+                let code = code.unwrap_or(crate::ws::close::NORMAL);
+                self.close_conn_code(id, code, Reason::WsClosed, now);
                 return Next::Stop;
             }
         };
         if initialised {
             if !self.handle_runner_message(id, msg, now) {
                 self.metrics().inc(Counter::RunnerProtocolErrors);
-                self.close_conn(id, 1011, "ws.invalid_packet".into(), now);
+                self.close_conn(id, Reason::WsInvalidPacket, now);
                 return Next::Stop;
             }
             return Next::Continue;
@@ -175,21 +177,16 @@ impl Gateway {
                 Next::Continue
             }
             _ => {
-                self.close_conn(id, 1011, "ws.invalid_initial_packet".into(), now);
+                self.close_conn(id, Reason::WsInvalidInitialPacket, now);
                 Next::Stop
             }
         }
     }
 
-    /// The runner broke the WebSocket protocol: close with the reader's code and reason.
-    pub fn runner_protocol_error(
-        &mut self,
-        id: ConnId,
-        code: u16,
-        reason: &'static str,
-        now: Instant,
-    ) -> Next {
-        self.close_conn(id, code, reason.into(), now);
+    /// The runner broke the WebSocket protocol: close with the reader's reason (a
+    /// [`crate::ws::close::WsClose`] converts).
+    pub fn runner_protocol_error(&mut self, id: ConnId, reason: Reason, now: Instant) -> Next {
+        self.close_conn(id, reason, now);
         Next::Stop
     }
 

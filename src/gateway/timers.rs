@@ -9,7 +9,7 @@
 //! each gone within its timeout).
 
 use super::conns::{ConnKind, OpenPhase, RequestPhase};
-use super::{ConnId, Gateway, Output, Refusal};
+use super::{ConnId, Gateway, Output, Reason, Refusal};
 use crate::config::{ms, Config};
 use crate::metrics::Counter;
 use crate::protocol::{self, ToClient, ToClientTunnelMessageKind};
@@ -134,7 +134,7 @@ impl Gateway {
                         && matches!(&c.kind, ConnKind::Runner(r) if !r.initialised)
                 );
                 if waiting {
-                    self.close_conn(id, 1011, "ws.timed_out_waiting_for_init".into(), now);
+                    self.close_conn(id, Reason::WsTimedOutWaitingForInit, now);
                 }
             }
             Timer::Ping(id) => self.ping_runner(id, now),
@@ -145,9 +145,8 @@ impl Gateway {
                 );
                 if opening {
                     // Tell the runner we gave up (it may still answer later).
-                    let r = Refusal::OPEN_TIMEOUT;
-                    self.close_client(id, 1011, r.code, now);
-                    self.refuse_open(id, r);
+                    self.close_client(id, Reason::OpenTimeout, now);
+                    self.refuse_open(id, Refusal::OPEN_TIMEOUT);
                 }
             }
             Timer::Response(id) => {
@@ -187,7 +186,7 @@ impl Gateway {
             return;
         };
         if now.saturating_duration_since(r.last_pong) > timeout {
-            self.close_conn(id, 1011, "ws.ping_timeout".into(), now);
+            self.close_conn(id, Reason::WsPingTimeout, now);
             return;
         }
         let ts = self.unix_ms(now);

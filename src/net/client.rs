@@ -138,7 +138,7 @@ async fn ws_loop(
             let next = match reader.next(&mut buf) {
                 Ok(Some(ev)) => shard.with(|c, now| c.handle_client_frame(id, ev, now)),
                 Ok(None) => break,
-                Err(e) => shard.with(|c, now| c.client_protocol_error(id, e.code, e.reason, now)),
+                Err(e) => shard.with(|c, now| c.client_protocol_error(id, e.into(), now)),
             };
             match next {
                 Next::Continue => {}

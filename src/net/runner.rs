@@ -64,7 +64,7 @@ pub async fn serve(
             let next = match reader.next(&mut buf) {
                 Ok(Some(ev)) => shard.with(|c, now| c.handle_runner_frame(id, ev, now)),
                 Ok(None) => break,
-                Err(e) => shard.with(|c, now| c.runner_protocol_error(id, e.code, e.reason, now)),
+                Err(e) => shard.with(|c, now| c.runner_protocol_error(id, e.into(), now)),
             };
             match next {
                 Next::Continue => {}
