@@ -3,12 +3,24 @@
 //! shard). The control thread (`shard::control`) and the simulation both run it, so the
 //! mapping exists once. Messages that need the store (KV requests, the engine API, a
 //! get-or-create that must be durable before it is answered) are handed back to the caller.
+//!
+//! **The stop barrier.** When an actor stops, every shard hears `ActorStopped` through its
+//! own mailbox, at its own pace; until a shard has applied it, that shard still forwards its
+//! clients' messages to the stopped generation, and the runner drops them (the actor is
+//! gone). If the next generation's start (listing those sockets to restore) reached the
+//! runner first, such a message arrives after the restore with an index past a dropped one,
+//! and the runner closes the socket (1008 `ws.message_index_skip`). So a start command for an
+//! actor whose stop not every shard has applied yet is held, with everything after it for
+//! the same runner connection, until each shard answers `StopApplied`: a shard's forwarded
+//! messages are in the runner shard's mailbox before its answer, hence before the start.
+//! (Found by the simulation once the control plane's messages arrived late.)
 
 use crate::engine::{self, Action, ConnRef, Engine, InitReport, Resolve};
 use crate::gateway::{ConnId, ControlMsg, Reason, Reply, ResolveError, Routed, ShardMsg};
 use crate::protocol::{self, ToServer};
 use crate::ws::frame::{encode_header, OpCode};
 use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,7 +32,7 @@ pub enum To {
     All,
 }
 
-/// What [`step`] did with a message.
+/// What [`Plane::step`] did with a message.
 pub enum Stepped {
     Done,
     /// A runner's `Init` went through the engine (the caller logs it).
@@ -38,79 +50,177 @@ pub enum Stepped {
     Caller(ControlMsg),
 }
 
-/// Applies one message from a shard to the engine; the shard messages it causes are
-/// appended to `out`, in order.
-pub fn step(
-    engine: &mut Engine,
-    msg: ControlMsg,
-    now: Instant,
-    out: &mut Vec<(To, ShardMsg)>,
-) -> Stepped {
-    let (actions, stepped) = match msg {
-        ControlMsg::RunnerInit {
-            conn,
-            peer,
-            namespace,
-            runner_key,
-            init,
-        } => {
-            let name = init.name.clone();
-            let (actions, report) =
-                engine.runner_init_report(conn, &namespace, &runner_key, init, now);
-            let stepped = Stepped::Init {
+/// The control plane's state between the engine and the shards: the stop barriers.
+pub struct Plane {
+    shards: usize,
+    next_barrier: u64,
+    /// Open barriers: id → (actor, shards that have not applied the stop yet).
+    barriers: HashMap<u64, (Arc<str>, usize)>,
+    /// Actors with an open barrier, and how many.
+    stopping: HashMap<Arc<str>, usize>,
+    /// Messages held per runner connection, in order, with the actors whose start they carry.
+    held: HashMap<ConnRef, VecDeque<(Vec<String>, ShardMsg)>>,
+}
+
+impl Plane {
+    pub fn new(shards: usize) -> Plane {
+        Plane {
+            shards: shards.max(1),
+            next_barrier: 1,
+            barriers: HashMap::new(),
+            stopping: HashMap::new(),
+            held: HashMap::new(),
+        }
+    }
+
+    /// Messages held behind open stop barriers (all runner connections).
+    pub fn held(&self) -> usize {
+        self.held.values().map(VecDeque::len).sum()
+    }
+
+    /// Applies one message from a shard to the engine; the shard messages it causes are
+    /// appended to `out`, in order.
+    pub fn step(
+        &mut self,
+        engine: &mut Engine,
+        msg: ControlMsg,
+        now: Instant,
+        out: &mut Vec<(To, ShardMsg)>,
+    ) -> Stepped {
+        let (actions, stepped) = match msg {
+            ControlMsg::RunnerInit {
                 conn,
                 peer,
                 namespace,
-                name,
                 runner_key,
-                report,
-            };
-            (actions, stepped)
-        }
-        ControlMsg::RunnerMsg {
-            msg: ToServer::KvRequest(_),
-            ..
-        } => return Stepped::Caller(msg),
-        ControlMsg::RunnerMsg { conn, msg } => {
-            (engine.runner_message(conn, msg, now), Stepped::Done)
-        }
-        ControlMsg::RunnerClosed { conn } => {
-            (engine.runner_closed(conn, now), Stepped::Closed(conn))
-        }
-        ControlMsg::InputLoaded { actor_id, input } => {
-            (engine.input_loaded(&actor_id, input, now), Stepped::Done)
-        }
-        ControlMsg::Resolve { actor_id, waiter } => {
-            let (r, actions) = engine.resolve(&actor_id, waiter, now);
-            if let Some(reply) = answer_now(waiter, r) {
-                out.push(reply);
+                init,
+            } => {
+                let name = init.name.clone();
+                let (actions, report) =
+                    engine.runner_init_report(conn, &namespace, &runner_key, init, now);
+                let stepped = Stepped::Init {
+                    conn,
+                    peer,
+                    namespace,
+                    name,
+                    runner_key,
+                    report,
+                };
+                (actions, stepped)
             }
-            (actions, Stepped::Done)
-        }
-        ControlMsg::Wake { actor_id } => (engine.wake(&actor_id, now).1, Stepped::Done),
-        ControlMsg::Hibernating {
-            actor_id,
-            req,
-            keep,
-        } => {
-            if keep {
-                // A destroyed actor's sockets are closed by its ActorDestroyed.
-                let _ = engine.hibernating_upsert(&actor_id, req, now);
-            } else {
-                engine.hibernating_remove(&actor_id, req);
+            ControlMsg::RunnerMsg {
+                msg: ToServer::KvRequest(_),
+                ..
+            } => return Stepped::Caller(msg),
+            ControlMsg::RunnerMsg { conn, msg } => {
+                (engine.runner_message(conn, msg, now), Stepped::Done)
             }
-            (Vec::new(), Stepped::Done)
-        }
-        ControlMsg::HibernatingRefresh(records) => {
-            for (actor_id, req) in records {
-                let _ = engine.hibernating_upsert(&actor_id, req, now);
+            ControlMsg::RunnerClosed { conn } => {
+                (engine.runner_closed(conn, now), Stepped::Closed(conn))
             }
-            (Vec::new(), Stepped::Done)
+            ControlMsg::InputLoaded { actor_id, input } => {
+                (engine.input_loaded(&actor_id, input, now), Stepped::Done)
+            }
+            ControlMsg::Resolve { actor_id, waiter } => {
+                let (r, actions) = engine.resolve(&actor_id, waiter, now);
+                if let Some(reply) = answer_now(waiter, r) {
+                    out.push(reply);
+                }
+                (actions, Stepped::Done)
+            }
+            ControlMsg::Wake { actor_id } => (engine.wake(&actor_id, now).1, Stepped::Done),
+            ControlMsg::Hibernating {
+                actor_id,
+                req,
+                keep,
+            } => {
+                if keep {
+                    // A destroyed actor's sockets are closed by its ActorDestroyed.
+                    let _ = engine.hibernating_upsert(&actor_id, req, now);
+                } else {
+                    engine.hibernating_remove(&actor_id, req);
+                }
+                (Vec::new(), Stepped::Done)
+            }
+            ControlMsg::HibernatingRefresh(records) => {
+                for (actor_id, req) in records {
+                    let _ = engine.hibernating_upsert(&actor_id, req, now);
+                }
+                (Vec::new(), Stepped::Done)
+            }
+            ControlMsg::StopApplied { barrier } => {
+                self.applied(barrier, out);
+                (Vec::new(), Stepped::Done)
+            }
+            other => return Stepped::Caller(other),
+        };
+        self.deliver(actions, out);
+        stepped
+    }
+
+    /// A shard applied the stop of barrier `barrier`; once all have, held messages go.
+    fn applied(&mut self, barrier: u64, out: &mut Vec<(To, ShardMsg)>) {
+        let Some((actor, left)) = self.barriers.get_mut(&barrier) else {
+            return;
+        };
+        *left -= 1;
+        if *left > 0 {
+            return;
         }
-        other => return Stepped::Caller(other),
-    };
-    deliver(actions, out);
-    stepped
+        let actor = actor.clone();
+        self.barriers.remove(&barrier);
+        if let Some(n) = self.stopping.get_mut(&actor) {
+            *n -= 1;
+            if *n == 0 {
+                self.stopping.remove(&actor);
+            }
+        }
+        let conns: Vec<ConnRef> = self.held.keys().copied().collect();
+        for conn in conns {
+            let q = self.held.get_mut(&conn).expect("listed");
+            while let Some((starts, _)) = q.front() {
+                if starts
+                    .iter()
+                    .any(|a| self.stopping.contains_key(a.as_str()))
+                {
+                    break;
+                }
+                let (_, msg) = q.pop_front().expect("checked");
+                out.push((To::Shard(conn.shard), msg));
+            }
+            if q.is_empty() {
+                self.held.remove(&conn);
+            }
+        }
+    }
+
+    /// Sends `msg` to runner connection `conn`, or holds it (it starts an actor whose stop is not
+    /// applied everywhere yet, or something is held for `conn` already).
+    fn send_or_hold(
+        &mut self,
+        conn: ConnRef,
+        starts: Vec<String>,
+        msg: ShardMsg,
+        out: &mut Vec<(To, ShardMsg)>,
+    ) {
+        let blocked = starts
+            .iter()
+            .any(|a| self.stopping.contains_key(a.as_str()));
+        if blocked || self.held.contains_key(&conn) {
+            self.held.entry(conn).or_default().push_back((starts, msg));
+        } else {
+            out.push((To::Shard(conn.shard), msg));
+        }
+    }
+
+    /// A stop every shard must apply; returns its barrier.
+    fn barrier(&mut self, actor: &Arc<str>) -> u64 {
+        let id = self.next_barrier;
+        self.next_barrier += 1;
+        self.barriers.insert(id, (actor.clone(), self.shards));
+        *self.stopping.entry(actor.clone()).or_insert(0) += 1;
+        id
+    }
 }
 
 /// The answer to a routing question when the engine has it at once (`None` while pending:
@@ -162,80 +272,107 @@ pub fn conn_id(conn: ConnRef) -> ConnId {
     }
 }
 
-/// Where each engine action goes, in order.
-pub fn deliver(actions: Vec<Action>, out: &mut Vec<(To, ShardMsg)>) {
-    for a in actions {
-        let m = match a {
-            Action::Send { conn, msg } => (
-                To::Shard(conn.shard),
-                ShardMsg::ToRunner {
-                    conn: conn_id(conn),
-                    frames: frames(&msg),
-                },
-            ),
-            Action::CloseRunner { conn, code, reason } => (
-                To::Shard(conn.shard),
-                ShardMsg::CloseConn {
-                    conn: conn_id(conn),
-                    code,
-                    reason: engine_close(code, reason),
-                },
-            ),
-            Action::RunnerAttached { runner_idx, conn } => {
-                (To::All, ShardMsg::RunnerAttached { runner_idx, conn })
-            }
-            Action::RunnerDetached { runner_idx } => (
-                To::All,
-                ShardMsg::RunnerDetached {
-                    runner_idx,
-                    lost: false,
-                },
-            ),
-            Action::RunnerLost { runner_idx } => (
-                To::All,
-                ShardMsg::RunnerDetached {
-                    runner_idx,
-                    lost: true,
-                },
-            ),
-            Action::ActorRunning {
-                actor_id,
-                generation,
-                runner_idx,
-            } => (
-                To::All,
-                ShardMsg::ActorRunning {
-                    actor_id: Arc::from(actor_id),
+impl Plane {
+    /// Where each engine action goes, in order (starts may wait behind a stop barrier).
+    pub fn deliver(&mut self, actions: Vec<Action>, out: &mut Vec<(To, ShardMsg)>) {
+        for a in actions {
+            let m = match a {
+                Action::Send { conn, msg } => {
+                    let starts = started_actors(&msg);
+                    let m = ShardMsg::ToRunner {
+                        conn: conn_id(conn),
+                        frames: frames(&msg),
+                    };
+                    self.send_or_hold(conn, starts, m, out);
+                    continue;
+                }
+                Action::CloseRunner { conn, code, reason } => {
+                    let m = ShardMsg::CloseConn {
+                        conn: conn_id(conn),
+                        code,
+                        reason: engine_close(code, reason),
+                    };
+                    self.send_or_hold(conn, Vec::new(), m, out);
+                    continue;
+                }
+                Action::RunnerAttached { runner_idx, conn } => {
+                    (To::All, ShardMsg::RunnerAttached { runner_idx, conn })
+                }
+                Action::RunnerDetached { runner_idx } => (
+                    To::All,
+                    ShardMsg::RunnerDetached {
+                        runner_idx,
+                        lost: false,
+                    },
+                ),
+                Action::RunnerLost { runner_idx } => (
+                    To::All,
+                    ShardMsg::RunnerDetached {
+                        runner_idx,
+                        lost: true,
+                    },
+                ),
+                Action::ActorRunning {
+                    actor_id,
                     generation,
                     runner_idx,
-                },
-            ),
-            Action::ActorStopped { actor_id } => (
-                To::All,
-                ShardMsg::ActorStopped {
-                    actor_id: Arc::from(actor_id),
-                    destroyed: false,
-                },
-            ),
-            Action::ActorDestroyed { actor_id } => (
-                To::All,
-                ShardMsg::ActorStopped {
-                    actor_id: Arc::from(actor_id),
-                    destroyed: true,
-                },
-            ),
-            Action::Resolved { waiter, result } => {
-                let result = result.map_err(|e| match e {
-                    engine::ResolveError::Timeout => ResolveError::Timeout,
-                    engine::ResolveError::Destroyed => ResolveError::NotFound,
-                });
-                match result {
-                    Ok(route) => reply(waiter, Ok(route)),
-                    Err(e) => reply_err(waiter, e),
+                } => (
+                    To::All,
+                    ShardMsg::ActorRunning {
+                        actor_id: Arc::from(actor_id),
+                        generation,
+                        runner_idx,
+                    },
+                ),
+                Action::ActorStopped { actor_id } => {
+                    let actor_id: Arc<str> = Arc::from(actor_id);
+                    let barrier = self.barrier(&actor_id);
+                    (
+                        To::All,
+                        ShardMsg::ActorStopped {
+                            actor_id,
+                            destroyed: false,
+                            barrier,
+                        },
+                    )
                 }
-            }
-        };
-        out.push(m);
+                Action::ActorDestroyed { actor_id } => {
+                    let actor_id: Arc<str> = Arc::from(actor_id);
+                    let barrier = self.barrier(&actor_id);
+                    (
+                        To::All,
+                        ShardMsg::ActorStopped {
+                            actor_id,
+                            destroyed: true,
+                            barrier,
+                        },
+                    )
+                }
+                Action::Resolved { waiter, result } => {
+                    let result = result.map_err(|e| match e {
+                        engine::ResolveError::Timeout => ResolveError::Timeout,
+                        engine::ResolveError::Destroyed => ResolveError::NotFound,
+                    });
+                    match result {
+                        Ok(route) => reply(waiter, Ok(route)),
+                        Err(e) => reply_err(waiter, e),
+                    }
+                }
+            };
+            out.push(m);
+        }
+    }
+}
+
+/// The actors a runner message starts (`CommandStartActor`s in a `Commands`).
+fn started_actors(msg: &protocol::ToClient) -> Vec<String> {
+    match msg {
+        protocol::ToClient::Commands(cmds) => cmds
+            .iter()
+            .filter(|c| matches!(c.inner, protocol::Command::StartActor(_)))
+            .map(|c| c.checkpoint.actor_id.clone())
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -274,9 +411,11 @@ pub fn copy_for_broadcast(msg: &ShardMsg) -> ShardMsg {
         ShardMsg::ActorStopped {
             actor_id,
             destroyed,
+            barrier,
         } => ShardMsg::ActorStopped {
             actor_id: actor_id.clone(),
             destroyed: *destroyed,
+            barrier: *barrier,
         },
         ShardMsg::Shutdown => ShardMsg::Shutdown,
         _ => unreachable!("only control events are broadcast"),
@@ -286,6 +425,99 @@ pub fn copy_for_broadcast(msg: &ShardMsg) -> ShardMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn start(actor: &str, generation: u32) -> protocol::ToClient {
+        protocol::ToClient::Commands(vec![protocol::CommandWrapper {
+            checkpoint: protocol::ActorCheckpoint {
+                actor_id: actor.into(),
+                generation,
+                index: 0,
+            },
+            inner: protocol::Command::StartActor(protocol::CommandStartActor {
+                config: protocol::ActorConfig {
+                    name: "n".into(),
+                    key: None,
+                    create_ts: 0,
+                    input: None,
+                },
+                hibernating_requests: Vec::new(),
+            }),
+        }])
+    }
+
+    fn ping() -> protocol::ToClient {
+        protocol::ToClient::Ping(protocol::ToClientPing { ts: -1 })
+    }
+
+    fn is_runner_msg(m: &(To, ShardMsg)) -> bool {
+        matches!(m, (To::Shard(1), ShardMsg::ToRunner { .. }))
+    }
+
+    /// A start of an actor whose stop a shard has not applied yet waits (and what follows it
+    /// on that runner connection waits behind it) until every shard answered; other
+    /// connections and other actors are not held.
+    #[test]
+    fn a_start_waits_until_every_shard_applied_the_stop() {
+        let conn = ConnRef {
+            shard: 1,
+            slot: 0,
+            gen: 1,
+        };
+        let other = ConnRef { slot: 5, ..conn };
+        let mut plane = Plane::new(2);
+        let mut out = Vec::new();
+        let actions = vec![
+            Action::ActorStopped {
+                actor_id: "a".into(),
+            },
+            Action::Send {
+                conn,
+                msg: start("a", 2),
+            },
+            Action::Send { conn, msg: ping() },
+            Action::Send {
+                conn: other,
+                msg: start("b", 1),
+            },
+        ];
+        plane.deliver(actions, &mut out);
+        let barrier = match &out[0] {
+            (To::All, ShardMsg::ActorStopped { barrier, .. }) => *barrier,
+            _ => panic!("the stop goes to every shard first"),
+        };
+        assert_eq!(
+            out.len(),
+            2,
+            "the start of a and the ping behind it are held"
+        );
+        assert!(
+            is_runner_msg(&out[1]),
+            "another actor's start on another connection goes"
+        );
+        assert_eq!(plane.held(), 2);
+        out.clear();
+        plane.applied(barrier, &mut out);
+        assert!(
+            out.is_empty(),
+            "one of two shards applied the stop: still held"
+        );
+        plane.applied(barrier, &mut out);
+        assert_eq!(
+            out.len(),
+            2,
+            "both shards applied it: start, then ping, in order"
+        );
+        assert!(out.iter().all(is_runner_msg));
+        assert_eq!(plane.held(), 0);
+        // Nothing open: a start goes at once.
+        out.clear();
+        let actions = vec![Action::Send {
+            conn,
+            msg: start("a", 3),
+        }];
+        plane.deliver(actions, &mut out);
+        assert_eq!(out.len(), 1);
+    }
 
     /// The engine's runner closes become the gateway's reasons with the engine's codes.
     #[test]
@@ -305,7 +537,7 @@ mod tests {
             ),
         ] {
             let mut out = Vec::new();
-            deliver(vec![Action::CloseRunner { conn, code, reason }], &mut out);
+            Plane::new(1).deliver(vec![Action::CloseRunner { conn, code, reason }], &mut out);
             let [(
                 To::Shard(1),
                 ShardMsg::CloseConn {

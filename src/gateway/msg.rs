@@ -37,8 +37,13 @@ pub enum ShardMsg {
     /// The runner's current connection is gone; it may come back unless `lost`.
     RunnerDetached { runner_idx: u32, lost: bool },
     /// The actor stopped: hibernatable sockets hibernate, others close (`actor.stopped`).
-    /// A destroyed actor's sockets all close (`actor.destroyed`).
-    ActorStopped { actor_id: Arc<str>, destroyed: bool },
+    /// A destroyed actor's sockets all close (`actor.destroyed`). The shard answers
+    /// [`ControlMsg::StopApplied`] with `barrier` once it applied it.
+    ActorStopped {
+        actor_id: Arc<str>,
+        destroyed: bool,
+        barrier: u64,
+    },
     /// The actor reported `Running` (generation `generation`, on runner `runner_idx`):
     /// hibernating sockets of an earlier generation reattach and replay.
     ActorRunning {
@@ -124,6 +129,11 @@ pub enum ControlMsg {
         key: Option<String>,
         get_or_create: bool,
         waiter: u64,
+    },
+    /// This shard applied `ActorStopped` with this barrier: it forwards nothing more of the
+    /// actor's sockets to the stopped generation (see `plane::Plane`).
+    StopApplied {
+        barrier: u64,
     },
     /// Start a sleeping actor because a hibernating socket needs it.
     Wake {

@@ -4,7 +4,7 @@
 //! kept by the control plane's `RunnerAttached` / `RunnerDetached` broadcasts.
 
 use super::conns::ConnKind;
-use super::msg::{ShardMsg, TunnelIn};
+use super::msg::{ControlMsg, ShardMsg, TunnelIn};
 use super::out::Frames;
 use super::{ConnId, Gateway, Output, Reason, RequestKey};
 use crate::engine::ConnRef;
@@ -142,12 +142,16 @@ impl Gateway {
             }
             ShardMsg::ActorStopped {
                 actor_id,
-                destroyed: false,
-            } => self.actor_stopped(&actor_id, now),
-            ShardMsg::ActorStopped {
-                actor_id,
-                destroyed: true,
-            } => self.actor_destroyed(&actor_id, now),
+                destroyed,
+                barrier,
+            } => {
+                if destroyed {
+                    self.actor_destroyed(&actor_id, now);
+                } else {
+                    self.actor_stopped(&actor_id, now);
+                }
+                self.control(ControlMsg::StopApplied { barrier });
+            }
             ShardMsg::ActorRunning {
                 actor_id,
                 generation,

@@ -8,7 +8,7 @@ use crate::gateway::{ApiRequest, ControlMsg, Reply, ResolveError as ShardResolve
 use crate::kv::worker::Done;
 use crate::kv::{Job, KvError, KvHandle, MetaRecord, Reply as KvReply};
 use crate::metrics::Counter;
-use crate::plane::{self, Stepped, To};
+use crate::plane::{self, Plane, Stepped, To};
 use crate::protocol::{self, ToServer};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::collections::{HashMap, HashSet};
@@ -63,6 +63,7 @@ pub fn run_control(
     // Actors whose stored input this round of messages needs (read in one job per round).
     let mut loads: Vec<String> = Vec::new();
     let mut out: Vec<(To, ShardMsg)> = Vec::new();
+    let mut plane = Plane::new(shared.shards.len());
     loop {
         // Wait for a message or the engine's next deadline; the gauges are refreshed at
         // least every ACTOR_COUNTS_MAX_AGE.
@@ -80,7 +81,7 @@ pub fn run_control(
         batch.extend(rx.try_iter());
         for msg in batch {
             let now = Instant::now();
-            match plane::step(&mut engine, msg, now, &mut out) {
+            match plane.step(&mut engine, msg, now, &mut out) {
                 Stepped::Done => {}
                 Stepped::Init {
                     conn,
@@ -102,7 +103,7 @@ pub fn run_control(
                     peers.remove(&conn);
                 }
                 Stepped::Caller(msg) => {
-                    if !caller_msg(&shared, &mut engine, &kv, msg, now, &mut out) {
+                    if !caller_msg(&shared, &mut plane, &mut engine, &kv, msg, now, &mut out) {
                         return;
                     }
                 }
@@ -114,7 +115,7 @@ pub fn run_control(
         let now = Instant::now();
         if engine.next_deadline().is_some_and(|t| t <= now) {
             let actions = engine.tick(now);
-            plane::deliver(actions, &mut out);
+            plane.deliver(actions, &mut out);
             persist(&mut engine, &kv);
             loads.append(&mut engine.take_input_loads());
             send(&shared, &mut out);
@@ -130,6 +131,7 @@ pub fn run_control(
 /// (answered once durable), the engine API. Returns false on `Shutdown`.
 fn caller_msg(
     shared: &Shared,
+    plane: &mut Plane,
     engine: &mut Engine,
     kv: &KvHandle,
     msg: ControlMsg,
@@ -170,19 +172,19 @@ fn caller_msg(
             } else if let Some(reply) = plane::answer_now(waiter, r) {
                 out.push(reply);
             }
-            plane::deliver(actions, out);
+            plane.deliver(actions, out);
         }
         ControlMsg::Api(req) => {
             if writes_actors(&req.method) && !kv.is_up() {
                 probe_then_api(shared, kv, req);
             } else {
                 let actions = api_request(shared, engine, kv, req, now);
-                plane::deliver(actions, out);
+                plane.deliver(actions, out);
             }
         }
         ControlMsg::ApiChecked(req) => {
             let actions = api_request(shared, engine, kv, req, now);
-            plane::deliver(actions, out);
+            plane.deliver(actions, out);
         }
         // Every other message is the plane's.
         _ => {}

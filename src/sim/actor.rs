@@ -24,13 +24,25 @@ pub(super) const GATEWAY_ID: [u8; 4] = [0x5a, 0x17, 0x00, 0x01];
 /// Reason an actor uses when it closes a socket itself (a legitimate close).
 pub(super) const ACTOR_CLOSE_REASON: &str = "sim.actor_close";
 
-/// The request id of simulated socket `id` (ids are never reused).
-pub(super) fn req_of(id: u32) -> [u8; 4] {
-    id.to_le_bytes()
+/// The client socket that holds request `key` now. The gateway numbers requests by shard,
+/// slot and a few generation bits, so an id comes back after its socket closed: a message
+/// for the old socket that reached the new one is caught as misrouted.
+pub(super) fn sock_of(store: &Store, key: &RequestKey) -> Option<u32> {
+    if key.gateway_id != GATEWAY_ID {
+        return None;
+    }
+    store.reqs.get(&key.request_id)?.last().copied()
 }
 
-pub(super) fn sock_of(key: &RequestKey) -> Option<u32> {
-    (key.gateway_id == GATEWAY_ID).then(|| u32::from_le_bytes(key.request_id))
+/// The socket a delivery on `key` carrying socket `pid`'s payload is for: `pid` if the
+/// request id ever named it (a message sent before the id was reused), else the socket that
+/// holds the id now (so a message of another socket shows as misrouted).
+fn delivery_sock(store: &Store, key: &RequestKey, pid: u32) -> Option<u32> {
+    let held = store.reqs.get(&key.request_id)?;
+    if key.gateway_id == GATEWAY_ID && held.contains(&pid) {
+        return Some(pid);
+    }
+    sock_of(store, key)
 }
 
 /// Payload of client message `seq` on socket `id`: 8 header bytes, then `pad` filler bytes.
@@ -52,6 +64,8 @@ fn parse(data: &[u8]) -> Option<(u32, u32)> {
 #[derive(Debug, Clone)]
 pub(super) struct Durable {
     pub actor: String,
+    /// The request id the gateway gave the socket (all zero until its tunnel opened).
+    pub req: [u8; 4],
     /// The actor accepts this socket as hibernatable (decided by the client generator).
     pub want_hib: bool,
     /// `WebSocketOpen` reached an actor.
@@ -73,6 +87,8 @@ pub(super) struct Durable {
 #[derive(Default)]
 pub(super) struct Store {
     pub socks: BTreeMap<u32, Durable>,
+    /// Request id → the client sockets that held it, in order (the last holds it now).
+    pub reqs: BTreeMap<[u8; 4], Vec<u32>>,
     /// Running actor instances: actor id → (runner number, generation, handle).
     pub handles: BTreeMap<String, (usize, u32, ActorHandle)>,
     /// Violations found inside actor callbacks.
@@ -130,7 +146,7 @@ impl Actor for SimActor {
     fn on_websocket_open(&mut self, _cx: &mut ActorCx<'_>, open: &WsOpen<'_>) -> WsOpenReply {
         let mut guard = lock(&self.shared);
         let s = &mut *guard;
-        let Some(id) = sock_of(&open.key) else {
+        let Some(id) = sock_of(s, &open.key) else {
             s.failures
                 .push(format!("open for a foreign request {}", open.key));
             return WsOpenReply::Reject {
@@ -178,7 +194,7 @@ impl Actor for SimActor {
         let mut guard = lock(&self.shared);
         let s = &mut *guard;
         s.restores += 1;
-        let Some(id) = sock_of(&key) else {
+        let Some(id) = sock_of(s, &key) else {
             s.failures
                 .push(format!("restore of a foreign request {key}"));
             return WsRestore::Close;
@@ -237,7 +253,12 @@ impl Actor for SimActor {
         let s = &mut *guard;
         let actor_id = self.actor_id.clone();
         let generation = self.generation;
-        let (Some(id), Some((pid, seq))) = (sock_of(&key), parse(&data)) else {
+        let Some((pid, seq)) = parse(&data) else {
+            s.failures
+                .push(format!("undecodable delivery on {key} index {index}"));
+            return;
+        };
+        let Some(id) = delivery_sock(s, &key, pid) else {
             s.failures
                 .push(format!("undecodable delivery on {key} index {index}"));
             return;

@@ -27,18 +27,24 @@
 //! after every client closed, no pending byte, no waiter, no owed close, and wakes list nobody.
 //!
 //! A failure prints its seed and the command that replays just that seed:
-//! `SIM_SEED=<seed> cargo test --lib sim::`. `SIM_RUNS=<n>` sets the number of runs.
+//! `SIM_SEED=<seed> cargo test --lib sim::`. `SIM_RUNS=<n>` sets the number of runs and
+//! `SIM_FIRST=<seed>` the first seed; `scripts/sim_long.sh` runs many in release mode.
 //!
 //! Test-only: no network, no threads, no real clock (time is a fixed base `Instant` plus a
 //! simulated offset). It must never be compiled into the daemon.
 
 mod actor;
-mod gateway;
+mod checks;
+mod clients;
+mod config;
+mod network;
+mod time;
 mod world;
 
 use std::time::Instant;
 
-use world::{Failure, SimConfig, Stats, World};
+use config::{Failure, SimConfig, Stats};
+use world::World;
 
 /// Runs per `cargo test` invocation (over both shard tests), unless `SIM_RUNS` says otherwise.
 const DEFAULT_RUNS: u64 = 6000;
@@ -64,14 +70,18 @@ fn report_for(f: &Failure, test: &str) -> String {
     )
 }
 
-/// Runs seeds `shard, shard + shards, …` below the run count (or only `SIM_SEED`).
+/// Runs the seeds `SIM_FIRST..SIM_FIRST + SIM_RUNS` (default `0..DEFAULT_RUNS`) that fall to
+/// this shard (`seed % shards == shard`), or only `SIM_SEED`.
 fn run_shard(shard: u64, shards: u64) {
     let seeds: Vec<u64> = match env_u64("SIM_SEED") {
         Some(s) if s % shards == shard => vec![s],
         Some(_) => Vec::new(),
         None => {
             let runs = env_u64("SIM_RUNS").unwrap_or(DEFAULT_RUNS);
-            (0..runs).filter(|s| s % shards == shard).collect()
+            let first = env_u64("SIM_FIRST").unwrap_or(0);
+            (first..first + runs)
+                .filter(|s| s % shards == shard)
+                .collect()
         }
     };
     let start = Instant::now();
@@ -90,6 +100,7 @@ fn run_shard(shard: u64, shards: u64) {
                 total.restores += s.restores;
                 total.stale_remembered += s.stale_remembered;
                 total.runner_drops += s.runner_drops;
+                total.runner_closes += s.runner_closes;
                 total.runners_lost += s.runners_lost;
                 total.legit_closes += s.legit_closes;
                 total.refusals += s.refusals;
@@ -156,7 +167,7 @@ fn index_wraps_through_replays_and_hibernation() {
     cfg.slots = 1;
     cfg.actors = 1;
     cfg.max_sockets = 1;
-    cfg.steps = 36_000;
+    cfg.steps = 80_000;
     cfg.hib_probability = 1.0;
     cfg.global_cap = crate::tunnel::Budget::DEFAULT_PROCESS_CAP;
     cfg.limits = crate::tunnel::WindowLimits {
