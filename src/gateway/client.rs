@@ -5,7 +5,7 @@
 
 use super::conns::{ClientConn, Conn, ConnKind, OpenPhase};
 use super::msg::{ControlMsg, Routed, TunnelIn};
-use super::out::{OutQueue, Pause};
+use super::out::Pause;
 use super::{ConnId, Gateway, Next, Output, Peer, Reason, Timer};
 use crate::metrics::{CloseLabel, Counter, Gauge, ShardMetrics};
 use crate::protocol::{self, StrMap, ToClientTunnelMessageKind};
@@ -220,16 +220,24 @@ impl Gateway {
         Some(pause)
     }
 
-    /// Is this client behind on reading what it was sent (see [`Pause::Unread`])?
-    pub fn client_out_full(&self, id: ConnId) -> bool {
-        self.conn(id)
-            .filter(|c| matches!(c.kind, ConnKind::Client(_)))
-            .is_some_and(|c| self.unread(&c.out))
+    /// Is this client still behind on reading what it was sent (see [`Pause::Unread`])? A
+    /// reader that waits on it again is woken by the next write ([`Output::Wake`]), as after
+    /// [`Self::client_paused`].
+    pub fn client_out_full(&mut self, id: ConnId) -> bool {
+        let half = self.config.limits.client_outbound_bytes / 2;
+        let Some(c) = self.conn_mut(id) else {
+            return false;
+        };
+        let behind = c.out.behind(half);
+        let ConnKind::Client(cc) = &mut c.kind else {
+            return false;
+        };
+        if behind {
+            cc.reader_parked = true;
+        }
+        behind
     }
 
-    fn unread(&self, out: &OutQueue) -> bool {
-        out.behind(self.config.limits.client_outbound_bytes / 2)
-    }
 
     /// A data frame from a client: the window decides, this applies.
     pub fn client_message(&mut self, id: ConnId, data: Bytes, binary: bool, now: Instant) {

@@ -2,7 +2,7 @@
 //! control plane ([`ShardMsg`]), what it asks of the control plane ([`ControlMsg`]), and the
 //! runner → request traffic after decoding ([`TunnelIn`]).
 //!
-//! Types only: how they travel (channels, eventfd) is the shell's business.
+//! Types only: how they travel between threads is the shell's business.
 
 use super::ids::{ConnId, RequestKey};
 use super::reason::Reason;
