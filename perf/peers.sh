@@ -193,9 +193,11 @@ start_nginx() {
 
 # start_torpor PREFIX SHARDS CPU RUNNER_CPU: torpor on a free port with a fresh data dir,
 # pinned to CPU ("" = unpinned), an echo runner pinned to RUNNER_CPU, and one actor.
-# Sets PREFIX_PORT, PREFIX_PID, PREFIX_RUNNER, PREFIX_ACTOR.
+# Sets PREFIX_PORT, PREFIX_PID, PREFIX_RUNNER, PREFIX_ACTOR. PERF_TORPOR_BIN names another
+# torpor binary (perf/ab.sh: an earlier revision's).
 start_torpor() {
   local pre=$1 shards=$2 cpu=$3 rcpu=$4 port pid runner data pin=() wrap=() actor
+  local bin=${PERF_TORPOR_BIN:-./target/release/torpor}
   port=$(peers_free_port)
   data="$PEERS_TMP/$pre-data"
   mkdir -p "$data"
@@ -203,8 +205,8 @@ start_torpor() {
   # PERF_TORPOR_WRAP runs torpor under a tool (profile.sh: valgrind); not TORPOR_*, which
   # torpor itself reads as configuration.
   read -r -a wrap <<<"${PERF_TORPOR_WRAP:-}"
-  peers_show "${pin[@]}" "${wrap[@]}" ./target/release/torpor serve --listen "127.0.0.1:$port" --shards "$shards" --data-dir "$data"
-  "${pin[@]}" "${wrap[@]}" ./target/release/torpor serve --listen "127.0.0.1:$port" \
+  peers_show "${pin[@]}" "${wrap[@]}" "$bin" serve --listen "127.0.0.1:$port" --shards "$shards" --data-dir "$data"
+  "${pin[@]}" "${wrap[@]}" "$bin" serve --listen "127.0.0.1:$port" \
     --shards "$shards" --data-dir "$data" >"$PEERS_TMP/$pre-torpor.log" 2>&1 &
   pid=$!
   PEERS_PIDS+=("$pid")

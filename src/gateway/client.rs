@@ -238,7 +238,6 @@ impl Gateway {
         behind
     }
 
-
     /// A data frame from a client: the window decides, this applies.
     pub fn client_message(&mut self, id: ConnId, data: Bytes, binary: bool, now: Instant) {
         let Some(Conn {

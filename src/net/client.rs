@@ -65,7 +65,7 @@ pub async fn serve(
             Some(OpenPhase::Waiting) => wake.notified().await,
             Some(OpenPhase::Accepted) => break,
             Some(OpenPhase::Refused(r)) => {
-                shard.with(|c, _| c.client_refused(id));
+                shard.call(|c| c.client_refused(id));
                 shard.unregister(id);
                 refuse(&shard, &stream, r).await;
                 return;
@@ -89,7 +89,7 @@ pub async fn serve(
         finish(&shard, id);
         return;
     }
-    shard.with(|c, _| c.client_upgraded(id));
+    shard.call(|c| c.client_upgraded(id));
     tokio_uring::spawn(writer::writer_task(shard.clone(), stream.clone(), id));
     // The WebSocket's life runs in a task of its own, so the handshake's state (the whole
     // routing and open exchange) is freed now instead of living as long as the socket.
@@ -121,10 +121,10 @@ async fn ws_loop(
     }
     'outer: loop {
         loop {
-            match shard.with(|c, _| c.client_paused(id)) {
+            match shard.call(|c| c.client_paused(id)) {
                 // Woken after every write; stays paused until the client caught up.
                 Some(Pause::Unread) => {
-                    while shard.with(|c, _| c.client_out_full(id)) {
+                    while shard.call(|c| c.client_out_full(id)) {
                         wake.notified().await;
                     }
                     continue;
@@ -158,7 +158,7 @@ async fn ws_loop(
             break;
         };
         chunk = next_chunk(chunk, n, offered, WS_CHUNKS);
-        if !shard.with(|c, _| c.client_read(id)) {
+        if !shard.call(|c| c.client_read(id)) {
             break;
         }
     }

@@ -41,7 +41,7 @@ pub async fn serve_http(
     let id = shard.with(|c, now| c.start_request(&routed, method, path, headers, body, now));
     let (wake, _) = shard.register(id, None);
     let outcome = loop {
-        if let Some(o) = shard.with(|c, _| c.take_http_outcome(id)) {
+        if let Some(o) = shard.call(|c| c.take_http_outcome(id)) {
             break o;
         }
         if !shard.peek(|c| c.contains(id)) {
@@ -49,7 +49,7 @@ pub async fn serve_http(
         }
         wake.notified().await;
     };
-    shard.with(|c, _| c.remove(id));
+    shard.call(|c| c.remove(id));
     shard.unregister(id);
     match outcome {
         HttpOutcome::Response {

@@ -92,6 +92,6 @@ pub async fn serve(
         }
         buf.clear();
     }
-    shard.with(|c, _| c.runner_ended(id));
+    shard.call(|c| c.runner_ended(id));
     shard.unregister(id);
 }

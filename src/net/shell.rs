@@ -68,6 +68,13 @@ impl Shard {
         r
     }
 
+    /// Calls the core where no time is needed (no clock read), then does what it asked.
+    pub fn call<R>(&self, f: impl FnOnce(&mut Gateway) -> R) -> R {
+        let r = f(&mut self.core.borrow_mut());
+        self.pump();
+        r
+    }
+
     /// Reads the core without calling it (nothing to carry out).
     pub fn peek<R>(&self, f: impl FnOnce(&Gateway) -> R) -> R {
         f(&self.core.borrow())
@@ -80,13 +87,17 @@ impl Shard {
             };
             match o {
                 Output::Flush(id) => {
-                    if let Some(w) = self.wakers(id) {
-                        w.1.notify_one();
+                    if let Some(w) = self.wakers.borrow().get(id.slot as usize) {
+                        if let Some(w) = w.as_ref().filter(|w| w.gen == id.gen) {
+                            w.writer.notify_one();
+                        }
                     }
                 }
                 Output::Wake(id) => {
-                    if let Some(w) = self.wakers(id) {
-                        w.0.notify_one();
+                    if let Some(w) = self.wakers.borrow().get(id.slot as usize) {
+                        if let Some(w) = w.as_ref().filter(|w| w.gen == id.gen) {
+                            w.reader.notify_one();
+                        }
                     }
                 }
                 Output::Reset(id) => {

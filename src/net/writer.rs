@@ -37,7 +37,7 @@ pub async fn writer_task(shard: Rc<Shard>, stream: Rc<TcpStream>, id: ConnId) {
         notify.notified().await;
         loop {
             batch.clear();
-            match shard.with(|c, _| c.writer_turn(id, &mut batch, MAX_IOV)) {
+            match shard.call(|c| c.writer_turn(id, &mut batch, MAX_IOV)) {
                 // Gone, or reset by the core (the shell already reset the socket).
                 WriterTurn::Gone | WriterTurn::Reset => return,
                 WriterTurn::Shutdown => {
@@ -58,7 +58,7 @@ pub async fn writer_task(shard: Rc<Shard>, stream: Rc<TcpStream>, id: ConnId) {
                         return;
                     }
                     batch = back;
-                    shard.with(|c, _| c.written(id, bytes));
+                    shard.call(|c| c.written(id, bytes));
                 }
             }
         }
