@@ -11,11 +11,12 @@ use std::path::Path;
 
 type Check = fn(&[u8]);
 
-const TARGETS: [(&str, Check); 4] = [
+const TARGETS: [(&str, Check); 5] = [
     ("ws_reader", checks::ws_reader),
     ("http_head", checks::http_head),
     ("protocol_to_server", checks::protocol_to_server),
     ("tunnel_socket", checks::tunnel_socket),
+    ("gateway_core", checks::gateway_core),
 ];
 
 /// Runs `check` on every file of `dir` (if it exists); returns how many ran.
@@ -57,4 +58,16 @@ fn hand_written_inputs_pass_the_fuzz_checks() {
     checks::ws_reader(&[0, 1, 0x81, 0x82, 0, 0, 0, 0, 0xc3, 0x28]);
     // An empty input is an error for both decoders.
     checks::protocol_to_server(&[]);
+}
+
+/// The `record_after_close_in_open` seed without the tolerance of the known bug: a client the
+/// core aborts (too slow) while its open exchange still waits is accepted by the runner's
+/// later `WebSocketOpen { canHibernate: true }`; `client_opened` then sends the engine a
+/// hibernating record of a closing socket, which no close will ever forget.
+#[test]
+#[ignore = "known bug: a client closed in its open exchange is still accepted (fuzz/README.md)"]
+fn closed_opening_client_is_not_accepted() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus/gateway_core/record_after_close_in_open");
+    checks::gateway_core_strict(&fs::read(path).expect("seed"));
 }

@@ -2,8 +2,9 @@
 //! and the stable corpus replay test (`tests/fuzz_corpus.rs`), which include this file by path.
 //!
 //! Each function takes arbitrary bytes and panics only when torpor breaks a property: a
-//! parser panicking on hostile input, two decoders disagreeing, or a tunnel socket breaking
-//! its invariants. It must never panic on input that torpor handles correctly.
+//! parser panicking on hostile input, two decoders disagreeing, a tunnel socket breaking
+//! its invariants, or a gateway core breaking what it promises its shell (`gateway_core.rs`).
+//! It must never panic on input that torpor handles correctly.
 
 #![allow(dead_code)]
 
@@ -14,6 +15,11 @@ use torpor::http::parse::{body_kind, parse_request_head, BodyKind, ChunkedDecode
 use torpor::protocol::{decode_to_server, hot::decode_to_server_hot};
 use torpor::tunnel::{Budget, ClientMsg, DetachCause, SocketState, TunnelSocket, WindowLimits};
 use torpor::ws::{Role, WsEvent, WsReader, WsReaderConfig};
+
+#[path = "gateway_core.rs"]
+mod gateway_core;
+#[allow(unused_imports)]
+pub use gateway_core::op as gateway_op;
 
 /// Tiny deterministic generator for chunk sizes, seeded from the input.
 struct Splitter(u32);
@@ -367,4 +373,18 @@ pub fn tunnel_socket(data: &[u8]) {
         }
         check(&sock, &budget, step);
     }
+}
+
+/// Gateway cores (one or two shards) driven by a byte-coded interleaving of the shell's calls,
+/// the runners' and clients' frames, the shards' messages and a forward-only clock: no panic,
+/// `check_invariants` after every step, and the shell-facing promises listed in
+/// `gateway_core.rs` (outputs, deadlines, wake-ups, wire format, gauges, final liveness).
+pub fn gateway_core(data: &[u8]) {
+    gateway_core::run(data, false);
+}
+
+/// [`gateway_core`] without tolerating the known bug described in `gateway_core.rs` (a client
+/// closed during its open exchange, then accepted, keeps an engine record forever).
+pub fn gateway_core_strict(data: &[u8]) {
+    gateway_core::run(data, true);
 }

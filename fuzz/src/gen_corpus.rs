@@ -6,6 +6,10 @@
 use std::fs;
 use std::path::Path;
 
+#[path = "checks.rs"]
+#[allow(dead_code)]
+mod checks;
+
 use torpor::protocol::hot::{
     encode_ws_ack_to_server, encode_ws_message_prefix_to_server, ws_message_trailer,
 };
@@ -173,9 +177,281 @@ fn tunnel() {
     );
 }
 
+/// A `gateway_core` input: a flags byte, then (op, args…) steps (see `op` in gateway_core.rs).
+struct Steps(Vec<u8>);
+
+impl Steps {
+    /// flags: bit 0 two shards, bit 7 the documented paused reader instead of src/net's; all
+    /// of it seeds the cores' jitter.
+    fn new(flags: u8) -> Steps {
+        Steps(vec![flags])
+    }
+
+    fn op(mut self, code: u8, args: &[u8]) -> Steps {
+        self.0.push(code);
+        self.0.extend_from_slice(args);
+        self
+    }
+
+    /// Runner 0 (the first runner connection made) sends Init and the control plane attaches
+    /// it as runner index 0 on every shard.
+    fn attach_first_runner(self, shards: u8) -> Steps {
+        use checks::gateway_op::*;
+        let mut s = self.op(RUNNER_INIT, &[0]).op(CONTROL, &[0]);
+        for c in 0..shards {
+            s = s.op(DELIVER, &[c, 7]);
+        }
+        s
+    }
+}
+
+fn gateway() {
+    use checks::gateway_op::*;
+    let t = "gateway_core";
+    // Writer picks: core 0's clients, core 0's runners, core 1's clients, core 1's runners.
+    // A client on shard 0, its runner on shard 1: open, accept (hibernatable), messages both
+    // ways across the mailboxes, an ack, the client's close and its handshake.
+    let s = Steps::new(1)
+        .op(RUNNER_CONNECT, &[1])
+        .attach_first_runner(2)
+        .op(OPEN_CLIENT, &[0, 0, 0, 0, 1])
+        .op(DELIVER, &[1, 7])
+        .op(WRITER, &[1, 3])
+        .op(WRITER, &[1, 3])
+        .op(RUNNER_WS, &[0, 0, 5, 1, 0])
+        .op(DELIVER, &[0, 7])
+        .op(HANDSHAKE, &[0, 0])
+        .op(CLIENT_FRAME, &[0, 1, 10])
+        .op(CLIENT_FRAME, &[0, 0, 30])
+        .op(DELIVER, &[1, 7])
+        .op(WRITER, &[1, 3])
+        .op(WRITER, &[1, 3])
+        .op(RUNNER_WS, &[0, 0, 3, 0, 0])
+        .op(RUNNER_WS, &[0, 0, 1, 20, 1])
+        .op(RUNNER_WS, &[0, 0, 2, 5, 2])
+        .op(DELIVER, &[0, 7])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[0, 3])
+        .op(CLIENT_FRAME, &[0, 3, 4])
+        .op(CLIENT_FRAME, &[0, 5, 0])
+        .op(DELIVER, &[1, 7])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[0, 3])
+        .op(RUNNER_WS, &[0, 0, 6, 1, 0])
+        .op(DELIVER, &[0, 7])
+        .op(TICK, &[40])
+        .op(CLIENT_END, &[0]);
+    write(t, "ws_two_shards", &s.0);
+
+    // HTTP: a streamed response in two chunks, then one that times out, on one shard.
+    let s = Steps::new(0)
+        .op(RUNNER_CONNECT, &[0])
+        .attach_first_runner(1)
+        .op(START_REQUEST, &[0, 0, 0, 0, 10])
+        .op(RUNNER_HTTP, &[0, 0, 1, 5])
+        .op(RUNNER_HTTP, &[0, 0, 2, 10])
+        .op(RUNNER_HTTP, &[0, 0, 6, 10])
+        .op(HTTP_STEP, &[0])
+        .op(START_REQUEST, &[0, 1, 0, 0, 0])
+        .op(RUNNER_HTTP, &[0, 1, 1, 70])
+        .op(RUNNER_HTTP, &[0, 1, 2, 39])
+        .op(RUNNER_HTTP, &[0, 1, 2, 39])
+        .op(HTTP_STEP, &[0])
+        .op(START_REQUEST, &[0, 2, 0, 0, 3])
+        .op(TICK, &[100])
+        .op(HTTP_STEP, &[0])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[0, 3]);
+    write(t, "http_stream_and_timeout", &s.0);
+
+    // A hibernatable client fills its window (pause), the actor hands it back (hibernate),
+    // the client's message asks for a wake, the actor runs again and the window replays.
+    let s = Steps::new(1)
+        .op(RUNNER_CONNECT, &[1])
+        .attach_first_runner(2)
+        .op(INSERT_CLIENT, &[0, 0, 0, 1, 1])
+        .op(CLIENT_FRAME, &[0, 1, 20])
+        .op(CLIENT_FRAME, &[0, 1, 20])
+        .op(CLIENT_FRAME, &[0, 1, 20])
+        .op(CLIENT_FRAME, &[0, 1, 20])
+        .op(CLIENT_FRAME, &[0, 1, 20])
+        .op(DELIVER, &[1, 7])
+        .op(RUNNER_WS, &[0, 0, 3, 0, 0])
+        .op(DELIVER, &[0, 7])
+        .op(CLIENT_FRAME, &[0, 1, 20])
+        .op(RUNNER_WS, &[0, 0, 6, 1, 1])
+        .op(DELIVER, &[0, 7])
+        .op(INJECT, &[1, 3, 0, 0])
+        .op(DELIVER, &[0, 7])
+        .op(RUNNER_WS, &[0, 0, 3, 1, 0])
+        .op(DELIVER, &[0, 7])
+        .op(CONTROL, &[0])
+        .op(CONTROL, &[0])
+        .op(CONTROL, &[0])
+        .op(DELIVER, &[0, 7])
+        .op(DELIVER, &[1, 7])
+        .op(WRITER, &[1, 3])
+        .op(WRITER, &[1, 3])
+        .op(RUNNER_WS, &[0, 0, 3, 3, 0])
+        .op(DELIVER, &[0, 7])
+        .op(TICK, &[250])
+        .op(TICK, &[250]);
+    write(t, "hibernate_wake_replay", &s.0);
+
+    // The runner goes: its connection ends, the control plane detaches it and later calls it
+    // lost; a non-hibernatable client closes, a hibernatable one hibernates until its limit.
+    let s = Steps::new(0)
+        .op(RUNNER_CONNECT, &[0])
+        .attach_first_runner(1)
+        .op(INSERT_CLIENT, &[0, 0, 0, 1, 0])
+        .op(INSERT_CLIENT, &[0, 1, 0, 1, 1])
+        .op(CLIENT_FRAME, &[1, 1, 8])
+        .op(RUNNER_END, &[0])
+        .op(CONTROL, &[0])
+        .op(CONTROL, &[0])
+        .op(DELIVER, &[0, 7])
+        .op(INJECT, &[0, 2, 0, 0])
+        .op(DELIVER, &[0, 7])
+        .op(CLIENT_FRAME, &[1, 1, 8])
+        .op(RUNNER_CONNECT, &[0])
+        .op(RUNNER_INIT, &[0])
+        .op(CONTROL, &[0])
+        .op(CONTROL, &[0])
+        .op(DELIVER, &[0, 7])
+        .op(JUMP, &[1]);
+    write(t, "runner_lost", &s.0);
+
+    // A client that does not read: three messages put it past half of client_outbound_bytes,
+    // its reader pauses (Unread), and the writer drains the queue one chunk per turn.
+    let s = Steps::new(0)
+        .op(RUNNER_CONNECT, &[0])
+        .op(RUNNER_INIT, &[0])
+        .op(INJECT, &[0, 0, 0, 0])
+        .op(DELIVER, &[0, 0])
+        .op(INSERT_CLIENT, &[0, 0, 0, 1, 0])
+        .op(RUNNER_WS, &[0, 0, 1, 99, 0])
+        .op(RUNNER_WS, &[0, 0, 1, 99, 0])
+        .op(RUNNER_WS, &[0, 0, 1, 99, 0])
+        .op(CLIENT_FRAME, &[0, 1, 5])
+        .op(WRITER, &[0, 0])
+        .op(WRITER, &[0, 0])
+        .op(WRITER, &[0, 0])
+        .op(WRITER, &[0, 0])
+        .op(WRITER, &[0, 0])
+        .op(WRITER, &[0, 0])
+        .op(CLIENT_FRAME, &[0, 1, 5])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[0, 3])
+        .op(CLIENT_FRAME, &[0, 1, 5]);
+    write(t, "client_unread_pause", &s.0);
+    // The same with the reader that asks `client_paused` again after each wake-up.
+    let mut contract = s.0.clone();
+    contract[0] = 0x80;
+    write(t, "client_unread_pause_contract_reader", &contract);
+
+    // Deadlines: an open never answered, a question never answered, a runner that never
+    // sends Init, and close handshakes that time out into resets.
+    let s = Steps::new(2)
+        .op(RUNNER_CONNECT, &[0])
+        .op(RUNNER_CONNECT, &[0])
+        .op(RUNNER_INIT, &[0])
+        .op(CONTROL, &[0])
+        .op(DELIVER, &[0, 7])
+        .op(OPEN_CLIENT, &[0, 0, 0, 0, 0])
+        .op(ASK, &[0, 20])
+        .op(TICK, &[45])
+        .op(HANDSHAKE, &[0, 0])
+        .op(TICK, &[30])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[1, 3])
+        .op(WRITER, &[1, 3])
+        .op(TICK, &[100])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[1, 3])
+        .op(RUNNER_OTHER, &[0, 0, 0])
+        .op(JUMP, &[3]);
+    write(t, "deadlines", &s.0);
+
+    // The drain: a request, a client and a runner when Shutdown comes; the client answers
+    // the 1001 close.
+    let s = Steps::new(0)
+        .op(RUNNER_CONNECT, &[0])
+        .attach_first_runner(1)
+        .op(INSERT_CLIENT, &[0, 0, 0, 1, 1])
+        .op(START_REQUEST, &[0, 0, 0, 0, 4])
+        .op(INJECT, &[0, 8, 0, 0])
+        .op(MISC, &[0, 1])
+        .op(INJECT, &[1, 9, 0, 0])
+        .op(DELIVER, &[0, 7])
+        .op(MISC, &[0, 1])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[0, 3])
+        .op(CLIENT_FRAME, &[0, 5, 0])
+        .op(HTTP_STEP, &[0])
+        .op(RUNNER_OTHER, &[0, 9, 0]);
+    write(t, "shutdown_drain", &s.0);
+
+    // The drain closes a client whose open exchange still waits; then its runner accepts it.
+    let s = Steps::new(0)
+        .op(RUNNER_CONNECT, &[0])
+        .attach_first_runner(1)
+        .op(OPEN_CLIENT, &[0, 0, 0, 0, 1])
+        .op(MISC, &[0, 2])
+        .op(RUNNER_WS, &[0, 0, 5, 1, 0])
+        .op(HANDSHAKE, &[0, 0])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[0, 3])
+        .op(WRITER, &[0, 3])
+        .op(CLIENT_FRAME, &[0, 5, 0]);
+    write(t, "drain_during_open", &s.0);
+
+    // The runner sends four messages before answering WebSocketOpen: the client, which has no
+    // writer yet, is aborted as too slow while its open exchange waits; the runner's
+    // WebSocketOpen then accepts it anyway (the known bug `gateway_core_strict` fails on).
+    let mut s = Steps::new(0)
+        .op(RUNNER_CONNECT, &[0])
+        .attach_first_runner(1)
+        .op(OPEN_CLIENT, &[0, 0, 0, 0, 1]);
+    for _ in 0..4 {
+        s = s.op(RUNNER_WS, &[0, 0, 1, 99, 0]);
+    }
+    let s = s.op(RUNNER_WS, &[0, 0, 5, 1, 0]).op(HANDSHAKE, &[0, 1]);
+    write(t, "record_after_close_in_open", &s.0);
+
+    // What a runner may send that makes no sense: garbage, text, fences, stray ids, a
+    // second Init, a ping, and acks for nobody.
+    let s = Steps::new(1)
+        .op(RUNNER_CONNECT, &[0])
+        .op(RUNNER_CONNECT, &[1])
+        .op(RUNNER_OTHER, &[0, 5, 3, 1, 2, 3, 4])
+        .op(RUNNER_INIT, &[0])
+        .op(RUNNER_INIT, &[1])
+        .op(CONTROL, &[0])
+        .op(CONTROL, &[0])
+        .op(DELIVER, &[0, 7])
+        .op(DELIVER, &[1, 7])
+        .op(OPEN_CLIENT, &[1, 0, 0, 0, 1])
+        .op(RUNNER_WS, &[1, 255, 0, 9, 9])
+        .op(RUNNER_WS, &[0, 0, 5, 0, 0])
+        .op(RUNNER_WS, &[1, 0, 7, 5, 5])
+        .op(RUNNER_OTHER, &[1, 1, 7])
+        .op(RUNNER_OTHER, &[1, 7, 9])
+        .op(RUNNER_OTHER, &[1, 11, 0])
+        .op(RUNNER_OTHER, &[0, 6, 3])
+        .op(DELIVER, &[1, 7])
+        .op(DELIVER, &[0, 7])
+        .op(TICK, &[200]);
+    write(t, "runner_nonsense", &s.0);
+}
+
 fn main() {
     ws();
     http();
     protocol();
     tunnel();
+    gateway();
 }
