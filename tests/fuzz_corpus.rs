@@ -65,7 +65,6 @@ fn hand_written_inputs_pass_the_fuzz_checks() {
 /// later `WebSocketOpen { canHibernate: true }`; `client_opened` then sends the engine a
 /// hibernating record of a closing socket, which no close will ever forget.
 #[test]
-#[ignore = "known bug: a client closed in its open exchange is still accepted (fuzz/README.md)"]
 fn closed_opening_client_is_not_accepted() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/corpus/gateway_core/record_after_close_in_open");

@@ -380,11 +380,11 @@ pub fn tunnel_socket(data: &[u8]) {
 /// `check_invariants` after every step, and the shell-facing promises listed in
 /// `gateway_core.rs` (outputs, deadlines, wake-ups, wire format, gauges, final liveness).
 pub fn gateway_core(data: &[u8]) {
-    gateway_core::run(data, false);
+    gateway_core::run(data, true);
 }
 
-/// [`gateway_core`] without tolerating the known bug described in `gateway_core.rs` (a client
-/// closed during its open exchange, then accepted, keeps an engine record forever).
+/// [`gateway_core`] (kept for the regression test of the bug it once tolerated: a client
+/// closed during its open exchange, then accepted, kept an engine record forever).
 pub fn gateway_core_strict(data: &[u8]) {
     gateway_core::run(data, true);
 }

@@ -25,11 +25,11 @@
 //! - at the end, after the clock jumped past every timeout: every question was answered, no
 //!   open exchange still waits, every HTTP request has its outcome.
 //!
-//! Known bug, tolerated unless `strict` (so fuzzing goes on past it): a client closed while
-//! its open exchange still waits (the core aborts it as too slow when its runner sends
-//! messages before answering `WebSocketOpen`) is still accepted by a later
-//! `WebSocketOpen { canHibernate: true }`: `client_opened` makes an engine record of a closing
-//! socket, and since closing again is a no-op the record is never forgotten.
+//! Fixed bug, tolerated only when not `strict` (the target runs strict): a client closed while
+//! its open exchange still waited (the core aborted it as too slow when its runner sent
+//! messages before answering `WebSocketOpen`) was still accepted by a later
+//! `WebSocketOpen { canHibernate: true }`: `client_opened` made an engine record of a closing
+//! socket that was never forgotten. The core now refuses the open of a closing client.
 //!
 //! The model calls the core only as the shell would (`src/net`): no frame from a client before
 //! its 101 or while its reader is parked, `remove` only for HTTP requests, the ids in shard

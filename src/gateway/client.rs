@@ -348,8 +348,14 @@ impl Gateway {
                 }
             }
             TunnelIn::Ack(index) => self.on_ack(id, index, now),
+            // A client closed during its open exchange (a runner that sent it messages before
+            // answering the open, too many for it) is refused, not accepted: an accepted one
+            // would leave a hibernating record no close ever forgets (found by the
+            // gateway_core fuzz target).
             _ if cc.opening() => match msg {
-                TunnelIn::Open { can_hibernate } => self.client_opened(id, can_hibernate, now),
+                TunnelIn::Open { can_hibernate } if !closing => {
+                    self.client_opened(id, can_hibernate, now)
+                }
                 _ => self.refuse_open(id, super::Refusal::OPEN_REFUSED),
             },
             TunnelIn::Close {
