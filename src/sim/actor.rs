@@ -97,6 +97,8 @@ pub(super) struct Store {
     pub delivered: u64,
     /// Sockets handed back on start (`on_websocket_restore`).
     pub restores: u64,
+    /// Generations that started after a newer one of the same actor had started.
+    pub stale_starts: u64,
     /// Restores where the runner's remembered index was not what the actor processed.
     pub stale_remembered: u64,
 }
@@ -122,7 +124,18 @@ pub(super) struct SimActor {
 impl Actor for SimActor {
     fn on_start(&mut self, cx: &mut ActorCx<'_>) {
         let h = cx.handle();
-        lock(&self.shared)
+        let mut store = lock(&self.shared);
+        // An older generation that starts late (its start reached its runner after a newer
+        // one was placed, and its stop follows) does not take the newer one's place.
+        let newer = store
+            .handles
+            .get(&self.actor_id)
+            .is_some_and(|(_, g, _)| *g > self.generation);
+        if newer {
+            store.stale_starts += 1;
+            return;
+        }
+        store
             .handles
             .insert(self.actor_id.clone(), (self.runner, self.generation, h));
     }

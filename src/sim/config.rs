@@ -115,6 +115,8 @@ pub(crate) struct Stats {
     pub hibernations: u64,
     pub restores: u64,
     pub stale_remembered: u64,
+    /// Actor generations that started after a newer generation of the same actor.
+    pub stale_starts: u64,
     pub runner_drops: u64,
     /// Runner connections the gateway closed (eviction, ping timeout, protocol error).
     pub runner_closes: u64,

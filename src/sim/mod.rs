@@ -99,6 +99,7 @@ fn run_shard(shard: u64, shards: u64) {
                 total.hibernations += s.hibernations;
                 total.restores += s.restores;
                 total.stale_remembered += s.stale_remembered;
+                total.stale_starts += s.stale_starts;
                 total.runner_drops += s.runner_drops;
                 total.runner_closes += s.runner_closes;
                 total.runners_lost += s.runners_lost;

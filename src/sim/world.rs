@@ -271,6 +271,7 @@ impl World {
             self.stats.messages_delivered = store.delivered;
             self.stats.restores = store.restores;
             self.stats.stale_remembered = store.stale_remembered;
+            self.stats.stale_starts = store.stale_starts;
             self.stats.longest_socket = store
                 .socks
                 .values()
