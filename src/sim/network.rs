@@ -13,7 +13,6 @@ use rand::Rng;
 
 use super::actor::{lock, SimRunner};
 use super::world::World;
-use crate::engine::ConnRef;
 use crate::gateway::{ConnId, ControlMsg, Gateway, Next, Output, RunnerAccept, ShardMsg};
 use crate::plane::{self, Stepped, To};
 use crate::protocol::{Command, ToClient, ToServer};
@@ -246,11 +245,6 @@ impl World {
 
     // -----------------------------------------------------------------------------------------
     // Runner processes and their connections
-
-    fn conn_ref(&self, gen: u32) -> Option<ConnRef> {
-        let c = self.conns.get(&gen)?;
-        Some(self.gw[c.shard].conn_ref(c.gw))
-    }
 
     /// Moves everything the runner produced onto its connection.
     pub fn runner_flush(&mut self, no: usize) {
@@ -563,12 +557,6 @@ impl World {
                 ));
             }
         }
-    }
-
-    /// The conn ref of a runner connection, for logs.
-    #[allow(dead_code)]
-    pub(super) fn runner_conn_ref(&self, gen: u32) -> Option<ConnRef> {
-        self.conn_ref(gen)
     }
 }
 
