@@ -563,14 +563,18 @@ impl World {
                 .request_id(id)
                 .expect("a new client or request has a request id");
             assert_eq!(
-                req,
-                RequestKey {
-                    shard: c as u16,
-                    slot: id.slot,
-                    gen: id.gen,
-                }
-                .encode(),
-                "a request id names its shard, slot and generation"
+                RequestKey::decode(req).shard,
+                c as u16,
+                "a request id names its shard"
+            );
+            assert_eq!(
+                core.gw.conn_of_request(req),
+                Some(id),
+                "a request id names its connection"
+            );
+            assert!(
+                !self.reqs.contains_key(&req),
+                "request id {req:?} issued twice (serials come back only after 2^24)"
             );
             let e = self.reqs.entry(req).or_default();
             if kind == Kind::Client {
@@ -589,6 +593,13 @@ impl World {
 
     /// After the shell removed a connection: no accessor finds it any more.
     fn gone(&mut self, c: usize, id: ConnId) {
+        if let Some(t) = self.targets.iter().find(|t| t.core == c && t.id == id) {
+            assert_eq!(
+                self.cores[c].gw.conn_of_request(t.req),
+                None,
+                "a removed connection's request id still routes"
+            );
+        }
         let gw = &mut self.cores[c].gw;
         assert!(
             !gw.contains(id),

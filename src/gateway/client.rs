@@ -46,7 +46,7 @@ impl Gateway {
             socket,
         );
         self.learn_runner(routed.runner_idx, routed.conn);
-        let req = self.request_key(id).encode();
+        let req = self.request_id(id).expect("a client has a request id");
         let frames = self.tunnel_frames(
             req,
             open_index,
@@ -73,7 +73,7 @@ impl Gateway {
     ) -> ConnId {
         let placeholder = ClientConn::new(actor_id, runner_idx, [0; 4], socket, generation);
         let id = self.insert(ConnKind::Client(placeholder));
-        let req = self.request_key(id).encode();
+        let req = self.issue_request_id(id);
         if let Some(ConnKind::Client(cc)) = self.conn_mut(id).map(|c| &mut c.kind) {
             cc.req = req;
         }

@@ -31,7 +31,7 @@ impl Gateway {
             req: [0; 4],
             phase: RequestPhase::Waiting,
         }));
-        let req = self.request_key(id).encode();
+        let req = self.issue_request_id(id);
         if let Some(ConnKind::Request(r)) = self.conn_mut(id).map(|c| &mut c.kind) {
             r.req = req;
         }

@@ -106,6 +106,8 @@ pub struct Gateway {
     gateway_id: [u8; 4],
     conns: Slab<Conn>,
     next_gen: u32,
+    /// Live request ids (serial → slot) of this shard's client sockets and HTTP requests.
+    request_ids: ids::RequestIds,
     /// runner_idx → where that runner's current connection lives.
     runners: Vec<Option<ConnRef>>,
     /// Questions to the control plane awaiting an answer: the waiter's generation.
@@ -148,6 +150,7 @@ impl Gateway {
             gateway_id: s.gateway_id,
             conns: Slab::new(),
             next_gen: 0,
+            request_ids: ids::RequestIds::default(),
             runners: Vec::new(),
             waiters: Slab::new(),
             next_waiter_gen: 0,
@@ -236,18 +239,36 @@ impl Gateway {
         }
     }
 
-    fn request_key(&self, id: ConnId) -> RequestKey {
+    /// A new request id for the client socket or HTTP request in `id`'s slot.
+    fn issue_request_id(&mut self, id: ConnId) -> [u8; 4] {
         RequestKey {
             shard: self.id,
-            slot: id.slot,
-            gen: id.gen,
+            serial: self.request_ids.issue(id.slot),
         }
+        .encode()
     }
 
-    /// Removes a connection's entry once its socket (or its HTTP exchange) ended.
+    /// The connection a request id of this shard names, while it lives.
+    pub fn conn_of_request(&self, req: [u8; 4]) -> Option<ConnId> {
+        let key = RequestKey::decode(req);
+        if key.shard != self.id {
+            return None;
+        }
+        let slot = self.request_ids.slot(key.serial)?;
+        let c = self.conns.get(slot as usize)?;
+        Some(ConnId { slot, gen: c.gen })
+    }
+
+    /// Removes a connection's entry once its socket (or its HTTP exchange) ended, and frees
+    /// its request id.
     pub fn remove(&mut self, id: ConnId) {
         if self.contains(id) {
-            self.conns.remove(id.slot as usize);
+            let c = self.conns.remove(id.slot as usize);
+            match c.kind {
+                ConnKind::Client(cc) => self.request_ids.free(RequestKey::decode(cc.req).serial),
+                ConnKind::Request(r) => self.request_ids.free(RequestKey::decode(r.req).serial),
+                ConnKind::Runner(_) => {}
+            }
         }
     }
 
@@ -416,18 +437,19 @@ impl Gateway {
     }
 
     /// What must hold between calls: the pending budget equals the windows' bytes and stays
-    /// under its cap, every socket keeps its own invariants, every client's request id names
-    /// its slot and shard, a hibernating socket owes its runner nothing, a queue's byte count
+    /// under its cap, every socket keeps its own invariants, every request id names its
+    /// entry and no other id is live, a hibernating socket owes its runner nothing, a queue's byte count
     /// matches its chunks, every waiter has a deadline.
     pub fn verify(&self) -> Result<(), String> {
         let mut pending = 0usize;
+        let mut requests = 0usize;
         for (slot, c) in self.conns.iter() {
             match &c.kind {
                 ConnKind::Client(cc) => {
-                    let key = RequestKey::decode(cc.req);
-                    if (key.slot, key.shard) != (slot as u32, self.id) {
-                        return Err(format!("client in slot {slot} has request id {key:?}"));
+                    if self.conn_of_request(cc.req).map(|c| c.slot) != Some(slot as u32) {
+                        return Err(format!("client in slot {slot} has request id {:?}", cc.req));
                     }
+                    requests += 1;
                     pending += cc.socket.pending_bytes();
                     cc.socket
                         .check_invariants(&self.budget)
@@ -437,9 +459,10 @@ impl Gateway {
                     }
                 }
                 ConnKind::Request(r) => {
-                    if RequestKey::decode(r.req).slot != slot as u32 {
+                    if self.conn_of_request(r.req).map(|c| c.slot) != Some(slot as u32) {
                         return Err(format!("request in slot {slot} has another request id"));
                     }
+                    requests += 1;
                 }
                 ConnKind::Runner(_) => {}
             }
@@ -450,6 +473,12 @@ impl Gateway {
                     c.out.bytes
                 ));
             }
+        }
+        if requests != self.request_ids.live() {
+            return Err(format!(
+                "{} live request ids for {requests} requests",
+                self.request_ids.live()
+            ));
         }
         if pending as u64 != self.budget.used {
             return Err(format!(

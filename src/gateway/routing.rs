@@ -76,26 +76,20 @@ impl Gateway {
     /// request may touch it; anything else is ignored and counted.
     fn tunnel_in(&mut self, key: RequestKey, msg: TunnelIn, from: Option<u32>, now: Instant) {
         let owner = |idx: u32| from.is_none_or(|f| f == idx);
-        let Some(c) = self.conns.get(key.slot as usize) else {
+        let Some(id) = self.conn_of_request(key.encode()) else {
             self.count_stray(key, now);
             return;
         };
-        let id = ConnId {
-            slot: key.slot,
-            gen: c.gen,
-        };
-        match &c.kind {
-            ConnKind::Request(r) if RequestKey::decode(r.req) == key => {
+        match &self.conns[id.slot as usize].kind {
+            ConnKind::Request(r) => {
                 if owner(r.runner_idx) {
                     self.request_in(id, msg);
                 } else {
                     self.metrics().inc(Counter::UnroutableTunnelMessages);
                 }
             }
-            ConnKind::Client(cc) if RequestKey::decode(cc.req) == key => {
-                self.client_in(id, msg, from, now)
-            }
-            _ => self.count_stray(key, now),
+            ConnKind::Client(_) => self.client_in(id, msg, from, now),
+            ConnKind::Runner(_) => self.count_stray(key, now),
         }
     }
 

@@ -24,9 +24,9 @@ pub(super) const GATEWAY_ID: [u8; 4] = [0x5a, 0x17, 0x00, 0x01];
 /// Reason an actor uses when it closes a socket itself (a legitimate close).
 pub(super) const ACTOR_CLOSE_REASON: &str = "sim.actor_close";
 
-/// The client socket that holds request `key` now. The gateway numbers requests by shard,
-/// slot and a few generation bits, so an id comes back after its socket closed: a message
-/// for the old socket that reached the new one is caught as misrouted.
+/// The client socket that holds request `key` now. Should the gateway ever give an id to a
+/// second socket (it numbers requests by a 24-bit counter per shard, so not within a run), a
+/// message for the old socket that reached the new one is caught as misrouted.
 pub(super) fn sock_of(store: &Store, key: &RequestKey) -> Option<u32> {
     if key.gateway_id != GATEWAY_ID {
         return None;
