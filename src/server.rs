@@ -123,7 +123,7 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
     for mb in shared.shards.iter() {
         mb.send(ShardMsg::Shutdown);
     }
-    // The shards drain (see `net::drain`) while the control plane keeps answering them (an
+    // The shards drain (see `Gateway::begin_drain`) while the control plane keeps answering them (an
     // in-flight request may still be waiting for its actor). A second signal stops at once:
     // every acknowledged change is already durable.
     let t = &cfg.timeouts;

@@ -45,8 +45,8 @@ use torpor::config::Config;
 use torpor::engine::ConnRef;
 use torpor::gateway::conns::RequestPhase;
 use torpor::gateway::{
-    ConnId, ConnKind, ControlMsg, Gateway, Next, OpenPhase, Output, Pause, Reason, Reply,
-    RequestKey, ResolveError, Routed, RunnerAccept, Settings, ShardMsg, WriterTurn,
+    ConnId, ConnKind, ControlMsg, DrainPhase, Gateway, Next, OpenPhase, Output, Pause, Reason,
+    Reply, RequestKey, ResolveError, Routed, RunnerAccept, Settings, ShardMsg, WriterTurn,
 };
 use torpor::metrics::{Gauge, Metrics};
 use torpor::protocol::{
@@ -327,6 +327,17 @@ struct Core {
     /// What the shell's timer sleeps until (the last `poll_timeout`).
     sleep: Instant,
     draining: bool,
+    /// The deadline of the drain's close phase, once seen.
+    closing_until: Option<Instant>,
+}
+
+impl Core {
+    /// Remembers the deadline of the drain's close phase when it is in it.
+    fn note_drain(&mut self) {
+        if let DrainPhase::Closing(until) = self.gw.drain_phase() {
+            self.closing_until = Some(until);
+        }
+    }
 }
 
 /// A request id a runner may name: every client and HTTP request ever opened.
@@ -481,6 +492,7 @@ impl World {
                     waiters: HashSet::new(),
                     sleep,
                     draining: false,
+                    closing_until: None,
                 }
             })
             .collect();
@@ -1559,6 +1571,13 @@ impl World {
     /// [`Self::pump`] for one core (`timed`: its timer task just ran `handle_timeout`).
     fn pump_core(&mut self, c: usize, timed: bool) {
         let n = self.cores.len();
+        // As the shell does after every call while the shard drains.
+        if self.cores[c].gw.draining() {
+            let now = self.now;
+            self.cores[c].note_drain();
+            self.cores[c].gw.drain_step(now);
+            self.cores[c].note_drain();
+        }
         {
             let mut rearm = false;
             while let Some(o) = self.cores[c].gw.poll_output() {
@@ -1640,6 +1659,20 @@ impl World {
                         );
                     }
                     Output::Rearm => rearm = true,
+                    Output::Drained => {
+                        let core = &self.cores[c];
+                        assert!(core.draining, "Drained without a Shutdown");
+                        assert_eq!(core.gw.drain_phase(), DrainPhase::Drained);
+                        if core.gw.has_open_websockets() {
+                            let closing = core
+                                .closing_until
+                                .expect("drained with WebSockets open and no close phase");
+                            assert!(
+                                self.now >= closing,
+                                "drained with WebSockets open before the close deadline"
+                            );
+                        }
+                    }
                 }
             }
             let core = &mut self.cores[c];

@@ -85,6 +85,21 @@ pub enum Output {
     Reply(u32, Option<Reply>),
     /// A deadline earlier than the one last reported by [`Gateway::poll_timeout`] was set.
     Rearm,
+    /// The shard's drain is over (see [`Gateway::begin_drain`]).
+    Drained,
+}
+
+/// Where a shard's graceful stop stands (SIGTERM; see [`Gateway::begin_drain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainPhase {
+    Serving,
+    /// In-flight HTTP requests, control-plane answers and queued writes may finish until
+    /// then.
+    Finishing(Instant),
+    /// Every WebSocket was sent a 1001 close; their close handshakes may end until then.
+    Closing(Instant),
+    /// Nothing is left, or the deadlines passed.
+    Drained,
 }
 
 /// What the shell's reader of a connection does after a frame.
@@ -125,6 +140,7 @@ pub struct Gateway {
     /// (`torpor_tunnel_late_messages_total`), not unroutable.
     recently_closed: RecentlyClosed,
     outputs: VecDeque<Output>,
+    drain: DrainPhase,
     rng: StdRng,
     timers: timers::Timers,
     /// Wall-clock milliseconds at `clock_base.0` (ping timestamps).
@@ -159,6 +175,7 @@ impl Gateway {
             owed_closes: Vec::new(),
             recently_closed: RecentlyClosed::default(),
             outputs: VecDeque::new(),
+            drain: DrainPhase::Serving,
             rng: StdRng::seed_from_u64(seed),
             clock_base: (now, unix_ms),
         }
@@ -374,6 +391,60 @@ impl Gateway {
     }
 
     // ---- the drain -------------------------------------------------------------------------
+
+    /// Starts the shard's part of a graceful stop (SIGTERM), as Envoy and Pingora drain (the
+    /// listener is already shut, so no new connection arrives): in-flight HTTP requests and
+    /// queued messages get up to `timeouts.drain_ms` to finish ([`Self::drain_idle`]); then
+    /// every client WebSocket and runner connection gets a 1001 close (requests still
+    /// waiting fail with `guard.draining`), and the shard waits for the peers' close
+    /// replies, which `timeouts.close_handshake_ms` bounds (each connection is reset at its
+    /// close deadline). Then [`Output::Drained`].
+    ///
+    /// While [`Self::draining`], the shell calls [`Self::drain_step`] after every call, so
+    /// the drain moves on as soon as what it waits for happened.
+    pub fn begin_drain(&mut self, now: Instant) {
+        if self.drain != DrainPhase::Serving {
+            return;
+        }
+        let until = now + crate::config::ms(self.config.timeouts.drain_ms);
+        self.drain = DrainPhase::Finishing(until);
+        self.arm(until, Timer::Drain);
+        self.drain_step(now);
+    }
+
+    /// Whether a drain is under way and not over.
+    #[inline]
+    pub fn draining(&self) -> bool {
+        matches!(
+            self.drain,
+            DrainPhase::Finishing(_) | DrainPhase::Closing(_)
+        )
+    }
+
+    pub fn drain_phase(&self) -> DrainPhase {
+        self.drain
+    }
+
+    /// Moves the drain on when what its phase waits for happened or its deadline passed.
+    pub fn drain_step(&mut self, now: Instant) {
+        if let DrainPhase::Finishing(until) = self.drain {
+            if now >= until || self.drain_idle() {
+                self.shutdown(now);
+                // Each connection's close deadline starts when its close frame is queued;
+                // a little more lets the resets at those deadlines be reaped.
+                let close = crate::config::ms(self.config.timeouts.close_handshake_ms);
+                let until = now + close + std::time::Duration::from_millis(200);
+                self.drain = DrainPhase::Closing(until);
+                self.arm(until, Timer::Drain);
+            }
+        }
+        if let DrainPhase::Closing(until) = self.drain {
+            if now >= until || !self.has_open_websockets() {
+                self.drain = DrainPhase::Drained;
+                self.out(Output::Drained);
+            }
+        }
+    }
 
     /// Nothing left to let finish before the drain closes the WebSockets: no HTTP request
     /// waiting for its actor's answer, no routing or API answer awaited from the control

@@ -53,7 +53,7 @@ pub enum ShardMsg {
     },
     /// Answer to a question this shard asked the control plane.
     Reply { waiter: u32, reply: Reply },
-    /// Stop accepting and close everything (SIGTERM).
+    /// The graceful stop (SIGTERM): [`super::Gateway::begin_drain`].
     Shutdown,
 }
 

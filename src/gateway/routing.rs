@@ -152,7 +152,7 @@ impl Gateway {
                 runner_idx,
             } => self.actor_running(&actor_id, generation, runner_idx, now),
             ShardMsg::Reply { waiter, reply } => self.answer(waiter, Some(reply)),
-            ShardMsg::Shutdown => self.shutdown(now),
+            ShardMsg::Shutdown => self.begin_drain(now),
         }
         self.check_invariants();
     }

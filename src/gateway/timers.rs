@@ -33,6 +33,8 @@ pub enum Timer {
     CloseHandshake(ConnId),
     /// A question to the control plane times out.
     Waiter(u32),
+    /// The drain's current phase ends ([`Gateway::begin_drain`]).
+    Drain,
 }
 
 pub(super) struct Timers {
@@ -168,6 +170,7 @@ impl Gateway {
                 }
             }
             Timer::Waiter(w) => self.answer(w, None),
+            Timer::Drain => self.drain_step(now),
         }
     }
 

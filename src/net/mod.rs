@@ -24,7 +24,7 @@ use shell::Shard;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::{TcpListener, TcpStream};
 
@@ -272,10 +272,6 @@ async fn mailbox_task(state: Rc<Shard>, inbox: Inbox<ShardMsg>) {
         inbox.rearm();
         state.with(|core, now| {
             while let Some(msg) = inbox.try_recv() {
-                if matches!(msg, ShardMsg::Shutdown) {
-                    tokio_uring::spawn(drain(state.clone()));
-                    continue;
-                }
                 core.handle_shard_msg(msg, now);
             }
         });
@@ -298,35 +294,6 @@ async fn timer_task(state: Rc<Shard>) {
             _ = state.timer.notified() => {}
         }
     }
-}
-
-/// The shard's part of a graceful stop (SIGTERM), as Envoy and Pingora drain: the listener
-/// is already shut, so no new connection arrives. In-flight HTTP requests and queued messages
-/// get up to `timeouts.drain_ms` to finish; then every client WebSocket and runner connection
-/// gets a 1001 close (requests still waiting fail with `guard.draining`), and the shard waits
-/// for the peers' close replies, which `timeouts.close_handshake_ms` bounds (the writer resets
-/// a connection whose peer does not answer). Then it counts itself drained.
-async fn drain(state: Rc<Shard>) {
-    const POLL: Duration = Duration::from_millis(5);
-    let (drain, close) = {
-        let t = &state.shared.config.timeouts;
-        (
-            Duration::from_millis(t.drain_ms),
-            Duration::from_millis(t.close_handshake_ms),
-        )
-    };
-    let until = Instant::now() + drain;
-    while Instant::now() < until && !state.peek(|c| c.drain_idle()) {
-        tokio::time::sleep(POLL).await;
-    }
-    state.with(|c, now| c.shutdown(now));
-    // The close deadline of each connection starts when its close frame is queued; a little
-    // more lets the resets it triggers be reaped.
-    let until = Instant::now() + close + Duration::from_millis(200);
-    while Instant::now() < until && state.peek(|c| c.has_open_websockets()) {
-        tokio::time::sleep(POLL).await;
-    }
-    state.shared.drained.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Runs `f` every `period` (a late tick delays the next ones rather than bunching them).

@@ -10,6 +10,7 @@ use crate::shard::Shared;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tokio::sync::{oneshot, Notify};
 use tokio_uring::net::TcpStream;
@@ -63,14 +64,30 @@ impl Shard {
 
     /// Calls the core with the time now, then carries out what it asked.
     pub fn with<R>(&self, f: impl FnOnce(&mut Gateway, Instant) -> R) -> R {
-        let r = f(&mut self.core.borrow_mut(), Instant::now());
+        let r = {
+            let core = &mut *self.core.borrow_mut();
+            let now = Instant::now();
+            let r = f(core, now);
+            if core.draining() {
+                core.drain_step(now);
+            }
+            r
+        };
         self.pump();
         r
     }
 
     /// Calls the core where no time is needed (no clock read), then does what it asked.
     pub fn call<R>(&self, f: impl FnOnce(&mut Gateway) -> R) -> R {
-        let r = f(&mut self.core.borrow_mut());
+        let r = {
+            let core = &mut *self.core.borrow_mut();
+            let r = f(core);
+            // While draining, every call may be what the drain waits for.
+            if core.draining() {
+                core.drain_step(Instant::now());
+            }
+            r
+        };
         self.pump();
         r
     }
@@ -124,6 +141,9 @@ impl Shard {
                     }
                 }
                 Output::Rearm => self.timer.notify_one(),
+                Output::Drained => {
+                    self.shared.drained.fetch_add(1, Ordering::SeqCst);
+                }
             }
         }
     }

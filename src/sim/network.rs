@@ -116,7 +116,7 @@ impl World {
             Output::ToControl(msg) => self.control(msg),
             Output::Reply(waiter, reply) => self.answered(s, waiter, reply),
             // The clock is read at every step of `advance`.
-            Output::Rearm => {}
+            Output::Rearm | Output::Drained => {}
         }
     }
 
