@@ -6,15 +6,28 @@
 use super::conns::{ClientConn, Conn, ConnKind, OpenPhase};
 use super::msg::{ControlMsg, Routed, TunnelIn};
 use super::out::Pause;
-use super::{ConnId, Gateway, Next, Output, Peer, Reason, Timer};
+use super::{ConnId, Gateway, Next, Notice, Peer, Reason, Timer};
 use crate::metrics::{CloseLabel, Counter, Gauge, ShardMetrics};
 use crate::protocol::{self, StrMap, ToClientTunnelMessageKind};
 use crate::tunnel::{AckResult, ClientMsg, DetachCause, TunnelSocket};
 use crate::ws::frame::OpCode;
-use crate::ws::reader::WsEvent;
-use bytes::Bytes;
+use crate::ws::reader::{WsEvent, WsReader};
+use bytes::{Bytes, BytesMut};
 use std::borrow::Cow;
 use std::time::Instant;
+
+/// What a client WebSocket's reader does after [`Gateway::handle_client_bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientRead {
+    /// Every buffered frame was handled: read more.
+    More,
+    /// Stop reading until woken ([`super::Output::Wake`]); see [`Pause`].
+    Paused(Pause),
+    /// As [`Next::Stop`].
+    Stop,
+    /// As [`Next::Done`], or the connection is gone.
+    Done,
+}
 
 /// What the idle scan does to one socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,13 +143,46 @@ impl Gateway {
         let m = self.metrics();
         m.inc(Counter::ClientWebSockets);
         m.gauge_add(Gauge::OpenClientWebSockets, 1);
-        self.out(Output::Wake(id));
+        self.notice(Notice::Wake(id));
     }
 
     /// The client got its 101: the socket is open.
     pub fn client_upgraded(&mut self, id: ConnId) {
         if let Some(ConnKind::Client(cc)) = self.conn_mut(id).map(|c| &mut c.kind) {
             cc.open = OpenPhase::Open;
+        }
+    }
+
+    /// Every complete frame buffered from a client, parsed with the socket's reader and
+    /// handled in order, until the reader needs more bytes, the socket must pause, or it
+    /// ends: one call per read. `read` says a read just brought the bytes (the idle watch
+    /// counts reads). Before each frame the pause is asked ([`Self::client_paused`]), so a
+    /// paused socket's frames wait in `buf`, parsed by no one.
+    pub fn handle_client_bytes(
+        &mut self,
+        id: ConnId,
+        read: bool,
+        reader: &mut WsReader,
+        buf: &mut BytesMut,
+        now: Instant,
+    ) -> ClientRead {
+        if read && !self.client_read(id) {
+            return ClientRead::Done;
+        }
+        loop {
+            if let Some(p) = self.client_paused(id) {
+                return ClientRead::Paused(p);
+            }
+            let next = match reader.next(buf) {
+                Ok(Some(ev)) => self.handle_client_frame(id, ev, now),
+                Ok(None) => return ClientRead::More,
+                Err(e) => self.client_protocol_error(id, e.into(), now),
+            };
+            match next {
+                Next::Continue => {}
+                Next::Stop => return ClientRead::Stop,
+                Next::Done => return ClientRead::Done,
+            }
         }
     }
 
@@ -402,7 +448,7 @@ impl Gateway {
         let req = cc.req;
         let wake = resume_reading && std::mem::take(&mut cc.reader_parked);
         if wake {
-            self.out(Output::Wake(id));
+            self.notice(Notice::Wake(id));
         }
         let m = &self.metrics.shards[self.id as usize];
         m.inc(Counter::Acks);
@@ -548,7 +594,7 @@ impl Gateway {
         cc.socket.close(&mut self.budget);
         let wake = std::mem::take(&mut cc.reader_parked);
         if wake {
-            self.out(Output::Wake(id));
+            self.notice(Notice::Wake(id));
         }
         self.pending_gauges_down(pb, pm);
         if was_paused {

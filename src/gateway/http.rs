@@ -7,7 +7,7 @@
 
 use super::conns::{ConnKind, HttpOutcome, RequestConn, RequestPhase};
 use super::msg::{Routed, TunnelIn};
-use super::{ConnId, Gateway, Output, Refusal, Timer};
+use super::{ConnId, Gateway, Notice, Refusal, Timer};
 use crate::metrics::Counter;
 use crate::protocol::{self, StrMap, ToClientTunnelMessageKind, ToServerTunnelMessageKind};
 use bytes::{Bytes, BytesMut};
@@ -151,7 +151,7 @@ impl Gateway {
             return;
         }
         rc.phase = RequestPhase::Answered(Some(outcome));
-        self.out(Output::Wake(id));
+        self.notice(Notice::Wake(id));
     }
 
     /// Fails every tunnelled HTTP request that matches `pred` (its runner or actor is gone).

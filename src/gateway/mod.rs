@@ -39,6 +39,7 @@ mod routing;
 mod runner;
 mod timers;
 
+pub use client::ClientRead;
 pub use conns::{ClientConn, ConnKind, HttpOutcome, OpenPhase, RunnerConn};
 pub use ids::{ConnId, RequestKey, MAX_SLOTS};
 pub use msg::{ApiRequest, ControlMsg, Reply, ResolveError, Routed, ShardMsg, TunnelIn};
@@ -86,6 +87,17 @@ pub enum Output {
     /// A deadline earlier than the one last reported by [`Gateway::poll_timeout`] was set.
     Rearm,
     /// The shard's drain is over (see [`Gateway::begin_drain`]).
+    Drained,
+}
+
+/// The outputs that carry no message (a few bytes each), queued apart from the messages so
+/// the hot path (a frame queued, its writer to wake) never moves a whole [`Output`].
+#[derive(Debug, Clone, Copy)]
+enum Notice {
+    Flush(ConnId),
+    Wake(ConnId),
+    Reset(ConnId),
+    Rearm,
     Drained,
 }
 
@@ -140,6 +152,7 @@ pub struct Gateway {
     /// (`torpor_tunnel_late_messages_total`), not unroutable.
     recently_closed: RecentlyClosed,
     outputs: VecDeque<Output>,
+    notices: VecDeque<Notice>,
     drain: DrainPhase,
     rng: StdRng,
     timers: timers::Timers,
@@ -175,6 +188,7 @@ impl Gateway {
             owed_closes: Vec::new(),
             recently_closed: RecentlyClosed::default(),
             outputs: VecDeque::new(),
+            notices: VecDeque::new(),
             drain: DrainPhase::Serving,
             rng: StdRng::seed_from_u64(seed),
             clock_base: (now, unix_ms),
@@ -197,13 +211,42 @@ impl Gateway {
         self.limits
     }
 
-    /// The next thing the shell must do, in the order the core asked.
+    /// The next thing the shell must do: the messages (to shards, to the control plane,
+    /// answers) in the order the core made them, then the wake-ups and resets in theirs.
+    /// The two kinds are independent: a message never waits for a wake-up, nor the reverse,
+    /// and the shell carries out all of them before it runs any task.
+    #[inline]
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outputs.pop_front()
+        if let Some(o) = self.outputs.pop_front() {
+            return Some(o);
+        }
+        self.notices.pop_front().map(|n| match n {
+            Notice::Flush(id) => Output::Flush(id),
+            Notice::Wake(id) => Output::Wake(id),
+            Notice::Reset(id) => Output::Reset(id),
+            Notice::Rearm => Output::Rearm,
+            Notice::Drained => Output::Drained,
+        })
     }
 
+    /// Whether an output waits for the shell.
+    #[inline]
+    pub fn has_output(&self) -> bool {
+        !self.outputs.is_empty() || !self.notices.is_empty()
+    }
+
+    /// Queues a message output (see [`Notice`] for the wake-ups).
     fn out(&mut self, o: Output) {
+        debug_assert!(matches!(
+            o,
+            Output::ToShard(..) | Output::ToControl(_) | Output::Reply(..)
+        ));
         self.outputs.push_back(o);
+    }
+
+    #[inline]
+    fn notice(&mut self, n: Notice) {
+        self.notices.push_back(n);
     }
 
     // ---- the connection table --------------------------------------------------------------
@@ -295,7 +338,7 @@ impl Gateway {
             return false;
         };
         if c.out.push_all(frames) {
-            self.out(Output::Flush(id));
+            self.notice(Notice::Flush(id));
         }
         true
     }
@@ -311,7 +354,7 @@ impl Gateway {
             return false;
         }
         if c.out.push_close(code, text) {
-            self.out(Output::Flush(id));
+            self.notice(Notice::Flush(id));
         }
         let at = now + crate::config::ms(self.config.timeouts.close_handshake_ms);
         self.arm(at, Timer::CloseHandshake(id));
@@ -322,7 +365,7 @@ impl Gateway {
     fn reset(&mut self, id: ConnId) {
         if let Some(c) = self.conn_mut(id) {
             c.out.abort = true;
-            self.out(Output::Reset(id));
+            self.notice(Notice::Reset(id));
         }
     }
 
@@ -346,6 +389,21 @@ impl Gateway {
 
     /// The writer handed `bytes` to the kernel: progress for a reader that waits for its
     /// client to read.
+    /// [`Self::written`] for the batch just written (`0`: none), then the next
+    /// [`Self::writer_turn`]: one call per write.
+    pub fn writer_next(
+        &mut self,
+        id: ConnId,
+        written: usize,
+        batch: &mut Vec<Bytes>,
+        max: usize,
+    ) -> WriterTurn {
+        if written > 0 {
+            self.written(id, written);
+        }
+        self.writer_turn(id, batch, max)
+    }
+
     pub fn written(&mut self, id: ConnId, bytes: usize) {
         let Some(c) = self.conn_mut(id) else {
             return;
@@ -353,7 +411,7 @@ impl Gateway {
         c.out.written += bytes as u64;
         if let ConnKind::Client(cc) = &mut c.kind {
             if std::mem::take(&mut cc.reader_parked) {
-                self.out(Output::Wake(id));
+                self.notice(Notice::Wake(id));
             }
         }
     }
@@ -441,7 +499,7 @@ impl Gateway {
         if let DrainPhase::Closing(until) = self.drain {
             if now >= until || !self.has_open_websockets() {
                 self.drain = DrainPhase::Drained;
-                self.out(Output::Drained);
+                self.notice(Notice::Drained);
             }
         }
     }

@@ -15,8 +15,8 @@ use crate::metrics::{Counter, Gauge};
 use crate::protocol::hot::{decode_to_server_hot, ToServerHot};
 use crate::protocol::{self, ToServer, ToServerTunnelMessageKind};
 use crate::ws::frame::OpCode;
-use crate::ws::reader::WsEvent;
-use bytes::Bytes;
+use crate::ws::reader::{WsEvent, WsReader};
+use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -107,6 +107,31 @@ impl Gateway {
         let at = now + crate::config::ms(self.config.timeouts.runner_init_ms);
         self.arm(at, Timer::Init(id));
         id
+    }
+
+    /// Every complete frame buffered from a runner, parsed and handled in order: one call
+    /// per read. `Continue` asks for more bytes; `Stop` and `Done` are those of the frame that
+    /// ended it ([`Self::handle_runner_frame`]), and a connection that is gone stops.
+    pub fn handle_runner_bytes(
+        &mut self,
+        id: ConnId,
+        reader: &mut WsReader,
+        buf: &mut BytesMut,
+        now: Instant,
+    ) -> Next {
+        if !self.contains(id) {
+            return Next::Stop;
+        }
+        loop {
+            let next = match reader.next(buf) {
+                Ok(Some(ev)) => self.handle_runner_frame(id, ev, now),
+                Ok(None) => return Next::Continue,
+                Err(e) => self.runner_protocol_error(id, e.into(), now),
+            };
+            if next != Next::Continue {
+                return next;
+            }
+        }
     }
 
     /// One frame a runner sent (parsed by the shell's reader).

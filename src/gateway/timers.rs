@@ -9,7 +9,7 @@
 //! each gone within its timeout).
 
 use super::conns::{ConnKind, OpenPhase, RequestPhase};
-use super::{ConnId, Gateway, Output, Reason, Refusal};
+use super::{ConnId, Gateway, Notice, Reason, Refusal};
 use crate::config::{ms, Config};
 use crate::metrics::Counter;
 use crate::protocol::{self, ToClient, ToClientTunnelMessageKind};
@@ -81,7 +81,7 @@ impl Gateway {
         self.timers.heap.push(Reverse((at, timer)));
         if self.timers.reported.is_none_or(|r| at < r) {
             self.timers.reported = Some(at);
-            self.out(Output::Rearm);
+            self.notice(Notice::Rearm);
         }
     }
 
@@ -214,7 +214,7 @@ impl Gateway {
         if let Some(ConnKind::Client(cc)) = self.conn_mut(id).map(|c| &mut c.kind) {
             if cc.opening() {
                 cc.open = OpenPhase::Refused(r);
-                self.out(Output::Wake(id));
+                self.notice(Notice::Wake(id));
             }
         }
     }

@@ -7,7 +7,7 @@ use super::shell::Shard;
 use super::{closing, next_chunk, read_more, read_some, refuse, write_response, writer};
 use super::{READ_CHUNK, WS_CHUNKS, WS_READ_CHUNK};
 use crate::gateway::route::{header_map, parse_target, pick_protocol};
-use crate::gateway::{ConnId, Next, OpenPhase, Pause, Refusal};
+use crate::gateway::{ClientRead, ConnId, OpenPhase, Pause, Refusal};
 use crate::http::parse::RequestHead;
 use crate::protocol;
 use crate::ws::reader::{Role, WsReader, WsReaderConfig};
@@ -119,38 +119,31 @@ async fn ws_loop(
         // The handshake's buffer is not kept: the first read takes one of `chunk` bytes.
         buf = BytesMut::new();
     }
-    'outer: loop {
-        loop {
-            match shard.call(|c| c.client_paused(id)) {
-                // Woken after every write; stays paused until the client caught up.
-                Some(Pause::Unread) => {
-                    while shard.call(|c| c.client_out_full(id)) {
-                        wake.notified().await;
-                    }
-                    continue;
-                }
-                Some(Pause::Window) => {
+    let mut read = false;
+    loop {
+        let next = shard.with(|c, now| c.handle_client_bytes(id, read, &mut reader, &mut buf, now));
+        read = false;
+        match next {
+            ClientRead::More => {}
+            // Woken after every write; stays paused until the client caught up.
+            ClientRead::Paused(Pause::Unread) => {
+                while shard.call(|c| c.client_out_full(id)) {
                     wake.notified().await;
-                    continue;
                 }
-                None => {}
+                continue;
             }
-            let next = match reader.next(&mut buf) {
-                Ok(Some(ev)) => shard.with(|c, now| c.handle_client_frame(id, ev, now)),
-                Ok(None) => break,
-                Err(e) => shard.with(|c, now| c.client_protocol_error(id, e.into(), now)),
-            };
-            match next {
-                Next::Continue => {}
-                Next::Done => break 'outer,
-                Next::Stop => {
-                    // Stop parsing; wait for the socket to end.
+            ClientRead::Paused(Pause::Window) => {
+                wake.notified().await;
+                continue;
+            }
+            ClientRead::Done => break,
+            ClientRead::Stop => {
+                // Stop parsing; wait for the socket to end.
+                buf.clear();
+                while read_more(&stream, &mut buf, READ_CHUNK).await {
                     buf.clear();
-                    while read_more(&stream, &mut buf, READ_CHUNK).await {
-                        buf.clear();
-                    }
-                    break 'outer;
                 }
+                break;
             }
         }
         let need = read_size(&reader, &buf);
@@ -158,9 +151,7 @@ async fn ws_loop(
             break;
         };
         chunk = next_chunk(chunk, n, offered, WS_CHUNKS);
-        if !shard.call(|c| c.client_read(id)) {
-            break;
-        }
+        read = true;
     }
     finish(&shard, id);
 }

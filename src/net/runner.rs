@@ -59,20 +59,13 @@ pub async fn serve(
     });
     let mut handshake_done = false;
     let mut chunk = RUNNER_CHUNKS.0;
-    'outer: loop {
-        loop {
-            let next = match reader.next(&mut buf) {
-                Ok(Some(ev)) => shard.with(|c, now| c.handle_runner_frame(id, ev, now)),
-                Ok(None) => break,
-                Err(e) => shard.with(|c, now| c.runner_protocol_error(id, e.into(), now)),
-            };
-            match next {
-                Next::Continue => {}
-                Next::Stop => break 'outer,
-                Next::Done => {
-                    handshake_done = true;
-                    break 'outer;
-                }
+    loop {
+        match shard.with(|c, now| c.handle_runner_bytes(id, &mut reader, &mut buf, now)) {
+            Next::Continue => {}
+            Next::Stop => break,
+            Next::Done => {
+                handshake_done = true;
+                break;
             }
         }
         let want = reader.bytes_wanted(&buf).saturating_sub(buf.len());
@@ -80,9 +73,6 @@ pub async fn serve(
             break;
         };
         chunk = next_chunk(chunk, n, offered, RUNNER_CHUNKS);
-        if !shard.peek(|c| c.contains(id)) {
-            break;
-        }
     }
     // Drain until the peer goes away (the writer ends it after the close frame), unless
     // the close handshake is already complete.

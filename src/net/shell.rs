@@ -64,31 +64,25 @@ impl Shard {
 
     /// Calls the core with the time now, then carries out what it asked.
     pub fn with<R>(&self, f: impl FnOnce(&mut Gateway, Instant) -> R) -> R {
-        let r = {
-            let core = &mut *self.core.borrow_mut();
-            let now = Instant::now();
-            let r = f(core, now);
-            if core.draining() {
-                core.drain_step(now);
-            }
-            r
-        };
-        self.pump();
+        let core = &mut *self.core.borrow_mut();
+        let now = Instant::now();
+        let r = f(core, now);
+        if core.draining() {
+            core.drain_step(now);
+        }
+        self.carry_out(core);
         r
     }
 
     /// Calls the core where no time is needed (no clock read), then does what it asked.
     pub fn call<R>(&self, f: impl FnOnce(&mut Gateway) -> R) -> R {
-        let r = {
-            let core = &mut *self.core.borrow_mut();
-            let r = f(core);
-            // While draining, every call may be what the drain waits for.
-            if core.draining() {
-                core.drain_step(Instant::now());
-            }
-            r
-        };
-        self.pump();
+        let core = &mut *self.core.borrow_mut();
+        let r = f(core);
+        // While draining, every call may be what the drain waits for.
+        if core.draining() {
+            core.drain_step(Instant::now());
+        }
+        self.carry_out(core);
         r
     }
 
@@ -97,11 +91,12 @@ impl Shard {
         f(&self.core.borrow())
     }
 
-    fn pump(&self) {
-        loop {
-            let Some(o) = self.core.borrow_mut().poll_output() else {
-                return;
-            };
+    /// Carries out the core's outputs. Nothing here calls back into the core (a wake-up
+    /// or an answer only schedules a task; a mailbox send and a reset are system calls),
+    /// so the core stays borrowed throughout.
+    #[inline]
+    fn carry_out(&self, core: &mut Gateway) {
+        while let Some(o) = core.poll_output() {
             match o {
                 Output::Flush(id) => {
                     if let Some(w) = self.wakers.borrow().get(id.slot as usize) {

@@ -35,9 +35,11 @@ pub async fn writer_task(shard: Rc<Shard>, stream: Rc<TcpStream>, id: ConnId) {
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
         notify.notified().await;
+        // Bytes of the last write, reported with the next turn.
+        let mut written = 0;
         loop {
             batch.clear();
-            match shard.call(|c| c.writer_turn(id, &mut batch, MAX_IOV)) {
+            match shard.call(|c| c.writer_next(id, written, &mut batch, MAX_IOV)) {
                 // Gone, or reset by the core (the shell already reset the socket).
                 WriterTurn::Gone | WriterTurn::Reset => return,
                 WriterTurn::Shutdown => {
@@ -58,7 +60,7 @@ pub async fn writer_task(shard: Rc<Shard>, stream: Rc<TcpStream>, id: ConnId) {
                         return;
                     }
                     batch = back;
-                    shard.call(|c| c.written(id, bytes));
+                    written = bytes;
                 }
             }
         }
