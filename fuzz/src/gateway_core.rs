@@ -1625,7 +1625,7 @@ impl World {
                         self.mailboxes[to].push_back(msg);
                     }
                     Output::ToControl(msg) => {
-                        match &msg {
+                        match &*msg {
                             ControlMsg::RunnerInit { conn, .. }
                             | ControlMsg::RunnerMsg { conn, .. }
                             | ControlMsg::RunnerClosed { conn } => {
@@ -1650,7 +1650,7 @@ impl World {
                             }
                             _ => {}
                         }
-                        self.control.push_back((c, msg));
+                        self.control.push_back((c, *msg));
                     }
                     Output::Reply(w, _) => {
                         assert!(

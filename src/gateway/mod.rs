@@ -81,7 +81,8 @@ pub enum Output {
     /// Reset the connection now (RST, no close handshake).
     Reset(ConnId),
     ToShard(u16, ShardMsg),
-    ToControl(ControlMsg),
+    /// Boxed: control messages are rare and large, and the output queue moves every entry.
+    ToControl(Box<ControlMsg>),
     /// The answer to a question asked with [`Gateway::ask`] (`None`: it timed out).
     Reply(u32, Option<Reply>),
     /// A deadline earlier than the one last reported by [`Gateway::poll_timeout`] was set.
@@ -431,7 +432,7 @@ impl Gateway {
         let slot = self.waiters.insert(gen);
         let id = ids::waiter_id(slot, gen);
         let full = ((self.id as u64) << 32) | id as u64;
-        self.out(Output::ToControl(make(full)));
+        self.out(Output::ToControl(Box::new(make(full))));
         self.arm(now + timeout, Timer::Waiter(id));
         id
     }
@@ -445,7 +446,7 @@ impl Gateway {
     }
 
     fn control(&mut self, msg: ControlMsg) {
-        self.out(Output::ToControl(msg));
+        self.out(Output::ToControl(Box::new(msg)));
     }
 
     // ---- the drain -------------------------------------------------------------------------

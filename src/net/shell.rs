@@ -128,7 +128,7 @@ impl Shard {
                     }
                 }
                 Output::ToControl(msg) => {
-                    let _ = self.shared.control.send(msg);
+                    let _ = self.shared.control.send(*msg);
                 }
                 Output::Reply(waiter, reply) => {
                     if let Some(tx) = self.replies.borrow_mut().remove(&waiter) {

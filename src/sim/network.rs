@@ -113,7 +113,7 @@ impl World {
                 None => {}
             },
             Output::ToShard(to, msg) => self.mail[to as usize].push_back(msg),
-            Output::ToControl(msg) => self.control(msg),
+            Output::ToControl(msg) => self.control(*msg),
             Output::Reply(waiter, reply) => self.answered(s, waiter, reply),
             // The clock is read at every step of `advance`.
             Output::Rearm | Output::Drained => {}
