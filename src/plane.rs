@@ -14,6 +14,12 @@
 //! the same runner connection, until each shard answers `StopApplied`: a shard's forwarded
 //! messages are in the runner shard's mailbox before its answer, hence before the start.
 //! (Found by the simulation once the control plane's messages arrived late.)
+//!
+//! A held start is encoded only when it goes, with its list of sockets to restore brought
+//! up to date ([`Engine::refresh_start`]): a shard's answer to the stop comes after the
+//! records of the sockets the stop made hibernate, and a start placed before those records
+//! came would not list them (the runner would never restore them). (Found by the
+//! simulation once other shards' messages arrived late too.)
 
 use crate::engine::{self, Action, ConnRef, Engine, InitReport, Resolve};
 use crate::gateway::{ConnId, ControlMsg, Reason, Reply, ResolveError, Routed, ShardMsg};
@@ -59,7 +65,19 @@ pub struct Plane {
     /// Actors with an open barrier, and how many.
     stopping: HashMap<Arc<str>, usize>,
     /// Messages held per runner connection, in order, with the actors whose start they carry.
-    held: HashMap<ConnRef, VecDeque<(Vec<String>, ShardMsg)>>,
+    held: HashMap<ConnRef, VecDeque<(Vec<String>, Held)>>,
+}
+
+/// A message held behind a stop barrier.
+enum Held {
+    /// To the runner, encoded when it goes: a start it carries is brought up to date then
+    /// ([`Engine::refresh_start`]), since the shards' answers to the stop bring the records
+    /// of the sockets that hibernated because of it.
+    Runner {
+        conn: ConnRef,
+        msg: protocol::ToClient,
+    },
+    Other(ShardMsg),
 }
 
 impl Plane {
@@ -149,7 +167,7 @@ impl Plane {
                 (Vec::new(), Stepped::Done)
             }
             ControlMsg::StopApplied { barrier } => {
-                self.applied(barrier, out);
+                self.applied(barrier, engine, out);
                 (Vec::new(), Stepped::Done)
             }
             other => return Stepped::Caller(other),
@@ -159,7 +177,7 @@ impl Plane {
     }
 
     /// A shard applied the stop of barrier `barrier`; once all have, held messages go.
-    fn applied(&mut self, barrier: u64, out: &mut Vec<(To, ShardMsg)>) {
+    fn applied(&mut self, barrier: u64, engine: &mut Engine, out: &mut Vec<(To, ShardMsg)>) {
         let Some((actor, left)) = self.barriers.get_mut(&barrier) else {
             return;
         };
@@ -185,7 +203,17 @@ impl Plane {
                 {
                     break;
                 }
-                let (_, msg) = q.pop_front().expect("checked");
+                let (_, held) = q.pop_front().expect("checked");
+                let msg = match held {
+                    Held::Runner { conn, mut msg } => {
+                        refresh_starts(engine, &mut msg);
+                        ShardMsg::ToRunner {
+                            conn: conn_id(conn),
+                            frames: frames(&msg),
+                        }
+                    }
+                    Held::Other(msg) => msg,
+                };
                 out.push((To::Shard(conn.shard), msg));
             }
             if q.is_empty() {
@@ -200,7 +228,7 @@ impl Plane {
         &mut self,
         conn: ConnRef,
         starts: Vec<String>,
-        msg: ShardMsg,
+        msg: Held,
         out: &mut Vec<(To, ShardMsg)>,
     ) {
         let blocked = starts
@@ -209,6 +237,13 @@ impl Plane {
         if blocked || self.held.contains_key(&conn) {
             self.held.entry(conn).or_default().push_back((starts, msg));
         } else {
+            let msg = match msg {
+                Held::Runner { conn, msg } => ShardMsg::ToRunner {
+                    conn: conn_id(conn),
+                    frames: frames(&msg),
+                },
+                Held::Other(msg) => msg,
+            };
             out.push((To::Shard(conn.shard), msg));
         }
     }
@@ -279,11 +314,7 @@ impl Plane {
             let m = match a {
                 Action::Send { conn, msg } => {
                     let starts = started_actors(&msg);
-                    let m = ShardMsg::ToRunner {
-                        conn: conn_id(conn),
-                        frames: frames(&msg),
-                    };
-                    self.send_or_hold(conn, starts, m, out);
+                    self.send_or_hold(conn, starts, Held::Runner { conn, msg }, out);
                     continue;
                 }
                 Action::CloseRunner { conn, code, reason } => {
@@ -292,7 +323,7 @@ impl Plane {
                         code,
                         reason: engine_close(code, reason),
                     };
-                    self.send_or_hold(conn, Vec::new(), m, out);
+                    self.send_or_hold(conn, Vec::new(), Held::Other(m), out);
                     continue;
                 }
                 Action::RunnerAttached { runner_idx, conn } => {
@@ -365,6 +396,21 @@ impl Plane {
 }
 
 /// The actors a runner message starts (`CommandStartActor`s in a `Commands`).
+/// Brings the socket lists of the starts in a held message up to date.
+fn refresh_starts(engine: &mut Engine, msg: &mut protocol::ToClient) {
+    let protocol::ToClient::Commands(cmds) = msg else {
+        return;
+    };
+    for c in cmds {
+        if let protocol::Command::StartActor(start) = &mut c.inner {
+            let (actor, generation) = (&c.checkpoint.actor_id, c.checkpoint.generation);
+            if let Some(list) = engine.refresh_start(actor, generation) {
+                start.hibernating_requests = list;
+            }
+        }
+    }
+}
+
 fn started_actors(msg: &protocol::ToClient) -> Vec<String> {
     match msg {
         protocol::ToClient::Commands(cmds) => cmds
@@ -465,6 +511,12 @@ mod tests {
         };
         let other = ConnRef { slot: 5, ..conn };
         let mut plane = Plane::new(2);
+        let mut engine = Engine::new(
+            engine::EngineConfig::default(),
+            7,
+            Instant::now(),
+            1_700_000_000_000,
+        );
         let mut out = Vec::new();
         let actions = vec![
             Action::ActorStopped {
@@ -496,12 +548,12 @@ mod tests {
         );
         assert_eq!(plane.held(), 2);
         out.clear();
-        plane.applied(barrier, &mut out);
+        plane.applied(barrier, &mut engine, &mut out);
         assert!(
             out.is_empty(),
             "one of two shards applied the stop: still held"
         );
-        plane.applied(barrier, &mut out);
+        plane.applied(barrier, &mut engine, &mut out);
         assert_eq!(
             out.len(),
             2,

@@ -76,7 +76,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use slab::Slab;
 
-use crate::protocol::{HibernatingRequest, ToClient, ToServer};
+use crate::protocol::{Command, HibernatingRequest, ToClient, ToServer};
 
 pub use actor::{ActorInfo, ActorStatus, CrashPolicy, CreateActor, CreateError};
 pub use persist::{ActorRecord, HibernatingRecord, RecordError, RestoreReport, RECORD_VERSION};
@@ -466,6 +466,38 @@ impl Engine {
                 self.hib_ops.push(store_keys::hib_delete(actor_id, req));
             }
         }
+    }
+
+    /// The sockets a start of `actor_id` g`generation` lists, brought up to date with the
+    /// actor's records as they are now; the start kept for resending is updated too. `None`
+    /// when no such start waits for its acknowledgement.
+    ///
+    /// A start placed while shards were still applying the actor's stop can miss sockets that
+    /// hibernated because of that stop (their records come with the shards' answers); the
+    /// control plane holds such a start until every shard answered, then refreshes it here.
+    pub fn refresh_start(
+        &mut self,
+        actor_id: &str,
+        generation: u32,
+    ) -> Option<Vec<HibernatingRequest>> {
+        let a = self.actors.get(actor_id)?;
+        if a.generation != generation || a.status == ActorStatus::Destroyed {
+            return None;
+        }
+        let list: Vec<HibernatingRequest> = actor::sorted_hibernating(&a.hibernating)
+            .into_iter()
+            .map(|(h, _)| h)
+            .collect();
+        let r = self.runners.get_mut(a.runner?)?;
+        let c = r.outbox.iter_mut().find(|c| {
+            c.cmd.checkpoint.actor_id == actor_id
+                && c.cmd.checkpoint.generation == generation
+                && matches!(c.cmd.inner, Command::StartActor(_))
+        })?;
+        if let Command::StartActor(start) = &mut c.cmd.inner {
+            start.hibernating_requests = list.clone();
+        }
+        Some(list)
     }
 
     /// The hibernating records of an actor with their last-seen time (tests, metrics).

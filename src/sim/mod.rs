@@ -1,8 +1,10 @@
-//! sim: a seeded, deterministic simulation of the tunnel, the actor lifecycle and hibernation,
-//! composed of the real sans-IO pieces — the control plane ([`crate::engine::Engine`]), the
-//! per-socket tunnel state ([`crate::tunnel::TunnelSocket`]) and the runner state machine
-//! (`crate::runner::core::Core`) hosting simulated actors — joined by the gateway glue of
-//! SPEC §2.4–§2.6 ([`gateway`]) over a simulated network and clock ([`world`]).
+//! sim: a seeded, deterministic simulation that runs the shipped code — one or two gateway
+//! cores ([`crate::gateway::Gateway`]), the control plane's step ([`crate::plane::Plane`])
+//! around the real [`crate::engine::Engine`], and the real runner core
+//! (`crate::runner::core::Core`) hosting simulated actors — over a simulated network and
+//! clock ([`world`]): per-connection order, delays, drops, runners reconnecting, and each
+//! shard's mailbox (the control plane's messages and other shards') read late, in sending
+//! order.
 //!
 //! Each run draws its shape and every step from one seed: clients open sockets and send
 //! messages of random sizes, runners acknowledge at random lags (late and repeated acks

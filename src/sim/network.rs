@@ -81,17 +81,10 @@ impl World {
                     self.outputs.push_back((s, o));
                 }
             }
-            if let Some((s, o)) = self.outputs.pop_front() {
-                self.apply_output(s, o);
-                continue;
-            }
-            let Some(s) = (0..self.mail.len()).find(|&s| !self.mail[s].is_empty()) else {
+            let Some((s, o)) = self.outputs.pop_front() else {
                 return;
             };
-            let now = self.now;
-            while let Some(msg) = self.mail[s].pop_front() {
-                self.gw[s].handle_shard_msg(msg, now);
-            }
+            self.apply_output(s, o);
         }
     }
 
@@ -112,7 +105,12 @@ impl World {
                 Some(Peer::Client(c)) => self.client_reset(c),
                 None => {}
             },
-            Output::ToShard(to, msg) => self.mail[to as usize].push_back(msg),
+            // Into the same mailbox as the control plane's messages, in sending order, read
+            // later (as a shard's one crossbeam channel is).
+            Output::ToShard(to, msg) => {
+                let now = self.now;
+                self.control_mail[to as usize].push_back((now, msg));
+            }
             Output::ToControl(msg) => self.control(*msg),
             Output::Reply(waiter, reply) => self.answered(s, waiter, reply),
             // The clock is read at every step of `advance`.

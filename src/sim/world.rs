@@ -45,11 +45,10 @@ pub(crate) struct World {
     /// The gateway shards' cores, by shard id.
     pub gw: Vec<Gateway>,
     pub metrics: Metrics,
-    /// Each shard's mailbox for messages of other shards (delivered at once).
-    pub mail: Vec<VecDeque<ShardMsg>>,
-    /// Each shard's mailbox for the control plane's messages, with the moment each was
-    /// sent: the control plane is another thread, so these arrive late and in any order
-    /// relative to the shards' own traffic (but in order among themselves).
+    /// Each shard's mailbox (its one channel in the daemon): the control plane's messages
+    /// and other shards' (tunnel traffic, frames for a runner), with the moment each was
+    /// sent. Senders are other threads, so these arrive late and in any order relative to
+    /// the shard's own traffic, but in sending order among themselves.
     pub control_mail: Vec<VecDeque<(Instant, ShardMsg)>>,
     /// What the cores asked of their shells and the shells have not done yet.
     pub outputs: VecDeque<(usize, Output)>,
@@ -187,7 +186,6 @@ impl World {
             plane: crate::plane::Plane::new(cfg.shards),
             gw,
             metrics,
-            mail: (0..cfg.shards).map(|_| VecDeque::new()).collect(),
             control_mail: (0..cfg.shards).map(|_| VecDeque::new()).collect(),
             outputs: VecDeque::new(),
             pumping: false,

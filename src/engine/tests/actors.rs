@@ -492,3 +492,32 @@ fn names_announced_by_runners() {
         vec![("counter".to_string(), r#"{"icon":"x"}"#.to_string())]
     );
 }
+
+/// A start placed while the shards were still applying the actor's stop is brought up to
+/// date before it goes: the sockets that hibernated because of that stop are listed.
+#[test]
+fn a_held_start_is_refreshed_with_the_records_that_came_since() {
+    let (mut e, t0, id, _) = running_actor();
+    e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))], t0);
+    e.runner_events(c(1), vec![ev(&id, 0, 2, stopped(StopCode::Ok))], t0);
+    let (_, a) = e.resolve(&id, 1, secs(t0, 1.0));
+    let (cp1, start) = start_of(&a);
+    assert_eq!(cp1.generation, 1);
+    assert!(start.hibernating_requests.is_empty(), "no record yet");
+    // A shard applies the stop: its socket hibernates and its record comes.
+    e.hibernating_upsert(&id, hib(1), secs(t0, 1.5));
+    assert_eq!(e.refresh_start(&id, 1), Some(vec![hib(1)]));
+    // Only the generation that waits is refreshed.
+    assert_eq!(e.refresh_start(&id, 0), None);
+    assert_eq!(e.refresh_start("nobody", 1), None);
+    // Once the runner acknowledged the start, nothing waits.
+    e.runner_events(c(1), vec![ev(&id, 1, 0, running())], secs(t0, 2.0));
+    e.runner_message(
+        c(1),
+        ToServer::AckCommands(crate::protocol::ToServerAckCommands {
+            last_command_checkpoints: vec![cp(&id, 1, 0)],
+        }),
+        secs(t0, 2.0),
+    );
+    assert_eq!(e.refresh_start(&id, 1), None);
+}
