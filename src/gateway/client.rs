@@ -187,6 +187,7 @@ impl Gateway {
     }
 
     /// One frame the client sent (parsed by the shell's reader).
+    #[inline]
     pub fn handle_client_frame(&mut self, id: ConnId, ev: WsEvent, now: Instant) -> Next {
         let next = match ev {
             WsEvent::Message { text, data } => {

@@ -153,7 +153,10 @@ pub struct Gateway {
     /// (`torpor_tunnel_late_messages_total`), not unroutable.
     recently_closed: RecentlyClosed,
     outputs: VecDeque<Output>,
-    notices: VecDeque<Notice>,
+    /// Wake-ups not yet polled: `notices[notice_head..]` (a list read from the front and
+    /// cleared once read, cheaper than a ring for the one or two a call makes).
+    notices: Vec<Notice>,
+    notice_head: usize,
     drain: DrainPhase,
     rng: StdRng,
     timers: timers::Timers,
@@ -189,7 +192,8 @@ impl Gateway {
             owed_closes: Vec::new(),
             recently_closed: RecentlyClosed::default(),
             outputs: VecDeque::new(),
-            notices: VecDeque::new(),
+            notices: Vec::new(),
+            notice_head: 0,
             drain: DrainPhase::Serving,
             rng: StdRng::seed_from_u64(seed),
             clock_base: (now, unix_ms),
@@ -221,7 +225,13 @@ impl Gateway {
         if let Some(o) = self.outputs.pop_front() {
             return Some(o);
         }
-        self.notices.pop_front().map(|n| match n {
+        let Some(&n) = self.notices.get(self.notice_head) else {
+            self.notices.clear();
+            self.notice_head = 0;
+            return None;
+        };
+        self.notice_head += 1;
+        Some(match n {
             Notice::Flush(id) => Output::Flush(id),
             Notice::Wake(id) => Output::Wake(id),
             Notice::Reset(id) => Output::Reset(id),
@@ -233,7 +243,7 @@ impl Gateway {
     /// Whether an output waits for the shell.
     #[inline]
     pub fn has_output(&self) -> bool {
-        !self.outputs.is_empty() || !self.notices.is_empty()
+        !self.outputs.is_empty() || self.notice_head < self.notices.len()
     }
 
     /// Queues a message output (see [`Notice`] for the wake-ups).
@@ -247,7 +257,7 @@ impl Gateway {
 
     #[inline]
     fn notice(&mut self, n: Notice) {
-        self.notices.push_back(n);
+        self.notices.push(n);
     }
 
     // ---- the connection table --------------------------------------------------------------
@@ -371,6 +381,7 @@ impl Gateway {
     }
 
     /// One turn of a connection's writer: moves what is queued into `batch`.
+    #[inline]
     pub fn writer_turn(&mut self, id: ConnId, batch: &mut Vec<Bytes>, max: usize) -> WriterTurn {
         let Some(c) = self.conn_mut(id) else {
             return WriterTurn::Gone;
