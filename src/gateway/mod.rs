@@ -277,10 +277,12 @@ impl Gateway {
         ConnId { slot, gen }
     }
 
+    #[inline]
     fn conn(&self, id: ConnId) -> Option<&Conn> {
         self.conns.get(id.slot as usize).filter(|c| c.gen == id.gen)
     }
 
+    #[inline]
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
         self.conns
             .get_mut(id.slot as usize)
@@ -320,6 +322,7 @@ impl Gateway {
     }
 
     /// The connection a request id of this shard names, while it lives.
+    #[inline]
     pub fn conn_of_request(&self, req: [u8; 4]) -> Option<ConnId> {
         let key = RequestKey::decode(req);
         if key.shard != self.id {
