@@ -389,7 +389,9 @@ impl Gateway {
                 // Too slow = had more than the limit unread before this message (one message
                 // larger than the limit alone is not the client's fault).
                 let too_slow = conn.out.bytes > limit;
-                self.write_local(id, frames);
+                if conn.out.push_all(frames) {
+                    self.notice(Notice::Flush(id));
+                }
                 if too_slow {
                     self.abort_client(id, Reason::ClientTooSlow, now);
                 }

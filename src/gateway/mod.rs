@@ -324,7 +324,11 @@ impl Gateway {
     /// The connection a request id of this shard names, while it lives.
     #[inline]
     pub fn conn_of_request(&self, req: [u8; 4]) -> Option<ConnId> {
-        let key = RequestKey::decode(req);
+        self.conn_of_key(RequestKey::decode(req))
+    }
+
+    #[inline]
+    fn conn_of_key(&self, key: RequestKey) -> Option<ConnId> {
         if key.shard != self.id {
             return None;
         }

@@ -76,7 +76,7 @@ impl Gateway {
     /// request may touch it; anything else is ignored and counted.
     fn tunnel_in(&mut self, key: RequestKey, msg: TunnelIn, from: Option<u32>, now: Instant) {
         let owner = |idx: u32| from.is_none_or(|f| f == idx);
-        let Some(id) = self.conn_of_request(key.encode()) else {
+        let Some(id) = self.conn_of_key(key) else {
             self.count_stray(key, now);
             return;
         };
