@@ -2,15 +2,13 @@
 //! sockets: it moves on as soon as what it waits for happened (queued writes out, then the
 //! WebSockets' close handshakes), and at its deadlines when the peers never do their part.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use torpor::config::Config;
-use torpor::gateway::{
-    ConnId, DrainPhase, Gateway, Output, RunnerAccept, Settings, ShardMsg, WriterTurn,
-};
-use torpor::metrics::Metrics;
+use torpor::gateway::{ConnId, DrainPhase, Gateway, Output, ShardMsg, WriterTurn};
 use torpor::tunnel::TunnelSocket;
 use torpor::ws::OpCode;
 
@@ -28,29 +26,8 @@ fn rig() -> Rig {
     let mut cfg = Config::default();
     cfg.timeouts.drain_ms = DRAIN.as_millis() as u64;
     cfg.timeouts.close_handshake_ms = CLOSE.as_millis() as u64;
-    let settings = Settings {
-        shard: 0,
-        shards: 1,
-        config: Arc::new(cfg),
-        metrics: Metrics::new(1),
-        gateway_id: [7; 4],
-    };
     let t0 = Instant::now();
-    let mut gw = Gateway::new(settings, 1, t0, 0);
-    let accept = RunnerAccept {
-        namespace: "default".into(),
-        runner_key: "key".into(),
-        accept: String::new(),
-    };
-    let runner = gw.runner_connected(accept, "127.0.0.1:1".parse().unwrap(), t0);
-    let conn = gw.conn_ref(runner);
-    gw.handle_shard_msg(
-        ShardMsg::RunnerAttached {
-            runner_idx: 0,
-            conn,
-        },
-        t0,
-    );
+    let (mut gw, _, runner) = common::core::core_with_runner(cfg, t0);
     let socket = TunnelSocket::new(gw.limits());
     let client = gw.insert_client("actor".into(), 0, 1, socket);
     gw.client_opened(client, false, t0);

@@ -2,12 +2,13 @@
 //! clocks: one scan per shard decides which silent client is pinged, which is closed for not
 //! answering, and which is reset for not reading. No sockets, no sleeping.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use torpor::config::Config;
-use torpor::gateway::{ConnId, Gateway, RunnerAccept, Settings, ShardMsg};
+use torpor::gateway::{ConnId, Gateway};
 use torpor::metrics::{Counter, Metrics};
 use torpor::tunnel::TunnelSocket;
 use torpor::ws::OpCode;
@@ -27,30 +28,8 @@ fn rig(idle_ms: u64) -> Rig {
     cfg.timeouts.client_idle_ping_ms = idle_ms;
     cfg.timeouts.client_pong_timeout_ms = PONG.as_millis() as u64;
     cfg.limits.client_outbound_bytes = 1024;
-    let metrics = Metrics::new(1);
-    let settings = Settings {
-        shard: 0,
-        shards: 1,
-        config: Arc::new(cfg),
-        metrics: metrics.clone(),
-        gateway_id: [7; 4],
-    };
     let t0 = Instant::now();
-    let mut st = Gateway::new(settings, 1, t0, 0);
-    let accept = RunnerAccept {
-        namespace: "default".into(),
-        runner_key: "key".into(),
-        accept: String::new(),
-    };
-    let runner = st.runner_connected(accept, "127.0.0.1:1".parse().unwrap(), t0);
-    let conn = st.conn_ref(runner);
-    st.handle_shard_msg(
-        ShardMsg::RunnerAttached {
-            runner_idx: 0,
-            conn,
-        },
-        t0,
-    );
+    let (mut st, metrics, _) = common::core::core_with_runner(cfg, t0);
     let socket = TunnelSocket::new(st.limits());
     let client = st.insert_client("actor".into(), 0, 1, socket);
     st.client_opened(client, false, t0);

@@ -2,15 +2,14 @@
 //! to a later socket of the same slot, so a runner's late message for a closed socket (an ack
 //! its actor sent after the close) cannot touch the socket that took the slot.
 
+mod common;
+
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use torpor::config::Config;
-use torpor::gateway::{
-    ConnId, ConnKind, Gateway, RequestKey, RunnerAccept, Settings, ShardMsg, TunnelIn,
-};
+use torpor::gateway::{ConnId, ConnKind, Gateway, RequestKey, ShardMsg, TunnelIn};
 use torpor::metrics::{Counter, Metrics};
 use torpor::tunnel::TunnelSocket;
 
@@ -21,30 +20,8 @@ struct Rig {
 }
 
 fn rig() -> Rig {
-    let metrics = Metrics::new(1);
-    let settings = Settings {
-        shard: 0,
-        shards: 1,
-        config: Arc::new(Config::default()),
-        metrics: metrics.clone(),
-        gateway_id: [7; 4],
-    };
     let t0 = Instant::now();
-    let mut gw = Gateway::new(settings, 1, t0, 0);
-    let accept = RunnerAccept {
-        namespace: "default".into(),
-        runner_key: "key".into(),
-        accept: String::new(),
-    };
-    let runner = gw.runner_connected(accept, "127.0.0.1:1".parse().unwrap(), t0);
-    let conn = gw.conn_ref(runner);
-    gw.handle_shard_msg(
-        ShardMsg::RunnerAttached {
-            runner_idx: 0,
-            conn,
-        },
-        t0,
-    );
+    let (gw, metrics, _) = common::core::core_with_runner(Config::default(), t0);
     Rig { gw, metrics, t0 }
 }
 

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod core;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
