@@ -240,12 +240,6 @@ impl Gateway {
         })
     }
 
-    /// Whether an output waits for the shell.
-    #[inline]
-    pub fn has_output(&self) -> bool {
-        !self.outputs.is_empty() || self.notice_head < self.notices.len()
-    }
-
     /// Queues a message output (see [`Notice`] for the wake-ups).
     fn out(&mut self, o: Output) {
         debug_assert!(matches!(
