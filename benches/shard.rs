@@ -16,9 +16,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use torpor::config::Config;
 use torpor::engine::ConnRef;
-use torpor::gateway::{
-    ConnId, ConnKind, Gateway, Output, RunnerAccept, Settings, ShardMsg, WriterTurn,
-};
+use torpor::gateway::{ConnId, ConnKind, Gateway, RunnerAccept, Settings, ShardMsg, WriterTurn};
 use torpor::metrics::Metrics;
 use torpor::net::writer::MAX_IOV;
 use torpor::net::READ_CHUNK;
@@ -96,7 +94,9 @@ fn add_client(st: &mut Gateway, hibernatable: bool) -> (ConnId, [u8; 4]) {
 
 /// Drops what the core asks of a shell (a bench has no other shard or control plane).
 fn drain(st: &mut Gateway) {
-    while st.poll_output().is_some() {}
+    while st.poll_mail().is_some() {}
+    while st.poll_message().is_some() {}
+    while st.poll_notice().is_some() {}
 }
 
 /// One writer turn's chunks moved into `batch`.
@@ -294,11 +294,10 @@ fn framing(c: &mut Criterion) {
 /// What a shard's shell does with the core's messages for other shards: each goes to that
 /// shard's mailbox.
 fn forward_outputs(st: &mut Gateway, sh: &Shared) {
-    while let Some(o) = st.poll_output() {
-        if let Output::ToShard(to, msg) = o {
-            sh.shards[to as usize].send(msg);
-        }
+    while let Some((to, msg)) = st.poll_mail() {
+        sh.shards[to as usize].send(msg);
     }
+    drain(st);
 }
 
 /// Blocks until the eventfd is written (the shard loop's io_uring read, done plainly).

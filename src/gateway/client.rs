@@ -338,7 +338,13 @@ impl Gateway {
     pub(super) fn client_in(&mut self, id: ConnId, msg: TunnelIn, from: Option<u32>, now: Instant) {
         let owner = |idx: u32| from.is_none_or(|f| f == idx);
         let limit = self.config.limits.client_outbound_bytes;
-        let Some(conn) = self.conn_mut(id) else {
+        // One lookup serves the whole hot path: the frame is cut from the scratch buffer
+        // and queued while the connection is held.
+        let Some(conn) = self
+            .conns
+            .get_mut(id.slot as usize)
+            .filter(|c| c.gen == id.gen)
+        else {
             return;
         };
         let closing = conn.out.closing;
@@ -381,16 +387,15 @@ impl Gateway {
             TunnelIn::Message { data, binary } => {
                 let len = data.len();
                 let op = if binary { OpCode::Binary } else { OpCode::Text };
-                let frames = self.ws_frame(op, data);
-                let m = self.metrics();
+                let frames = super::framing::server_frame(&mut self.scratch, op, data);
+                let m = &self.metrics.shards[self.id as usize];
                 m.inc(Counter::MessagesToClient);
                 m.add(Counter::BytesToClient, len as u64);
-                let conn = self.conn_mut(id).expect("checked above");
                 // Too slow = had more than the limit unread before this message (one message
                 // larger than the limit alone is not the client's fault).
                 let too_slow = conn.out.bytes > limit;
                 if conn.out.push_all(frames) {
-                    self.notice(Notice::Flush(id));
+                    self.notices.push(Notice::Flush(id));
                 }
                 if too_slow {
                     self.abort_client(id, Reason::ClientTooSlow, now);

@@ -92,9 +92,10 @@ pub enum Output {
 }
 
 /// The outputs that carry no message (a few bytes each), queued apart from the messages so
-/// the hot path (a frame queued, its writer to wake) never moves a whole [`Output`].
-#[derive(Debug, Clone, Copy)]
-enum Notice {
+/// the hot path (a frame queued, its writer to wake) never moves a whole [`Output`]. Each
+/// is the [`Output`] of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
     Flush(ConnId),
     Wake(ConnId),
     Reset(ConnId),
@@ -153,6 +154,8 @@ pub struct Gateway {
     /// (`torpor_tunnel_late_messages_total`), not unroutable.
     recently_closed: RecentlyClosed,
     outputs: VecDeque<Output>,
+    /// Messages for other shards, in the order made (see [`Self::poll_mail`]).
+    mail: VecDeque<(u16, ShardMsg)>,
     /// Wake-ups not yet polled: `notices[notice_head..]` (a list read from the front and
     /// cleared once read, cheaper than a ring for the one or two a call makes).
     notices: Vec<Notice>,
@@ -192,6 +195,7 @@ impl Gateway {
             owed_closes: Vec::new(),
             recently_closed: RecentlyClosed::default(),
             outputs: VecDeque::new(),
+            mail: VecDeque::new(),
             notices: Vec::new(),
             notice_head: 0,
             drain: DrainPhase::Serving,
@@ -216,22 +220,26 @@ impl Gateway {
         self.limits
     }
 
-    /// The next thing the shell must do: the messages (to shards, to the control plane,
-    /// answers) in the order the core made them, then the wake-ups and resets in theirs.
-    /// The two kinds are independent: a message never waits for a wake-up, nor the reverse,
-    /// and the shell carries out all of them before it runs any task.
+    /// The next thing the shell must do: the messages for other shards, then the other
+    /// messages (to the control plane, answers), each in the order the core made them, then
+    /// the wake-ups and resets in theirs. The kinds are independent: a message never waits
+    /// for a wake-up, nor the reverse, and a shard's mail may overtake a message to the
+    /// control plane (it could anyway: the control plane's answer to that message takes
+    /// longer to reach a shard than mail sent after it). The shell carries out all of them
+    /// before it runs any task.
+    ///
+    /// The shell itself polls the three kinds apart ([`Self::poll_mail`],
+    /// [`Self::poll_message`], [`Self::poll_notice`]), so that no wake-up and no mail is
+    /// wrapped in an [`Output`]; this is the same sequence in one.
     #[inline]
     pub fn poll_output(&mut self) -> Option<Output> {
-        if let Some(o) = self.outputs.pop_front() {
+        if let Some((to, msg)) = self.poll_mail() {
+            return Some(Output::ToShard(to, msg));
+        }
+        if let Some(o) = self.poll_message() {
             return Some(o);
         }
-        let Some(&n) = self.notices.get(self.notice_head) else {
-            self.notices.clear();
-            self.notice_head = 0;
-            return None;
-        };
-        self.notice_head += 1;
-        Some(match n {
+        Some(match self.poll_notice()? {
             Notice::Flush(id) => Output::Flush(id),
             Notice::Wake(id) => Output::Wake(id),
             Notice::Reset(id) => Output::Reset(id),
@@ -240,12 +248,42 @@ impl Gateway {
         })
     }
 
+    /// The next message for another shard: (shard, message).
+    #[inline]
+    pub fn poll_mail(&mut self) -> Option<(u16, ShardMsg)> {
+        self.mail.pop_front()
+    }
+
+    /// The next message for the control plane or answer to a waiter
+    /// ([`Output::ToControl`], [`Output::Reply`]).
+    #[inline]
+    pub fn poll_message(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// The next wake-up or reset.
+    #[inline]
+    pub fn poll_notice(&mut self) -> Option<Notice> {
+        let Some(&n) = self.notices.get(self.notice_head) else {
+            if self.notice_head != 0 {
+                self.notices.clear();
+                self.notice_head = 0;
+            }
+            return None;
+        };
+        self.notice_head += 1;
+        Some(n)
+    }
+
+    /// Queues a message for another shard.
+    #[inline]
+    fn mail(&mut self, to: u16, msg: ShardMsg) {
+        self.mail.push_back((to, msg));
+    }
+
     /// Queues a message output (see [`Notice`] for the wake-ups).
     fn out(&mut self, o: Output) {
-        debug_assert!(matches!(
-            o,
-            Output::ToShard(..) | Output::ToControl(_) | Output::Reply(..)
-        ));
+        debug_assert!(matches!(o, Output::ToControl(_) | Output::Reply(..)));
         self.outputs.push_back(o);
     }
 

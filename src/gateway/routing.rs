@@ -6,7 +6,7 @@
 use super::conns::ConnKind;
 use super::msg::{ControlMsg, ShardMsg, TunnelIn};
 use super::out::Frames;
-use super::{ConnId, Gateway, Output, Reason, RequestKey};
+use super::{ConnId, Gateway, Reason, RequestKey};
 use crate::engine::ConnRef;
 use crate::metrics::Counter;
 use crate::tunnel::{Detach, DetachCause, SocketState};
@@ -37,7 +37,7 @@ impl Gateway {
             Frames::Three(frames) => ShardMsg::ToRunnerInline { conn: id, frames },
             Frames::List(frames) => ShardMsg::ToRunner { conn: id, frames },
         };
-        self.out(Output::ToShard(conn.shard, msg));
+        self.mail(conn.shard, msg);
         true
     }
 
@@ -63,10 +63,7 @@ impl Gateway {
         if key.shard == self.id {
             self.tunnel_in(key, msg, from, now);
         } else if (key.shard as usize) < self.shards {
-            self.out(Output::ToShard(
-                key.shard,
-                ShardMsg::Tunnel { key, msg, from },
-            ));
+            self.mail(key.shard, ShardMsg::Tunnel { key, msg, from });
         } else {
             self.metrics().inc(Counter::UnroutableTunnelMessages);
         }

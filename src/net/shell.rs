@@ -4,7 +4,7 @@
 //! socket, send to another shard's mailbox or to the control plane, deliver an answer,
 //! re-arm the shard's one timer.
 
-use crate::gateway::{ConnId, Gateway, Output, Reply, Settings};
+use crate::gateway::{ConnId, Gateway, Notice, Output, Reply, Settings};
 use crate::metrics::ShardMetrics;
 use crate::shard::Shared;
 use std::cell::RefCell;
@@ -96,23 +96,42 @@ impl Shard {
     /// so the core stays borrowed throughout.
     #[inline]
     fn carry_out(&self, core: &mut Gateway) {
-        while let Some(o) = core.poll_output() {
+        while let Some((shard, msg)) = core.poll_mail() {
+            if let Some(mb) = self.shared.shards.get(shard as usize) {
+                mb.send(msg);
+            }
+        }
+        while let Some(o) = core.poll_message() {
             match o {
-                Output::Flush(id) => {
+                Output::ToControl(msg) => {
+                    let _ = self.shared.control.send(*msg);
+                }
+                Output::Reply(waiter, reply) => {
+                    if let Some(tx) = self.replies.borrow_mut().remove(&waiter) {
+                        let _ = tx.send(reply);
+                    }
+                }
+                // `poll_message` yields messages only; the rest come from the other polls.
+                _ => debug_assert!(false, "not a message"),
+            }
+        }
+        while let Some(n) = core.poll_notice() {
+            match n {
+                Notice::Flush(id) => {
                     if let Some(w) = self.wakers.borrow().get(id.slot as usize) {
                         if let Some(w) = w.as_ref().filter(|w| w.gen == id.gen) {
                             w.writer.notify_one();
                         }
                     }
                 }
-                Output::Wake(id) => {
+                Notice::Wake(id) => {
                     if let Some(w) = self.wakers.borrow().get(id.slot as usize) {
                         if let Some(w) = w.as_ref().filter(|w| w.gen == id.gen) {
                             w.reader.notify_one();
                         }
                     }
                 }
-                Output::Reset(id) => {
+                Notice::Reset(id) => {
                     let stream = self.wakers.borrow().get(id.slot as usize).and_then(|w| {
                         w.as_ref()
                             .filter(|w| w.gen == id.gen)
@@ -122,21 +141,8 @@ impl Shard {
                         super::writer::reset(&s);
                     }
                 }
-                Output::ToShard(shard, msg) => {
-                    if let Some(mb) = self.shared.shards.get(shard as usize) {
-                        mb.send(msg);
-                    }
-                }
-                Output::ToControl(msg) => {
-                    let _ = self.shared.control.send(*msg);
-                }
-                Output::Reply(waiter, reply) => {
-                    if let Some(tx) = self.replies.borrow_mut().remove(&waiter) {
-                        let _ = tx.send(reply);
-                    }
-                }
-                Output::Rearm => self.timer.notify_one(),
-                Output::Drained => {
+                Notice::Rearm => self.timer.notify_one(),
+                Notice::Drained => {
                     self.shared.drained.fetch_add(1, Ordering::SeqCst);
                 }
             }
