@@ -134,6 +134,21 @@ pub struct Limits {
     pub actors_per_namespace: usize,
     /// KV bytes (keys plus values) one actor may store.
     pub kv_bytes_per_actor: u64,
+    /// Runner configs (serverless pools' settings) of one namespace, and of all namespaces.
+    pub runner_configs_per_namespace: usize,
+    pub runner_configs: usize,
+    /// A runner config's serverless `url`, in bytes.
+    pub runner_config_url_bytes: usize,
+    /// A runner config's `headers`: entries, and bytes of names plus values.
+    pub runner_config_headers: usize,
+    pub runner_config_header_bytes: usize,
+    /// A runner config's `metadata`, as compact JSON, in bytes.
+    pub runner_config_metadata_bytes: usize,
+    /// Largest `max_runners` of a runner config.
+    pub runner_config_max_runners: u32,
+    /// Range of a runner config's `request_lifespan`, in seconds.
+    pub runner_config_request_lifespan_min_s: u32,
+    pub runner_config_request_lifespan_max_s: u32,
 }
 
 /// Deadlines and periods, in milliseconds in the file.
@@ -191,6 +206,9 @@ impl Default for Config {
     }
 }
 
+/// The defaults of the runner config limits, defined with them.
+const RC: crate::engine::RunnerConfigLimits = crate::engine::RunnerConfigLimits::DEFAULT;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -218,6 +236,15 @@ impl Default for Limits {
             actor_input_bytes: 4 * 1024 * 1024,
             actors_per_namespace: 100_000,
             kv_bytes_per_actor: 1 << 30,
+            runner_configs_per_namespace: RC.per_namespace,
+            runner_configs: RC.total,
+            runner_config_url_bytes: RC.url_bytes,
+            runner_config_headers: RC.headers,
+            runner_config_header_bytes: RC.header_bytes,
+            runner_config_metadata_bytes: RC.metadata_bytes,
+            runner_config_max_runners: RC.max_runners,
+            runner_config_request_lifespan_min_s: RC.request_lifespan_min_s,
+            runner_config_request_lifespan_max_s: RC.request_lifespan_max_s,
         }
     }
 }
@@ -432,7 +459,34 @@ impl Config {
         {
             return bad("limits.runner_name_bytes, actor_name_bytes, actor_key_bytes, runner_max_slots, actors_per_namespace and kv_bytes_per_actor must be > 0");
         }
+        if l.runner_configs_per_namespace == 0
+            || l.runner_configs == 0
+            || l.runner_config_url_bytes < 16
+        {
+            return bad("limits.runner_configs_per_namespace and runner_configs must be > 0, runner_config_url_bytes >= 16");
+        }
+        if l.runner_config_request_lifespan_min_s == 0
+            || l.runner_config_request_lifespan_max_s < l.runner_config_request_lifespan_min_s
+        {
+            return bad("limits.runner_config_request_lifespan_max_s must be >= runner_config_request_lifespan_min_s > 0");
+        }
         Ok(())
+    }
+
+    /// The bounds of runner configs, for the engine.
+    pub fn runner_config_limits(&self) -> crate::engine::RunnerConfigLimits {
+        let l = &self.limits;
+        crate::engine::RunnerConfigLimits {
+            per_namespace: l.runner_configs_per_namespace,
+            total: l.runner_configs,
+            url_bytes: l.runner_config_url_bytes,
+            headers: l.runner_config_headers,
+            header_bytes: l.runner_config_header_bytes,
+            metadata_bytes: l.runner_config_metadata_bytes,
+            max_runners: l.runner_config_max_runners,
+            request_lifespan_min_s: l.runner_config_request_lifespan_min_s,
+            request_lifespan_max_s: l.runner_config_request_lifespan_max_s,
+        }
     }
 
     /// The actor KV store's limits.
@@ -541,7 +595,16 @@ ser_fields!(
     actor_key_bytes,
     actor_input_bytes,
     actors_per_namespace,
-    kv_bytes_per_actor
+    kv_bytes_per_actor,
+    runner_configs_per_namespace,
+    runner_configs,
+    runner_config_url_bytes,
+    runner_config_headers,
+    runner_config_header_bytes,
+    runner_config_metadata_bytes,
+    runner_config_max_runners,
+    runner_config_request_lifespan_min_s,
+    runner_config_request_lifespan_max_s
 );
 ser_fields!(
     TimeoutsSer,
@@ -679,6 +742,27 @@ mod tests {
         .unwrap();
         assert_eq!(c.timeouts.client_idle_ping_ms, 0);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn runner_config_limits_have_keys_and_checked_ranges() {
+        let c = Config::from_toml(
+            "[limits]\nrunner_configs_per_namespace = 3\nrunner_config_max_runners = 7",
+        )
+        .unwrap();
+        let l = c.runner_config_limits();
+        assert_eq!((l.per_namespace, l.max_runners), (3, 7));
+        assert_eq!(l.total, crate::engine::RunnerConfigLimits::DEFAULT.total);
+        assert_eq!(
+            Config::default().runner_config_limits(),
+            crate::engine::RunnerConfigLimits::DEFAULT
+        );
+        let mut c = Config::default();
+        c.limits.runner_config_request_lifespan_max_s = 5;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.limits.runner_configs = 0;
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -172,6 +172,16 @@ labels!(
         ActorTooManyActors => "actor.too_many_actors",
         ActorInputTooLarge => "actor.input_too_large",
         ActorQuotaExceeded => "actor.quota_exceeded",
+        RunnerConfigInvalid => "runner_config.invalid",
+        RunnerConfigNameTooLong => "runner_config.name_too_long",
+        RunnerConfigUrlTooLong => "runner_config.url_too_long",
+        RunnerConfigTooManyHeaders => "runner_config.too_many_headers",
+        RunnerConfigHeadersTooLarge => "runner_config.headers_too_large",
+        RunnerConfigMetadataTooLarge => "runner_config.metadata_too_large",
+        RunnerConfigMaxRunnersTooHigh => "runner_config.max_runners_too_high",
+        RunnerConfigRequestLifespan => "runner_config.request_lifespan_out_of_range",
+        RunnerConfigQuotaExceeded => "runner_config.quota_exceeded",
+        RunnerConfigTooMany => "runner_config.too_many",
         Other => "other",
     }
 );

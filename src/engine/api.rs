@@ -1,6 +1,7 @@
 //! The engine HTTP API (JSON) that rivetkit@2.2.1's client calls on its engine endpoint:
 //! `/actors` (list, create, get-or-create), `/actors/{id}` (get, destroy), `/actors/names`,
-//! `/metadata`, `/health`, `/datacenters`. Request and response shapes follow what that client
+//! `/metadata`, `/health`, `/datacenters`, and `/runner-configs` (list, upsert, delete) that its
+//! serverless runners call. Request and response shapes follow what that client
 //! sends and reads; they are written down with their sources in `tests/interop/api_shapes.md`.
 //!
 //! Sans-IO: takes a parsed request and returns status, JSON body and the engine actions that the
@@ -13,6 +14,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::runner_configs::{RunnerConfig, RunnerConfigError, Variant};
 use super::{Action, ActorInfo, CrashPolicy, CreateActor, CreateError, Engine};
 
 /// Most actors returned by one list call, and the default.
@@ -24,6 +26,12 @@ pub const ACTOR_IDS_MAX: usize = 100;
 /// most it returns in one page (the Rivet engine has no maximum; a page is bounded here).
 pub const NAMES_LIMIT_DEFAULT: usize = 100;
 pub const NAMES_LIMIT_MAX: usize = 1000;
+/// `GET /runner-configs` page size when `limit` is absent (the Rivet engine's default), and
+/// the most one page holds (the Rivet engine has no maximum).
+pub const RUNNER_CONFIGS_LIMIT_DEFAULT: usize = 100;
+pub const RUNNER_CONFIGS_LIMIT_MAX: usize = 1000;
+/// Most names in `runner_name` (repeated) and `runner_names` (comma-separated) together.
+pub const RUNNER_NAMES_MAX: usize = 100;
 
 /// What to answer. The body is always JSON (`content-type: application/json`).
 #[derive(Debug, Clone, PartialEq)]
@@ -115,15 +123,32 @@ pub fn handle(
             }],
             "pagination": { "cursor": null },
         })),
-        (_, ["runner-configs", ..]) => ApiReply::error(
+        ("GET", ["runner-configs"]) => list_runner_configs(engine, &namespace, query),
+        ("PUT", ["runner-configs", name]) => match percent_decode(name) {
+            Some(name) => upsert_runner_config(engine, &namespace, &name, body),
+            None => ApiReply::bad_request("invalid runner name"),
+        },
+        ("DELETE", ["runner-configs", name]) => match percent_decode(name) {
+            Some(name) => delete_runner_config(engine, &namespace, &name),
+            None => ApiReply::bad_request("invalid runner name"),
+        },
+        ("POST", ["runner-configs", "serverless-health-check"])
+        | ("POST", ["runner-configs", _, "refresh-metadata"]) => ApiReply::error(
             501,
             "api",
             "not_implemented",
-            "Runner configurations (serverless runner pools) are not supported.",
+            "Serverless health checks and metadata refreshes are not supported yet.",
         ),
-        (_, ["actors"] | ["actors", _] | ["metadata"] | ["health"] | ["datacenters"]) => {
-            ApiReply::error(405, "api", "method_not_allowed", "Method not allowed.")
-        }
+        (
+            _,
+            ["actors"]
+            | ["actors", _]
+            | ["metadata"]
+            | ["health"]
+            | ["datacenters"]
+            | ["runner-configs"]
+            | ["runner-configs", _],
+        ) => ApiReply::error(405, "api", "method_not_allowed", "Method not allowed."),
         _ => ApiReply::error(404, "api", "not_found", "No such route."),
     }
 }
@@ -395,4 +420,135 @@ fn actor_names(engine: &Engine, namespace: &str, query: &[(String, String)]) -> 
         names.insert(name, json!({ "metadata": metadata }));
     }
     ApiReply::ok(json!({ "names": names, "pagination": { "cursor": next } }))
+}
+
+fn runner_config_error(e: RunnerConfigError) -> ApiReply {
+    ApiReply::error(e.status(), "runner_config", e.code(), &e.to_string())
+}
+
+/// `PUT /runner-configs/{name}?namespace=` with `{"datacenters": {dc: config}}`, as the Rivet
+/// engine's `api-public/src/runner_configs/upsert.rs`: an unknown top-level field is refused
+/// (`deny_unknown_fields`); a datacenter that is not ours refuses the whole request
+/// (`datacenter.not_found`, nothing changed); ours absent from the map deletes our config
+/// (the engine deletes the config of every datacenter the body leaves out). Answers
+/// `{"endpoint_config_changed": bool}`.
+fn upsert_runner_config(engine: &mut Engine, namespace: &str, name: &str, body: &[u8]) -> ApiReply {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct UpsertBody {
+        datacenters: Map<String, Value>,
+    }
+    let b: UpsertBody = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => return ApiReply::bad_request(&format!("invalid request body: {e}")),
+    };
+    let ours = engine.config().datacenter.clone();
+    let mut entry = None;
+    for (dc, v) in b.datacenters {
+        if dc != ours {
+            return ApiReply::error(
+                400,
+                "datacenter",
+                "not_found",
+                "The provided datacenter does not exist.",
+            );
+        }
+        entry = Some(v);
+    }
+    let Some(v) = entry else {
+        if name.len() > engine.config().runner_name_bytes
+            || namespace.len() > engine.config().runner_name_bytes
+        {
+            return runner_config_error(RunnerConfigError::NameTooLong {
+                max: engine.config().runner_name_bytes,
+            });
+        }
+        engine.delete_runner_config(namespace, name);
+        return ApiReply::ok(json!({ "endpoint_config_changed": false }));
+    };
+    let config = match RunnerConfig::from_json(v) {
+        Ok(c) => c,
+        Err(m) => return ApiReply::bad_request(&format!("invalid request body: {m}")),
+    };
+    match engine.upsert_runner_config(namespace, name, config) {
+        Ok(changed) => ApiReply::ok(json!({ "endpoint_config_changed": changed })),
+        Err(e) => runner_config_error(e),
+    }
+}
+
+/// `DELETE /runner-configs/{name}?namespace=`: `{}`, whether or not there was a config (as
+/// the Rivet engine).
+fn delete_runner_config(engine: &mut Engine, namespace: &str, name: &str) -> ApiReply {
+    let max = engine.config().runner_name_bytes;
+    if name.len() > max || namespace.len() > max {
+        return runner_config_error(RunnerConfigError::NameTooLong { max });
+    }
+    engine.delete_runner_config(namespace, name);
+    ApiReply::ok(json!({}))
+}
+
+/// `GET /runner-configs?namespace=[&runner_name=…][&runner_names=a,b][&variant=][&limit=][&cursor=]`
+/// in the Rivet engine's public shape: `{"runner_configs": {name: {"datacenters": {dc:
+/// config}}}, "pagination": {"cursor"}}`. With names (`runner_name` repeated, or the
+/// deprecated comma-separated `runner_names`) it answers those that exist, without a cursor.
+/// Otherwise configs in name order, `variant` (`serverless` or `normal`) filtering, pages of
+/// `limit` (default 100); the cursor is `{variant}:{name}` of the page's last config as the
+/// engine's per-datacenter list makes it, and is `null` after the last page (the engine's
+/// public list always answers `null`).
+fn list_runner_configs(engine: &Engine, namespace: &str, query: &[(String, String)]) -> ApiReply {
+    let mut names: Vec<&str> = query
+        .iter()
+        .filter(|(k, _)| k == "runner_name")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if let Some(list) = param(query, "runner_names") {
+        names.extend(list.split(','));
+    }
+    names.retain(|n| !n.is_empty());
+    if names.len() > RUNNER_NAMES_MAX {
+        return ApiReply::bad_request(&format!(
+            "at most {RUNNER_NAMES_MAX} runner names in one call"
+        ));
+    }
+    let dc = &engine.config().datacenter;
+    let entry = |c: &RunnerConfig| json!({ "datacenters": { dc.as_str(): c.to_json() } });
+    let mut out = Map::new();
+    if !names.is_empty() {
+        for n in names {
+            if let Some(c) = engine.runner_config(namespace, n) {
+                out.insert(n.to_string(), entry(c));
+            }
+        }
+        return ApiReply::ok(json!({ "runner_configs": out, "pagination": { "cursor": null } }));
+    }
+    let variant = match param(query, "variant").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => match Variant::parse(s) {
+            Some(v) => Some(v),
+            None => return ApiReply::bad_request("variant must be serverless or normal"),
+        },
+    };
+    let limit = match param(query, "limit") {
+        None => RUNNER_CONFIGS_LIMIT_DEFAULT,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if n >= 1 => n.min(RUNNER_CONFIGS_LIMIT_MAX),
+            _ => return ApiReply::bad_request("limit must be a positive integer"),
+        },
+    };
+    let after = match param(query, "cursor").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(c) => match c.split_once(':') {
+            Some((_, name)) => Some(name),
+            None => return ApiReply::bad_request("invalid cursor"),
+        },
+    };
+    let (page, more) = engine.runner_configs_page(namespace, variant, after, limit);
+    let cursor = match page.last() {
+        Some((name, c)) if more => Some(format!("{}:{name}", c.variant().as_str())),
+        _ => None,
+    };
+    for (name, c) in page {
+        out.insert(name.to_string(), entry(c));
+    }
+    ApiReply::ok(json!({ "runner_configs": out, "pagination": { "cursor": cursor } }))
 }

@@ -51,6 +51,10 @@
 //! asleep, and a runner that reconnects to a restarted gateway gets a new runnerId (so it
 //! stops whatever it still runs) — the record format is described in `persist`.
 //!
+//! Runner configs (the settings of serverless runner pools, `runner_configs`) are durable too:
+//! one record each, written through the same [`Engine::take_store_ops`] and restored by
+//! [`Engine::restore`]. Nothing starts runners from them yet.
+//!
 //! The shard must pass a connection's `Events`, `AckCommands`, `Stopping` and every `Pong` with
 //! `ts < 0` to the engine in arrival order (and leave those pongs out of RTT measurements).
 
@@ -61,6 +65,7 @@ mod persist;
 mod placement;
 mod registry;
 mod routing;
+pub mod runner_configs;
 mod runners;
 mod stopping;
 mod store_keys;
@@ -80,10 +85,14 @@ use crate::protocol::{Command, HibernatingRequest, ToClient, ToServer};
 
 pub use actor::{ActorInfo, ActorStatus, CrashPolicy, CreateActor, CreateError};
 pub use persist::{ActorRecord, HibernatingRecord, RecordError, RestoreReport, RECORD_VERSION};
+pub use runner_configs::{
+    desired_runners, RunnerConfig, RunnerConfigError, RunnerConfigKind, RunnerConfigLimits,
+    ServerlessConfig,
+};
 pub use runners::InitReport;
 pub use store_keys::{
     actor_key, hib_key, input_key, StoreOp, ACTOR_KEY_PREFIX, HIB_KEY_PREFIX, INPUT_KEY_PREFIX,
-    KEY_PREFIX,
+    KEY_PREFIX, RUNNER_CONFIG_KEY_PREFIX,
 };
 
 /// One runner WebSocket connection, as the shards name it: owning shard, slab slot, and the
@@ -212,6 +221,9 @@ pub struct EngineConfig {
     pub public_url: String,
     /// Version string reported by `/metadata` and `/health`.
     pub version: String,
+    /// Bounds of runner configs (`limits.runner_config*`). The default is the daemon's
+    /// configured limits once it set them (see [`runner_configs::set_process_limits`]).
+    pub runner_configs: RunnerConfigLimits,
 }
 
 impl Default for EngineConfig {
@@ -237,6 +249,7 @@ impl Default for EngineConfig {
             datacenter: "default".to_string(),
             public_url: "http://127.0.0.1:6420".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            runner_configs: RunnerConfigLimits::process_default(),
         }
     }
 }
@@ -308,6 +321,8 @@ pub struct Engine {
     store_deletes: Vec<Vec<u8>>,
     /// Writes of hibernating records (one key per socket), in order.
     hib_ops: Vec<StoreOp>,
+    /// Runner configs (serverless pools' settings) and their store writes not yet taken.
+    runner_configs: runner_configs::RunnerConfigs,
 }
 
 impl Engine {
@@ -341,6 +356,7 @@ impl Engine {
             dirty: Vec::new(),
             store_deletes: Vec::new(),
             hib_ops: Vec::new(),
+            runner_configs: runner_configs::RunnerConfigs::default(),
         }
     }
 

@@ -17,6 +17,8 @@
 //!   50,000 on every open). Records written by an earlier version inside the actor record
 //!   (`hibernating`) are still read.
 //!
+//! * `engine/runner-config/…` → a runner config (see `runner_configs`), restored here too.
+//!
 //! JSON rather than BARE: records are written on lifecycle changes, not per message, so size
 //! and speed hardly matter, while a self-describing format lets a later version add fields
 //! (missing ones take defaults, unknown ones are ignored) and lets an operator read the store.
@@ -40,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use super::actor::{mark, Actor, ActorStatus, CrashPolicy};
 use super::store_keys::{
     actor_key, hib_key, hib_put, input_key, parse_hib_key, StoreOp, ACTOR_KEY_PREFIX,
-    HIB_KEY_PREFIX, INPUT_KEY_PREFIX, KEY_PREFIX,
+    HIB_KEY_PREFIX, INPUT_KEY_PREFIX, KEY_PREFIX, RUNNER_CONFIG_KEY_PREFIX,
 };
 use super::Engine;
 use crate::protocol::HibernatingRequest;
@@ -146,6 +148,8 @@ pub struct RestoreReport {
     pub missing_input: usize,
     /// Entries outside the engine's key prefix (ignored).
     pub foreign: usize,
+    /// Runner configs restored.
+    pub runner_configs: usize,
 }
 
 impl Engine {
@@ -193,6 +197,7 @@ impl Engine {
         inputs.extend(records);
         inputs.append(&mut self.hib_ops);
         inputs.extend(deletes);
+        inputs.extend(self.runner_configs.take_ops());
         inputs
     }
 
@@ -271,6 +276,12 @@ impl Engine {
                         inputs.insert(id.to_string());
                     }
                     Err(_) => report.skipped += 1,
+                }
+            } else if k.starts_with(RUNNER_CONFIG_KEY_PREFIX) {
+                if self.runner_configs.restore_entry(&k, &v) {
+                    report.runner_configs += 1;
+                } else {
+                    report.skipped += 1;
                 }
             } else if k.starts_with(KEY_PREFIX) {
                 report.skipped += 1;

@@ -1,5 +1,5 @@
 //! Where the engine's records live in the store: the key prefixes, the key of each record
-//! (actor, input, hibernating socket) and the [`StoreOp`]s the shell applies in order. The
+//! (actor, input, hibernating socket; runner configs have theirs in `runner_configs`) and the [`StoreOp`]s the shell applies in order. The
 //! records themselves, and the layout as a whole, are described in `persist`.
 //!
 //! Pure functions of ids and values: must never hold state or reach the engine.
@@ -14,6 +14,8 @@ pub const ACTOR_KEY_PREFIX: &[u8] = b"engine/actor/";
 pub const INPUT_KEY_PREFIX: &[u8] = b"engine/input/";
 /// Key prefix of hibernating-socket records (followed by `{actor id}/` and 8 id bytes).
 pub const HIB_KEY_PREFIX: &[u8] = b"engine/hib/";
+/// Key prefix of runner config records (see `runner_configs::runner_config_key`).
+pub const RUNNER_CONFIG_KEY_PREFIX: &[u8] = b"engine/runner-config/";
 
 /// One write for the store, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]

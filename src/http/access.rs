@@ -442,7 +442,15 @@ mod tests {
         for p in ["/livez", "/readyz", "/health", "/metadata", "/metadata/"] {
             assert!(is_public_route(p), "{p}");
         }
-        for p in ["/metrics", "/actors", "/actors/names", "/datacenters", "/"] {
+        for p in [
+            "/metrics",
+            "/actors",
+            "/actors/names",
+            "/datacenters",
+            "/runner-configs",
+            "/runner-configs/default",
+            "/",
+        ] {
             assert!(!is_public_route(p), "{p}");
         }
     }

@@ -18,6 +18,7 @@ mod http_api;
 mod lifecycle;
 mod limits;
 mod restarts;
+mod runner_configs;
 mod sessions;
 mod sim;
 
