@@ -73,9 +73,6 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
         ))
     })?;
     let _ = metrics.kv.set(kv.clone());
-    // The control plane's engine takes its runner config bounds from here (its config is
-    // built with `..EngineConfig::default()`).
-    crate::engine::runner_configs::set_process_limits(cfg.runner_config_limits());
     let control = {
         let shared = shared.clone();
         let kv = kv.clone();

@@ -221,8 +221,7 @@ pub struct EngineConfig {
     pub public_url: String,
     /// Version string reported by `/metadata` and `/health`.
     pub version: String,
-    /// Bounds of runner configs (`limits.runner_config*`). The default is the daemon's
-    /// configured limits once it set them (see [`runner_configs::set_process_limits`]).
+    /// Bounds of runner configs (`limits.runner_config*`).
     pub runner_configs: RunnerConfigLimits,
 }
 
@@ -249,7 +248,7 @@ impl Default for EngineConfig {
             datacenter: "default".to_string(),
             public_url: "http://127.0.0.1:6420".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            runner_configs: RunnerConfigLimits::process_default(),
+            runner_configs: RunnerConfigLimits::DEFAULT,
         }
     }
 }

@@ -20,7 +20,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -311,34 +310,11 @@ impl RunnerConfigLimits {
         request_lifespan_min_s: 10,
         request_lifespan_max_s: 86_400,
     };
-
-    /// The limits a new [`super::EngineConfig`] starts with: the daemon's configured ones
-    /// once [`set_process_limits`] was called, else [`RunnerConfigLimits::DEFAULT`].
-    pub fn process_default() -> RunnerConfigLimits {
-        match PROCESS_LIMITS.lock() {
-            Ok(g) => g.clone().unwrap_or(Self::DEFAULT),
-            Err(p) => p.into_inner().clone().unwrap_or(Self::DEFAULT),
-        }
-    }
 }
 
 impl Default for RunnerConfigLimits {
     fn default() -> Self {
         Self::DEFAULT
-    }
-}
-
-/// The configured limits of this process. The control plane builds its `EngineConfig` with
-/// `..EngineConfig::default()`, so the daemon sets them here (in `server::run`, before the
-/// control plane starts) and the default picks them up.
-static PROCESS_LIMITS: Mutex<Option<RunnerConfigLimits>> = Mutex::new(None);
-
-/// Sets the limits every later [`super::EngineConfig::default`] carries (the daemon's
-/// configuration).
-pub fn set_process_limits(l: RunnerConfigLimits) {
-    match PROCESS_LIMITS.lock() {
-        Ok(mut g) => *g = Some(l),
-        Err(p) => *p.into_inner() = Some(l),
     }
 }
 

@@ -33,6 +33,7 @@ fn engine_config(shared: &Shared) -> EngineConfig {
         runner_name_bytes: l.runner_name_bytes,
         runner_actor_names: l.runner_actor_names,
         runner_actor_metadata_bytes: l.runner_actor_metadata_bytes,
+        runner_configs: shared.config.runner_config_limits(),
         ..EngineConfig::default()
     }
 }
