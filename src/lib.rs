@@ -16,6 +16,7 @@ pub mod plane;
 pub mod protocol;
 pub mod runner;
 pub mod server;
+pub mod serverless;
 pub mod shard;
 #[cfg(test)]
 mod sim;
