@@ -14,15 +14,16 @@
 //! | `headers.rs` | the `/start` request's headers built from typed inputs |
 //! | `addr.rs` | which peer addresses torpor may connect to (link-local and cloud metadata denied) |
 //! | `metadata.rs` | the `/metadata` answer parsed into a typed value |
+//! | `outbound.rs` | the I/O shell: one thread, a current-thread tokio runtime, `reqwest`; commands in, events out |
 //!
-//! These files are sans-IO; the I/O shell that uses them comes with the outbound client. It
-//! must never follow a redirect, use a proxy, read an unbounded body or connect to an address
-//! the policy denies.
+//! Everything but `outbound.rs` is sans-IO. The shell must never follow a redirect, use a
+//! proxy, read an unbounded body or connect to an address the policy denies.
 
 pub mod addr;
 pub mod headers;
 pub mod init;
 pub mod metadata;
+pub mod outbound;
 pub mod sse;
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,10 @@ pub use addr::{AddrClass, AddressPolicy};
 pub use headers::{start_headers, Headers, StartHeaders};
 pub use init::{InitError, ServerlessInit};
 pub use metadata::{ActorName, MetadataError, RunnerMetadata};
+pub use outbound::{
+    Command, EndReason, Event, Failure, Hooks, Outbound, Resolver, StaticResolver, SystemResolver,
+    TimeoutPhase,
+};
 pub use sse::{SseError, SseEvent, SseParser};
 
 /// How many bytes of a refused answer's body are kept (as the Rivet engine keeps).
