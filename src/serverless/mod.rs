@@ -89,6 +89,28 @@ impl Default for ServerlessSettings {
 }
 
 impl ServerlessSettings {
+    /// Refuse settings that would fail every request (a zero deadline or bound).
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("connect_timeout_ms", self.connect_timeout_ms as usize),
+            ("headers_timeout_ms", self.headers_timeout_ms as usize),
+            ("init_timeout_ms", self.init_timeout_ms as usize),
+            ("event_timeout_ms", self.event_timeout_ms as usize),
+            ("metadata_timeout_ms", self.metadata_timeout_ms as usize),
+            ("metadata_body_bytes", self.metadata_body_bytes),
+            ("max_streams", self.max_streams),
+            ("max_metadata_requests", self.max_metadata_requests),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("serverless.{key} must be above 0"));
+        }
+        // An init event (about 60 bytes) and its line must fit.
+        if self.max_event_bytes < 1024 {
+            return Err("serverless.max_event_bytes must be at least 1024".into());
+        }
+        Ok(())
+    }
+
     pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
@@ -122,5 +144,11 @@ mod tests {
             ServerlessSettings::default().event_timeout_ms
         );
         assert!(toml::from_str::<ServerlessSettings>("nope = 1").is_err());
+        assert_eq!(ServerlessSettings::default().validate(), Ok(()));
+        let zero = ServerlessSettings {
+            event_timeout_ms: 0,
+            ..ServerlessSettings::default()
+        };
+        assert!(zero.validate().unwrap_err().contains("event_timeout_ms"));
     }
 }

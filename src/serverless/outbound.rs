@@ -11,6 +11,12 @@
 //! after its end. Stream ids are the caller's; reusing an id still running is refused
 //! (`Failed { DuplicateId }` for the new start, the running stream is untouched).
 //!
+//! The stream's events, as the Rivet engine reads them: every `message` event must decode as
+//! an init payload (else `Failure::Payload`) and only the first one counts; `ping` events
+//! after it are reported (before it they are not); an `error` event's data is kept for the
+//! `StreamEnded` failure that follows it; other events are ignored. Any event restarts the
+//! silence deadline once the stream started.
+//!
 //! Outbound safety: the client follows no redirect (a 3xx is a `Status` failure), uses no
 //! proxy (a proxy would resolve names where the policy cannot see), keeps no idle connection,
 //! asks for no compression, and speaks HTTP/1.1 (with TLS by rustls). Every phase has a
