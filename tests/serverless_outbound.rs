@@ -483,6 +483,20 @@ fn connection_refused() {
     let client = Client::new(ServerlessSettings::default());
     client.start(15, &format!("http://{addr}"), HOUR);
     assert!(matches!(client.failure(15), Failure::Connect(_)));
+
+    // TLS to a server that speaks plain HTTP at once: the handshake fails on its answer
+    // (the TLS stack is wired up).
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = plain.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok((mut socket, _)) = plain.accept() {
+            let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+        }
+    });
+    client.start(16, &format!("https://127.0.0.1:{port}"), HOUR);
+    let failure = client.failure(16);
+    assert!(matches!(failure, Failure::Connect(_)), "{failure:?}");
 }
 
 #[test]
