@@ -3,6 +3,8 @@
 //! Layers (see ARCHITECTURE.md): the sans-IO core (`ws`, `http`, `protocol`, `tunnel`,
 //! `engine`) decides everything and never touches a socket, clock or thread; the shell
 //! (`shard`, `net`) owns sockets, timers and threads and pumps events through the core.
+//! `serverless` is the outbound client for serverless runner pools (sans-IO parsers and one
+//! thread of its own), not yet wired into the daemon.
 
 pub mod config;
 pub mod engine;
@@ -16,6 +18,7 @@ pub mod plane;
 pub mod protocol;
 pub mod runner;
 pub mod server;
+pub mod serverless;
 pub mod shard;
 #[cfg(test)]
 mod sim;
