@@ -294,8 +294,16 @@ fn framing(c: &mut Criterion) {
 /// What a shard's shell does with the core's messages for other shards: each goes to that
 /// shard's mailbox.
 fn forward_outputs(st: &mut Gateway, sh: &Shared) {
+    let mut last = None;
     while let Some((to, msg)) = st.poll_mail() {
-        sh.shards[to as usize].send(msg);
+        if last.is_some_and(|l| l != to) {
+            sh.shards[last.take().unwrap_or(0) as usize].wake();
+        }
+        sh.shards[to as usize].push(msg);
+        last = Some(to);
+    }
+    if let Some(l) = last {
+        sh.shards[l as usize].wake();
     }
     drain(st);
 }

@@ -96,10 +96,22 @@ impl Shard {
     /// so the core stays borrowed throughout.
     #[inline]
     fn carry_out(&self, core: &mut Gateway) {
+        // Mail is pushed, and each receiving shard woken once per run of messages for it
+        // (a wake-up is an atomic swap, and a system call when it was asleep).
+        let shards = &self.shared.shards;
+        let mut pending: Option<usize> = None;
         while let Some((shard, msg)) = core.poll_mail() {
-            if let Some(mb) = self.shared.shards.get(shard as usize) {
-                mb.send(msg);
+            let to = shard as usize;
+            let Some(mb) = shards.get(to) else {
+                continue;
+            };
+            if let Some(p) = pending.filter(|&p| p != to) {
+                shards[p].wake();
             }
+            pending = mb.push(msg).then_some(to);
+        }
+        if let Some(p) = pending {
+            shards[p].wake();
         }
         while let Some(o) = core.poll_message() {
             match o {

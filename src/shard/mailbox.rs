@@ -58,9 +58,23 @@ pub fn mailbox<T>() -> std::io::Result<(Mailbox<T>, Inbox<T>)> {
 impl<T> Mailbox<T> {
     /// Queues a message and wakes the receiver if it has not been woken yet.
     pub fn send(&self, msg: T) {
-        if self.tx.send(msg).is_err() {
-            return; // receiver gone: the shard is shutting down
+        if self.push(msg) {
+            self.wake();
         }
+    }
+
+    /// Queues a message without waking the receiver: a sender with several messages for
+    /// one receiver pushes them all, then calls [`Self::wake`] once. Returns false when the
+    /// receiver is gone (the shard is shutting down).
+    #[inline]
+    pub fn push(&self, msg: T) -> bool {
+        self.tx.send(msg).is_ok()
+    }
+
+    /// Wakes the receiver for what was pushed, unless it was woken and has not yet taken
+    /// its messages (it takes everything pushed before this call).
+    #[inline]
+    pub fn wake(&self) {
         if !self.signalled.swap(true, Ordering::AcqRel) {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
