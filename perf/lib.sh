@@ -26,6 +26,14 @@ perf_build() {
     cat "$PEERS_TMP/build.log" >&2
     return 1
   }
+  # The fastwebsockets echo server: a crate of its own (not torpor's dependency), pinned by
+  # its own Cargo.lock.
+  peers_show cargo build --release --locked --manifest-path perf/fws-echo/Cargo.toml
+  cargo build --release --locked --manifest-path perf/fws-echo/Cargo.toml \
+    >>"$PEERS_TMP/build.log" 2>&1 || {
+    cat "$PEERS_TMP/build.log" >&2
+    return 1
+  }
 }
 
 perf_machine() {

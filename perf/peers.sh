@@ -6,6 +6,8 @@
 #            reverse-proxying WebSockets to ws-echo
 #   ws-echo  the tokio-tungstenite echo server (src/bin/ws_echo.rs), pinned to CPU 1: the
 #            backend behind nginx, and the "direct" peer
+#   fws-echo the fastwebsockets echo server (perf/fws-echo), pinned to CPU 1: the faster
+#            backend, behind a second nginx ("nginx-fws") and direct ("direct-fws")
 #
 # Each start_* function takes a PREFIX and sets ${PREFIX}_PORT, ${PREFIX}_PID (the process to
 # measure: torpor itself, nginx's worker, ws-echo) and more (see each function). Everything
@@ -92,6 +94,20 @@ start_wsecho() {
   peers_show taskset -c "$cpu" ./target/release/ws-echo --listen "127.0.0.1:$port" --threads 1
   taskset -c "$cpu" ./target/release/ws-echo --listen "127.0.0.1:$port" --threads 1 \
     >"$PEERS_TMP/$pre-ws-echo.log" 2>&1 &
+  pid=$!
+  PEERS_PIDS+=("$pid")
+  peers_wait_port "$port"
+  printf -v "${pre}_PORT" %s "$port"
+  printf -v "${pre}_PID" %s "$pid"
+}
+
+# start_fwsecho PREFIX CPU: the fastwebsockets echo server (perf/fws-echo, built by
+# perf_build) on a free port, pinned to CPU. Sets PREFIX_PORT, PREFIX_PID.
+start_fwsecho() {
+  local pre=$1 cpu=$2 port pid bin=perf/fws-echo/target/release/fws-echo
+  port=$(peers_free_port)
+  peers_show taskset -c "$cpu" "$bin" --listen "127.0.0.1:$port"
+  taskset -c "$cpu" "$bin" --listen "127.0.0.1:$port" >"$PEERS_TMP/$pre-fws-echo.log" 2>&1 &
   pid=$!
   PEERS_PIDS+=("$pid")
   peers_wait_port "$port"

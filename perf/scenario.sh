@@ -23,19 +23,28 @@ WARMUP=${WARMUP:-2}
 declare -A TARGET PID
 SKIPPED=0
 
-# The peers of S1-S6: ws-echo (CPU 1), nginx in front of it (CPU 0), torpor + echo runner.
+# The peers of S1-S6: two echo backends on CPU 1, ws-echo (tokio-tungstenite) and fws-echo
+# (fastwebsockets), each behind its own nginx (one worker, CPU 0) and each also measured
+# directly; torpor + its echo runner. Only the peer under load runs; the others sit idle.
 start_side_by_side() {
   start_wsecho E 1
+  start_fwsecho F 1
   start_nginx N "$E_PORT" 0 "${1:-0}"
+  local n_conf=$N_CONF
+  start_nginx NF "$F_PORT" 0 "${1:-0}"
   start_torpor T 1 0 1
   TARGET[torpor]="--addr 127.0.0.1:$T_PORT --actor $T_ACTOR"
   TARGET[nginx]="--addr 127.0.0.1:$N_PORT --path /"
+  TARGET[nginx-fws]="--addr 127.0.0.1:$NF_PORT --path /"
   TARGET[direct]="--addr 127.0.0.1:$E_PORT --path /"
+  TARGET[direct-fws]="--addr 127.0.0.1:$F_PORT --path /"
   PID[torpor]=$T_PID
   PID[nginx]=$N_PID
+  PID[nginx-fws]=$NF_PID
   PID[direct]=$E_PID
-  echo "nginx.conf ($N_CONF):"
-  sed 's/^/    /' "$N_CONF"
+  PID[direct-fws]=$F_PID
+  echo "nginx.conf ($n_conf; nginx-fws differs only in its ports):"
+  sed 's/^/    /' "$n_conf"
 }
 
 # run_case CASE PEER ROUND ARGS...: one load run against PEER; a mode the load generator
@@ -62,31 +71,41 @@ perf_machine
 
 case $scen in
   S1)
-    header "100 clients x 20 B closed loop: torpor vs nginx vs ws-echo direct"
-    echo "layout: torpor/nginx on CPU 0; load + backend on CPU 1 (direct: ws-echo and load share CPU 1)"
+    header "100 clients x 20 B closed loop: torpor vs nginx vs the backends direct"
+    echo "layout: torpor/nginx on CPU 0; load + backend on CPU 1 (direct: the backend and load share CPU 1)"
     start_side_by_side
     for r in $(seq "$ROUNDS"); do
-      for p in torpor nginx direct; do
+      for p in torpor nginx nginx-fws direct direct-fws; do
         run_case S1 "$p" "$r" --mode closed -c 100 -s 20 -d "$DUR" --warmup-secs "$WARMUP"
       done
     done
     summarize S1 S1:p99_us:torpor/nginx:table:0 S1:cpu_s_per_M:torpor/nginx:table:0 \
-      S1:msgs_per_sec:torpor/nginx:'>=':1.3 S1:msgs_per_sec:torpor/direct:'>=':0.6
+      S1:msgs_per_sec:torpor/nginx:'>=':1.3 S1:msgs_per_sec:torpor/nginx-fws:'>=':1.3 \
+      S1:msgs_per_sec:torpor/direct:'>=':0.6 S1:msgs_per_sec:torpor/direct-fws:info:0
     ;;
   S2)
-    header "closed loop, 500 x 1 KiB and 200 x 16 KiB: torpor vs nginx"
+    header "closed loop, 500 x 1 KiB, 200 x 16 KiB and 100 x 64 KiB: torpor vs nginx (both backends)"
     start_side_by_side
     for r in $(seq "$ROUNDS"); do
-      for p in torpor nginx; do
+      for p in torpor nginx nginx-fws; do
         run_case S2-500x1KiB "$p" "$r" --mode closed -c 500 -s 1024 -d "$DUR" --warmup-secs "$WARMUP"
       done
-      for p in torpor nginx; do
+      for p in torpor nginx nginx-fws; do
         run_case S2-200x16KiB "$p" "$r" --mode closed -c 200 -s 16384 -d "$DUR" --warmup-secs "$WARMUP"
+      done
+      for p in torpor nginx nginx-fws; do
+        run_case S2-100x64KiB "$p" "$r" --mode closed -c 100 -s 65536 -d "$DUR" --warmup-secs "$WARMUP"
       done
     done
     summarize S2 S2-500x1KiB:cpu_s_per_M:torpor/nginx:table:0 S2-200x16KiB:cpu_s_per_M:torpor/nginx:table:0 \
+      S2-100x64KiB:cpu_s_per_M:torpor/nginx:table:0 \
       S2-500x1KiB:msgs_per_sec:torpor/nginx:'>=':1.3:1KiB \
-      S2-200x16KiB:msgs_per_sec:torpor/nginx:'>=':1.3:16KiB
+      S2-500x1KiB:msgs_per_sec:torpor/nginx-fws:'>=':1.3:1KiB \
+      S2-200x16KiB:msgs_per_sec:torpor/nginx:'>=':1.3:16KiB \
+      S2-200x16KiB:msgs_per_sec:torpor/nginx-fws:'>=':1.3:16KiB \
+      S2-100x64KiB:msgs_per_sec:torpor/nginx-fws:'>=':1.3:64KiB \
+      S2-200x16KiB:cpu_s_per_M:torpor/nginx-fws:'<=':0.7:16KiB \
+      S2-100x64KiB:cpu_s_per_M:torpor/nginx-fws:'<=':0.7:64KiB
     ;;
   S3)
     header "pipelined flood, 10 clients, depth 64, 64 B and 1 KiB: MB/s torpor vs nginx"
