@@ -418,3 +418,30 @@ fn a_hundred_mib_up_and_down_with_bounded_memory() {
     .unwrap();
     c.read_until(b"plain");
 }
+
+#[test]
+fn a_chunked_upload_streams_to_the_actor_piece_by_piece() {
+    let r = rig(&[]);
+    let mut s = TcpStream::connect(r.daemon.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "POST /gateway/{}/upload HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n",
+        r.actor
+    )
+    .unwrap();
+    let (mut n, mut sum) = (0u64, 0u64);
+    for i in 0..40 {
+        let part = slice(i * 100_003, 100_003);
+        n += part.len() as u64;
+        sum += part.iter().map(|&b| b as u64).sum::<u64>();
+        write!(s, "{:x}\r\n", part.len()).unwrap();
+        s.write_all(&part).unwrap();
+        s.write_all(b"\r\n").unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").unwrap();
+    let (status, _, body) = common::read_response(s);
+    assert_eq!(status, 200);
+    assert_eq!(String::from_utf8(body).unwrap(), format!("{n} {sum}"));
+    assert_eq!(r.daemon.metric("torpor_http_streamed_requests_total"), 1.0);
+}
