@@ -278,3 +278,48 @@ fn a_streamed_request_body_waits_for_the_runner_connection_to_be_written() {
         .request_body(id, Bytes::from_static(b"more"), true, r.t0));
     assert_eq!(r.metrics.counter(Counter::HttpStreamedRequests), 1);
 }
+
+#[test]
+fn an_http10_client_gets_the_body_until_the_connection_ends() {
+    let mut r = rig(|_| {});
+    let routed = r.routed();
+    let t0 = r.t0;
+    let id = r.gw.start_request_with(
+        &routed,
+        "GET".into(),
+        "/x".into(),
+        StrMap(Vec::new()),
+        Some(Bytes::new()),
+        true,
+        t0,
+    );
+    r.head(id, vec![]);
+    let Some(HttpOutcome::Stream { framing, .. }) = r.gw.take_http_outcome(id) else {
+        panic!("a stream head");
+    };
+    assert_eq!(framing, BodyFraming::UntilClose);
+    r.chunk(id, b"abc", true);
+    assert_eq!(r.client_bytes(id), (b"abc".to_vec(), StreamTurn::Closed));
+}
+
+#[test]
+fn the_actor_stopping_mid_stream_cuts_the_body_short() {
+    let mut r = rig(|_| {});
+    let id = r.start("GET", Some(Bytes::new()));
+    r.head(id, vec![]);
+    r.chunk(id, b"abc", false);
+    let t0 = r.t0;
+    r.gw.handle_shard_msg(
+        ShardMsg::ActorStopped {
+            actor_id: "actor".into(),
+            destroyed: false,
+            barrier: 0,
+        },
+        t0,
+    );
+    assert_eq!(
+        r.client_bytes(id),
+        (b"3\r\nabc\r\n".to_vec(), StreamTurn::Closed)
+    );
+    assert_eq!(r.metrics.counter(Counter::HttpStreamAborts), 1);
+}
