@@ -104,6 +104,11 @@ pub struct Limits {
     pub pending_bytes_global: u64,
     /// Bytes queued towards one client before that client is closed as too slow.
     pub client_outbound_bytes: usize,
+    /// A streamed HTTP body through the tunnel, per request and direction: the response
+    /// bytes queued for a client that has not read them (past it the request is aborted,
+    /// `guard.http_client_too_slow`), and the request bytes handed to the runner's
+    /// connection and not yet written to it (the client is not read meanwhile).
+    pub http_stream_buffer_bytes: usize,
     /// Actor KV store (SPEC §1.6): largest key, value, keys per call, put payload, and the
     /// most entries one list returns.
     pub kv_key_bytes: usize,
@@ -159,6 +164,9 @@ pub struct Timeouts {
     pub runner_init_ms: u64,
     pub websocket_open_ms: u64,
     pub response_start_ms: u64,
+    /// A streamed HTTP exchange with no progress either way (no body chunk from the runner,
+    /// no byte taken by the client, no upload byte) for this long is aborted (0 = never).
+    pub http_stream_idle_ms: u64,
     pub ack_timeout_ms: u64,
     pub gc_interval_ms: u64,
     pub ping_interval_ms: u64,
@@ -220,6 +228,7 @@ impl Default for Limits {
             pending_messages_per_socket: 32767,
             pending_bytes_global: 1024 * 1024 * 1024,
             client_outbound_bytes: 16 * 1024 * 1024,
+            http_stream_buffer_bytes: 1024 * 1024,
             kv_key_bytes: 2048,
             kv_value_bytes: 128 * 1024,
             kv_keys_per_call: 128,
@@ -256,6 +265,7 @@ impl Default for Timeouts {
             runner_init_ms: 5_000,
             websocket_open_ms: 15_000,
             response_start_ms: 300_000,
+            http_stream_idle_ms: 300_000,
             ack_timeout_ms: 30_000,
             gc_interval_ms: 15_000,
             ping_interval_ms: 3_000,
@@ -409,6 +419,9 @@ impl Config {
             || l.kv_list_limit == 0
         {
             return bad("limits.kv_* must be > 0");
+        }
+        if l.http_stream_buffer_bytes < 1024 {
+            return bad("limits.http_stream_buffer_bytes must be >= 1024");
         }
         if l.http_header_bytes < 1024 {
             return bad("limits.http_header_bytes must be >= 1024");
@@ -580,6 +593,7 @@ ser_fields!(
     pending_messages_per_socket,
     pending_bytes_global,
     client_outbound_bytes,
+    http_stream_buffer_bytes,
     kv_key_bytes,
     kv_value_bytes,
     kv_keys_per_call,
@@ -613,6 +627,7 @@ ser_fields!(
     runner_init_ms,
     websocket_open_ms,
     response_start_ms,
+    http_stream_idle_ms,
     ack_timeout_ms,
     gc_interval_ms,
     ping_interval_ms,

@@ -383,6 +383,46 @@ fn engine_runner_answers_http_through_the_tunnel() {
     s.runner.stop();
 }
 
+/// `@rivetkit/engine-runner@2.2.1` does not announce `torpor_stream_requests` in its `Init`
+/// (its `#handleRequestChunk` drops a chunk decoded before `#handleRequestStart` registered
+/// the request), so a large body reaches it buffered, whole, in `RequestStart`; and it answers
+/// with one non-streamed `ResponseStart`.
+#[test]
+fn engine_runner_gets_large_bodies_buffered() {
+    let Some(s) = setup("http-large") else { return };
+    let body: String = (0..4 * 1024 * 1024)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let (status, _, resp) = http(
+        s.daemon.addr,
+        "POST",
+        &format!("/gateway/{}/large", s.actor_id),
+        &[("content-type", "text/plain")],
+        body.as_bytes(),
+    );
+    assert_eq!(
+        status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&resp[..resp.len().min(300)])
+    );
+    let v = json_body(&resp);
+    assert_eq!(v["bodyLength"], body.len());
+    assert!(
+        v["body"] == body.as_str(),
+        "the body arrived whole and in order"
+    );
+    assert_eq!(
+        metric(&s.daemon, "torpor_http_streamed_requests_total"),
+        0.0
+    );
+    assert_eq!(
+        metric(&s.daemon, "torpor_http_streamed_responses_total"),
+        0.0
+    );
+    s.runner.stop();
+}
+
 /// One KV operation through the actor (the package's own KV client): `Ok(result)` or the
 /// gateway's refusal message.
 fn kv(d: &Daemon, actor_id: &str, call: serde_json::Value) -> Result<serde_json::Value, String> {

@@ -128,7 +128,8 @@ pub mod op {
     /// core, actor, runner_idx, generation, hibernatable (the tests' path: insert_client +
     /// client_opened + client_upgraded)
     pub const INSERT_CLIENT: u8 = 1;
-    /// core, actor, runner_idx, pick (as OPEN_CLIENT), body length
+    /// core, actor, runner_idx, pick (as OPEN_CLIENT), body length (bit 7: a streamed body,
+    /// sent by HTTP_STEP)
     pub const START_REQUEST: u8 = 2;
     /// core
     pub const RUNNER_CONNECT: u8 = 3;
@@ -157,7 +158,8 @@ pub mod op {
     pub const CLIENT_END: u8 = 10;
     /// runner
     pub const RUNNER_END: u8 = 11;
-    /// request
+    /// request (bit 7 of the pick, while its streamed body may go on: the next piece, the
+    /// last with bit 6)
     pub const HTTP_STEP: u8 = 12;
     /// client (still opening), fail (bit 0: the 101 write fails)
     pub const HANDSHAKE: u8 = 13;
@@ -1177,12 +1179,14 @@ impl World {
                 let Some(routed) = self.routed(a, ridx, pick, 0) else {
                     return 0;
                 };
-                let id = self.cores[c].gw.start_request(
+                let body = (len & 0x80 == 0).then(|| ascii(len as usize % 80));
+                let id = self.cores[c].gw.start_request_with(
                     &routed,
                     "POST".into(),
                     "/echo".into(),
                     StrMap(vec![("x-k".into(), "v".into())]),
-                    ascii(len as usize % 80),
+                    body,
+                    false,
                     now,
                 );
                 self.issue(c, id, Kind::Request);
@@ -1428,13 +1432,21 @@ impl World {
                 let (c, i) = all[p as usize % all.len()];
                 let core = &mut self.cores[c];
                 let m = &mut core.requests[i];
+                if p & 0x80 != 0 {
+                    let id = m.id;
+                    if core.gw.upload_room(id) == torpor::gateway::UploadRoom::Room {
+                        let piece = ascii(p as usize % 50);
+                        core.gw.request_body(id, piece, p & 0x40 != 0, now);
+                    }
+                    return 0;
+                }
                 if !std::mem::take(&mut m.woken) {
                     return 0;
                 }
                 let id = m.id;
                 match core.gw.take_http_outcome(id) {
                     Some(_) => {
-                        core.gw.remove(id);
+                        core.gw.end_request(id, now);
                         core.requests.remove(i);
                         self.gone(c, id);
                     }
@@ -1894,9 +1906,10 @@ impl World {
                 assert!(
                     matches!(
                         core.gw.kind(m.id),
-                        Some(ConnKind::Request(r)) if matches!(r.phase, RequestPhase::Answered(_))
+                        Some(ConnKind::Request(r))
+                            if matches!(r.phase, RequestPhase::Answered(_) | RequestPhase::Streaming(_))
                     ),
-                    "an HTTP request outlived its deadline unanswered"
+                    "an HTTP request outlived its deadline unanswered (a streamed response has its idle bound instead)"
                 );
             }
             for id in &core.removed {

@@ -4,9 +4,10 @@
 
 use super::out::OutQueue;
 use super::reason::Refusal;
+use crate::http::response::BodyFraming;
 use crate::protocol;
 use crate::tunnel::TunnelSocket;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -156,20 +157,58 @@ pub struct RequestConn {
     pub runner_idx: u32,
     pub req: [u8; 4],
     pub phase: RequestPhase,
+    /// The index of the next gateway → runner message (`RequestStart` has 0).
+    pub next_index: u16,
+    /// How a streamed response body would be framed for this client (from its method and
+    /// HTTP version).
+    pub head_only: bool,
+    pub http10: bool,
+    /// A request body streamed to the runner (`RequestStart { stream: true }`).
+    pub upload: Option<Upload>,
+    /// When the response must have started: `timeouts.response_start_ms` after the request
+    /// was sent, or after the last piece of a streamed body so far.
+    pub deadline: Instant,
+}
+
+/// A request body on its way to the runner as `RequestChunk`s: bytes handed to the runner's
+/// connection (`sent`) and bytes its writer has written (`written`, from receipts); the
+/// shell reads the client only while the difference is below `limits.http_stream_buffer_bytes`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Upload {
+    pub sent: u64,
+    pub written: u64,
+    /// The last chunk (`finish: true`) was sent.
+    pub finished: bool,
+    /// The shell waits for room (woken with [`super::Notice::Wake`]).
+    pub parked: bool,
 }
 
 /// The phases of a tunnelled HTTP request.
 pub enum RequestPhase {
     /// `RequestStart` sent; waiting for `ResponseStart` (the response deadline runs).
     Waiting,
-    /// `ResponseStart { stream: true }` came: its head and the body so far.
-    Streaming {
-        status: u16,
-        headers: protocol::StrMap,
-        body: BytesMut,
-    },
+    /// `ResponseStart { stream: true }` came: the body goes to the client as it arrives.
+    Streaming(StreamOut),
     /// Answered: the outcome, until the shell takes it.
     Answered(Option<HttpOutcome>),
+}
+
+/// A response streamed to the client: its head until the shell takes it, then body chunks
+/// queued on the request's [`super::OutQueue`] (bounded by `limits.http_stream_buffer_bytes`).
+pub struct StreamOut {
+    /// The head, until the shell takes it ([`super::Gateway::take_http_outcome`]).
+    pub head: Option<(u16, protocol::StrMap)>,
+    pub framing: BodyFraming,
+    /// Body bytes queued so far.
+    pub sent: u64,
+    /// Complete: the last chunk (or the declared length) is queued.
+    pub done: bool,
+    /// Cut short: the client connection ends after what is queued, with no last chunk.
+    pub aborted: bool,
+    /// Chunks from the runner so far, and (chunks, client bytes written) at the last idle
+    /// check (`timeouts.http_stream_idle_ms`).
+    pub chunks: u64,
+    pub idle_seen: (u64, u64),
 }
 
 /// How a tunnelled HTTP request ended.
@@ -179,6 +218,13 @@ pub enum HttpOutcome {
         status: u16,
         headers: protocol::StrMap,
         body: Bytes,
+    },
+    /// A streamed response's head: the shell writes it with this framing, then the body
+    /// from the request's queue ([`super::Gateway::stream_next`]).
+    Stream {
+        status: u16,
+        headers: protocol::StrMap,
+        framing: BodyFraming,
     },
     /// Refused by the gateway.
     Failed(Refusal),

@@ -41,11 +41,13 @@ mod timers;
 
 pub use client::ClientRead;
 pub use conns::{ClientConn, ConnKind, HttpOutcome, OpenPhase, RunnerConn};
+pub use http::StreamTurn;
+pub use http::UploadRoom;
 pub use ids::{ConnId, RequestKey, MAX_SLOTS};
 pub use msg::{ApiRequest, ControlMsg, Reply, ResolveError, Routed, ShardMsg, TunnelIn};
-pub use out::{Frames, OutQueue, Pause, WriterTurn};
+pub use out::{Frames, OutQueue, Pause, Receipt, WriterTurn};
 pub use reason::{Peer, Reason, Refusal};
-pub use runner::{accept_runner, RunnerAccept};
+pub use runner::{accept_runner, streams_requests, RunnerAccept, STREAM_REQUESTS_KEY};
 pub use timers::Timer;
 
 use crate::config::Config;
@@ -139,6 +141,8 @@ pub struct Gateway {
     request_ids: ids::RequestIds,
     /// runner_idx → where that runner's current connection lives.
     runners: Vec<Option<ConnRef>>,
+    /// Runner connections (of any shard) that take streamed request bodies.
+    stream_runners: Vec<ConnRef>,
     /// Questions to the control plane awaiting an answer: the waiter's generation.
     waiters: Slab<u32>,
     next_waiter_gen: u32,
@@ -188,6 +192,7 @@ impl Gateway {
             next_gen: 0,
             request_ids: ids::RequestIds::default(),
             runners: Vec::new(),
+            stream_runners: Vec::new(),
             waiters: Slab::new(),
             next_waiter_gen: 0,
             scratch: BytesMut::with_capacity(64 * 1024),
@@ -460,9 +465,37 @@ impl Gateway {
             return;
         };
         c.out.written += bytes as u64;
+        let written = c.out.written;
         if let ConnKind::Client(cc) = &mut c.kind {
             if std::mem::take(&mut cc.reader_parked) {
                 self.notice(Notice::Wake(id));
+            }
+        }
+        self.receipts_due(id, written);
+    }
+
+    /// Hands out the receipts of a runner connection's queue written up to `written`.
+    fn receipts_due(&mut self, id: ConnId, written: u64) {
+        loop {
+            let Some(c) = self.conn_mut(id) else {
+                return;
+            };
+            match c.out.receipts.front() {
+                Some(&(at, r)) if at <= written => {
+                    c.out.receipts.pop_front();
+                    if r.shard == self.id {
+                        self.upload_written(r.id, r.bytes);
+                    } else {
+                        self.mail(
+                            r.shard,
+                            ShardMsg::UploadWritten {
+                                id: r.id,
+                                bytes: r.bytes,
+                            },
+                        );
+                    }
+                }
+                _ => return,
             }
         }
     }

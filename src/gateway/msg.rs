@@ -18,6 +18,18 @@ pub enum ShardMsg {
     /// The three chunks of one tunnelled message for a runner connection owned by this
     /// shard, moved inline (no list to allocate per message).
     ToRunnerInline { conn: ConnId, frames: [Bytes; 3] },
+    /// A streamed request body's chunk for a runner connection owned by this shard; the
+    /// receipt goes back once it is written.
+    Upload {
+        conn: ConnId,
+        frames: Vec<Bytes>,
+        receipt: super::out::Receipt,
+    },
+    /// A streamed request body's chunk was written to its runner (see [`super::out::Receipt`]).
+    UploadWritten { id: ConnId, bytes: u32 },
+    /// A runner connection (on any shard) takes streamed request bodies (it said so in its
+    /// `Init`), or no longer exists (`on: false`).
+    RunnerStreams { conn: ConnRef, on: bool },
     /// A tunnel message from a runner (`from`: its runner index, once attached) for a request
     /// owned by this shard.
     Tunnel {

@@ -77,6 +77,20 @@ pub struct OutQueue {
     pub written: u64,
     /// The writer was told there is work and has not taken it yet (one wake per batch).
     pub(crate) signalled: bool,
+    /// Bytes ever queued (the stream position of the queue's end).
+    pub(crate) pushed: u64,
+    /// Who waits to hear that the queue was written up to a position (a streamed request
+    /// body's chunks, see [`Receipt`]), in position order.
+    pub(crate) receipts: VecDeque<(u64, Receipt)>,
+}
+
+/// Asked for with a streamed request body's chunk: once the runner connection's writer has
+/// written past it, the request (`id` on `shard`) hears that `bytes` more left the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    pub shard: u16,
+    pub id: super::ConnId,
+    pub bytes: u32,
 }
 
 impl OutQueue {
@@ -85,6 +99,7 @@ impl OutQueue {
             return;
         }
         self.bytes += chunk.len();
+        self.pushed += chunk.len() as u64;
         self.chunks.push_back(chunk);
     }
 

@@ -80,7 +80,7 @@ impl Gateway {
         match &self.conns[id.slot as usize].kind {
             ConnKind::Request(r) => {
                 if owner(r.runner_idx) {
-                    self.request_in(id, msg);
+                    self.request_in(id, msg, now);
                 } else {
                     self.metrics().inc(Counter::UnroutableTunnelMessages);
                 }
@@ -110,6 +110,25 @@ impl Gateway {
             }
             ShardMsg::ToRunnerInline { conn, frames } => {
                 self.write_local(conn, frames);
+                return;
+            }
+            ShardMsg::Upload {
+                conn,
+                frames,
+                receipt,
+            } => {
+                self.write_with_receipt(conn, frames, receipt);
+                return;
+            }
+            ShardMsg::UploadWritten { id, bytes } => {
+                self.upload_written(id, bytes);
+                return;
+            }
+            ShardMsg::RunnerStreams { conn, on } => {
+                self.stream_runners.retain(|c| *c != conn);
+                if on {
+                    self.stream_runners.push(conn);
+                }
                 return;
             }
             ShardMsg::Tunnel { key, msg, from } => {

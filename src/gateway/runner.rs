@@ -6,8 +6,9 @@
 //! request's shard; everything else to the control plane.
 
 use super::conns::{ConnKind, RunnerConn};
-use super::msg::{ControlMsg, TunnelIn};
+use super::msg::{ControlMsg, ShardMsg, TunnelIn};
 use super::{ConnId, Gateway, Next, Reason, Timer};
+use crate::engine::ConnRef;
 use crate::http::access::Access;
 use crate::http::parse::{parse_query, RequestHead};
 use crate::http::response::Response;
@@ -91,7 +92,37 @@ pub fn accept_runner(
     })
 }
 
+/// The key of a runner's `Init.metadata` (a JSON object) by which it says that it takes
+/// streamed request bodies (`RequestStart { stream: true }` and `RequestChunk`s). Protocol v7
+/// has no such capability, and `@rivetkit/engine-runner@2.2.1` loses a `RequestChunk` that
+/// arrives before it has registered the request (see ARCHITECTURE.md), so only runners that
+/// say so get streamed bodies; the Rust runner library does.
+pub const STREAM_REQUESTS_KEY: &str = "torpor_stream_requests";
+
+/// Whether `Init.metadata` holds `{"torpor_stream_requests": true}`.
+pub fn streams_requests(metadata: Option<&str>) -> bool {
+    metadata
+        .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+        .and_then(|v| v.get(STREAM_REQUESTS_KEY)?.as_bool())
+        .unwrap_or(false)
+}
+
 impl Gateway {
+    /// Tells every shard (this one at once) whether the runner connection `conn` takes
+    /// streamed request bodies.
+    fn broadcast_streams(&mut self, conn: ConnRef, on: bool) {
+        for shard in 0..self.shards as u16 {
+            if shard == self.id {
+                self.stream_runners.retain(|c| *c != conn);
+                if on {
+                    self.stream_runners.push(conn);
+                }
+            } else {
+                self.mail(shard, ShardMsg::RunnerStreams { conn, on });
+            }
+        }
+    }
+
     /// The runner got its 101: its entry, and the deadline of its `Init`.
     pub fn runner_connected(&mut self, a: RunnerAccept, peer: SocketAddr, now: Instant) -> ConnId {
         let id = self.insert(ConnKind::Runner(RunnerConn {
@@ -190,6 +221,11 @@ impl Gateway {
                     std::mem::take(&mut r.runner_key),
                 );
                 self.metrics().inc(Counter::RunnerConnections);
+                if streams_requests(init.metadata.as_deref()) {
+                    // Before the Init reaches the control plane: every routing answer that
+                    // names this connection comes after it on each shard's mailbox.
+                    self.broadcast_streams(conn, true);
+                }
                 self.control(ControlMsg::RunnerInit {
                     conn,
                     peer,
@@ -223,6 +259,10 @@ impl Gateway {
         };
         let initialised = r.initialised;
         self.metrics().gauge_add(Gauge::RunnersConnected, -1);
+        let conn = self.conn_ref(id);
+        if self.stream_runners.contains(&conn) {
+            self.broadcast_streams(conn, false);
+        }
         if initialised {
             let conn = self.conn_ref(id);
             self.control(ControlMsg::RunnerClosed { conn });

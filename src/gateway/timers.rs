@@ -12,7 +12,7 @@ use super::conns::{ConnKind, OpenPhase, RequestPhase};
 use super::{ConnId, Gateway, Notice, Reason, Refusal};
 use crate::config::{ms, Config};
 use crate::metrics::Counter;
-use crate::protocol::{self, ToClient, ToClientTunnelMessageKind};
+use crate::protocol::{self, ToClient};
 use rand::Rng;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -31,6 +31,8 @@ pub enum Timer {
     Response(ConnId),
     /// A connection's peer must finish the close handshake by then, or it is reset.
     CloseHandshake(ConnId),
+    /// A streamed HTTP response's idle check (`timeouts.http_stream_idle_ms`).
+    StreamIdle(ConnId),
     /// A question to the control plane times out.
     Waiter(u32),
     /// The drain's current phase ends ([`Gateway::begin_drain`]).
@@ -152,15 +154,20 @@ impl Gateway {
                 }
             }
             Timer::Response(id) => {
-                let (req, runner_idx) = match self.conn(id).map(|c| &c.kind) {
-                    Some(ConnKind::Request(r)) if !matches!(r.phase, RequestPhase::Answered(_)) => {
-                        (r.req, r.runner_idx)
+                // The deadline is the response's start (a streamed response has its idle
+                // bound); a streamed request body moved it on as it came.
+                let deadline = match self.conn(id).map(|c| &c.kind) {
+                    Some(ConnKind::Request(r)) if matches!(r.phase, RequestPhase::Waiting) => {
+                        r.deadline
                     }
                     _ => return,
                 };
-                // No answer in time: tell the runner to drop it (index 1, after the start).
-                let frames = self.tunnel_frames(req, 1, ToClientTunnelMessageKind::RequestAbort);
-                self.send_to_runner(runner_idx, frames);
+                if deadline > now {
+                    self.arm(deadline, Timer::Response(id));
+                    return;
+                }
+                // No answer in time: tell the runner to drop it (the request's next index).
+                self.abort_to_runner(id);
                 self.answer_request(id, super::HttpOutcome::Failed(Refusal::RESPONSE_TIMEOUT));
             }
             Timer::CloseHandshake(id) => {
@@ -169,6 +176,7 @@ impl Gateway {
                     self.reset(id);
                 }
             }
+            Timer::StreamIdle(id) => self.stream_idle_check(id, now),
             Timer::Waiter(w) => self.answer(w, None),
             Timer::Drain => self.drain_step(now),
         }

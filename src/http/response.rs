@@ -9,6 +9,29 @@
 
 use bytes::Bytes;
 
+/// How a streamed response's body is delimited on the client connection (the gateway core
+/// decides it; [`Response::encode_head_framed`] writes the matching head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// `content-length: n` (the actor declared it): exactly n bytes follow.
+    Length(u64),
+    /// `transfer-encoding: chunked`, ended by the zero-length chunk.
+    Chunked,
+    /// No body at all (HEAD, 1xx, 204, 304).
+    Empty,
+    /// An HTTP/1.0 client: no length, no chunks; the body ends when the connection does.
+    UntilClose,
+}
+
+/// One chunk of a `transfer-encoding: chunked` body: `[size line][data][CRLF]`.
+pub fn chunk_frames(data: Bytes) -> [Bytes; 3] {
+    let line = Bytes::from(format!("{:x}\r\n", data.len()));
+    [line, data, Bytes::from_static(b"\r\n")]
+}
+
+/// The last chunk of a chunked body (no trailers).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
 /// An HTTP response.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Response {
@@ -206,6 +229,34 @@ impl Response {
         out
     }
 
+    /// The head of a streamed response: like [`encode_head`](Self::encode_head) but with
+    /// the framing header `framing` asks for instead of the (empty) body's length. An
+    /// [`BodyFraming::UntilClose`] head also says `connection: close`.
+    pub fn encode_head_framed(&self, framing: BodyFraming) -> Vec<u8> {
+        let mut r = Response {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: Bytes::new(),
+        };
+        if framing == BodyFraming::UntilClose {
+            r.set_close();
+        }
+        let mut out = r.encode_head();
+        // `encode_head` ended with `content-length: 0` (unless bodyless) and the blank line.
+        let zero = b"content-length: 0\r\n\r\n";
+        let cut = if out.ends_with(zero) { zero.len() } else { 2 };
+        out.truncate(out.len() - cut);
+        match framing {
+            BodyFraming::Length(n) => {
+                out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes())
+            }
+            BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            BodyFraming::Empty | BodyFraming::UntilClose => {}
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
     /// [`encode_head`](Self::encode_head), first adding `connection: close` when the
     /// request did not ask to keep the connection open.
     pub fn encode_head_for(&self, keep_alive: bool) -> Vec<u8> {
@@ -273,6 +324,25 @@ mod tests {
         assert_eq!(head, "HTTP/1.1 299 \r\ncontent-length: 0\r\n\r\n");
         let head = String::from_utf8(Response::new(42).encode_head()).unwrap();
         assert!(head.starts_with("HTTP/1.1 500 Internal Server Error\r\n"));
+    }
+
+    #[test]
+    fn streamed_heads_carry_their_framing() {
+        let r = Response::text(200, "").with_header("content-length", "9");
+        let h = |f| String::from_utf8(r.encode_head_framed(f)).unwrap();
+        assert_eq!(
+            h(BodyFraming::Chunked),
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        assert!(h(BodyFraming::Length(7)).ends_with("\r\ncontent-length: 7\r\n\r\n"));
+        assert!(!h(BodyFraming::Empty).contains("content-length"));
+        assert!(h(BodyFraming::UntilClose).contains("\r\nconnection: close\r\n"));
+        assert!(!h(BodyFraming::UntilClose).contains("content-length"));
+        let nc = String::from_utf8(Response::new(204).encode_head_framed(BodyFraming::Empty));
+        assert_eq!(nc.unwrap(), "HTTP/1.1 204 No Content\r\n\r\n");
+        let c = chunk_frames(Bytes::from_static(b"hello world, 26 bytes long"));
+        assert_eq!(&c[0][..], b"1a\r\n");
+        assert_eq!(&c[2][..], b"\r\n");
     }
 
     #[test]

@@ -454,6 +454,16 @@ async fn conn_task(state: Rc<Shard>, stream: TcpStream, peer: SocketAddr, guard:
                 return;
             }
         }
+        let gateway = match gateway {
+            Some(target) if head.method != "OPTIONS" => {
+                // To an actor: the body buffered or streamed, the answer whole or streamed.
+                if !gateway::serve(&state, &stream, &head, target, &mut buf, deadline).await {
+                    return;
+                }
+                continue;
+            }
+            other => other,
+        };
         // Plain HTTP: read the body, answer, keep the connection alive.
         let body = match read_body(&stream, &head, &mut buf, body_limit, deadline).await {
             Ok(b) => b,
@@ -480,7 +490,7 @@ fn is_upgrade(head: &RequestHead) -> bool {
         .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
 }
 
-async fn read_body(
+pub(crate) async fn read_body(
     stream: &TcpStream,
     head: &RequestHead,
     buf: &mut BytesMut,
@@ -560,19 +570,12 @@ async fn route_http(
     gateway: Option<crate::gateway::route::Target>,
     body: Bytes,
 ) -> Response {
-    if let Some(target) = gateway {
-        // Preflights are the gateway's to answer: they carry no credentials, and tunnelling
-        // one would wake the actor for nothing.
-        let mut resp = if head.method == "OPTIONS" {
-            state.metrics().inc(Counter::CorsPreflights);
-            access::gateway_preflight(head)
-        } else {
-            gateway::serve_http(state, head, target, body).await
-        };
-        if head.header("origin").is_some() && head.method != "OPTIONS" {
-            access::gateway_cors(head, &mut resp);
-        }
-        return resp;
+    if gateway.is_some() {
+        // Preflights are the gateway's to answer (other gateway requests went to
+        // `gateway::serve`): they carry no credentials, and tunnelling one would wake the
+        // actor for nothing.
+        state.metrics().inc(Counter::CorsPreflights);
+        return access::gateway_preflight(head);
     }
     if path.starts_with("/gateway/") {
         return error_response(state, Refusal::NOT_FOUND_ROUTE);

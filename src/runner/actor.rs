@@ -70,10 +70,45 @@ pub trait Actor: Send + 'static {
     ) {
     }
 
-    /// An HTTP request. The default answers 501.
+    /// An HTTP request. The default answers 501. A response made with
+    /// [`HttpResponse::stream`] sends its head now and its body with
+    /// [`ActorCx::http_chunk`] / [`ActorHandle::http_chunk`].
     fn on_http_request(&mut self, _cx: &mut ActorCx<'_>, _req: HttpRequest) -> HttpResponse {
         HttpResponse::new(501, "Not Implemented")
     }
+
+    /// Whether this actor takes streamed request bodies piece by piece
+    /// ([`Self::on_http_stream_start`], [`Self::on_http_body`]). When false (the default),
+    /// a streamed body is collected (up to 20 MiB) and handed to [`Self::on_http_request`].
+    fn streams_requests(&self) -> bool {
+        false
+    }
+
+    /// A streamed request's head (`req.body`: what came with it). Answer now (`Some`), or
+    /// from a later [`Self::on_http_body`].
+    fn on_http_stream_start(
+        &mut self,
+        _cx: &mut ActorCx<'_>,
+        _req: HttpRequest,
+    ) -> Option<HttpResponse> {
+        Some(HttpResponse::new(501, "Not Implemented"))
+    }
+
+    /// The next piece of a streamed request's body (`finish`: the last). Returns the answer
+    /// if not given yet (later answers are ignored).
+    fn on_http_body(
+        &mut self,
+        _cx: &mut ActorCx<'_>,
+        _key: RequestKey,
+        _data: Bytes,
+        _finish: bool,
+    ) -> Option<HttpResponse> {
+        None
+    }
+
+    /// The gateway dropped a request (its client went away, was too slow, or a deadline
+    /// passed): its streamed body and response end here; `http_chunk` on it returns false.
+    fn on_http_abort(&mut self, _cx: &mut ActorCx<'_>, _key: RequestKey) {}
 }
 
 /// Creates actors when the gateway starts them.
@@ -127,6 +162,19 @@ impl ActorCx<'_> {
     /// Acknowledges every gateway message up to `index` on `key` (cumulative).
     pub fn ack(&mut self, key: RequestKey, index: u16) -> bool {
         self.io.ws_ack(self.meta, key, index)
+    }
+
+    /// Sends the next piece of a streamed response (`ResponseChunk`; `finish`: the last).
+    /// Returns false when `key` has no streamed response of this actor open (never started,
+    /// finished, or aborted by the gateway).
+    pub fn http_chunk(&mut self, key: RequestKey, data: impl Into<Bytes>, finish: bool) -> bool {
+        self.io.http_chunk(self.meta, key, data.into(), finish)
+    }
+
+    /// Ends a streamed response without completing it (`ResponseAbort`): the client sees a
+    /// truncated body.
+    pub fn http_abort(&mut self, key: RequestKey) -> bool {
+        self.io.http_abort(self.meta, key)
     }
 
     /// Asks the gateway to put this actor to sleep (`EventActorIntent { Sleep }`).
@@ -206,6 +254,20 @@ impl ActorHandle {
     /// See [`ActorCx::ack`].
     pub fn ack(&self, key: RequestKey, index: u16) -> bool {
         self.op(ActorOp::Ack(key, index))
+    }
+
+    /// See [`ActorCx::http_chunk`]. Returns false only when the runner has gone.
+    pub fn http_chunk(&self, key: RequestKey, data: impl Into<Bytes>, finish: bool) -> bool {
+        self.op(ActorOp::HttpChunk {
+            key,
+            data: data.into(),
+            finish,
+        })
+    }
+
+    /// See [`ActorCx::http_abort`].
+    pub fn http_abort(&self, key: RequestKey) -> bool {
+        self.op(ActorOp::HttpAbort(key))
     }
 
     /// See [`ActorCx::sleep`].

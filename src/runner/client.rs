@@ -58,7 +58,7 @@ impl Runner {
                 name: config.runner_name.clone(),
                 version: config.version,
                 total_slots: config.total_slots,
-                metadata: config.metadata.clone(),
+                metadata: with_stream_requests(config.metadata.clone()),
             },
             Box::new(factory),
             counters.clone(),
@@ -521,6 +521,24 @@ async fn sleep_opt(deadline: Option<Instant>) {
     }
 }
 
+/// The runner's `Init.metadata` with `{"torpor_stream_requests": true}` added: this library
+/// takes streamed request bodies (it collects them for actors that do not stream them), and
+/// torpor streams large bodies only to runners that say so. Metadata that is not a JSON
+/// object is sent as given.
+fn with_stream_requests(metadata: Option<String>) -> Option<String> {
+    let key = crate::gateway::STREAM_REQUESTS_KEY;
+    let mut obj = match metadata
+        .as_deref()
+        .map(serde_json::from_str::<serde_json::Value>)
+    {
+        None => serde_json::Map::new(),
+        Some(Ok(serde_json::Value::Object(m))) => m,
+        Some(_) => return metadata,
+    };
+    obj.insert(key.into(), serde_json::Value::Bool(true));
+    Some(serde_json::Value::Object(obj).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,5 +565,20 @@ mod tests {
             .starts_with("ws://h:1/base/runners/connect?"));
         assert!(connect_url(&cfg("ftp://h")).is_err());
         assert_eq!(encode_uri_component("a-_.!~*'()Z9"), "a-_.!~*'()Z9");
+    }
+
+    #[test]
+    fn init_metadata_says_that_streamed_bodies_are_taken() {
+        let m = |s: Option<&str>| super::with_stream_requests(s.map(String::from));
+        let v: serde_json::Value = serde_json::from_str(&m(None).unwrap()).unwrap();
+        assert_eq!(v, serde_json::json!({"torpor_stream_requests": true}));
+        let v: serde_json::Value = serde_json::from_str(&m(Some(r#"{"a":1}"#)).unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"a": 1, "torpor_stream_requests": true})
+        );
+        assert_eq!(m(Some("[1]")), Some("[1]".to_string()));
+        assert!(crate::gateway::streams_requests(m(None).as_deref()));
+        assert!(!crate::gateway::streams_requests(Some("[1]")));
     }
 }

@@ -37,6 +37,12 @@ pub(crate) enum ActorOp {
     },
     Hibernate(RequestKey),
     Ack(RequestKey, u16),
+    HttpChunk {
+        key: RequestKey,
+        data: Bytes,
+        finish: bool,
+    },
+    HttpAbort(RequestKey),
     Sleep,
     Stop,
     SetAlarm(Option<i64>),

@@ -70,6 +70,19 @@ pub(super) struct HttpReq {
     pub(super) path: String,
     pub(super) headers: Vec<(String, String)>,
     pub(super) body: Vec<u8>,
+    /// The body goes to the actor piece by piece (`Actor::streams_requests`), not collected.
+    pub(super) streaming: bool,
+    /// The actor answered (a streamed request's later answers are ignored).
+    pub(super) answered: bool,
+}
+
+/// A streamed response the actor is sending: whose it is and the next message index
+/// (`ResponseStart` had 0).
+#[derive(Debug)]
+pub(crate) struct HttpOut {
+    pub(crate) actor_id: Arc<str>,
+    pub(crate) generation: u32,
+    pub(crate) next: u16,
 }
 
 #[derive(Debug)]
@@ -91,6 +104,8 @@ pub(super) struct Remembered {
 pub(crate) struct Io {
     pub(super) phase: Phase,
     pub(super) requests: HashMap<RequestKey, Req>,
+    /// Streamed responses being sent.
+    pub(crate) http_out: HashMap<RequestKey, HttpOut>,
     /// Messages ready for the socket, in order.
     pub(super) out: VecDeque<Outgoing>,
     /// Tunnel messages produced while not connected, sent after the next `Init`.
@@ -178,6 +193,7 @@ impl Io {
         Self {
             phase: Phase::Disconnected,
             requests: HashMap::new(),
+            http_out: HashMap::new(),
             out: VecDeque::new(),
             backlog: VecDeque::new(),
             events: HashMap::new(),
@@ -236,6 +252,48 @@ impl Io {
         let index = ws.next_out;
         ws.next_out = ws.next_out.wrapping_add(1);
         self.push_tunnel(key, index, kind);
+        true
+    }
+
+    /// Sends a piece of one of the actor's streamed responses.
+    pub(crate) fn http_chunk(
+        &mut self,
+        meta: &ActorMeta,
+        key: RequestKey,
+        data: Bytes,
+        finish: bool,
+    ) -> bool {
+        let Some(h) = self
+            .http_out
+            .get_mut(&key)
+            .filter(|h| h.actor_id == meta.actor_id && h.generation == meta.generation)
+        else {
+            return false;
+        };
+        let index = h.next;
+        h.next = h.next.wrapping_add(1);
+        if finish {
+            self.http_out.remove(&key);
+        }
+        let chunk = crate::protocol::ToServerResponseChunk {
+            body: Vec::from(data),
+            finish,
+        };
+        self.push_tunnel(key, index, ToServerTunnelMessageKind::ResponseChunk(chunk));
+        true
+    }
+
+    /// Ends one of the actor's streamed responses without completing it.
+    pub(crate) fn http_abort(&mut self, meta: &ActorMeta, key: RequestKey) -> bool {
+        let owned = self
+            .http_out
+            .get(&key)
+            .is_some_and(|h| h.actor_id == meta.actor_id && h.generation == meta.generation);
+        if !owned {
+            return false;
+        }
+        let h = self.http_out.remove(&key).expect("checked");
+        self.push_tunnel(key, h.next, ToServerTunnelMessageKind::ResponseAbort);
         true
     }
 

@@ -77,7 +77,10 @@ pub enum AckPolicy {
     Manual,
 }
 
-/// An HTTP request tunnelled to an actor (the whole body, streamed requests are collected).
+/// An HTTP request tunnelled to an actor: the whole body, or (for an actor whose
+/// [`Actor::streams_requests`](super::Actor::streams_requests) is true and a request the
+/// gateway streams) the body sent so far, the rest coming to
+/// [`Actor::on_http_body`](super::Actor::on_http_body).
 #[derive(Debug, Clone)]
 pub struct HttpRequest {
     pub key: RequestKey,
@@ -87,12 +90,17 @@ pub struct HttpRequest {
     pub body: Bytes,
 }
 
-/// An actor's HTTP response (sent as one non-streaming `ResponseStart`).
+/// An actor's HTTP response: sent whole as one `ResponseStart { stream: false }`, or, made
+/// with [`HttpResponse::stream`], as the head (`ResponseStart { stream: true }`, with `body`
+/// as the first piece if any) whose body the actor then sends with
+/// [`ActorCx::http_chunk`](super::ActorCx::http_chunk) /
+/// [`ActorHandle::http_chunk`](super::ActorHandle::http_chunk).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    pub stream: bool,
 }
 
 impl HttpResponse {
@@ -102,6 +110,18 @@ impl HttpResponse {
             status,
             headers: Vec::new(),
             body: body.into(),
+            stream: false,
+        }
+    }
+
+    /// The head of a streamed response; its body follows with `http_chunk` (the last one
+    /// with `finish`). Without a `content-length` header the client gets it chunked.
+    pub fn stream(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+            stream: true,
         }
     }
 

@@ -562,6 +562,9 @@ fn brief_shard_msg(m: &ShardMsg) -> String {
     match m {
         ShardMsg::ToRunner { conn, .. } => format!("to runner conn {conn:?}"),
         ShardMsg::ToRunnerInline { conn, .. } => format!("to runner conn {conn:?} (inline)"),
+        ShardMsg::Upload { conn, .. } => format!("upload chunk to runner conn {conn:?}"),
+        ShardMsg::UploadWritten { id, bytes } => format!("upload of {id:?}: {bytes} written"),
+        ShardMsg::RunnerStreams { conn, on } => format!("runner conn {conn:?} streams: {on}"),
         ShardMsg::Tunnel { key, msg, .. } => format!("tunnel {key:?} {msg:?}"),
         ShardMsg::CloseConn { conn, .. } => format!("close {conn:?}"),
         ShardMsg::RunnerAttached { runner_idx, conn } => {

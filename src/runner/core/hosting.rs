@@ -47,6 +47,12 @@ impl Core {
             ActorOp::Ack(key, index) => {
                 cx.ack(key, index);
             }
+            ActorOp::HttpChunk { key, data, finish } => {
+                cx.http_chunk(key, data, finish);
+            }
+            ActorOp::HttpAbort(key) => {
+                cx.http_abort(key);
+            }
             ActorOp::Sleep => cx.sleep(),
             ActorOp::Stop => cx.stop(),
             ActorOp::SetAlarm(ts) => cx.set_alarm(ts),
@@ -170,6 +176,11 @@ impl Core {
         };
         // Acks owed for processed messages go out before the sockets hibernate.
         self.io.flush_acks();
+        // Its streamed responses end with it (the gateway cuts them when the actor stops).
+        let generation = slot.meta.generation;
+        self.io
+            .http_out
+            .retain(|_, h| !(&*h.actor_id == actor_id && h.generation == generation));
         for key in self.io.keys_of(actor_id, slot.meta.generation) {
             match self.io.requests.remove(&key) {
                 Some(Req::Ws(ws)) if ws.hibernatable => self.io.remember(key, &ws),

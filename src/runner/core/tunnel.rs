@@ -17,7 +17,7 @@ use crate::protocol::{
 use crate::runner::actor::ActorCx;
 use crate::runner::counters::Counters;
 use crate::runner::index::{after, InboundIndex, Verdict};
-use crate::runner::io::{msg_id, HttpReq, Outgoing, Phase, Req, WsReq};
+use crate::runner::io::{msg_id, HttpOut, HttpReq, Outgoing, Phase, Req, WsReq};
 use crate::runner::types::{AckPolicy, HttpRequest, HttpResponse, RequestKey, WsOpen, WsOpenReply};
 
 /// Largest request body collected from a streamed request (as the TS runner's payload cap).
@@ -54,7 +54,7 @@ fn response_start(resp: HttpResponse) -> ToServerTunnelMessageKind {
     let body = if resp.body.is_empty() {
         None
     } else {
-        if headers.get("content-length").is_none() {
+        if !resp.stream && headers.get("content-length").is_none() {
             headers
                 .0
                 .push(("content-length".into(), resp.body.len().to_string()));
@@ -65,7 +65,7 @@ fn response_start(resp: HttpResponse) -> ToServerTunnelMessageKind {
         status: resp.status,
         headers,
         body,
-        stream: false,
+        stream: resp.stream,
     })
 }
 
@@ -79,6 +79,14 @@ impl Core {
                 let Some(Req::Http(h)) = self.io.requests.get_mut(&key) else {
                     return;
                 };
+                if h.streaming {
+                    let (actor_id, generation) = (h.actor_id.clone(), h.generation);
+                    self.http_body(&actor_id, generation, key, chunk.body, chunk.finish);
+                    if chunk.finish {
+                        self.io.requests.remove(&key);
+                    }
+                    return;
+                }
                 if h.body.len() + chunk.body.len() > MAX_BODY {
                     self.io.requests.remove(&key);
                     self.io.push_tunnel(
@@ -103,8 +111,29 @@ impl Core {
                 }
             }
             ToClientTunnelMessageKind::RequestAbort => {
-                if matches!(self.io.requests.get(&key), Some(Req::Http(_))) {
+                let owner = match self.io.requests.get(&key) {
+                    Some(Req::Http(h)) => Some((h.actor_id.clone(), h.generation)),
+                    _ => None,
+                };
+                if owner.is_some() {
                     self.io.requests.remove(&key);
+                }
+                let owner = match self.io.http_out.remove(&key) {
+                    Some(h) => Some((h.actor_id, h.generation)),
+                    None => owner,
+                };
+                if let Some((actor_id, generation)) = owner {
+                    if let Some(slot) = self
+                        .actors
+                        .get_mut(&*actor_id)
+                        .filter(|s| s.meta.generation == generation)
+                    {
+                        let mut cx = ActorCx {
+                            io: &mut self.io,
+                            meta: &mut slot.meta,
+                        };
+                        slot.actor.on_http_abort(&mut cx, key);
+                    }
                 }
             }
             ToClientTunnelMessageKind::WebSocketOpen(open) => self.on_ws_open(key, open),
@@ -146,6 +175,40 @@ impl Core {
         let actor_id = slot.meta.actor_id.clone();
         let generation = slot.meta.generation;
         let body = start.body.unwrap_or_default();
+        if start.stream && slot.actor.streams_requests() {
+            self.io.requests.insert(
+                key,
+                Req::Http(HttpReq {
+                    actor_id: actor_id.clone(),
+                    generation,
+                    method: String::new(),
+                    path: String::new(),
+                    headers: Vec::new(),
+                    body: Vec::new(),
+                    streaming: true,
+                    answered: false,
+                }),
+            );
+            let req = HttpRequest {
+                key,
+                method: start.method,
+                path: start.path,
+                headers: start.headers.0,
+                body: Bytes::from(body),
+            };
+            let Some(slot) = self.actors.get_mut(&*actor_id) else {
+                return;
+            };
+            let mut cx = ActorCx {
+                io: &mut self.io,
+                meta: &mut slot.meta,
+            };
+            Counters::bump(&cx.io.counters.http_requests);
+            if let Some(resp) = slot.actor.on_http_stream_start(&mut cx, req) {
+                self.answer_stream(key, &actor_id, generation, resp);
+            }
+            return;
+        }
         if start.stream {
             self.io.requests.insert(
                 key,
@@ -156,6 +219,8 @@ impl Core {
                     path: start.path,
                     headers: start.headers.0,
                     body,
+                    streaming: false,
+                    answered: false,
                 }),
             );
             return;
@@ -168,6 +233,72 @@ impl Core {
             body: Bytes::from(body),
         };
         self.dispatch_http(&actor_id, generation, req);
+    }
+
+    /// A piece of a streamed request's body for an actor that takes them.
+    fn http_body(
+        &mut self,
+        actor_id: &std::sync::Arc<str>,
+        generation: u32,
+        key: RequestKey,
+        data: Vec<u8>,
+        finish: bool,
+    ) {
+        let Some(slot) = self
+            .actors
+            .get_mut(&**actor_id)
+            .filter(|s| s.meta.generation == generation)
+        else {
+            return;
+        };
+        let mut cx = ActorCx {
+            io: &mut self.io,
+            meta: &mut slot.meta,
+        };
+        if let Some(resp) = slot
+            .actor
+            .on_http_body(&mut cx, key, Bytes::from(data), finish)
+        {
+            self.answer_stream(key, actor_id, generation, resp);
+        }
+    }
+
+    /// The answer to a streamed request, once.
+    fn answer_stream(
+        &mut self,
+        key: RequestKey,
+        actor_id: &std::sync::Arc<str>,
+        generation: u32,
+        resp: HttpResponse,
+    ) {
+        if let Some(Req::Http(h)) = self.io.requests.get_mut(&key) {
+            if std::mem::replace(&mut h.answered, true) {
+                return;
+            }
+        }
+        self.respond(key, actor_id, generation, resp);
+    }
+
+    /// Sends an actor's answer (index 0); a streamed one's body follows through
+    /// `http_out` (indices 1, 2, …).
+    fn respond(
+        &mut self,
+        key: RequestKey,
+        actor_id: &std::sync::Arc<str>,
+        generation: u32,
+        resp: HttpResponse,
+    ) {
+        if resp.stream {
+            self.io.http_out.insert(
+                key,
+                HttpOut {
+                    actor_id: actor_id.clone(),
+                    generation,
+                    next: 1,
+                },
+            );
+        }
+        self.io.push_tunnel(key, 0, response_start(resp));
     }
 
     fn dispatch_http(&mut self, actor_id: &str, generation: u32, req: HttpRequest) {
@@ -184,7 +315,8 @@ impl Core {
             _ => HttpResponse::new(503, "Actor not found")
                 .header("x-rivet-error", "runner.actor_not_found"),
         };
-        self.io.push_tunnel(key, 0, response_start(resp));
+        let actor_id: std::sync::Arc<str> = actor_id.into();
+        self.respond(key, &actor_id, generation, resp);
     }
 
     fn on_ws_open(&mut self, key: RequestKey, open: ToClientWebSocketOpen) {
