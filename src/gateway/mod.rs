@@ -466,12 +466,16 @@ impl Gateway {
         };
         c.out.written += bytes as u64;
         let written = c.out.written;
+        // Only a runner connection carrying a streamed request body has receipts.
+        let due = c.out.receipts.front().is_some_and(|&(at, _)| at <= written);
         if let ConnKind::Client(cc) = &mut c.kind {
             if std::mem::take(&mut cc.reader_parked) {
                 self.notice(Notice::Wake(id));
             }
         }
-        self.receipts_due(id, written);
+        if due {
+            self.receipts_due(id, written);
+        }
     }
 
     /// Hands out the receipts of a runner connection's queue written up to `written`.
