@@ -17,7 +17,7 @@
 //!   the stream to end, and finally closes the runner (1000 `ws.eviction`) and stops the stream.
 //!   A slot with no runner yet (requesting, or backing off) just stops its stream.
 //! * **Failures** — a stream that ends by itself after its init event is requested again at
-//!   once (as the engine's loop does). A refused answer (status, content type, bad payload,
+//!   once (as the engine's loop does) unless it lived less than `retry_base`. A refused answer (status, content type, bad payload,
 //!   connection, timeouts), or a stream that ends before its init event (the engine requests
 //!   that one again at once too: a busy loop against a broken app), backs off:
 //!   `retry_base × 2^min(n, retry_max_exponent)` plus up to `retry_jitter` from the engine's
@@ -108,6 +108,8 @@ enum SlotState {
         runner_id: Option<String>,
         /// When to drain (`request_lifespan − drain grace` after the request).
         drain_at: Instant,
+        /// When `/start` was sent.
+        since: Instant,
     },
     /// The last request failed; request again at `until`.
     Backoff { until: Instant },
@@ -553,6 +555,7 @@ impl Engine {
                 stream: id,
                 runner_id: None,
                 drain_at,
+                since: now,
             };
         }
     }
@@ -760,15 +763,25 @@ impl Engine {
             .and_then(|c| c.serverless().cloned());
         let retry_reset = self.cfg.pools.retry_reset;
         let pool = self.pools.pools.get_mut(&key).expect("pool");
-        if matches!(pool.slots[i].state, SlotState::Draining { .. }) {
-            // The drain is over: the stream ended within the grace.
-            pool.slots.remove(i);
-            return;
-        }
+        let lived = match pool.slots[i].state {
+            SlotState::Draining { .. } => {
+                // The drain is over: the stream ended within the grace.
+                pool.slots.remove(i);
+                return;
+            }
+            SlotState::Live { since, .. } => now.saturating_duration_since(since),
+            SlotState::Backoff { .. } => Duration::MAX,
+        };
         let backoff = match &failure {
             // Ended by itself after its init event (or at the lifespan): request again at
-            // once, as the engine's loop does.
-            None | Some(Failure::StreamEnded { started: true, .. }) => false,
+            // once, as the engine's loop does, unless it lived less than the first back-off
+            // (an app that ends every stream at once would otherwise be called in a loop).
+            None | Some(Failure::StreamEnded { started: true, .. })
+                if lived >= self.cfg.pools.retry_base =>
+            {
+                false
+            }
+            None | Some(Failure::StreamEnded { started: true, .. }) => true,
             // Refused, broken, or ended before naming a runner (which, requested again at
             // once, would be a busy loop against a broken app): back off.
             Some(f) => {

@@ -405,3 +405,104 @@ fn a_normal_runner_gets_no_drain_grace() {
     });
     assert_eq!(grace, Some(None));
 }
+
+#[test]
+fn a_stream_that_ends_right_after_its_start_backs_off() {
+    let (mut e, t0) = pool_engine();
+    put_pool(&mut e, APP, 10, 300, t0);
+    create(&mut e, "counter", Some("a"), t0);
+    let (_, cmds) = tick(&mut e, t0);
+    let s1 = started(&cmds)[0].0;
+    connect(&mut e, s1, c(1), 10, t0);
+    e.pool_event(
+        serverless::Event::Ended {
+            id: s1,
+            reason: EndReason::Lifespan,
+        },
+        secs(t0, 0.5),
+    );
+    assert!(started(&e.take_outbound()).is_empty(), "not at once");
+    let (_, cmds) = tick(&mut e, secs(t0, 3.0));
+    assert_eq!(started(&cmds).len(), 1, "after the back-off");
+}
+
+#[test]
+fn the_token_goes_to_the_app_with_authentication() {
+    let t0 = Instant::now();
+    let cfg = EngineConfig {
+        pools: PoolSettings {
+            token: Some("s3cret".into()),
+            ..PoolSettings::default()
+        },
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(cfg, 7, t0, T0_MS);
+    put_pool(&mut e, APP, 10, 300, t0);
+    create(&mut e, "counter", Some("a"), t0);
+    let (_, cmds) = tick(&mut e, t0);
+    let (_, h) = &started(&cmds)[0];
+    assert_eq!(h.get("x-rivet-token"), Some("s3cret"));
+    assert_eq!(h.get("x-rivet-endpoint"), Some("http://127.0.0.1:6420"));
+}
+
+#[test]
+fn a_newer_app_version_drains_older_runners() {
+    let (mut e, t0) = pool_engine();
+    let body = json!({"datacenters": {"default": {"serverless": {
+        "url": APP, "request_lifespan": 300, "slots_per_runner": 10, "max_runners": 10,
+        "min_runners": 1
+    }, "drain_on_version_upgrade": true}}});
+    let (st, _, _) = call(&mut e, "PUT", "/runner-configs/default", &[NS], body, t0);
+    assert_eq!(st, 200);
+    let (_, cmds) = tick(&mut e, t0);
+    let md = cmds
+        .iter()
+        .find_map(|c| match c {
+            serverless::Command::Metadata { id, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("a metadata request");
+    let s1 = started(&cmds)[0].0;
+    connect(&mut e, s1, c(1), 10, t0); // runner version 1
+    let meta = |v: u32| crate::serverless::RunnerMetadata {
+        runtime: "rivetkit".into(),
+        version: "2.2.1".into(),
+        runner_kind: Some("serverless".into()),
+        runner_version: Some(v),
+        actor_names: Vec::new(),
+        client_endpoint: None,
+        client_namespace: None,
+    };
+    e.pool_event(
+        serverless::Event::Metadata {
+            id: md,
+            result: Ok(meta(1)),
+        },
+        t0,
+    );
+    let (_, cmds) = tick(&mut e, secs(t0, 0.1));
+    assert!(started(&cmds).is_empty(), "same version: nothing drains");
+    // The next poll (clamped to at least 5 s) finds version 2.
+    let (_, cmds) = tick(&mut e, secs(t0, 10.0));
+    let md = cmds
+        .iter()
+        .find_map(|c| match c {
+            serverless::Command::Metadata { id, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("a second poll");
+    e.pool_event(
+        serverless::Event::Metadata {
+            id: md,
+            result: Ok(meta(2)),
+        },
+        secs(t0, 10.0),
+    );
+    let (_, cmds) = tick(&mut e, secs(t0, 10.0));
+    assert_eq!(
+        started(&cmds).len(),
+        1,
+        "a replacement for the drained runner"
+    );
+    assert_eq!(e.pool_slots("default", "default"), (1, 2));
+}
