@@ -252,6 +252,15 @@ impl Engine {
             .is_some_and(|c| c.serverless().is_some())
     }
 
+    /// Is runner `runner_id` one whose pool slot is draining?
+    pub(super) fn pool_draining(&self, runner_id: &str) -> bool {
+        self.pools.pools.values().any(|p| {
+            p.slots.iter().any(|s| {
+                matches!(&s.state, SlotState::Draining { runner_id: Some(r), .. } if r == runner_id)
+            })
+        })
+    }
+
     /// Are there pools (serverless configs, or slots of deleted ones still draining)?
     pub(super) fn has_pools(&self) -> bool {
         !self.pools.pools.is_empty()

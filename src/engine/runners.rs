@@ -243,6 +243,10 @@ impl Engine {
                 idx
             }
         };
+        // A pool's runner that its pool drains stays draining across a reconnect.
+        if serverless && self.pool_draining(&self.runners[idx].runner_id) {
+            self.runners[idx].stopping = true;
+        }
         // A reconnect replaces the names of the runner's previous connection.
         self.withdraw_names(idx);
         self.announce_names(idx, names);

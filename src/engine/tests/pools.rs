@@ -210,6 +210,19 @@ fn drains_at_lifespan_and_starts_a_replacement() {
     let placed = commands(&a);
     assert_eq!(placed.len(), 1);
     assert_eq!(placed[0].0, c(2), "not on the draining runner");
+    // The draining runner reconnects: it stays draining.
+    e.runner_init(
+        c(9),
+        "default",
+        &format!("key-{s1}"),
+        init("default", 10),
+        t50,
+    );
+    let (_, a) = create(&mut e, "counter", Some("b"), t50);
+    assert!(
+        commands(&a).iter().all(|(conn, _)| *conn != c(9)),
+        "no new actor on a draining runner"
+    );
     // The old stream ends within the grace: no eviction needed.
     let a = e.pool_event(
         serverless::Event::Ended {
