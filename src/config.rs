@@ -30,6 +30,104 @@ pub struct Config {
     pub cors: Cors,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    pub serverless: Serverless,
+}
+
+/// `[serverless]`: serverless runner pools (runners started with `GET {url}/start` from the
+/// runner configs) and the outbound client that starts them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Serverless {
+    /// torpor's URL as started runners reach it (`x-rivet-endpoint`); not derived from
+    /// `listen`, which may be a wildcard or sit behind a proxy.
+    pub public_url: String,
+    /// A pool's runner drains this long before the end of its request's lifespan and has this
+    /// long to finish (`serverlessDrainGracePeriod` of its `Init`); at most
+    /// `timeouts.actor_stop_threshold_ms`.
+    pub drain_grace_ms: u64,
+    /// Back-off after a failed start: `retry_base_ms × 2^n` (n up to `retry_max_exponent`),
+    /// plus up to `retry_jitter_ms`; `n` restarts from 0 after `retry_reset_ms` without one.
+    pub retry_base_ms: u64,
+    pub retry_max_exponent: u32,
+    pub retry_jitter_ms: u64,
+    pub retry_reset_ms: u64,
+    /// `GET {url}/metadata` interval when a config gives none, and the shortest one allowed.
+    pub metadata_poll_default_ms: u64,
+    pub metadata_poll_min_ms: u64,
+    // The outbound client (`crate::serverless::ServerlessSettings`).
+    pub connect_timeout_ms: u64,
+    pub headers_timeout_ms: u64,
+    pub init_timeout_ms: u64,
+    pub event_timeout_ms: u64,
+    pub metadata_timeout_ms: u64,
+    pub max_event_bytes: usize,
+    pub metadata_body_bytes: usize,
+    pub max_streams: usize,
+    pub max_metadata_requests: usize,
+    pub addresses: crate::serverless::AddressPolicy,
+}
+
+impl Default for Serverless {
+    fn default() -> Self {
+        let o = crate::serverless::ServerlessSettings::default();
+        let p = crate::engine::PoolSettings::default();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Serverless {
+            public_url: "http://127.0.0.1:6420".into(),
+            drain_grace_ms: ms(p.drain_grace),
+            retry_base_ms: ms(p.retry_base),
+            retry_max_exponent: p.retry_max_exponent,
+            retry_jitter_ms: ms(p.retry_jitter),
+            retry_reset_ms: ms(p.retry_reset),
+            metadata_poll_default_ms: ms(p.metadata_poll_default),
+            metadata_poll_min_ms: ms(p.metadata_poll_min),
+            connect_timeout_ms: o.connect_timeout_ms,
+            headers_timeout_ms: o.headers_timeout_ms,
+            init_timeout_ms: o.init_timeout_ms,
+            event_timeout_ms: o.event_timeout_ms,
+            metadata_timeout_ms: o.metadata_timeout_ms,
+            max_event_bytes: o.max_event_bytes,
+            metadata_body_bytes: o.metadata_body_bytes,
+            max_streams: o.max_streams,
+            max_metadata_requests: o.max_metadata_requests,
+            addresses: o.addresses,
+        }
+    }
+}
+
+impl Serverless {
+    /// The outbound client's settings.
+    pub fn outbound(&self) -> crate::serverless::ServerlessSettings {
+        crate::serverless::ServerlessSettings {
+            connect_timeout_ms: self.connect_timeout_ms,
+            headers_timeout_ms: self.headers_timeout_ms,
+            init_timeout_ms: self.init_timeout_ms,
+            event_timeout_ms: self.event_timeout_ms,
+            metadata_timeout_ms: self.metadata_timeout_ms,
+            max_event_bytes: self.max_event_bytes,
+            metadata_body_bytes: self.metadata_body_bytes,
+            max_streams: self.max_streams,
+            max_metadata_requests: self.max_metadata_requests,
+            addresses: self.addresses.clone(),
+        }
+    }
+
+    /// The engine's pool settings (`token`: the admin token, if any).
+    pub fn pools(&self, token: Option<&str>) -> crate::engine::PoolSettings {
+        let d = Duration::from_millis;
+        crate::engine::PoolSettings {
+            endpoint: self.public_url.trim_end_matches('/').to_string(),
+            token: token.map(str::to_string),
+            drain_grace: d(self.drain_grace_ms),
+            retry_base: d(self.retry_base_ms),
+            retry_max_exponent: self.retry_max_exponent,
+            retry_jitter: d(self.retry_jitter_ms),
+            retry_reset: d(self.retry_reset_ms),
+            metadata_poll_default: d(self.metadata_poll_default_ms),
+            metadata_poll_min: d(self.metadata_poll_min_ms),
+            ..crate::engine::PoolSettings::default()
+        }
+    }
 }
 
 /// A secret string: its `Debug` and `Serialize` never show it, so it cannot reach a log line
@@ -210,6 +308,7 @@ impl Default for Config {
             cors: Cors::default(),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
+            serverless: Serverless::default(),
         }
     }
 }
@@ -483,6 +582,20 @@ impl Config {
         {
             return bad("limits.runner_config_request_lifespan_max_s must be >= runner_config_request_lifespan_min_s > 0");
         }
+        let sv = &self.serverless;
+        match url::Url::parse(&sv.public_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => return bad("serverless.public_url must be an http or https URL, such as https://torpor.example.com"),
+        }
+        if sv.drain_grace_ms == 0 || sv.drain_grace_ms > t.actor_stop_threshold_ms {
+            return bad("serverless.drain_grace_ms must be > 0 and <= timeouts.actor_stop_threshold_ms (a draining runner's actors must be able to stop within it)");
+        }
+        if sv.retry_base_ms == 0 || sv.retry_max_exponent > 16 || sv.metadata_poll_min_ms == 0 {
+            return bad("serverless.retry_base_ms and metadata_poll_min_ms must be > 0, retry_max_exponent <= 16");
+        }
+        if let Err(e) = sv.outbound().validate() {
+            return Err(ConfigError::Invalid(e));
+        }
         Ok(())
     }
 
@@ -538,7 +651,7 @@ impl Config {
 impl serde::Serialize for Config {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("Config", 10)?;
+        let mut st = s.serialize_struct("Config", 11)?;
         st.serialize_field("listen", &self.listen.to_string())?;
         st.serialize_field("shards", &self.shards)?;
         st.serialize_field("shard_port_base", &self.shard_port_base)?;
@@ -549,6 +662,7 @@ impl serde::Serialize for Config {
         st.serialize_field("cors", &self.cors)?;
         st.serialize_field("limits", &LimitsSer(&self.limits))?;
         st.serialize_field("timeouts", &TimeoutsSer(&self.timeouts))?;
+        st.serialize_field("serverless", &self.serverless)?;
         st.end()
     }
 }
@@ -788,5 +902,47 @@ mod tests {
             cfg.kv_limits().max_actor_bytes,
             cfg.limits.kv_bytes_per_actor
         );
+    }
+
+    #[test]
+    fn serverless_section() {
+        let c = Config::from_toml(
+            "[serverless]\npublic_url = \"https://torpor.example/\"\ndrain_grace_ms = 5000\nmax_streams = 3\n[serverless.addresses]\nallow_private = false",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let p = c.serverless.pools(Some("tok"));
+        assert_eq!(p.endpoint, "https://torpor.example");
+        assert_eq!(p.token.as_deref(), Some("tok"));
+        assert_eq!(p.drain_grace, Duration::from_secs(5));
+        let o = c.serverless.outbound();
+        assert_eq!(o.max_streams, 3);
+        assert!(!o.addresses.allow_private);
+        assert_eq!(
+            Config::default().serverless.outbound(),
+            crate::serverless::ServerlessSettings::default()
+        );
+        assert!(Config::from_toml("[serverless]\nnope = 1").is_err());
+        // The drain grace may not exceed the actor stop threshold.
+        let mut c = Config::default();
+        c.serverless.drain_grace_ms = c.timeouts.actor_stop_threshold_ms + 1;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("drain_grace_ms"));
+        let mut c = Config::default();
+        c.serverless.public_url = "ftp://x".into();
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.serverless.event_timeout_ms = 0;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.apply_env(vec![(
+            "TORPOR_SERVERLESS__PUBLIC_URL".to_string(),
+            "http://127.0.0.1:9".to_string(),
+        )])
+        .unwrap();
+        assert_eq!(c.serverless.public_url, "http://127.0.0.1:9");
     }
 }

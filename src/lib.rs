@@ -4,7 +4,7 @@
 //! `engine`) decides everything and never touches a socket, clock or thread; the shell
 //! (`shard`, `net`) owns sockets, timers and threads and pumps events through the core.
 //! `serverless` is the outbound client for serverless runner pools (sans-IO parsers and one
-//! thread of its own), not yet wired into the daemon.
+//! thread of its own), driven by the engine's pools through the control thread.
 
 pub mod config;
 pub mod engine;

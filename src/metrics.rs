@@ -58,6 +58,10 @@ series!(Counter, COUNTERS {
     AcceptPauses => ("torpor_accept_pauses_total", "Times a shard stopped accepting because it held limits.connections_per_shard connections or ran out of file descriptors"),
     CorsPreflights => ("torpor_cors_preflights_total", "CORS preflight requests answered by the gateway"),
     LogLinesSuppressed => ("torpor_log_lines_suppressed_total", "Repeated warning lines not written (rate-limited)"),
+    ServerlessStarts => ("torpor_serverless_starts_total", "GET {url}/start requests of serverless runner pools"),
+    ServerlessStarted => ("torpor_serverless_started_total", "Serverless start streams that named their runner (init event)"),
+    ServerlessFailures => ("torpor_serverless_failures_total", "Serverless start streams refused, broken or timed out (each backs off) or ended by the app"),
+    ServerlessStops => ("torpor_serverless_stops_total", "Serverless start streams closed by torpor (drained runners, surplus, changed or deleted configs)"),
 });
 
 series!(Gauge, GAUGES {

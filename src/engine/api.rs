@@ -180,7 +180,20 @@ pub fn actor_json(engine: &Engine, a: &ActorInfo) -> Value {
         "sleep_ts": a.sleep_ts,
         "reschedule_ts": null,
         "destroy_ts": a.destroy_ts,
+        // As the Rivet engine shows a failing serverless pool on the actors waiting for it.
+        "error": pool_error_of(engine, a),
     })
+}
+
+/// `{"runner_pool_error": …}` for an actor that is not running while its pool has an error.
+fn pool_error_of(engine: &Engine, a: &ActorInfo) -> Value {
+    if a.status == super::ActorStatus::Running {
+        return Value::Null;
+    }
+    match engine.pool_error(&a.namespace, &a.runner_name) {
+        Some(e) => json!({ "runner_pool_error": e }),
+        None => Value::Null,
+    }
 }
 
 fn list_actors(engine: &Engine, namespace: &str, query: &[(String, String)]) -> ApiReply {

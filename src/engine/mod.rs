@@ -53,7 +53,9 @@
 //!
 //! Runner configs (the settings of serverless runner pools, `runner_configs`) are durable too:
 //! one record each, written through the same [`Engine::take_store_ops`] and restored by
-//! [`Engine::restore`]. Nothing starts runners from them yet.
+//! [`Engine::restore`]. The serverless ones are run as pools (`pools`): the engine decides
+//! which `GET {url}/start` requests to make ([`Engine::take_outbound`]) and hears how they
+//! went ([`Engine::pool_event`]).
 //!
 //! The shard must pass a connection's `Events`, `AckCommands`, `Stopping` and every `Pong` with
 //! `ts < 0` to the engine in arrival order (and leave those pongs out of RTT measurements).
@@ -63,6 +65,7 @@ pub mod api;
 mod events;
 mod persist;
 mod placement;
+mod pools;
 mod registry;
 mod routing;
 pub mod runner_configs;
@@ -85,6 +88,7 @@ use crate::protocol::{Command, HibernatingRequest, ToClient, ToServer};
 
 pub use actor::{ActorInfo, ActorStatus, CrashPolicy, CreateActor, CreateError};
 pub use persist::{ActorRecord, HibernatingRecord, RecordError, RestoreReport, RECORD_VERSION};
+pub use pools::PoolSettings;
 pub use runner_configs::{
     desired_runners, RunnerConfig, RunnerConfigError, RunnerConfigKind, RunnerConfigLimits,
     ServerlessConfig,
@@ -124,6 +128,8 @@ pub enum ResolveError {
     Timeout,
     /// The actor was destroyed while the waiter waited.
     Destroyed,
+    /// The actor's serverless pool fails to start runners (`guard.actor_runner_failed`).
+    RunnerFailed,
 }
 
 /// Immediate answer to a routing lookup.
@@ -187,8 +193,10 @@ pub struct EngineConfig {
     /// How long the engine waits for `Running` after `CommandStartActor`; then it stops the
     /// actor (and frees the slot once stopped or after `actor_stop_threshold`).
     pub actor_start_threshold: Duration,
-    /// `ProtocolMetadata.serverlessDrainGracePeriod`.
-    pub serverless_drain_grace_period: Option<Duration>,
+    /// Serverless runner pools: torpor's public URL for started runners, the token they are
+    /// given, the drain grace (`ProtocolMetadata.serverlessDrainGracePeriod` of their runners)
+    /// and the back-off of failed starts.
+    pub pools: PoolSettings,
     /// How long a routing lookup waits for an actor to become routable.
     pub wake_timeout: Duration,
     /// Hibernating-request records older than this are not restored on wake.
@@ -231,7 +239,7 @@ impl Default for EngineConfig {
             runner_lost_threshold: Duration::from_millis(15_000),
             actor_stop_threshold: Duration::from_millis(30_000),
             actor_start_threshold: Duration::from_millis(30_000),
-            serverless_drain_grace_period: None,
+            pools: PoolSettings::default(),
             wake_timeout: Duration::from_secs(30),
             hibernation_eligible: Duration::from_secs(90),
             destroyed_retention: Duration::from_secs(600),
@@ -322,6 +330,8 @@ pub struct Engine {
     hib_ops: Vec<StoreOp>,
     /// Runner configs (serverless pools' settings) and their store writes not yet taken.
     runner_configs: runner_configs::RunnerConfigs,
+    /// Serverless runner pools: their slots and the outbound requests not yet taken.
+    pools: pools::Pools,
 }
 
 impl Engine {
@@ -356,6 +366,7 @@ impl Engine {
             store_deletes: Vec::new(),
             hib_ops: Vec::new(),
             runner_configs: runner_configs::RunnerConfigs::default(),
+            pools: pools::Pools::default(),
         }
     }
 
@@ -420,6 +431,7 @@ impl Engine {
         self.expire_waiters(now);
         self.fire_alarms(now);
         self.gc_destroyed(now);
+        self.tick_pools(now);
         self.take_out()
     }
 
@@ -448,6 +460,9 @@ impl Engine {
         }
         if let Some((t, _)) = self.destroyed_gc.first() {
             consider(*t);
+        }
+        if let Some(t) = self.pools_deadline() {
+            consider(t);
         }
         best
     }

@@ -436,6 +436,10 @@ impl Engine {
         }
         // Nobody waits for restored actors: the actions of a finished destroy concern no shard.
         self.out.clear();
+        // The pools of the serverless configs found come up at the next tick.
+        if !self.runner_configs.serverless_keys().is_empty() {
+            self.pools_changed();
+        }
         report
     }
 

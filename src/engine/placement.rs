@@ -35,6 +35,10 @@ impl Engine {
                             mark(&mut self.dirty, a);
                         }
                         self.pending.push_back(actor_id.to_string());
+                        // A serverless pool may need another runner.
+                        if self.has_pools() {
+                            self.pools_changed();
+                        }
                     }
                 }
             }

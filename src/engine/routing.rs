@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use super::actor::{ActorStatus, CrashPolicy, CreateActor};
-use super::{Action, ConnRef, Engine, Resolve, Waiter};
+use super::{Action, ConnRef, Engine, Resolve, ResolveError, Waiter};
 
 impl Engine {
     /// Where to send traffic for `actor_id`. A sleeping actor is woken; while it is not
@@ -40,6 +40,11 @@ impl Engine {
             a.waiters.push(waiter);
         }
         self.want_running(actor_id, now);
+        if self.pool_failing_for(actor_id) {
+            // Its pool cannot start runners: say so now rather than at the wake timeout
+            // (the wake stands, so the pool keeps trying).
+            self.fail_waiters(actor_id, ResolveError::RunnerFailed);
+        }
         let out = self.take_out();
         // A wake never yields a route at once (only the runner's `Running` does).
         (

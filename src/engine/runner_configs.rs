@@ -4,8 +4,8 @@
 //!
 //! This module holds the data model, the parsing and validation of a datacenter's entry of
 //! `PUT /runner-configs/{name}`, the bounds, the durable records and [`desired_runners`]. The
-//! pools themselves (starting runners, the autoscaler, the outbound requests) are not here:
-//! a stored config starts nothing yet.
+//! pools themselves (starting runners, the autoscaler, the outbound requests) are in `pools`;
+//! every change of a config tells them.
 //!
 //! # Durability
 //!
@@ -427,6 +427,23 @@ impl RunnerConfigs {
         old
     }
 
+    pub(super) fn get(&self, namespace: &str, name: &str) -> Option<&RunnerConfig> {
+        self.by_namespace.get(namespace)?.get(name)
+    }
+
+    /// (namespace, name) of every serverless config.
+    pub(super) fn serverless_keys(&self) -> Vec<(String, String)> {
+        let mut keys = Vec::new();
+        for (ns, m) in &self.by_namespace {
+            for (name, c) in m {
+                if c.serverless().is_some() {
+                    keys.push((ns.clone(), name.clone()));
+                }
+            }
+        }
+        keys
+    }
+
     /// A stored record (`restore`): whether it was usable.
     pub(super) fn restore_entry(&mut self, key: &[u8], value: &[u8]) -> bool {
         let Ok(rec) = serde_json::from_slice::<RunnerConfigRecord>(value) else {
@@ -499,6 +516,7 @@ impl Engine {
             value: serde_json::to_vec(&record).unwrap_or_default(),
         });
         rc.insert(namespace, name, config);
+        self.pool_config_written((namespace.to_string(), name.to_string()), changed);
         Ok(changed)
     }
 
@@ -518,6 +536,7 @@ impl Engine {
         rc.ops.push(StoreOp::Delete {
             key: runner_config_key(namespace, name),
         });
+        self.pools_changed();
         true
     }
 

@@ -189,6 +189,9 @@ impl Engine {
             .take()
             .map(|m| m.0.into_iter().map(|(n, a)| (n, a.metadata)).collect())
             .unwrap_or_default();
+        // As the Rivet engine decides it: a runner whose name has a serverless config is a
+        // pool's, and its `Init` carries the drain grace.
+        let serverless = self.is_pool_runner(namespace, &init.name);
         let identity: Identity = (
             namespace.to_string(),
             init.name.clone(),
@@ -240,6 +243,10 @@ impl Engine {
                 idx
             }
         };
+        // A pool's runner that its pool drains stays draining across a reconnect.
+        if serverless && self.pool_draining(&self.runners[idx].runner_id) {
+            self.runners[idx].stopping = true;
+        }
         // A reconnect replaces the names of the runner's previous connection.
         self.withdraw_names(idx);
         self.announce_names(idx, names);
@@ -256,7 +263,7 @@ impl Engine {
         let metadata = ProtocolMetadata {
             runner_lost_threshold: ms_i64(self.cfg.runner_lost_threshold),
             actor_stop_threshold: ms_i64(self.cfg.actor_stop_threshold),
-            serverless_drain_grace_period: self.cfg.serverless_drain_grace_period.map(ms_i64),
+            serverless_drain_grace_period: serverless.then(|| ms_i64(self.cfg.pools.drain_grace)),
         };
         let fence_ts = -self.next_fence;
         let r = &mut self.runners[idx];

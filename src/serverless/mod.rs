@@ -4,8 +4,8 @@
 //! torpor closes it at the end of the pool's request lifespan. torpor also reads the app's
 //! `GET {url}/metadata` (its actor names and versions).
 //!
-//! Not wired into the daemon yet: the engine's pool (autoscaler, runner configs) will drive
-//! it with values in and values out.
+//! The engine's pools (`crate::engine`, `pools.rs`) drive it with values in and values out;
+//! the control thread (`crate::shard::control`) owns the thread.
 //!
 //! | file | holds |
 //! | --- | --- |

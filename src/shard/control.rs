@@ -10,7 +10,8 @@ use crate::kv::{Job, KvError, KvHandle, MetaRecord, Reply as KvReply};
 use crate::metrics::Counter;
 use crate::plane::{self, Plane, Stepped, To};
 use crate::protocol::{self, ToServer};
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crate::serverless::{self, Hooks, Outbound};
+use crossbeam_channel::Receiver;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ fn engine_config(shared: &Shared) -> EngineConfig {
         runner_actor_names: l.runner_actor_names,
         runner_actor_metadata_bytes: l.runner_actor_metadata_bytes,
         runner_configs: shared.config.runner_config_limits(),
+        pools: shared.config.serverless.pools(shared.config.admin_token()),
         ..EngineConfig::default()
     }
 }
@@ -65,19 +67,56 @@ pub fn run_control(
     let mut loads: Vec<String> = Vec::new();
     let mut out: Vec<(To, ShardMsg)> = Vec::new();
     let mut plane = Plane::new(shared.shards.len());
+    // The outbound client of the serverless pools: the engine's requests go to it, its
+    // events come back to the engine.
+    let (outbound, mut outbound_events) = match Outbound::spawn(
+        shared.config.serverless.outbound(),
+        Hooks::default(),
+    ) {
+        Ok((o, events)) => (Some(o), events),
+        Err(err) => {
+            tracing::error!(%err, "the serverless outbound client could not start; no pool runner will be started");
+            (None, crossbeam_channel::never())
+        }
+    };
+    let mut pool_events: Vec<serverless::Event> = Vec::new();
     loop {
-        // Wait for a message or the engine's next deadline; the gauges are refreshed at
-        // least every ACTOR_COUNTS_MAX_AGE.
+        // Wait for a message, an outbound event or the engine's next deadline; the gauges
+        // are refreshed at least every ACTOR_COUNTS_MAX_AGE.
         let now = Instant::now();
         let wake = engine
             .next_deadline()
             .map_or(ACTOR_COUNTS_MAX_AGE, |t| t.saturating_duration_since(now))
             .min(ACTOR_COUNTS_MAX_AGE);
-        let first = match rx.recv_timeout(wake) {
-            Ok(m) => Some(m),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return,
+        let mut outbound_gone = false;
+        let first = crossbeam_channel::select! {
+            recv(rx) -> m => match m {
+                Ok(m) => Some(m),
+                Err(_) => return,
+            },
+            recv(outbound_events) -> ev => {
+                match ev {
+                    Ok(ev) => pool_events.push(ev),
+                    Err(_) => outbound_gone = true,
+                }
+                None
+            },
+            default(wake) => None,
         };
+        if outbound_gone {
+            tracing::error!(
+                "the serverless outbound client stopped; no pool runner will be started"
+            );
+            outbound_events = crossbeam_channel::never();
+        }
+        pool_events.extend(outbound_events.try_iter());
+        for ev in pool_events.drain(..) {
+            log_pool_event(&shared, &ev);
+            let actions = engine.pool_event(ev, Instant::now());
+            plane.deliver(actions, &mut out);
+            persist(&mut engine, &kv);
+            send(&shared, &mut out);
+        }
         let mut batch: Vec<ControlMsg> = first.into_iter().collect();
         batch.extend(rx.try_iter());
         for msg in batch {
@@ -124,7 +163,38 @@ pub fn run_control(
         if !loads.is_empty() {
             load_inputs(&shared, &kv, std::mem::take(&mut loads));
         }
+        for cmd in engine.take_outbound() {
+            let m = &shared.metrics.control;
+            match &cmd {
+                serverless::Command::Start { .. } => m.inc(Counter::ServerlessStarts),
+                serverless::Command::Stop { .. } => m.inc(Counter::ServerlessStops),
+                _ => {}
+            }
+            if let Some(o) = &outbound {
+                o.send(cmd);
+            }
+        }
         publish_gauges(&shared, &engine);
+    }
+}
+
+/// Logs what a pool's outbound request reported (never its headers: they may hold secrets).
+fn log_pool_event(shared: &Shared, ev: &serverless::Event) {
+    let m = &shared.metrics.control;
+    match ev {
+        serverless::Event::Started { id, runner_id, .. } => {
+            m.inc(Counter::ServerlessStarted);
+            tracing::debug!(stream = id, runner_id, "serverless runner started")
+        }
+        serverless::Event::Failed { id, failure } => {
+            m.inc(Counter::ServerlessFailures);
+            tracing::info!(stream = id, %failure, "serverless start request failed")
+        }
+        serverless::Event::Metadata {
+            id,
+            result: Err(failure),
+        } => tracing::info!(request = id, %failure, "serverless metadata request failed"),
+        _ => {}
     }
 }
 

@@ -42,6 +42,7 @@ fn api_create_shape() {
             "sleep_ts": null,
             "reschedule_ts": null,
             "destroy_ts": null,
+            "error": null,
         })
     );
     // The create started the actor, with the decoded input.

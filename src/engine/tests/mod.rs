@@ -17,6 +17,7 @@ mod durability;
 mod http_api;
 mod lifecycle;
 mod limits;
+mod pools;
 mod restarts;
 mod runner_configs;
 mod sessions;
