@@ -137,7 +137,8 @@ labels!(
     /// Why the gateway refused a request (`torpor_errors_total{code=…}`).
     ErrorLabel {
         ActorNotFound => "actor.not_found",
-        ActorWakeTimeout => "actor.wake_timeout",
+        ActorWakeTimeout => "guard.actor_ready_timeout",
+        ActorRunnerFailed => "guard.actor_runner_failed",
         OpenTimeout => "guard.websocket_open_timeout",
         OpenRefused => "guard.websocket_open_refused",
         RunnerUnavailable => "guard.runner_unavailable",

@@ -383,9 +383,7 @@ impl Plane {
                     let result = result.map_err(|e| match e {
                         engine::ResolveError::Timeout => ResolveError::Timeout,
                         engine::ResolveError::Destroyed => ResolveError::NotFound,
-                        // The gateway has no refusal of its own for a failing pool yet: the
-                        // client gets its wake timeout's answer, at once.
-                        engine::ResolveError::RunnerFailed => ResolveError::Timeout,
+                        engine::ResolveError::RunnerFailed => ResolveError::RunnerFailed,
                     });
                     match result {
                         Ok(route) => reply(waiter, Ok(route)),

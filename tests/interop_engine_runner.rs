@@ -812,7 +812,7 @@ fn engine_runner_with_the_admin_token_works_end_to_end() {
 
 /// A runner with a wrong token, or none, is refused at the upgrade and never gets an actor:
 /// an actor created with the token stays unplaced and a gateway request ends in
-/// `actor.wake_timeout`.
+/// `guard.actor_ready_timeout`.
 #[test]
 fn engine_runner_without_the_right_token_is_refused_and_gets_no_actor() {
     if !node_available() {
@@ -846,7 +846,7 @@ fn engine_runner_without_the_right_token_is_refused_and_gets_no_actor() {
     // The actor has nowhere to run: a gateway request waits for it and times out.
     let (status, headers, body) = http(d.addr, "GET", &format!("/gateway/{actor_id}/"), &[], b"");
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(error_header(&headers), Some("actor.wake_timeout"));
+    assert_eq!(error_header(&headers), Some("guard.actor_ready_timeout"));
     assert_eq!(metric_bearer(&d, &token, "torpor_runners_connected"), 0.0);
     // Neither refused runner ever saw an Init nor an actor.
     seen.extend(none.lines.try_iter());

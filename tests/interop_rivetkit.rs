@@ -1035,7 +1035,7 @@ fn rivetkit_with_the_admin_token_works_and_clients_without_it_are_refused() {
 }
 
 /// A rivetkit runner with a wrong token is refused at the upgrade and never hosts an actor: an
-/// actor created with the token stays unplaced, a gateway request ends in `actor.wake_timeout`
+/// actor created with the token stays unplaced, a gateway request ends in `guard.actor_ready_timeout`
 /// and the app never starts it.
 #[test]
 fn rivetkit_runner_with_a_wrong_token_is_refused_and_gets_no_actor() {
@@ -1094,7 +1094,7 @@ fn rivetkit_runner_with_a_wrong_token_is_refused_and_gets_no_actor() {
     assert!(
         headers
             .iter()
-            .any(|(k, v)| k == "x-rivet-error" && v == "actor.wake_timeout"),
+            .any(|(k, v)| k == "x-rivet-error" && v == "guard.actor_ready_timeout"),
         "{headers:?}"
     );
     assert_eq!(metric_bearer(&gw, &token, "torpor_runners_connected"), 0.0);

@@ -248,11 +248,19 @@ fn a_failing_app_is_backed_off_and_shown_on_the_actor() {
         v["actor"]["error"]["runner_pool_error"]["serverless_http_error"]["status_code"], 500,
         "{v}"
     );
-    // A request for the actor is answered at once with an error, not after the wake timeout
-    // (no runner is up; the next start is seconds away).
+    // A request for the actor is answered at once with `guard.actor_runner_failed`, not after
+    // the wake timeout (no runner is up; the next start is seconds away), and rivetkit's
+    // client reads it as a scheduling error: it asks for the actor's `error` and reports it.
     s.client.line("t2 action pool-b increment [1]");
     let line = s.client.wait("RES t2 ");
-    assert!(line.starts_with("RES t2 err "), "{line}");
+    assert!(
+        line.starts_with("RES t2 err guard.actor_runner_failed "),
+        "{line}"
+    );
+    assert!(
+        line.contains("Actor failed to start") && line.contains("serverless_http_error"),
+        "rivetkit's ActorSchedulingError with the pool's error: {line}"
+    );
 
     // The app recovers: the next start after the back-off brings a runner up.
     s.app.line("ok");

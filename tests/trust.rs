@@ -100,7 +100,7 @@ fn a_runner_without_the_token_never_gets_an_actor() {
     });
     let (status, h, _) = http(daemon.addr, "GET", &format!("/gateway/{actor}/"), &[], b"");
     assert_eq!(status, 503);
-    assert_eq!(error_code(&h), Some("actor.wake_timeout"));
+    assert_eq!(error_code(&h), Some("guard.actor_ready_timeout"));
     assert_eq!(daemon.metric("torpor_runner_connections_total"), 0.0);
     assert_eq!(daemon.metric("torpor_runners_connected"), 0.0);
     impostor.kill();

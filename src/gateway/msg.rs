@@ -110,6 +110,8 @@ pub enum ResolveError {
     NotFound,
     Timeout,
     Unavailable,
+    /// The actor's serverless runner pool fails to start runners.
+    RunnerFailed,
 }
 
 /// Messages from shards to the control plane.

@@ -47,8 +47,18 @@ impl Refusal {
         "store.unavailable",
         "the store cannot commit; retry later",
     );
-    pub const WAKE_TIMEOUT: Refusal =
-        Refusal::new(503, "actor.wake_timeout", "the actor did not become ready");
+    /// The codes of the Rivet engine's guard that rivetkit's client reads as scheduling
+    /// errors (`isSchedulingError`): it then asks `/actors` for the actor's `error`.
+    pub const WAKE_TIMEOUT: Refusal = Refusal::new(
+        503,
+        "guard.actor_ready_timeout",
+        "the actor did not become ready",
+    );
+    pub const RUNNER_FAILED: Refusal = Refusal::new(
+        503,
+        "guard.actor_runner_failed",
+        "the actor's runner pool fails to start runners",
+    );
     pub const OPEN_REFUSED: Refusal = Refusal::new(
         503,
         "guard.websocket_open_refused",

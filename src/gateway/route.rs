@@ -145,6 +145,7 @@ pub fn resolved(reply: Option<Reply>) -> Result<Routed, Refusal> {
         Some(Reply::Resolve(Ok(r))) => Ok(r),
         Some(Reply::Resolve(Err(ResolveError::NotFound))) => Err(Refusal::ACTOR_NOT_FOUND),
         Some(Reply::Resolve(Err(ResolveError::Unavailable))) => Err(Refusal::STORE_UNAVAILABLE),
+        Some(Reply::Resolve(Err(ResolveError::RunnerFailed))) => Err(Refusal::RUNNER_FAILED),
         _ => Err(Refusal::WAKE_TIMEOUT),
     }
 }
