@@ -104,8 +104,8 @@ case $scen in
       S2-200x16KiB:msgs_per_sec:torpor/nginx:'>=':1.3:16KiB \
       S2-200x16KiB:msgs_per_sec:torpor/nginx-fws:'>=':1.3:16KiB \
       S2-100x64KiB:msgs_per_sec:torpor/nginx-fws:'>=':1.3:64KiB \
-      S2-200x16KiB:cpu_s_per_M:torpor/nginx-fws:'<=':0.7:16KiB \
-      S2-100x64KiB:cpu_s_per_M:torpor/nginx-fws:'<=':0.7:64KiB
+      S2-200x16KiB:cpu_s_per_M:torpor/nginx-fws:'<=':0.7:16KiB-cpu \
+      S2-100x64KiB:cpu_s_per_M:torpor/nginx-fws:'<=':0.7:64KiB-cpu
     ;;
   S3)
     header "pipelined flood, 10 clients, depth 64, 64 B and 1 KiB: MB/s torpor vs nginx"
