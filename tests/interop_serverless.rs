@@ -2,7 +2,9 @@
 //! (`tests/interop/rivetkit_app/serverless.mjs`: `registry.handler()` under
 //! `@hono/node-server`) serves `/api/rivet/start` on loopback; a runner config is put with
 //! `PUT /runner-configs/default`; the rivetkit client's `getOrCreate` makes torpor call `/start`
-//! with the `x-rivet-*` headers, the app connects a runner back and the action works.
+//! with the `x-rivet-*` headers, the app connects a runner back and the action works. One test
+//! lets the app put its own config instead (rivetkit's `configureRunnerPool`, as
+//! `@rivetkit/next-js` does in development).
 //!
 //! torpor listens on an ephemeral port, so the URL it gives started runners
 //! (`serverless.public_url`) is a forwarder the test binds first (port 0) and points at torpor
@@ -15,8 +17,9 @@
 
 mod common;
 
-use common::{http, json_body, Daemon, Proc, WAIT};
+use common::{http, json_body, wait_port_free, Daemon, Proc, WAIT};
 use serde_json::json;
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -135,8 +138,22 @@ struct Setup {
     gw: Daemon,
     public: String,
     app: NodeProc,
+    app_port: u16,
     app_url: String,
     client: NodeProc,
+}
+
+/// Starts the serverless app (`APP_PORT` among `app_env` picks its port); returns it and the
+/// port it listens on.
+fn spawn_app(node: &PathBuf, public: &str, app_env: &[(&str, &str)]) -> (NodeProc, u16) {
+    let mut app_cmd = Command::new(node);
+    app_cmd
+        .arg(interop_dir().join("rivetkit_app/serverless.mjs"))
+        .env("RIVET_ENDPOINT", public)
+        .envs(app_env.iter().copied());
+    let app = NodeProc::spawn("serverless-app", app_cmd);
+    let port: u16 = field(&app.wait("LISTENING "), "port").parse().unwrap();
+    (app, port)
 }
 
 /// `env`: torpor's extra settings; `app_env`: the app's.
@@ -151,14 +168,8 @@ fn setup(node: &PathBuf, env: &[(&str, &str)], app_env: &[(&str, &str)]) -> Setu
     let gw = Daemon::start(2, &all);
     target.set(gw.addr).unwrap();
 
-    let mut app_cmd = Command::new(node);
-    app_cmd
-        .arg(interop_dir().join("rivetkit_app/serverless.mjs"))
-        .env("RIVET_ENDPOINT", &public)
-        .envs(app_env.iter().copied());
-    let app = NodeProc::spawn("serverless-app", app_cmd);
-    let port: u16 = field(&app.wait("LISTENING "), "port").parse().unwrap();
-    let app_url = format!("http://127.0.0.1:{port}/api/rivet");
+    let (app, app_port) = spawn_app(node, &public, app_env);
+    let app_url = format!("http://127.0.0.1:{app_port}/api/rivet");
 
     let mut client_cmd = Command::new(node);
     client_cmd
@@ -170,6 +181,7 @@ fn setup(node: &PathBuf, env: &[(&str, &str)], app_env: &[(&str, &str)]) -> Setu
         gw,
         public,
         app,
+        app_port,
         app_url,
         client,
     }
@@ -177,13 +189,17 @@ fn setup(node: &PathBuf, env: &[(&str, &str)], app_env: &[(&str, &str)]) -> Setu
 
 /// `PUT /runner-configs/default` pointing at the app.
 fn put_pool(s: &Setup, lifespan_s: u32) {
+    put_pool_with(s, lifespan_s, 0, 4);
+}
+
+fn put_pool_with(s: &Setup, lifespan_s: u32, min_runners: u32, max_runners: u32) {
     let body = json!({"datacenters": {"default": {"serverless": {
         "url": s.app_url,
         "headers": {},
         "request_lifespan": lifespan_s,
         "slots_per_runner": 10,
-        "min_runners": 0,
-        "max_runners": 4,
+        "min_runners": min_runners,
+        "max_runners": max_runners,
         "runners_margin": 0
     }}}});
     let (st, _, resp) = http(
@@ -195,6 +211,29 @@ fn put_pool(s: &Setup, lifespan_s: u32) {
     );
     assert_eq!(st, 200, "{}", String::from_utf8_lossy(&resp));
     assert_eq!(json_body(&resp)["endpoint_config_changed"], true);
+}
+
+impl NodeProc {
+    /// Sends every command of `cmds` (`(tag, rest)`) at once and waits for all their answers
+    /// (the client runs commands concurrently; answers come in any order). Returns each
+    /// answer's text after `RES <tag> `, by tag.
+    fn all(&mut self, cmds: &[(String, String)]) -> HashMap<String, String> {
+        for (tag, rest) in cmds {
+            self.line(&format!("{tag} {rest}"));
+        }
+        let mut out = HashMap::new();
+        while out.len() < cmds.len() {
+            let line = self.wait("RES ");
+            let rest = line.strip_prefix("RES ").unwrap();
+            let (tag, answer) = rest.split_once(' ').unwrap();
+            assert!(
+                cmds.iter().any(|(t, _)| t == tag),
+                "unexpected answer {line:?}"
+            );
+            out.insert(tag.to_string(), answer.to_string());
+        }
+        out
+    }
 }
 
 #[test]
@@ -295,4 +334,141 @@ fn a_runner_drained_at_its_lifespan_is_replaced_and_the_state_survives() {
     // The actor wakes on the new runner with its state.
     s.client.line("t2 action pool-c increment [2]");
     assert_eq!(s.client.wait("RES t2 "), "RES t2 ok 7");
+}
+
+#[test]
+fn an_app_that_configures_its_own_pool_serves_actors() {
+    let Some(node) = node() else { return };
+    // rivetkit's `configureRunnerPool` (what `@rivetkit/next-js` does in development): the
+    // app puts its own runner config on the registry's first request; the test puts none.
+    let mut s = setup(&node, &[], &[("APP_CONFIGURE_POOL", "1")]);
+    assert_eq!(s.app.wait("POOL_PUT "), "POOL_PUT status=200");
+
+    let (st, _, resp) = http(
+        s.gw.addr,
+        "GET",
+        "/runner-configs?namespace=default",
+        &[],
+        b"",
+    );
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&resp));
+    let v = json_body(&resp);
+    let cfg = &v["runner_configs"]["default"]["datacenters"]["default"]["serverless"];
+    assert_eq!(cfg["url"], s.app_url.as_str(), "{v}");
+    assert_eq!(cfg["slots_per_runner"], 10, "{v}");
+    assert_eq!(cfg["max_runners"], 4, "{v}");
+    // rivetkit's default lifespan (15 minutes).
+    assert_eq!(cfg["request_lifespan"], 900, "{v}");
+
+    s.client.line("t1 action pool-d increment [3]");
+    let start = s.app.wait("START ");
+    assert_eq!(field(&start, "endpoint"), s.public);
+    assert_eq!(field(&start, "runner"), "default");
+    assert_eq!(field(&start, "answer"), "rivetkit");
+    assert_eq!(s.client.wait("RES t1 "), "RES t1 ok 3");
+    s.client.line("t2 action pool-d increment [4]");
+    assert_eq!(s.client.wait("RES t2 "), "RES t2 ok 7");
+}
+
+#[test]
+fn a_pool_scales_with_its_actors_and_drains_the_surplus() {
+    let Some(node) = node() else { return };
+    // 30 actors, 10 slots per runner: 3 runners. The actors do not sleep meanwhile (a long
+    // sleep timeout); a short grace keeps the drains quick.
+    let mut s = setup(
+        &node,
+        &[("TORPOR_SERVERLESS__DRAIN_GRACE_MS", "500")],
+        &[("APP_SLEEP_TIMEOUT_MS", "600000")],
+    );
+    put_pool_with(&s, 300, 0, 5);
+    let keys: Vec<String> = (0..30).map(|i| format!("scale-{i}")).collect();
+    let actions: Vec<(String, String)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (format!("a{i}"), format!("action {k} increment [{i}]")))
+        .collect();
+    let answers = s.client.all(&actions);
+    for i in 0..keys.len() {
+        assert_eq!(answers[&format!("a{i}")], format!("ok {i}"));
+    }
+    // Every actor runs, 10 to a runner: the pool started exactly 3.
+    assert_eq!(s.gw.metric("torpor_serverless_started_total"), 3.0);
+
+    let resolves: Vec<(String, String)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (format!("r{i}"), format!("resolve {k}")))
+        .collect();
+    let ids = s.client.all(&resolves);
+    for (tag, answer) in &ids {
+        let id: String = serde_json::from_str(
+            answer
+                .strip_prefix("ok ")
+                .unwrap_or_else(|| panic!("{tag}: {answer}")),
+        )
+        .unwrap();
+        let (st, _, resp) = http(
+            s.gw.addr,
+            "DELETE",
+            &format!("/actors/{id}?namespace=default"),
+            &[],
+            b"",
+        );
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&resp));
+    }
+    // No actor left: every runner is surplus and drains; torpor closes the 3 streams.
+    s.gw.wait_metric("torpor_serverless_stops_total", |v| v >= 3.0);
+    for _ in 0..3 {
+        s.app.wait("START_END");
+    }
+    assert_eq!(s.gw.metric("torpor_serverless_stops_total"), 3.0);
+    assert_eq!(s.gw.metric("torpor_serverless_started_total"), 3.0);
+}
+
+#[test]
+fn an_app_killed_and_restarted_keeps_its_actors_state() {
+    let Some(node) = node() else { return };
+    // `min_runners = 1`: the pool wants a runner whatever its actors do, so once the app is
+    // back a runner is up before the next request (a request meeting a failing pool with no
+    // runner up is refused at once). Short back-offs and loss threshold keep the test quick.
+    let mut s = setup(
+        &node,
+        &[
+            ("TORPOR_SERVERLESS__RETRY_BASE_MS", "200"),
+            ("TORPOR_SERVERLESS__RETRY_MAX_EXPONENT", "2"),
+            ("TORPOR_TIMEOUTS__RUNNER_LOST_THRESHOLD_MS", "1000"),
+        ],
+        &[("APP_SLEEP_TIMEOUT_MS", "600000")],
+    );
+    put_pool_with(&s, 300, 1, 4);
+    assert_eq!(field(&s.app.wait("START "), "answer"), "rivetkit");
+    s.client.line("t1 action pool-e increment [5]");
+    assert_eq!(s.client.wait("RES t1 "), "RES t1 ok 5");
+    s.gw.wait_metric("torpor_serverless_started_total", |v| v >= 1.0);
+
+    // SIGKILL: the app's runner and its stream die with it.
+    s.app.proc.child.kill().unwrap();
+    s.app.proc.child.wait().unwrap();
+    // torpor sees the stream end (and requests again; while the app is away that fails).
+    s.gw.wait_metric("torpor_serverless_failures_total", |v| v >= 1.0);
+
+    // The same app again, on the same port: the pool's url is unchanged.
+    wait_port_free(format!("127.0.0.1:{}", s.app_port).parse().unwrap());
+    let port = s.app_port.to_string();
+    let (app, port2) = spawn_app(
+        &node,
+        &s.public,
+        &[("APP_SLEEP_TIMEOUT_MS", "600000"), ("APP_PORT", &port)],
+    );
+    assert_eq!(port2, s.app_port);
+    s.app = app;
+    // A start that reaches the new app brings a runner up.
+    while field(&s.app.wait("START "), "answer") != "rivetkit" {}
+    s.gw.wait_metric("torpor_serverless_started_total", |v| v >= 2.0);
+
+    // The actor (lost with the old runner) wakes on the new one with its state from torpor's KV.
+    s.client.line("t2 action pool-e increment [2]");
+    assert_eq!(s.client.wait("RES t2 "), "RES t2 ok 7");
+    let wake = s.app.wait("ACTOR_WAKE ");
+    assert_eq!(field(&wake, "count"), "5", "{wake}");
 }

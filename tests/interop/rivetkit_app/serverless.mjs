@@ -7,6 +7,13 @@
 //                    x-rivet-endpoint differs, and uses this to pick its engine driver)
 //   RIVET_LOG_LEVEL  rivetkit's own log level (default warn)
 //   APP_SLEEP_TIMEOUT_MS  see registry.mjs
+//   APP_PORT         the port to listen on (default 0: an ephemeral one)
+//   APP_CONFIGURE_POOL  set to `1`: the app configures its own pool, as `@rivetkit/next-js`
+//                    does in development: the registry gets rivetkit's
+//                    `serverless.configureRunnerPool` option pointing at the app's own URL
+//                    (`http://127.0.0.1:<port>/api/rivet`, runner `default`, 10 slots, at most
+//                    4 runners), and the app sends itself one request once it listens
+//                    (rivetkit puts the config on the registry's first handled request)
 //
 // stdin commands (one per line): `fail <status>` answers every later /start with that status
 // (before rivetkit sees it); `ok` hands /start to rivetkit again.
@@ -16,6 +23,8 @@
 //   START endpoint=<x-rivet-endpoint> slots=<x-rivet-total-slots> runner=<x-rivet-runner-name>
 //         namespace=<x-rivet-namespace-name> token=<yes|no> answer=<rivetkit|status>
 //   START_END                                       a /start stream ended (torpor closed it)
+//   POOL_PUT status=<status>                        (APP_CONFIGURE_POOL=1) rivetkit's
+//                                                   `PUT /runner-configs/{name}` was answered
 //   FATAL <message>                                 then exit status 1
 
 import { createInterface } from "node:readline";
@@ -40,7 +49,29 @@ if (!process.env.RIVET_ENDPOINT) {
 process.env.RIVET_LOG_LEVEL ??= "warn";
 
 const { serve } = await import("@hono/node-server");
-const { registry } = await import("./registry.mjs");
+const { counter, registry: plainRegistry } = await import("./registry.mjs");
+const configurePool = process.env.APP_CONFIGURE_POOL === "1";
+const rivetkit = configurePool ? await import("rivetkit") : null;
+
+// With APP_CONFIGURE_POOL=1 the registry is made once the port (part of its own URL) is known.
+let setRegistry;
+const registryReady = configurePool
+  ? new Promise((resolve) => (setRegistry = resolve))
+  : Promise.resolve(plainRegistry);
+
+if (configurePool) {
+  // Reports when rivetkit's own PUT /runner-configs/{name} is answered (it uses the global
+  // fetch and does not wait for it anywhere the app can see).
+  const realFetch = globalThis.fetch;
+  globalThis.fetch = async (input, init) => {
+    const method = init?.method ?? (input instanceof Request ? input.method : "GET");
+    const url = input instanceof Request ? input.url : String(input);
+    const put = method === "PUT" && new URL(url).pathname.startsWith("/runner-configs/");
+    const res = await realFetch(input, init);
+    if (put) emit(`POOL_PUT status=${res.status}`);
+    return res;
+  };
+}
 
 let failStatus = null;
 createInterface({ input: process.stdin }).on("line", (line) => {
@@ -53,7 +84,7 @@ createInterface({ input: process.stdin }).on("line", (line) => {
 serve(
   {
     hostname: "127.0.0.1",
-    port: 0,
+    port: Number(process.env.APP_PORT ?? "0"),
     fetch: async (req) => {
       const url = new URL(req.url);
       if (url.pathname === "/api/rivet/start") {
@@ -69,8 +100,29 @@ serve(
         }
         req.signal.addEventListener("abort", () => emit("START_END"));
       }
-      return registry.handler(req);
+      return (await registryReady).handler(req);
     },
   },
-  (info) => emit(`LISTENING port=${info.port}`),
+  (info) => {
+    if (configurePool) {
+      const registry = rivetkit.setup({
+        use: { counter },
+        noWelcome: true,
+        serverless: {
+          configureRunnerPool: {
+            url: `http://127.0.0.1:${info.port}/api/rivet`,
+            slotsPerRunner: 10,
+            maxRunners: 4,
+          },
+        },
+      });
+      setRegistry(registry);
+      // The first request the registry handles starts it in serverless mode, which puts the
+      // runner config.
+      fetch(`http://127.0.0.1:${info.port}/api/rivet/metadata`).catch((e) =>
+        fatal("self request", e),
+      );
+    }
+    emit(`LISTENING port=${info.port}`);
+  },
 );
