@@ -6,11 +6,9 @@
 
 mod common;
 
+use common::tmpfs::{fill, Tmpfs};
 use common::*;
 use serde_json::{json, Value};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// What `configureServerlessRunner` of rivetkit@2.2.1 sends, for the datacenters that
 /// `GET /datacenters` names.
@@ -259,61 +257,6 @@ fn the_admin_token_is_required_when_configured() {
         .as_str()
         .unwrap()
         .contains("limits.runner_configs_per_namespace"));
-}
-
-/// A tmpfs mounted for one test; unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// `None` when this machine cannot mount one (not root): the test is skipped, except
-    /// under CI.
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = temp_dir("rc-tmpfs");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs(dir)),
-            other => {
-                let _ = std::fs::remove_dir(&dir);
-                if std::env::var("CI").is_ok_and(|v| v == "true") {
-                    panic!("CI=true but a tmpfs cannot be mounted: {other:?}");
-                }
-                eprintln!("SKIPPED: cannot mount a tmpfs here; run as root");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// Fills the filesystem of `dir` until it is full; returns the file.
-fn fill(dir: &Path) -> PathBuf {
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    for chunk in [1 << 20, 4096, 512] {
-        let buf = vec![0xa5u8; chunk];
-        while let Ok(n) = f.write(&buf) {
-            if n != chunk {
-                break;
-            }
-        }
-    }
-    let _ = f.sync_all();
-    path
 }
 
 #[test]
