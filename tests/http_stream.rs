@@ -445,3 +445,63 @@ fn a_chunked_upload_streams_to_the_actor_piece_by_piece() {
     assert_eq!(String::from_utf8(body).unwrap(), format!("{n} {sum}"));
     assert_eq!(r.daemon.metric("torpor_http_streamed_requests_total"), 1.0);
 }
+
+/// Writes a request head announcing `Expect: 100-continue` and reads the first answer's
+/// status line: the interim `100 Continue` of an accepted request, or the final answer.
+fn expect_continue(addr: SocketAddr, method: &str, path: &str, len: usize) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\nexpect: 100-continue\r\ncontent-length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    // Nothing of the body is sent before an answer comes, as curl does.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        assert_eq!(s.read(&mut b).expect("an answer before the body"), 1);
+        line.push(b[0]);
+    }
+    (s, String::from_utf8(line).unwrap())
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body() {
+    let r = rig(&[]);
+    let addr = r.daemon.addr;
+
+    // A body streamed to the actor.
+    let body = slice(0, 200_000);
+    let (mut s, line) = expect_continue(addr, "POST", &format!("/gateway/{}/up", r.actor), 200_000);
+    assert_eq!(line, "HTTP/1.1 100 Continue\r\n");
+    let mut blank = [0u8; 2];
+    s.read_exact(&mut blank).unwrap();
+    assert_eq!(&blank, b"\r\n");
+    s.write_all(&body).unwrap();
+    let (status, _, answer) = common::read_response(s);
+    assert_eq!(status, 200);
+    let sum: u64 = body.iter().map(|&b| b as u64).sum();
+    assert_eq!(String::from_utf8(answer).unwrap(), format!("200000 {sum}"));
+
+    // A small body, buffered before it goes to the actor.
+    let (mut s, line) = expect_continue(addr, "POST", &format!("/gateway/{}/x", r.actor), 5);
+    assert_eq!(line, "HTTP/1.1 100 Continue\r\n");
+    s.read_exact(&mut blank).unwrap();
+    s.write_all(b"hello").unwrap();
+    let (status, _, answer) = common::read_response(s);
+    assert_eq!((status, &answer[..]), (200, &b"plain"[..]));
+
+    // A request refused before its body is read gets the final answer at once, no `100`.
+    let (_s, line) = expect_continue(addr, "POST", "/gateway/nosuchactor/x", 5);
+    assert!(line.starts_with("HTTP/1.1 404"), "{line}");
+
+    // The engine API answers the expectation too.
+    let create = br#"{"name":"streamer","key":"expect","runner_name_selector":"default","crash_policy":"sleep"}"#;
+    let (mut s, line) = expect_continue(addr, "POST", "/actors?namespace=default", create.len());
+    assert_eq!(line, "HTTP/1.1 100 Continue\r\n");
+    s.read_exact(&mut blank).unwrap();
+    s.write_all(create).unwrap();
+    let (status, _, answer) = common::read_response(s);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+}

@@ -140,6 +140,18 @@ impl RequestHead {
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     }
 
+    /// Whether the client waits for an interim `100 Continue` before it sends the body
+    /// (RFC 9110 §10.1.1): HTTP/1.1, `Expect: 100-continue`, a body announced (`kind`) and
+    /// none of it received yet (`received` bytes follow the head). A server that does not
+    /// answer leaves such a client waiting for its own timeout (curl: 1 s) on every upload.
+    pub fn expects_continue(&self, kind: BodyKind, received: usize) -> bool {
+        let body = match kind {
+            BodyKind::None | BodyKind::Length(0) => false,
+            BodyKind::Length(_) | BodyKind::Chunked => true,
+        };
+        body && received == 0 && self.version_minor >= 1 && self.has_token("expect", "100-continue")
+    }
+
     /// Whether the client wants the connection kept open after this request
     /// (HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`).
     pub fn keep_alive(&self) -> bool {
@@ -656,6 +668,23 @@ x-multi:  b \r\n\
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn expects_continue_only_before_an_announced_body() {
+        let h = head(&[("expect", "100-Continue"), ("content-length", "10")]);
+        assert!(h.expects_continue(BodyKind::Length(10), 0));
+        assert!(h.expects_continue(BodyKind::Chunked, 0));
+        // Part of the body already came: the client did not wait.
+        assert!(!h.expects_continue(BodyKind::Length(10), 3));
+        // No body, nothing to continue.
+        assert!(!h.expects_continue(BodyKind::Length(0), 0));
+        assert!(!h.expects_continue(BodyKind::None, 0));
+        // Without the expectation, or on HTTP/1.0 (which has no interim responses).
+        assert!(!head(&[("content-length", "10")]).expects_continue(BodyKind::Length(10), 0));
+        let mut h10 = h.clone();
+        h10.version_minor = 0;
+        assert!(!h10.expects_continue(BodyKind::Length(10), 0));
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub async fn serve(
     let (wake, writer) = shard.register(id, Some(stream));
     let mut body_read = true;
     if streamed {
-        match upload(shard, stream, id, kind, buf, &wake).await {
+        match upload(shard, stream, head, id, kind, buf, &wake).await {
             Upload::Sent => {}
             // Answered before the whole body came: the rest stays unread.
             Upload::Ended => body_read = false,
@@ -235,6 +235,7 @@ enum Upload {
 async fn upload(
     shard: &Shard,
     stream: &TcpStream,
+    head: &RequestHead,
     id: ConnId,
     kind: BodyKind,
     buf: &mut BytesMut,
@@ -246,6 +247,9 @@ async fn upload(
         BodyKind::Length(n) => n,
         _ => 0,
     };
+    if !super::send_continue(stream, head, kind, buf).await {
+        return Upload::ClientGone;
+    }
     loop {
         match shard.call(|c| c.upload_room(id)) {
             UploadRoom::Ended => return Upload::Ended,

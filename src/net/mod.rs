@@ -490,6 +490,22 @@ fn is_upgrade(head: &RequestHead) -> bool {
         .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
 }
 
+/// Sends `100 Continue` when the client waits for it before its body
+/// ([`RequestHead::expects_continue`]); called once the request is accepted, just before the
+/// body is read. `false` when the write failed.
+pub(crate) async fn send_continue(
+    stream: &TcpStream,
+    head: &RequestHead,
+    kind: BodyKind,
+    buf: &BytesMut,
+) -> bool {
+    if !head.expects_continue(kind, buf.len()) {
+        return true;
+    }
+    let interim = vec![Bytes::from_static(crate::http::response::CONTINUE)];
+    writer::write_all_vectored(stream, interim).await.is_ok()
+}
+
 pub(crate) async fn read_body(
     stream: &TcpStream,
     head: &RequestHead,
@@ -497,7 +513,15 @@ pub(crate) async fn read_body(
     limit: usize,
     deadline: tokio::time::Instant,
 ) -> Result<Bytes, Response> {
-    match body_kind(head, limit as u64).map_err(|e| e.to_response())? {
+    let kind = body_kind(head, limit as u64).map_err(|e| e.to_response())?;
+    if !send_continue(stream, head, kind, buf).await {
+        return Err(Response::error(
+            400,
+            "request.bad_request",
+            "incomplete body",
+        ));
+    }
+    match kind {
         BodyKind::None => Ok(Bytes::new()),
         BodyKind::Length(n) => {
             let n = n as usize;
