@@ -260,6 +260,9 @@ pub struct Metrics {
     /// Actors by state, written by the control plane: sleeping, starting, running, stopping.
     pub actors: Arc<[AtomicI64; 4]>,
     pub runners_known: Arc<AtomicI64>,
+    /// Serverless pools by state, written by the control plane (one entry per runner config
+    /// with a pool: bounded by `limits.runner_configs`).
+    pub pools: Arc<std::sync::Mutex<Vec<crate::engine::PoolStatus>>>,
     /// The actor KV store, once open (its counters are rendered with the rest).
     pub kv: Arc<std::sync::OnceLock<crate::kv::KvHandle>>,
 }
@@ -271,6 +274,7 @@ impl Metrics {
             control: Arc::new(ShardMetrics::default()),
             actors: Arc::new(std::array::from_fn(|_| AtomicI64::new(0))),
             runners_known: Arc::new(AtomicI64::new(0)),
+            pools: Arc::default(),
             kv: Arc::new(std::sync::OnceLock::new()),
         }
     }
@@ -291,6 +295,11 @@ impl Metrics {
         for (a, v) in self.actors.iter().zip(counts) {
             a.store(v, Relaxed);
         }
+    }
+
+    /// Publishes the serverless pools' runners by state.
+    pub fn set_pools(&self, pools: Vec<crate::engine::PoolStatus>) {
+        *self.pools.lock().unwrap_or_else(|e| e.into_inner()) = pools;
     }
 
     pub fn set_runners_known(&self, n: i64) {
@@ -378,6 +387,10 @@ impl Metrics {
             "torpor_runners_known {}",
             self.runners_known.load(Relaxed)
         );
+        render_pools(
+            &mut out,
+            &self.pools.lock().unwrap_or_else(|e| e.into_inner()),
+        );
         if let Some(kv) = self.kv.get() {
             render_kv(&mut out, &kv.stats());
         }
@@ -458,6 +471,52 @@ impl Default for RecentlyClosed {
 }
 
 /// The store's counters: operations by kind, refusals, failures, batches and commits.
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label_value(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.into();
+    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
+}
+
+fn render_pools(out: &mut String, pools: &[crate::engine::PoolStatus]) {
+    let _ = writeln!(
+        out,
+        "# HELP torpor_serverless_pool_runners Runners of each serverless pool, by state"
+    );
+    let _ = writeln!(out, "# TYPE torpor_serverless_pool_runners gauge");
+    for p in pools {
+        let (ns, pool) = (label_value(&p.namespace), label_value(&p.pool));
+        for (state, n) in [
+            ("starting", p.starting),
+            ("running", p.running),
+            ("backoff", p.backoff),
+            ("draining", p.draining),
+        ] {
+            let _ = writeln!(
+                out,
+                "torpor_serverless_pool_runners{{namespace=\"{ns}\",pool=\"{pool}\",state=\"{state}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP torpor_serverless_pool_failing 1 while a serverless pool has an error and no runner up"
+    );
+    let _ = writeln!(out, "# TYPE torpor_serverless_pool_failing gauge");
+    for p in pools {
+        let (ns, pool) = (label_value(&p.namespace), label_value(&p.pool));
+        let _ = writeln!(
+            out,
+            "torpor_serverless_pool_failing{{namespace=\"{ns}\",pool=\"{pool}\"}} {}",
+            u8::from(p.failing)
+        );
+    }
+}
+
 fn render_kv(out: &mut String, k: &crate::kv::KvStatsSnapshot) {
     let _ = writeln!(
         out,
@@ -564,6 +623,31 @@ mod tests {
         assert!(text.contains(
             "torpor_websocket_closes_total{reason=\"guard.websocket_message_not_acked\"} 1"
         ));
+    }
+
+    #[test]
+    fn pools_render_by_state_with_escaped_labels() {
+        let m = Metrics::new(1);
+        m.set_pools(vec![crate::engine::PoolStatus {
+            namespace: "default".into(),
+            pool: "a\"b\\c".into(),
+            starting: 1,
+            running: 2,
+            backoff: 0,
+            draining: 3,
+            failing: true,
+        }]);
+        let out = m.render();
+        let p = r#"namespace="default",pool="a\"b\\c""#;
+        for line in [
+            format!("torpor_serverless_pool_runners{{{p},state=\"starting\"}} 1"),
+            format!("torpor_serverless_pool_runners{{{p},state=\"running\"}} 2"),
+            format!("torpor_serverless_pool_runners{{{p},state=\"backoff\"}} 0"),
+            format!("torpor_serverless_pool_runners{{{p},state=\"draining\"}} 3"),
+            format!("torpor_serverless_pool_failing{{{p}}} 1"),
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
+        }
     }
 
     #[test]

@@ -393,6 +393,12 @@ fn a_pool_scales_with_its_actors_and_drains_the_surplus() {
     }
     // Every actor runs, 10 to a runner: the pool started exactly 3.
     assert_eq!(s.gw.metric("torpor_serverless_started_total"), 3.0);
+    let pool = |state: &str| {
+        format!(
+            "torpor_serverless_pool_runners{{namespace=\"default\",pool=\"default\",state=\"{state}\"}}"
+        )
+    };
+    s.gw.wait_metric(&pool("running"), |v| v == 3.0);
 
     let resolves: Vec<(String, String)> = keys
         .iter()
@@ -423,6 +429,9 @@ fn a_pool_scales_with_its_actors_and_drains_the_surplus() {
     }
     assert_eq!(s.gw.metric("torpor_serverless_stops_total"), 3.0);
     assert_eq!(s.gw.metric("torpor_serverless_started_total"), 3.0);
+    for state in ["starting", "running", "backoff", "draining"] {
+        s.gw.wait_metric(&pool(state), |v| v == 0.0);
+    }
 }
 
 #[test]

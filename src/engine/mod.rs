@@ -88,7 +88,7 @@ use crate::protocol::{Command, HibernatingRequest, ToClient, ToServer};
 
 pub use actor::{ActorInfo, ActorStatus, CrashPolicy, CreateActor, CreateError};
 pub use persist::{ActorRecord, HibernatingRecord, RecordError, RestoreReport, RECORD_VERSION};
-pub use pools::PoolSettings;
+pub use pools::{PoolSettings, PoolStatus};
 pub use runner_configs::{
     desired_runners, RunnerConfig, RunnerConfigError, RunnerConfigKind, RunnerConfigLimits,
     ServerlessConfig,

@@ -99,6 +99,24 @@ impl Default for PoolSettings {
 /// (namespace, runner name).
 pub(super) type PoolKey = (String, String);
 
+/// One pool's runners by state (`torpor_serverless_pool_runners`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub namespace: String,
+    pub pool: String,
+    /// `/start` sent, the init event not yet come.
+    pub starting: usize,
+    /// The init event named the runner.
+    pub running: usize,
+    /// Waiting to request again after a failure.
+    pub backoff: usize,
+    /// Draining (lifespan, surplus, a changed or deleted config).
+    pub draining: usize,
+    /// The pool has an error and no runner up: waiting clients get
+    /// `guard.actor_runner_failed`.
+    pub failing: bool,
+}
+
 /// Where one slot stands.
 #[derive(Debug, Clone, PartialEq)]
 enum SlotState {
@@ -242,6 +260,33 @@ impl Engine {
                     p.slots.len(),
                 )
             })
+    }
+
+    /// Every pool's runners by state, for the metrics (one entry per pool, in key order).
+    pub fn pool_statuses(&self) -> Vec<PoolStatus> {
+        self.pools
+            .pools
+            .iter()
+            .map(|((namespace, pool), p)| {
+                let mut st = PoolStatus {
+                    namespace: namespace.clone(),
+                    pool: pool.clone(),
+                    failing: p.failing(),
+                    ..PoolStatus::default()
+                };
+                for slot in &p.slots {
+                    match &slot.state {
+                        SlotState::Live {
+                            runner_id: None, ..
+                        } => st.starting += 1,
+                        SlotState::Live { .. } => st.running += 1,
+                        SlotState::Backoff { .. } => st.backoff += 1,
+                        SlotState::Draining { .. } => st.draining += 1,
+                    }
+                }
+                st
+            })
+            .collect()
     }
 
     /// Does runner name `name` of `namespace` have a serverless config (its runners are a

@@ -166,7 +166,10 @@ impl ActorCx<'_> {
 
     /// Sends the next piece of a streamed response (`ResponseChunk`; `finish`: the last).
     /// Returns false when `key` has no streamed response of this actor open (never started,
-    /// finished, or aborted by the gateway).
+    /// finished, or aborted by the gateway). Inside `on_http_request` for `key` itself the
+    /// response has not started yet (it starts when the handler returns
+    /// [`HttpResponse::stream`]), so this returns false there; send a first chunk from the
+    /// handler with `cx.handle().http_chunk(..)`, which is queued behind the start.
     pub fn http_chunk(&mut self, key: RequestKey, data: impl Into<Bytes>, finish: bool) -> bool {
         self.io.http_chunk(self.meta, key, data.into(), finish)
     }

@@ -556,6 +556,7 @@ fn publish_gauges(shared: &Shared, engine: &Engine) {
     if due {
         let c = engine.actor_counts();
         m.set_actor_counts([c.sleeping, c.starting, c.running, c.stopping].map(|n| n as i64));
+        m.set_pools(engine.pool_statuses());
         LAST.set(Some((now, live, runners)));
     }
 }

@@ -137,6 +137,17 @@ fn scales_up_for_demand_and_back_down() {
         "no token without authentication"
     );
     assert_eq!(e.pool_slots("default", "default"), (3, 3));
+    let status = |e: &Engine| {
+        let all = e.pool_statuses();
+        assert_eq!(all.len(), 1);
+        let s = &all[0];
+        assert_eq!(
+            (s.namespace.as_str(), s.pool.as_str()),
+            ("default", "default")
+        );
+        (s.starting, s.running, s.backoff, s.draining, s.failing)
+    };
+    assert_eq!(status(&e), (3, 0, 0, 0, false));
 
     // The runners connect; every actor is placed.
     let mut placed = Vec::new();
@@ -145,6 +156,7 @@ fn scales_up_for_demand_and_back_down() {
         placed.extend(commands(&a));
     }
     assert_eq!(placed.len(), 30);
+    assert_eq!(status(&e), (0, 3, 0, 0, false));
     let (_, cmds) = tick(&mut e, secs(t0, 1.5));
     assert!(started(&cmds).is_empty(), "enough runners");
 
@@ -167,6 +179,7 @@ fn scales_up_for_demand_and_back_down() {
         "draining runners get the grace"
     );
     assert_eq!(e.pool_slots("default", "default"), (0, 3));
+    assert_eq!(status(&e), (0, 0, 0, 3, false));
     // Grace over: the streams are stopped and the runners closed.
     let (a, cmds) = tick(&mut e, secs(t0, 13.5));
     assert_eq!(stopped_streams(&cmds).len(), 3);
@@ -289,6 +302,8 @@ fn failures_back_off_and_the_waiting_client_is_told() {
         waiter: 77,
         result: Err(ResolveError::RunnerFailed)
     }));
+    let st = &e.pool_statuses()[0];
+    assert_eq!((st.backoff, st.running, st.failing), (1, 0, true));
     // The actor shows the pool's error as the Rivet engine shows it.
     let (st, v, _) = call(
         &mut e,
