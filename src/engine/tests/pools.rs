@@ -534,3 +534,26 @@ fn a_newer_app_version_drains_older_runners() {
     );
     assert_eq!(e.pool_slots("default", "default"), (1, 2));
 }
+
+#[test]
+fn pools_come_back_from_their_configs_after_a_restart() {
+    let (mut e, t0) = pool_engine();
+    let mut store = Store::default();
+    put_pool(&mut e, APP, 10, 300, t0);
+    let (id, _) = create(&mut e, "counter", Some("a"), t0);
+    flush(&mut e, &mut store);
+
+    // A second process with the same settings, restored from the records.
+    let (mut e2, t1) = pool_engine();
+    let report = e2.restore(store.clone(), t1);
+    assert_eq!((report.runner_configs, report.live), (1, 1));
+    // A request for the sleeping actor is demand: the restored pool starts a runner.
+    let (r, _) = e2.resolve(&id, 5, t1);
+    assert!(matches!(r, Resolve::Pending { .. }));
+    let (_, cmds) = tick(&mut e2, t1);
+    let streams = started(&cmds);
+    assert_eq!(streams.len(), 1);
+    assert_eq!(streams[0].1.get("x-rivet-runner-name"), Some("default"));
+    let a = connect(&mut e2, streams[0].0, c(1), 10, t1);
+    assert_eq!(commands(&a).len(), 1, "the actor starts on the new runner");
+}
