@@ -196,10 +196,43 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, WsError> {
 /// payload, so a payload can be unmasked in pieces as it arrives: byte `i` of `buf` is XOR-ed
 /// with `mask[(offset + i) % 4]`. Masking and unmasking are the same operation.
 ///
-/// Works on 8-byte words (which the compiler turns into vector instructions); only the
-/// last < 8 bytes are done one at a time.
+/// On x86-64 CPUs with AVX2 (detected at run time; the build targets the baseline, SSE2)
+/// large payloads go 32 bytes at a time, which halves the instructions of this pass, the
+/// one the gateway cannot avoid for every byte a client or a runner sends. Elsewhere it works
+/// on 8-byte words; only the last < 8 bytes are done one at a time.
 #[inline]
 pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if buf.len() >= 64 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { apply_mask_avx2(buf, mask, offset) };
+        return;
+    }
+    apply_mask_words(buf, mask, offset);
+}
+
+/// [`apply_mask`] compiled for AVX2: the byte-wise XOR of 32-byte blocks becomes one vector
+/// load, XOR and store per block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn apply_mask_avx2(buf: &mut [u8], mask: [u8; 4], offset: usize) {
+    let r = offset & 3;
+    let m: [u8; 32] = std::array::from_fn(|i| mask[(r + i) & 3]);
+    let mut blocks = buf.chunks_exact_mut(32);
+    for block in &mut blocks {
+        for (b, k) in block.iter_mut().zip(m) {
+            *b ^= k;
+        }
+    }
+    // Every block is a multiple of 4 bytes long: the tail starts at mask phase 0 again.
+    for (b, k) in blocks.into_remainder().iter_mut().zip(m) {
+        *b ^= k;
+    }
+}
+
+/// [`apply_mask`] for any CPU: 8-byte words.
+#[inline]
+fn apply_mask_words(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     let r = offset & 3;
     let m = [
         mask[r],
@@ -469,7 +502,11 @@ mod tests {
             // unaligned start inside the buffer
             apply_mask(&mut fast[start..], mask, offset);
             naive_mask(&mut slow[start..], mask, offset);
-            prop_assert_eq!(fast, slow);
+            prop_assert_eq!(&fast, &slow);
+            // The portable path too, whatever this CPU has.
+            let mut words = data.clone();
+            apply_mask_words(&mut words[start..], mask, offset);
+            prop_assert_eq!(words, slow);
         }
 
         #[test]
