@@ -13,6 +13,7 @@
 #       the counters are dumped, and instructions per echoed message (each crossing torpor
 #       twice) are printed with the top functions. Connection handshakes of the 10 clients
 #       are included in the count.
+# PROFILE_SIZE=<bytes> changes the message size of both (default 20).
 # Output files land in target/perf-profile/.
 set -euo pipefail
 what=${1:-flame}
@@ -35,7 +36,7 @@ flame() {
   sleep 0.5
   PEERS_PIDS+=("$prec")
   LEGACY_N=${LEGACY_N:-$((secs * 80))} run_load flame torpor 1 "$T_PID" -- \
-    --addr "127.0.0.1:$T_PORT" --actor "$T_ACTOR" --mode closed -c 100 -s 20 -d "$secs" --warmup-secs 1
+    --addr "127.0.0.1:$T_PORT" --actor "$T_ACTOR" --mode closed -c 100 -s "${PROFILE_SIZE:-20}" -d "$secs" --warmup-secs 1
   kill -INT "$prec"
   wait "$prec" || true
   peers_show "perf script -i $out/perf.data > $out/perf.script"
@@ -58,7 +59,7 @@ flame() {
 }
 
 callgrind() {
-  local msgs=${1:-20000} vpid dump ir
+  local msgs=${1:-20000} size=${PROFILE_SIZE:-20} vpid dump ir
   rm -f "$out"/callgrind.out.*
   PERF_TORPOR_WRAP="valgrind --tool=callgrind --callgrind-out-file=$PWD/$out/callgrind.out.%p" \
     start_torpor T 1 0 1
@@ -67,7 +68,7 @@ callgrind() {
   callgrind_control -z "$vpid" >/dev/null 2>&1
   # Exactly msgs echoes: no warm-up; the legacy tool counts round trips per connection.
   LEGACY_N=$((msgs / 10)) LEGACY_WARMUP=0 run_load callgrind torpor 1 "$vpid" -- \
-    --addr "127.0.0.1:$T_PORT" --actor "$T_ACTOR" --mode closed -c 10 -s 20 -n "$msgs" --warmup-secs 0
+    --addr "127.0.0.1:$T_PORT" --actor "$T_ACTOR" --mode closed -c 10 -s "$size" -n "$msgs" --warmup-secs 0
   peers_show callgrind_control -d "$vpid"
   callgrind_control -d "$vpid" >/dev/null 2>&1
   sleep 1

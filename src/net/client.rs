@@ -166,10 +166,24 @@ fn finish(shard: &Shard, id: ConnId) {
 /// never more than the bytes already buffered (at least [`GROW_FLOOR`]), so a header that
 /// announces a large frame and then stalls costs little memory; the buffer still grows
 /// geometrically while the payload keeps coming.
+///
+/// Before a new frame (nothing buffered), room for one like the last, up to
+/// [`EXPECT_CAP`]: without it a read that starts a frame in what is left of the buffer
+/// ends inside the frame, and the partial frame is copied to the next buffer (at 16 KiB
+/// messages that copy was a third of torpor's user-space instructions).
 fn read_size(reader: &WsReader, buf: &BytesMut) -> usize {
     let want = reader.bytes_wanted(buf).saturating_sub(buf.len());
-    want.min(buf.len().max(GROW_FLOOR)).max(1)
+    let size = want.min(buf.len().max(GROW_FLOOR)).max(1);
+    if buf.is_empty() {
+        size.max(reader.last_frame_len().min(EXPECT_CAP))
+    } else {
+        size
+    }
 }
+
+/// Most room kept for the next frame of a client: a 64 KiB message and its header (so an
+/// idle socket holds no more than the largest read chunk).
+const EXPECT_CAP: usize = WS_CHUNKS.1 + crate::ws::frame::MAX_HEADER_LEN;
 
 /// Smallest growth step of a client's read buffer for a large frame.
 const GROW_FLOOR: usize = 64 * 1024;
@@ -206,6 +220,29 @@ mod tests {
     }
 
     #[test]
+    fn read_size_keeps_room_for_a_frame_like_the_last() {
+        let mut r = WsReader::new(WsReaderConfig::default());
+        let frame = |len: usize| {
+            let mut b = BytesMut::from(
+                &encode_header(true, OpCode::Binary, len as u64, Some([1, 2, 3, 4]))[..],
+            );
+            b.extend_from_slice(&vec![0u8; len]);
+            b
+        };
+        let mut buf = frame(16 * 1024);
+        assert!(matches!(r.next(&mut buf), Ok(Some(_))));
+        assert!(buf.is_empty());
+        // Room for the next 16 KiB frame (and its 8-byte header) before anything came.
+        assert_eq!(read_size(&r, &buf), 16 * 1024 + 8);
+        // A partial header: only what the reader wants.
+        assert_eq!(read_size(&r, &BytesMut::from(&[0x82u8][..])), 1);
+        // A 1 MiB frame: the room kept is capped.
+        let mut buf = frame(1 << 20);
+        assert!(matches!(r.next(&mut buf), Ok(Some(_))));
+        assert_eq!(read_size(&r, &buf), EXPECT_CAP);
+    }
+
+    #[test]
     fn read_chunk_grows_with_full_reads_and_shrinks_when_idle() {
         let mut c = WS_READ_CHUNK;
         for _ in 0..20 {
@@ -218,12 +255,12 @@ mod tests {
             c = next_chunk(c, 26, c, WS_CHUNKS);
         }
         assert_eq!(c, WS_READ_CHUNK);
-        // A runner connection's reads grow to 128 KiB and never drop below 16 KiB.
+        // A runner connection's reads grow to 1 MiB and never drop below 16 KiB.
         let mut r = crate::net::RUNNER_CHUNKS.0;
         for _ in 0..20 {
             r = next_chunk(r, r, r, crate::net::RUNNER_CHUNKS);
         }
-        assert_eq!(r, 128 * 1024);
+        assert_eq!(r, 1024 * 1024);
         for _ in 0..20 {
             r = next_chunk(r, 26, r, crate::net::RUNNER_CHUNKS);
         }

@@ -37,8 +37,11 @@ pub const WS_READ_CHUNK: usize = 256;
 /// Smallest and largest buffer of a runner connection's reads: few connections, each
 /// carrying many sockets' traffic. The ceiling matters: a frame that does not fit in what is
 /// left of a buffer is moved to the next one, so with 16 KiB buffers every 16 KiB message was
-/// copied once; 128 KiB buffers took S2 (200 clients x 16 KiB) from 22k to 35k msg/s.
-pub const RUNNER_CHUNKS: (usize, usize) = (16 * 1024, 128 * 1024);
+/// copied once; 128 KiB buffers took S2 (200 clients x 16 KiB) from 22k to 35k msg/s, and
+/// 1 MiB ones cut the user-space instructions of a 64 KiB echo by a quarter (callgrind,
+/// `PROFILE_SIZE=65536 bash perf/profile.sh callgrind`): reads that fill their room grow the
+/// buffer, so a busy runner's frames straddle a buffer's end once in many frames.
+pub const RUNNER_CHUNKS: (usize, usize) = (16 * 1024, 1024 * 1024);
 /// Smallest and largest buffer of a client WebSocket's reads for small frames (a large frame
 /// asks for more through `client::read_size`).
 pub const WS_CHUNKS: (usize, usize) = (WS_READ_CHUNK, 64 * 1024);
@@ -328,8 +331,8 @@ pub const BODY_READ_CHUNK: usize = 16 * 1024;
 const MIN_SPARE: usize = 128;
 
 /// Reads more bytes into `buf`. It reads into the room left in `buf` when that holds at least
-/// `need` bytes (and [`MIN_SPARE`]); otherwise into a new buffer with room for
-/// `max(need, chunk)`, the unparsed bytes moved over. Messages
+/// `need` bytes (and [`MIN_SPARE`] when `buf` is empty); otherwise into a new buffer with
+/// room for `max(need, chunk)`, the unparsed bytes moved over. Messages
 /// already split off keep the old buffer alive until they are dropped. Returns (bytes read,
 /// room offered), or `None` at EOF or on an error.
 pub async fn read_some(
@@ -338,7 +341,12 @@ pub async fn read_some(
     need: usize,
     chunk: usize,
 ) -> Option<(usize, usize)> {
-    if buf.capacity() - buf.len() < need.max(MIN_SPARE) {
+    let spare = buf.capacity() - buf.len();
+    // A buffer holding part of a frame is replaced only when the rest does not fit: the
+    // replacement copies that part over (a 64 KiB frame short of 67 bytes was copied whole
+    // for a 67-byte read). An empty one costs nothing to replace.
+    let least = if buf.is_empty() { MIN_SPARE } else { 1 };
+    if spare < need.max(least) {
         let room = need.max(chunk).max(1);
         if buf.is_empty() {
             // Nothing to carry over: a fresh buffer of the size asked for (`reserve` would

@@ -68,8 +68,14 @@ pub async fn serve(
                 break;
             }
         }
-        let want = reader.bytes_wanted(&buf).saturating_sub(buf.len());
-        let Some((n, offered)) = read_some(&stream, &mut buf, want.max(1), chunk).await else {
+        let mut want = reader.bytes_wanted(&buf).saturating_sub(buf.len()).max(1);
+        if buf.is_empty() {
+            // Room for a frame like the last before the next one starts (see
+            // `client::read_size`): a frame started in what is left of a buffer is copied
+            // to the next one when it does not fit.
+            want = want.max(reader.last_frame_len().min(RUNNER_CHUNKS.1));
+        }
+        let Some((n, offered)) = read_some(&stream, &mut buf, want, chunk).await else {
             break;
         };
         chunk = next_chunk(chunk, n, offered, RUNNER_CHUNKS);

@@ -148,6 +148,8 @@ pub struct WsReader {
     closed: bool,
     /// The connection failed; repeated on every later call.
     failed: Option<WsClose>,
+    /// Wire size (header and payload) of the last whole frame taken off the buffer.
+    last_frame: usize,
 }
 
 impl WsReader {
@@ -161,7 +163,15 @@ impl WsReader {
             utf8: Utf8Stream::default(),
             closed: false,
             failed: None,
+            last_frame: 0,
         }
+    }
+
+    /// Wire size (header and payload) of the last whole frame taken off the buffer, 0 before
+    /// the first. A shell that has this much room free before it reads the next frame reads a
+    /// peer that sends frames of one size without moving partial frames between buffers.
+    pub fn last_frame_len(&self) -> usize {
+        self.last_frame
     }
 
     /// The reader's configuration.
@@ -269,6 +279,7 @@ impl WsReader {
             let payload = buf.split_to(len).freeze();
             self.cur = None;
             self.done = 0;
+            self.last_frame = h.header_len + len;
             match h.opcode {
                 OpCode::Ping => return Ok(Some(WsEvent::Ping(payload))),
                 OpCode::Pong => return Ok(Some(WsEvent::Pong(payload))),
