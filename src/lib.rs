@@ -6,6 +6,7 @@
 //! `serverless` is the outbound client for serverless runner pools (sans-IO parsers and one
 //! thread of its own), driven by the engine's pools through the control thread.
 
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod gateway;
