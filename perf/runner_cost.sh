@@ -7,6 +7,9 @@
 #                    a copy built from another commit, for a before/after comparison
 #        TAG         names the output files (default: the runner's directory name)
 #        NO_BUILD=1  skip `cargo build --release --bins`
+#        MODE=native no valgrind: the runner runs natively and a timed closed loop (DUR
+#                    seconds, 10; CONNS clients, 100) reports the runner's CPU seconds per
+#                    million echoed messages (from /proc, via torpor-load --pid)
 #
 # Per size: torpor `--shards 1` runs natively on CPU 0; the echo runner runs under
 # `valgrind --tool=callgrind` on CPU 1; once the actor is up its counters are zeroed, a
@@ -43,6 +46,10 @@ measure() {
   tpid=$!
   PEERS_PIDS+=("$tpid")
   for _ in $(seq 1200); do curl -sf "http://127.0.0.1:$port/livez" >/dev/null && break; sleep 0.05; done
+  if [[ ${MODE:-} == native ]]; then
+    native "$size" "$port" "$tpid"
+    return
+  fi
   rm -f "$out"/callgrind.out.*
   peers_show taskset -c 1 valgrind --tool=callgrind "--callgrind-out-file=$out/callgrind.out.%p" \
     "$runner" --endpoint "http://127.0.0.1:$port"
@@ -101,6 +108,30 @@ for name, c in sorted(cost.items(), key=lambda kv: -kv[1])[:10]:
 print(f"RESULT runner_cost {sys.argv[5]} size={size} instructions_per_echoed_message={ir / m:,.0f}")
 EOF
   stop_peer "$vpid" "$tpid"
+}
+
+native() {
+  local size=$1 port=$2 tpid=$3 rpid actor
+  peers_show taskset -c 1 "$runner" --endpoint "http://127.0.0.1:$port"
+  taskset -c 1 "$runner" --endpoint "http://127.0.0.1:$port" >"$PEERS_TMP/rc-$size-runner.log" 2>&1 &
+  rpid=$!
+  PEERS_PIDS+=("$rpid")
+  for _ in $(seq 1200); do
+    curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^torpor_runners_connected 1' && break
+    sleep 0.05
+  done
+  actor=$(curl -sf -X POST "http://127.0.0.1:$port/actors?namespace=default" \
+    -H 'content-type: application/json' \
+    -d '{"name":"load","runner_name_selector":"default","crash_policy":"sleep"}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["actor"]["actor_id"])')
+  run_load "native-$size" echo-runner 1 "$rpid" -- --addr "127.0.0.1:$port" --actor "$actor" \
+    --mode closed -c "${CONNS:-100}" -s "$size" -d "${DUR:-10}" --warmup-secs 2 --pid "$rpid"
+  python3 - "$RESULTS" "$size" "$tag" <<'EOF'
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])][-1]
+print(f"RESULT runner_cost_native {sys.argv[3]} size={sys.argv[2]} runner_cpu_s_per_M={r.get('cpu_s_per_M', 0):.2f} msgs_per_sec={r.get('msgs_per_sec', 0):.0f}")
+EOF
+  stop_peer "$rpid" "$tpid"
 }
 
 for s in $sizes; do
