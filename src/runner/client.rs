@@ -5,15 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tungstenite::http::HeaderValue;
+
+use crate::ws::WsEvent;
 
 use super::actor::ActorFactory;
 use super::backoff::Backoff;
@@ -21,7 +16,14 @@ use super::core::{Core, Ctl, InitInfo, Outgoing, Phase};
 use super::counters::{CounterSnapshot, Counters};
 use super::{RunnerConfig, RunnerError, PROTOCOL_VERSION};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+mod conn;
+
+use conn::Conn;
+
+/// Close code of our own close frame (normal closure).
+const CLOSE_NORMAL: u16 = 1000;
+/// Reason of our own close frame.
+const SHUTDOWN_REASON: &str = "pegboard.runner_shutdown";
 
 /// Most inbound messages handled before outgoing ones are flushed.
 const BATCH: usize = 256;
@@ -322,22 +324,20 @@ impl Shell {
     }
 
     /// Connects, serving handles meanwhile. `None` when shutdown was requested.
-    async fn connect(&mut self) -> Option<Result<Ws, RunnerError>> {
-        let req = match self.request() {
-            Ok(r) => r,
+    async fn connect(&mut self) -> Option<Result<Conn, RunnerError>> {
+        let protocols = match self.protocols() {
+            Ok(p) => p,
             Err(e) => return Some(Err(e)),
         };
         // One runner message is one frame of up to the protocol's message limit (a 16 MiB
-        // client message tunnels as 16 MiB plus its header), above tungstenite's defaults.
-        let mut ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
-        ws_cfg.max_frame_size = Some(crate::protocol::MAX_MESSAGE_LEN);
-        ws_cfg.max_message_size = Some(crate::protocol::MAX_MESSAGE_LEN);
-        let fut = tokio_tungstenite::connect_async_with_config(req, Some(ws_cfg), false);
+        // client message tunnels as 16 MiB plus its header).
+        let url = self.url.clone();
+        let fut = Conn::connect(&url, &protocols, crate::protocol::MAX_MESSAGE_LEN);
         tokio::pin!(fut);
         loop {
             let lost = self.core.lost_deadline();
             tokio::select! {
-                r = &mut fut => return Some(r.map(|(ws, _)| ws).map_err(RunnerError::from)),
+                r = &mut fut => return Some(r),
                 _ = sleep_opt(lost) => self.core.poll(Instant::now()),
                 ctl = self.ctl_rx.recv() => match ctl {
                     Some(c) => if !self.ctl_offline(c) { return None },
@@ -347,26 +347,30 @@ impl Shell {
         }
     }
 
-    fn request(
-        &self,
-    ) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, RunnerError> {
-        let mut req = self.url.as_str().into_client_request()?;
+    /// The `Sec-WebSocket-Protocol` value: `rivet`, plus `rivet_token.<token>` when a token
+    /// is configured; a token that is not a valid header value is refused.
+    fn protocols(&self) -> Result<String, RunnerError> {
         let mut protocols = String::from("rivet");
         if let Some(t) = &self.token {
             protocols.push_str(", rivet_token.");
             protocols.push_str(t);
         }
-        let value = HeaderValue::from_str(&protocols).map_err(|_| RunnerError::Token)?;
-        req.headers_mut().insert("sec-websocket-protocol", value);
-        Ok(req)
+        HeaderValue::from_str(&protocols).map_err(|_| RunnerError::Token)?;
+        Ok(protocols)
     }
 
-    async fn session(&mut self, mut ws: Ws) -> End {
+    async fn session(&mut self, mut conn: Conn) -> End {
         self.core.connection_opened();
         let mut shutdown_deadline: Option<Instant> = None;
         let mut end = None;
         while end.is_none() {
-            if let Err(e) = self.flush(&mut ws).await {
+            // Handle whatever is already buffered (at most BATCH messages) before writing.
+            let (handled, e) = self.pump(&mut conn);
+            if e.is_some() {
+                end = e;
+                break;
+            }
+            if let Err(e) = self.flush(&mut conn).await {
                 tracing::warn!(error = %e, "runner socket write failed");
                 return End::Lost;
             }
@@ -375,22 +379,24 @@ impl Shell {
                 && (self.core.actor_count() == 0
                     || shutdown_deadline.is_some_and(|d| Instant::now() >= d))
             {
-                self.close(&mut ws).await;
+                self.close(&mut conn).await;
                 return End::Stop;
             }
+            if handled == BATCH {
+                continue;
+            }
             tokio::select! {
-                msg = ws.next() => {
-                    end = self.inbound(msg);
-                    // Handle whatever else is already buffered before writing.
-                    let mut n = 1;
-                    while end.is_none() && n < BATCH {
-                        match ws.next().now_or_never() {
-                            Some(msg) => end = self.inbound(msg),
-                            None => break,
-                        }
-                        n += 1;
+                r = conn.read_more() => match r {
+                    Ok(0) => {
+                        tracing::warn!("runner socket closed without a close frame");
+                        end = Some(End::Lost);
                     }
-                }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "runner socket failed");
+                        end = Some(End::Lost);
+                    }
+                },
                 ctl = self.ctl_rx.recv() => {
                     end = self.ctl_online(ctl, &mut shutdown_deadline);
                     while end.is_none() {
@@ -405,18 +411,40 @@ impl Shell {
         }
         match end {
             Some(End::Stop) => {
-                let _ = self.flush(&mut ws).await;
-                self.close(&mut ws).await;
+                let _ = self.flush(&mut conn).await;
+                self.close(&mut conn).await;
                 End::Stop
             }
             Some(End::Closed) => {
-                // tungstenite queued the reply to the gateway's close frame; send it, so the
-                // gateway sees the close handshake end rather than a connection dropped.
-                let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, ws.flush()).await;
+                // The reply to the gateway's close frame is queued; send it, so the gateway
+                // sees the close handshake end rather than a connection dropped.
+                let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, conn.flush()).await;
                 End::Lost
             }
             _ => End::Lost,
         }
+    }
+
+    /// Handles up to [`BATCH`] events already in the read buffer. Returns how many, and how
+    /// the session ends if one of them ends it.
+    fn pump(&mut self, conn: &mut Conn) -> (usize, Option<End>) {
+        let mut n = 0;
+        while n < BATCH {
+            match conn.rd.next() {
+                Ok(None) => break,
+                Ok(Some(ev)) => {
+                    n += 1;
+                    if let Some(end) = self.inbound(ev, conn) {
+                        return (n, Some(end));
+                    }
+                }
+                Err(close) => {
+                    tracing::warn!(error = %close, "runner socket failed");
+                    return (n, Some(End::Lost));
+                }
+            }
+        }
+        (n, None)
     }
 
     fn ctl_online(
@@ -449,21 +477,29 @@ impl Shell {
         }
     }
 
-    fn inbound(
-        &mut self,
-        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
-    ) -> Option<End> {
-        match msg {
-            Some(Ok(Message::Binary(b))) => {
+    fn inbound(&mut self, ev: WsEvent, conn: &mut Conn) -> Option<End> {
+        match ev {
+            WsEvent::Message { text: false, data } => {
                 let was_connected = self.core.phase() == Phase::Connected;
-                self.core.handle_bytes(&b);
+                self.core.handle_bytes(&data);
                 if !was_connected && self.core.phase() == Phase::Connected {
                     self.backoff.reset();
                 }
                 None
             }
-            Some(Ok(Message::Close(frame))) => {
-                let reason = frame.as_ref().map(|f| f.reason.as_str()).unwrap_or("");
+            WsEvent::Message { text: true, .. } => {
+                Counters::bump(&self.core.io.counters.protocol_errors);
+                None
+            }
+            WsEvent::Ping(p) => {
+                conn.wr.pong(&p);
+                None
+            }
+            WsEvent::Pong(_) => None,
+            WsEvent::Close { code, reason } => {
+                // the reader checked that the reason is UTF-8
+                let reason = std::str::from_utf8(&reason).unwrap_or("");
+                conn.queue_close_reply(code, reason);
                 tracing::info!(reason, "gateway closed the runner connection");
                 if reason.split('#').next() == Some("ws.eviction") {
                     Some(End::Stop)
@@ -471,46 +507,44 @@ impl Shell {
                     Some(End::Closed)
                 }
             }
-            Some(Ok(Message::Text(_))) => {
-                Counters::bump(&self.core.io.counters.protocol_errors);
-                None
-            }
-            Some(Ok(_)) => None,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "runner socket failed");
-                Some(End::Lost)
-            }
-            None => Some(End::Lost),
         }
     }
 
-    async fn flush(&mut self, ws: &mut Ws) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    /// Encodes everything the core has queued into the write buffer (with any pongs and
+    /// close replies already there) and writes it all at once.
+    async fn flush(&mut self, conn: &mut Conn) -> std::io::Result<()> {
         self.core.take_out(&mut self.out_buf);
-        if self.out_buf.is_empty() {
-            return Ok(());
+        if conn.close_sent() {
+            // nothing may follow a close frame
+            self.out_buf.clear();
         }
         for msg in self.out_buf.drain(..) {
-            ws.feed(Message::Binary(msg.encode().into())).await?;
+            conn.wr.message(&msg);
         }
-        ws.flush().await
+        conn.flush().await
     }
 
-    async fn close(&mut self, ws: &mut Ws) {
-        let frame = CloseFrame {
-            code: CloseCode::Normal,
-            reason: "pegboard.runner_shutdown".into(),
-        };
-        if ws.close(Some(frame)).await.is_ok() {
-            // Wait briefly for the gateway's close reply.
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_close() {
-                        break;
-                    }
-                }
-            })
-            .await;
+    /// Sends our close frame (unless a close reply went out already) and waits briefly for
+    /// the gateway's.
+    async fn close(&mut self, conn: &mut Conn) {
+        conn.queue_close(CLOSE_NORMAL, SHUTDOWN_REASON);
+        if conn.flush().await.is_err() || conn.rd.is_closed() {
+            return;
         }
+        // Wait briefly for the gateway's close reply.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match conn.rd.next() {
+                    Ok(Some(WsEvent::Close { .. })) | Err(_) => break,
+                    Ok(Some(_)) => {}
+                    Ok(None) => match conn.read_more().await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    },
+                }
+            }
+        })
+        .await;
     }
 }
 

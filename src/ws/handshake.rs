@@ -176,6 +176,171 @@ pub fn response_101(accept: &str, protocol: Option<&str>) -> Vec<u8> {
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// Client side (RFC 6455 §4.1): the runner library dials the gateway.
+// ---------------------------------------------------------------------------------------------
+
+/// A `Sec-WebSocket-Key` from 16 caller-supplied random bytes (base64, 24 characters).
+pub fn client_key(nonce: [u8; 16]) -> String {
+    STANDARD.encode(nonce)
+}
+
+/// The client's upgrade request head: `GET {path_and_query} HTTP/1.1` with `Host`,
+/// `Connection: Upgrade`, `Upgrade: websocket`, `Sec-WebSocket-Version: 13`,
+/// `Sec-WebSocket-Key` and, when given, `Sec-WebSocket-Protocol` (sent as given: the caller
+/// checks that it is a valid header value).
+pub fn client_request(
+    host: &str,
+    path_and_query: &str,
+    key: &str,
+    protocols: Option<&str>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(192 + path_and_query.len() + protocols.map_or(0, str::len));
+    for part in [
+        "GET ",
+        path_and_query,
+        " HTTP/1.1\r\nHost: ",
+        host,
+        "\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: ",
+        WS_VERSION,
+        "\r\nSec-WebSocket-Key: ",
+        key,
+        "\r\n",
+    ] {
+        out.extend_from_slice(part.as_bytes());
+    }
+    if let Some(p) = protocols {
+        out.extend_from_slice(b"Sec-WebSocket-Protocol: ");
+        out.extend_from_slice(p.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Why the server's answer to an upgrade request was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientHandshakeError {
+    /// Not a parsable HTTP/1.x response head.
+    Malformed,
+    /// The head is larger than the limit given to [`parse_response`].
+    TooLarge,
+    /// A status other than 101.
+    Status(u16),
+    /// No `Upgrade: websocket`.
+    NoUpgrade,
+    /// `Connection` lacks the `upgrade` token.
+    NoConnectionUpgrade,
+    /// `Sec-WebSocket-Accept` missing or not the one for our key.
+    AcceptMismatch,
+    /// Subprotocols were offered but the server chose none.
+    NoSubProtocol,
+    /// The server chose a subprotocol although none was offered.
+    SubProtocolNotOffered,
+    /// The server chose a subprotocol that was not offered.
+    InvalidSubProtocol,
+}
+
+impl fmt::Display for ClientHandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientHandshakeError::Malformed => f.write_str("malformed upgrade response"),
+            ClientHandshakeError::TooLarge => f.write_str("upgrade response head too large"),
+            ClientHandshakeError::Status(s) => write!(f, "upgrade refused with status {s}"),
+            ClientHandshakeError::NoUpgrade => f.write_str("missing `upgrade: websocket`"),
+            ClientHandshakeError::NoConnectionUpgrade => {
+                f.write_str("missing `connection: upgrade`")
+            }
+            ClientHandshakeError::AcceptMismatch => {
+                f.write_str("sec-websocket-accept does not match the key")
+            }
+            ClientHandshakeError::NoSubProtocol => f.write_str("server chose no subprotocol"),
+            ClientHandshakeError::SubProtocolNotOffered => {
+                f.write_str("server chose a subprotocol although none was offered")
+            }
+            ClientHandshakeError::InvalidSubProtocol => {
+                f.write_str("server chose a subprotocol that was not offered")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ClientHandshakeError {}
+
+/// A server's accepted upgrade.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientHandshake {
+    /// Bytes of `buf` taken by the response head; what follows is WebSocket frames.
+    pub head_len: usize,
+    /// The subprotocol the server chose, if any.
+    pub protocol: Option<String>,
+}
+
+/// Checks the server's response to [`client_request`] at the start of `buf`.
+///
+/// `Ok(None)`: the head is not complete yet (and `buf` is within `max_head`). `key` is the
+/// `Sec-WebSocket-Key` sent; `offered` the `Sec-WebSocket-Protocol` value sent (comma
+/// separated), if any: the server must then choose one of them, and must not choose one
+/// otherwise.
+pub fn parse_response(
+    buf: &[u8],
+    key: &str,
+    offered: Option<&str>,
+    max_head: usize,
+) -> Result<Option<ClientHandshake>, ClientHandshakeError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > max_head => {
+            return Err(ClientHandshakeError::TooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(ClientHandshakeError::Malformed),
+    };
+    if head_len > max_head {
+        return Err(ClientHandshakeError::TooLarge);
+    }
+    let status = resp.code.unwrap_or(0);
+    if status != 101 {
+        return Err(ClientHandshakeError::Status(status));
+    }
+    let values = |name: &'static str| {
+        resp.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+    };
+    let has_token = |name: &'static str, token: &str| {
+        values(name).any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if !has_token("upgrade", "websocket") {
+        return Err(ClientHandshakeError::NoUpgrade);
+    }
+    if !has_token("connection", "upgrade") {
+        return Err(ClientHandshakeError::NoConnectionUpgrade);
+    }
+    let expected = accept_key(key);
+    let mut accepts = values("sec-websocket-accept");
+    match (accepts.next(), accepts.next()) {
+        (Some(a), None) if a.trim() == expected => {}
+        _ => return Err(ClientHandshakeError::AcceptMismatch),
+    }
+    let chosen = values("sec-websocket-protocol").next().map(str::trim);
+    let protocol = match (offered, chosen) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(ClientHandshakeError::SubProtocolNotOffered),
+        (Some(_), None) => return Err(ClientHandshakeError::NoSubProtocol),
+        (Some(o), Some(c)) => {
+            if !o.split(',').any(|p| p.trim() == c) {
+                return Err(ClientHandshakeError::InvalidSubProtocol);
+            }
+            Some(c.to_string())
+        }
+    };
+    Ok(Some(ClientHandshake { head_len, protocol }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,5 +444,92 @@ sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nsec-websocket-protocol: ri
         assert!(!std::str::from_utf8(&r).unwrap().contains("protocol"));
         let r = response_101("x", Some("a\r\nb"));
         assert!(!std::str::from_utf8(&r).unwrap().contains("protocol"));
+    }
+
+    #[test]
+    fn client_request_bytes() {
+        let key = client_key([0x11; 16]);
+        assert_eq!(key.len(), 24);
+        let r = client_request(
+            "h:1",
+            "/runners/connect?x=1",
+            &key,
+            Some("rivet, rivet_token.t"),
+        );
+        let text = std::str::from_utf8(&r).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "GET /runners/connect?x=1 HTTP/1.1\r\nHost: h:1\r\nConnection: Upgrade\r\n\
+Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\
+Sec-WebSocket-Protocol: rivet, rivet_token.t\r\n\r\n"
+            )
+        );
+        // what the server side accepts
+        let h = parse(&r);
+        assert_eq!(validate_upgrade(&h), Ok(key.as_str()));
+        let protos: Vec<&str> = offered_protocols(&h).collect();
+        assert_eq!(protos, ["rivet", "rivet_token.t"]);
+        let r = client_request("h", "/", &key, None);
+        assert!(!std::str::from_utf8(&r).unwrap().contains("Protocol"));
+    }
+
+    #[test]
+    fn client_checks_the_response() {
+        use ClientHandshakeError as E;
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let ok = response_101(&accept_key(key), Some("rivet"));
+        let mut buf = ok.clone();
+        buf.extend_from_slice(&[0x82, 0x00]);
+        let hs = parse_response(&buf, key, Some("rivet, rivet_token.x"), 4096)
+            .unwrap()
+            .unwrap();
+        assert_eq!(hs.head_len, ok.len());
+        assert_eq!(hs.protocol.as_deref(), Some("rivet"));
+        // incomplete, then too large
+        assert_eq!(
+            parse_response(&ok[..ok.len() - 1], key, None, 4096),
+            Ok(None)
+        );
+        assert_eq!(
+            parse_response(&ok[..ok.len() - 1], key, None, 10),
+            Err(E::TooLarge)
+        );
+        let cases: [(&[u8], Option<&str>, E); 7] = [
+            (b"HTTP/1.1 403 Forbidden\r\n\r\n", None, E::Status(403)),
+            (b"nonsense\r\n\r\n", None, E::Malformed),
+            (
+                b"HTTP/1.1 101 x\r\nconnection: upgrade\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                None,
+                E::NoUpgrade,
+            ),
+            (
+                b"HTTP/1.1 101 x\r\nupgrade: websocket\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                None,
+                E::NoConnectionUpgrade,
+            ),
+            (
+                b"HTTP/1.1 101 x\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: AAAA\r\n\r\n",
+                None,
+                E::AcceptMismatch,
+            ),
+            (&ok, None, E::SubProtocolNotOffered),
+            (&ok, Some("other"), E::InvalidSubProtocol),
+        ];
+        for (resp, offered, want) in cases {
+            assert_eq!(parse_response(resp, key, offered, 4096), Err(want));
+        }
+        let none = response_101(&accept_key(key), None);
+        assert_eq!(
+            parse_response(&none, key, Some("rivet"), 4096),
+            Err(E::NoSubProtocol)
+        );
+        assert_eq!(
+            parse_response(&none, key, None, 4096)
+                .unwrap()
+                .unwrap()
+                .protocol,
+            None
+        );
     }
 }
