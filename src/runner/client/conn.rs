@@ -194,13 +194,40 @@ impl FrameWriter {
     }
 }
 
-/// Appends `src` XOR-ed with `mask` to `buf`: a copy (memcpy) and the masking pass over the
-/// copy ([`apply_mask`], 32 bytes at a time on AVX2 CPUs). `offset` is the position of
-/// `src[0]` in the frame payload, as for [`apply_mask`].
+/// Appends `src` XOR-ed with `mask` to `buf`: a copy and the masking in one pass over the
+/// bytes, written straight into the spare capacity (never zero-filled first). `offset` is the
+/// position of `src[0]` in the frame payload, as for [`apply_mask`].
 pub(crate) fn extend_masked(buf: &mut Vec<u8>, src: &[u8], mask: [u8; 4], offset: usize) {
-    let start = buf.len();
-    buf.extend_from_slice(src);
-    apply_mask(&mut buf[start..], mask, offset);
+    let r = offset & 3;
+    let m = [
+        mask[r],
+        mask[(r + 1) & 3],
+        mask[(r + 2) & 3],
+        mask[(r + 3) & 3],
+    ];
+    let m64 = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    buf.reserve(src.len());
+    let spare = &mut buf.spare_capacity_mut()[..src.len()];
+    let mut dst_words = spare.chunks_exact_mut(8);
+    let mut src_words = src.chunks_exact(8);
+    for (d, s) in (&mut dst_words).zip(&mut src_words) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(s);
+        let w = (u64::from_ne_bytes(w) ^ m64).to_ne_bytes();
+        for (o, b) in d.iter_mut().zip(w) {
+            o.write(b);
+        }
+    }
+    // every word above is a multiple of 4 bytes long: the tail starts at mask phase 0 again
+    let tail = src_words.remainder();
+    for (i, (o, b)) in dst_words.into_remainder().iter_mut().zip(tail).enumerate() {
+        o.write(b ^ m[i & 3]);
+    }
+    let len = buf.len() + src.len();
+    // SAFETY: `reserve` made room for `src.len()` more bytes, and every one of the first
+    // `src.len()` bytes of the spare capacity was written above (8-byte words, then the
+    // tail; `chunks_exact` over equal lengths covers the same positions on both sides).
+    unsafe { buf.set_len(len) };
 }
 
 /// Why a handshake failed, in the error type the runner reports (kept from the days of
