@@ -467,3 +467,29 @@ fn pg_server_killed_under_the_worker_is_survived_too() {
     }
     h.shutdown();
 }
+
+#[test]
+fn pg_probe_and_reopen_are_bounded_when_the_server_never_answers() {
+    let cluster = super::pg_cluster::PgCluster::start().expect("start a cluster");
+    let mut settings = PgSettings::new(cluster.url("torpor"));
+    settings.connect_timeout = Duration::from_millis(500);
+    settings.statement_timeout = Duration::from_millis(500);
+    settings.probe_timeout = Duration::from_millis(500);
+    let mut store = PgStore::open(settings).unwrap();
+    store.probe().unwrap();
+    cluster.freeze();
+    // The kernel accepts the connection; the frozen postmaster never answers it. Both calls
+    // return (with the store-down error) instead of holding the store thread.
+    let e = store.probe().unwrap_err();
+    assert!(e.is_store_down(), "{e}");
+    let e = store.reopen(false).unwrap_err();
+    assert!(e.is_store_down(), "{e}");
+    cluster.thaw();
+    wait_until("the probe succeeds", || store.probe().is_ok());
+    store.reopen(false).unwrap();
+    store.put_meta(b"k", b"v").unwrap();
+    assert_eq!(
+        store.load_meta().unwrap(),
+        vec![(b"k".to_vec(), b"v".to_vec())]
+    );
+}

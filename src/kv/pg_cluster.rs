@@ -303,6 +303,8 @@ impl PgCluster {
             // SAFETY: signals a child process this cluster started and has not reaped.
             unsafe {
                 libc::kill(child.id() as libc::pid_t, sig);
+                // A frozen server takes the signal once it runs again.
+                libc::kill(child.id() as libc::pid_t, libc::SIGCONT);
             }
             let _ = child.wait();
         }
@@ -317,6 +319,31 @@ impl PgCluster {
     /// Kills the postmaster (SIGKILL); its backends notice and exit.
     pub fn kill(&self) {
         self.signal_and_wait(libc::SIGKILL);
+    }
+
+    /// Freezes the postmaster (SIGSTOP): new connections are accepted by the kernel and never
+    /// answered; connections already open keep working (their backends run on).
+    pub fn freeze(&self) {
+        self.signal_running(libc::SIGSTOP);
+    }
+
+    /// Lets a frozen postmaster run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal_running(libc::SIGCONT);
+    }
+
+    fn signal_running(&self, sig: libc::c_int) {
+        if let Some(child) = self
+            .child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            // SAFETY: signals a child process this cluster started and has not reaped.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, sig);
+            }
+        }
     }
 
     /// True while the server process runs.

@@ -36,7 +36,9 @@
 //! cancels a statement that runs too long, and as `tcp_user_timeout` so unacknowledged data on a
 //! dead peer or a broken network fails the connection; TCP keepalives catch an idle connection
 //! to a vanished host. A server process that is frozen while its kernel still acknowledges
-//! packets is not detected by these (the statement waits until the server answers).
+//! packets is not detected by these: a statement in flight then waits until the server resumes
+//! or the connection breaks. Connecting (open, reopen) and the probe are bounded even then: they
+//! run on a helper thread that the store thread waits for at most connect + statement timeout.
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -206,6 +208,13 @@ impl Conn {
         })
     }
 
+    /// [`Conn::open`] bounded by the connect and statement timeouts (see [`bounded`]).
+    fn open_bounded(settings: &PgSettings) -> Result<Conn, KvError> {
+        let s = settings.clone();
+        let limit = settings.connect_timeout + settings.statement_timeout;
+        bounded(limit, "connection", move || Conn::open(&s))
+    }
+
     /// The cached statement for `sql`, prepared on first use.
     fn range_stmt(&mut self, sql: String) -> Result<Statement, KvError> {
         if let Some(s) = self.ranges.get(&sql) {
@@ -261,7 +270,7 @@ impl PgStore {
     pub fn open(settings: PgSettings) -> Result<PgStore, PgOpenError> {
         settings.config().map_err(PgOpenError::BadUrl)?;
         let t = redacted(&settings.url);
-        let conn = Conn::open(&settings).map_err(|e| {
+        let conn = Conn::open_bounded(&settings).map_err(|e| {
             let message = match e {
                 KvError::StoreDown(m) | KvError::Storage(m) => m,
                 other => other.to_string(),
@@ -361,26 +370,55 @@ impl KvBackend for PgStore {
     /// Drops the connection and connects again (statements prepared again, schema checked).
     fn reopen(&mut self, _verify: bool) -> Result<(), KvError> {
         self.conn = None;
-        self.conn = Some(Conn::open(&self.settings)?);
+        self.conn = Some(Conn::open_bounded(&self.settings)?);
         Ok(())
     }
 
     /// A fresh connection answers `SELECT 1` within `probe_timeout`.
     fn probe(&mut self) -> Result<(), KvError> {
-        let mut cfg = self.settings.config().map_err(KvError::StoreDown)?;
-        cfg.connect_timeout(
-            self.settings
-                .probe_timeout
-                .min(self.settings.connect_timeout),
-        );
-        let mut client = cfg.connect(NoTls).map_err(pg_error)?;
-        client
-            .is_valid(self.settings.probe_timeout)
-            .map_err(pg_error)?;
-        client
-            .query_one("SELECT 1", &[])
-            .map_err(pg_error)
-            .map(|_| ())
+        let mut settings = self.settings.clone();
+        settings.connect_timeout = settings.probe_timeout.min(settings.connect_timeout);
+        let probe_timeout = settings.probe_timeout;
+        bounded(
+            settings.connect_timeout + probe_timeout,
+            "probe",
+            move || {
+                let cfg = settings.config().map_err(KvError::StoreDown)?;
+                let mut client = cfg.connect(NoTls).map_err(pg_error)?;
+                client.is_valid(probe_timeout).map_err(pg_error)?;
+                client
+                    .query_one("SELECT 1", &[])
+                    .map_err(pg_error)
+                    .map(|_| ())
+            },
+        )
+    }
+}
+
+/// Runs `f` on a helper thread and waits at most `limit` for it. The driver bounds only the
+/// socket connect; a server that accepts the connection but never answers (frozen) would
+/// otherwise hold the store thread in the start-up handshake forever. A helper that overruns is
+/// left to finish on its own (its result is dropped).
+fn bounded<T: Send + 'static>(
+    limit: Duration,
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, KvError> + Send + 'static,
+) -> Result<T, KvError> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("torpor-pg-connect".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| {
+            KvError::StoreDown(format!("postgres: cannot start the {what} thread: {e}"))
+        })?;
+    match rx.recv_timeout(limit) {
+        Ok(r) => r,
+        Err(_) => Err(KvError::StoreDown(format!(
+            "postgres: the {what} got no answer within {} ms",
+            limit.as_millis()
+        ))),
     }
 }
 
