@@ -270,16 +270,14 @@ impl PgStore {
     pub fn open(settings: PgSettings) -> Result<PgStore, PgOpenError> {
         settings.config().map_err(PgOpenError::BadUrl)?;
         let t = redacted(&settings.url);
-        let conn = Conn::open_bounded(&settings).map_err(|e| {
-            let message = match e {
-                KvError::StoreDown(m) | KvError::Storage(m) => m,
-                other => other.to_string(),
-            };
-            if message.contains("CREATE") || message.contains("relation") {
-                PgOpenError::Schema { target: t, message }
-            } else {
-                PgOpenError::Connect { target: t, message }
-            }
+        // A failure to reach the server takes the store down; an error the server answers
+        // (permissions, a clashing table) concerns the schema.
+        let conn = Conn::open_bounded(&settings).map_err(|e| match e {
+            KvError::StoreDown(message) => PgOpenError::Connect { target: t, message },
+            other => PgOpenError::Schema {
+                target: t,
+                message: other.to_string(),
+            },
         })?;
         Ok(PgStore {
             settings,

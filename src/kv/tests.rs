@@ -1626,3 +1626,15 @@ fn pg_open_refuses_a_bad_url_and_an_unreachable_server() {
     assert!(matches!(e, PgOpenError::Connect { .. }), "{m}");
     assert!(m.contains("cannot connect") && !m.contains("secret"), "{m}");
 }
+
+#[test]
+fn pg_open_refuses_a_database_whose_tables_are_not_torpors() {
+    let url = pg_cluster::PgCluster::shared()
+        .fresh_database("foreign")
+        .unwrap();
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute("CREATE TABLE kv (x int)").unwrap();
+    let e = PgStore::open(PgSettings::new(url)).unwrap_err();
+    assert!(matches!(e, PgOpenError::Schema { .. }), "{e}");
+    assert!(e.to_string().contains("tables"), "{e}");
+}
