@@ -42,6 +42,17 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# PostgreSQL for the PgStore tests (throwaway clusters, src/kv/pg_cluster.rs), Debian's package,
+# installed only when initdb is neither on PATH nor under /usr/lib/postgresql/*/bin.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15
+  else
+    echo "PostgreSQL (initdb) is missing and cannot be installed here (needs root and apt-get): the PgStore tests will fail under CI" >&2
+  fi
+fi
+
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)

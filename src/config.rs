@@ -31,6 +31,62 @@ pub struct Config {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub serverless: Serverless,
+    pub store: Store,
+}
+
+/// `[store]`: where actor KV and the engine's records live.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Store {
+    /// `redb` (the embedded file `data_dir/torpor.redb`, the default) or `postgres`.
+    pub backend: String,
+    /// With `backend = "postgres"`: `postgres://user@host:5432/db` or a
+    /// `host=/run/postgresql user=torpor dbname=torpor` string. No TLS. A password in it is
+    /// shown as `***` by `check-config`.
+    pub postgres_url: String,
+    /// Longest wait for a PostgreSQL connection.
+    pub connect_timeout_ms: u64,
+    /// Longest run of one statement (server-side timeout, and the connection's TCP user
+    /// timeout).
+    pub statement_timeout_ms: u64,
+    /// Longest wait for the `SELECT 1` that checks a failed store is back.
+    pub probe_timeout_ms: u64,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        let p = crate::kv::PgSettings::new("");
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Store {
+            backend: "redb".into(),
+            postgres_url: String::new(),
+            connect_timeout_ms: ms(p.connect_timeout),
+            statement_timeout_ms: ms(p.statement_timeout),
+            probe_timeout_ms: ms(p.probe_timeout),
+        }
+    }
+}
+
+impl Store {
+    /// The PostgreSQL backend's settings.
+    pub fn postgres(&self) -> crate::kv::PgSettings {
+        crate::kv::PgSettings {
+            url: self.postgres_url.clone(),
+            connect_timeout: ms(self.connect_timeout_ms),
+            statement_timeout: ms(self.statement_timeout_ms),
+            probe_timeout: ms(self.probe_timeout_ms),
+        }
+    }
+}
+
+/// `[store]` as `check-config` prints it: a password in the URL redacted.
+struct StoreSer<'a>(&'a Store);
+impl serde::Serialize for StoreSer<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = self.0.clone();
+        st.postgres_url = crate::kv::pg_store::redacted(&st.postgres_url);
+        st.serialize(s)
+    }
 }
 
 /// `[serverless]`: serverless runner pools (runners started with `GET {url}/start` from the
@@ -309,6 +365,7 @@ impl Default for Config {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             serverless: Serverless::default(),
+            store: Store::default(),
         }
     }
 }
@@ -479,6 +536,7 @@ impl Config {
             })?;
             // The round trip below goes through `Serialize`, which redacts the token.
             let token = self.auth.admin_token.clone();
+            let pg_url = self.store.postgres_url.clone();
             let mut current = toml::Table::try_from(&*self).map_err(|e| ConfigError::Env {
                 name: name.clone(),
                 err: e.to_string(),
@@ -492,6 +550,9 @@ impl Config {
                 })?;
             if !(section.as_deref() == Some("auth") && field == "admin_token") {
                 self.auth.admin_token = token;
+            }
+            if !(section.as_deref() == Some("store") && field == "postgres_url") {
+                self.store.postgres_url = pg_url;
             }
         }
         Ok(())
@@ -596,6 +657,26 @@ impl Config {
         if let Err(e) = sv.outbound().validate() {
             return Err(ConfigError::Invalid(e));
         }
+        let st = &self.store;
+        match st.backend.as_str() {
+            "redb" => {}
+            "postgres" => {
+                if st.postgres_url.is_empty() {
+                    return bad("store.postgres_url must be set with store.backend = \"postgres\" (e.g. postgres://torpor@127.0.0.1:5432/torpor)");
+                }
+                if let Err(e) = st.postgres_url.parse::<postgres::Config>() {
+                    return Err(ConfigError::Invalid(format!(
+                        "store.postgres_url is not a valid PostgreSQL connection string: {e}"
+                    )));
+                }
+            }
+            _ => return bad("store.backend must be \"redb\" or \"postgres\""),
+        }
+        if st.connect_timeout_ms == 0 || st.statement_timeout_ms == 0 || st.probe_timeout_ms == 0 {
+            return bad(
+                "store.connect_timeout_ms, statement_timeout_ms and probe_timeout_ms must be > 0",
+            );
+        }
         Ok(())
     }
 
@@ -651,7 +732,7 @@ impl Config {
 impl serde::Serialize for Config {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("Config", 11)?;
+        let mut st = s.serialize_struct("Config", 12)?;
         st.serialize_field("listen", &self.listen.to_string())?;
         st.serialize_field("shards", &self.shards)?;
         st.serialize_field("shard_port_base", &self.shard_port_base)?;
@@ -663,6 +744,7 @@ impl serde::Serialize for Config {
         st.serialize_field("limits", &LimitsSer(&self.limits))?;
         st.serialize_field("timeouts", &TimeoutsSer(&self.timeouts))?;
         st.serialize_field("serverless", &self.serverless)?;
+        st.serialize_field("store", &StoreSer(&self.store))?;
         st.end()
     }
 }
@@ -944,5 +1026,45 @@ mod tests {
         )])
         .unwrap();
         assert_eq!(c.serverless.public_url, "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn store_section() {
+        let c = Config::default();
+        assert_eq!(c.store.backend, "redb");
+        let c = Config::from_toml(
+            "[store]\nbackend = \"postgres\"\npostgres_url = \"postgres://u:hunter2@127.0.0.1:5432/torpor\"\nstatement_timeout_ms = 3000\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.store.postgres().statement_timeout, Duration::from_secs(3));
+        let printed = toml::to_string(&c).unwrap();
+        assert!(
+            !printed.contains("hunter2") && printed.contains("***"),
+            "{printed}"
+        );
+        // An unrelated override keeps the password (the round trip goes through Serialize).
+        let mut c2 = c.clone();
+        c2.apply_env(vec![("TORPOR_SHARDS".to_string(), "2".to_string())])
+            .unwrap();
+        assert_eq!(c2.store.postgres_url, c.store.postgres_url);
+        let mut c3 = Config::default();
+        c3.apply_env(vec![
+            ("TORPOR_STORE__BACKEND".to_string(), "postgres".to_string()),
+            (
+                "TORPOR_STORE__POSTGRES_URL".to_string(),
+                "host=/tmp user=torpor dbname=torpor".to_string(),
+            ),
+        ])
+        .unwrap();
+        c3.validate().unwrap();
+        assert!(Config::from_toml("[store]\nnope = 1\n").is_err());
+        let mut bad = Config::default();
+        bad.store.backend = "postgres".into();
+        assert!(bad.validate().is_err(), "a URL is required");
+        bad.store.postgres_url = "postgres://[bad".into();
+        assert!(bad.validate().is_err());
+        bad.store.backend = "sqlite".into();
+        assert!(bad.validate().is_err());
     }
 }

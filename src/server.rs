@@ -61,17 +61,27 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
     let (shared, (inboxes, control_rx)) = Shared::new(cfg.clone(), metrics.clone(), gateway_id, n)?;
     let control_tx = shared.control.clone();
 
-    // The embedded store: actor KV spaces and the control plane's records. A damaged file, or
-    // an emptied one in a data directory that held a store (`torpor.id`), is refused here with
-    // a message naming the file and what to do (exit 1, nothing listens yet).
-    let kv = crate::kv::spawn(&cfg.store_path(), cfg.kv_limits())
-        .map_err(|e| std::io::Error::other(format!("cannot open the store: {e}")))?;
-    let records = kv.load_meta_blocking().map_err(|e| {
-        std::io::Error::other(format!(
-            "cannot read the store {}: {e}",
-            cfg.store_path().display()
-        ))
-    })?;
+    // The store: actor KV spaces and the control plane's records, in the embedded redb file
+    // (default) or in PostgreSQL (`[store]`). A damaged file, or an emptied one in a data
+    // directory that held a store (`torpor.id`), a bad PostgreSQL URL or an unreachable server
+    // is refused here with a message saying what to do (exit 1, nothing listens yet).
+    let (kv, store_name) = match cfg.store.backend.as_str() {
+        "postgres" => {
+            let settings = cfg.store.postgres();
+            let name = crate::kv::pg_store::redacted(&settings.url);
+            let kv = crate::kv::pg_store::spawn(settings, cfg.kv_limits())
+                .map_err(|e| std::io::Error::other(format!("cannot open the store: {e}")))?;
+            (kv, name)
+        }
+        _ => {
+            let kv = crate::kv::spawn(&cfg.store_path(), cfg.kv_limits())
+                .map_err(|e| std::io::Error::other(format!("cannot open the store: {e}")))?;
+            (kv, cfg.store_path().display().to_string())
+        }
+    };
+    let records = kv
+        .load_meta_blocking()
+        .map_err(|e| std::io::Error::other(format!("cannot read the store {store_name}: {e}")))?;
     let _ = metrics.kv.set(kv.clone());
     let control = {
         let shared = shared.clone();

@@ -394,3 +394,126 @@ fn random_bytes_in_the_store_are_refused_or_every_record_reads_back() {
     }
     assert!(refused > 0, "no damage was detected at all");
 }
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL: the server stops under the worker and comes back
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn pg_server_stop_takes_the_store_down_and_its_return_heals_it() {
+    let cluster = super::pg_cluster::PgCluster::start().expect("start a cluster");
+    let mut settings = PgSettings::new(cluster.url("torpor"));
+    settings.connect_timeout = Duration::from_secs(2);
+    settings.probe_timeout = Duration::from_secs(2);
+    let h = super::pg_store::spawn(settings, KvLimits::default()).unwrap();
+    assert_eq!(h.kv_blocking("a", put(b"k", b"1")), KvResponseData::Put);
+    h.put_meta_blocking(b"actor/a", b"v1").unwrap();
+    assert!(h.is_up());
+
+    cluster.stop();
+    // Every request is answered with the store-down error, and the store reports down.
+    let r = h.kv_blocking("a", put(b"k", b"2"));
+    assert!(message(&r).starts_with("store.unavailable: "), "{r:?}");
+    assert!(!h.is_up());
+    assert!(message(&h.kv_blocking("a", get(b"k"))).starts_with("store.unavailable"));
+    assert!(matches!(
+        h.put_meta_blocking(b"actor/b", b"x"),
+        Err(KvError::StoreDown(_))
+    ));
+    // A fire-and-forget record while down is kept and written once the server is back.
+    h.submit(Job::PutMeta {
+        key: b"actor/c".to_vec(),
+        value: b"v1".to_vec(),
+        done: None,
+    })
+    .unwrap();
+    assert!(!h.is_up());
+
+    cluster.start_server().expect("restart the server");
+    // The worker recovers by itself (probe, reconnect, commit of the kept record).
+    wait_until("the store is up again", || h.is_up());
+    assert_eq!(h.kv_blocking("a", put(b"k", b"3")), KvResponseData::Put);
+    match h.kv_blocking("a", get(b"k")) {
+        KvResponseData::Get(g) => assert_eq!(g.values, vec![b"3".to_vec()]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        h.load_meta_blocking().unwrap(),
+        vec![
+            (b"actor/a".to_vec(), b"v1".to_vec()),
+            (b"actor/c".to_vec(), b"v1".to_vec()),
+        ]
+    );
+    let s = h.stats();
+    assert!(s.store_up && s.reopens >= 1, "{s:?}");
+    h.shutdown();
+}
+
+#[test]
+fn pg_server_killed_under_the_worker_is_survived_too() {
+    let cluster = super::pg_cluster::PgCluster::start().expect("start a cluster");
+    let h = super::pg_store::spawn(PgSettings::new(cluster.url("torpor")), KvLimits::default())
+        .unwrap();
+    assert_eq!(h.kv_blocking("a", put(b"k", b"1")), KvResponseData::Put);
+    cluster.kill();
+    // The backend serving the worker's connection may run on until it notices that its
+    // postmaster is gone: puts may still commit meanwhile. The first refused one is answered
+    // with the store-down error.
+    let mut last_stored = b"1".to_vec();
+    let mut refused = Vec::new();
+    let mut n = 1u64;
+    wait_until("a put is refused", || {
+        n += 1;
+        let v = n.to_string().into_bytes();
+        match h.kv_blocking("a", put(b"k", &v)) {
+            KvResponseData::Put => {
+                last_stored = v;
+                false
+            }
+            r => {
+                assert!(message(&r).starts_with("store.unavailable: "), "{r:?}");
+                refused = v;
+                true
+            }
+        }
+    });
+    assert!(!h.is_up());
+    cluster.start_server().expect("restart the server");
+    wait_until("the store is up again", || h.is_up());
+    // Every acknowledged put is there; the refused one may have committed before the
+    // connection broke (its outcome was unknown, and it was not acknowledged).
+    match h.kv_blocking("a", get(b"k")) {
+        KvResponseData::Get(g) => assert!(
+            g.values == vec![last_stored.clone()] || g.values == vec![refused.clone()],
+            "{g:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    h.shutdown();
+}
+
+#[test]
+fn pg_probe_and_reopen_are_bounded_when_the_server_never_answers() {
+    let cluster = super::pg_cluster::PgCluster::start().expect("start a cluster");
+    let mut settings = PgSettings::new(cluster.url("torpor"));
+    settings.connect_timeout = Duration::from_millis(500);
+    settings.statement_timeout = Duration::from_millis(500);
+    settings.probe_timeout = Duration::from_millis(500);
+    let mut store = PgStore::open(settings).unwrap();
+    store.probe().unwrap();
+    cluster.freeze();
+    // The kernel accepts the connection; the frozen postmaster never answers it. Both calls
+    // return (with the store-down error) instead of holding the store thread.
+    let e = store.probe().unwrap_err();
+    assert!(e.is_store_down(), "{e}");
+    let e = store.reopen(false).unwrap_err();
+    assert!(e.is_store_down(), "{e}");
+    cluster.thaw();
+    wait_until("the probe succeeds", || store.probe().is_ok());
+    store.reopen(false).unwrap();
+    store.put_meta(b"k", b"v").unwrap();
+    assert_eq!(
+        store.load_meta().unwrap(),
+        vec![(b"k".to_vec(), b"v".to_vec())]
+    );
+}

@@ -9,8 +9,9 @@
 //!   batch, delete range, drop actor). [`KvBatch`] adds the control plane's generic "meta"
 //!   records, and a [`KvBackend`] runs a closure inside one transaction over a `KvBatch` view
 //!   and commits it durably. Another storage engine replaces redb by implementing these three.
-//! - [`redb_store::RedbStore`] is the embedded, durable backend; [`mem_store::MemBackend`] is
-//!   an in-memory one for tests and ephemeral setups.
+//! - [`redb_store::RedbStore`] is the embedded, durable backend (the default);
+//!   [`pg_store::PgStore`] keeps the same tables in PostgreSQL, for several nodes sharing one
+//!   store; [`mem_store::MemBackend`] is an in-memory one for tests and ephemeral setups.
 //! - [`worker`] runs a backend on its own OS thread with group commit, so that the data path
 //!   never waits on a disk.
 //!
@@ -39,6 +40,9 @@
 
 pub mod mem_store;
 mod panics;
+#[doc(hidden)]
+pub mod pg_cluster;
+pub mod pg_store;
 pub mod redb_store;
 pub mod worker;
 
@@ -54,6 +58,7 @@ use crate::protocol::{
     KvResponseData, KvValue,
 };
 
+pub use pg_store::{PgOpenError, PgSettings, PgStore};
 pub use redb_store::{KvOpenError, RedbStore};
 pub use worker::{
     spawn, spawn_backend, Closed, Job, KvHandle, KvStats, KvStatsSnapshot, Reply, STORE_UNAVAILABLE,

@@ -1,4 +1,4 @@
-//! Tests of the actor KV store: semantics on both backends, limits, durability across reopen,
+//! Tests of the actor KV store: semantics on every backend (memory, redb, PostgreSQL), limits, durability across reopen,
 //! the worker's group commit and failure handling, and a model-based property test.
 
 use std::collections::BTreeMap;
@@ -122,7 +122,16 @@ impl<B: KvBackend> Quota for H<B> {
     }
 }
 
-/// Runs `f` on a fresh MemBackend and a fresh redb store whose quota is `quota` bytes.
+/// A PgStore on a fresh database of this process's shared test cluster.
+pub(super) fn pg_store(tag: &str) -> PgStore {
+    let url = pg_cluster::PgCluster::shared()
+        .fresh_database(tag)
+        .expect("create a test database");
+    PgStore::open(PgSettings::new(url)).expect("open the PostgreSQL store")
+}
+
+/// Runs `f` on a fresh MemBackend, a fresh redb store and a fresh PostgreSQL store whose quota
+/// is `quota` bytes.
 fn both_quota(quota: u64, f: impl Fn(&mut dyn Quota)) {
     let mut mem = H::new(MemBackend::new());
     mem.limits.max_actor_bytes = quota;
@@ -131,6 +140,9 @@ fn both_quota(quota: u64, f: impl Fn(&mut dyn Quota)) {
     let mut redb = H::new(RedbStore::open(&dir.file()).expect("open"));
     redb.limits.max_actor_bytes = quota;
     f(&mut redb);
+    let mut pg = H::new(pg_store("quota"));
+    pg.limits.max_actor_bytes = quota;
+    f(&mut pg);
 }
 
 fn k(s: &[u8]) -> Vec<u8> {
@@ -225,13 +237,15 @@ fn version(m: &KvMetadata) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// Runs `f` on a fresh MemBackend and a fresh redb store.
+/// Runs `f` on a fresh MemBackend, a fresh redb store and a fresh PostgreSQL store.
 fn both(f: impl Fn(&mut dyn FnMut(&str, KvRequestData) -> KvResponseData)) {
     let mut mem = H::new(MemBackend::new());
     f(&mut |a, r| mem.run(a, r));
     let dir = TempDir::new("both");
     let mut redb = H::new(RedbStore::open(&dir.file()).expect("open"));
     f(&mut |a, r| redb.run(a, r));
+    let mut pg = H::new(pg_store("both"));
+    f(&mut |a, r| pg.run(a, r));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -459,7 +473,13 @@ fn list_range_inclusive_exclusive_and_empty() {
 
 #[test]
 fn list_default_limit_and_clamp() {
-    let mut h = H::new(MemBackend::new());
+    list_default_limit_and_clamp_on(H::new(MemBackend::new()));
+    let dir = TempDir::new("limit");
+    list_default_limit_and_clamp_on(H::new(RedbStore::open(&dir.file()).unwrap()));
+    list_default_limit_and_clamp_on(H::new(pg_store("limit")));
+}
+
+fn list_default_limit_and_clamp_on<B: KvBackend>(mut h: H<B>) {
     h.limits.default_list_limit = 3;
     h.limits.max_list_limit = 5;
     for i in 0u8..10 {
@@ -835,7 +855,11 @@ fn quota_refusals_are_counted_by_the_worker() {
 #[test]
 fn reads_in_a_batch_see_earlier_writes_of_the_batch() {
     let dir = TempDir::new("batch");
-    let mut h = H::new(RedbStore::open(&dir.file()).unwrap());
+    reads_in_a_batch_see_earlier_writes_on(H::new(RedbStore::open(&dir.file()).unwrap()));
+    reads_in_a_batch_see_earlier_writes_on(H::new(pg_store("batch")));
+}
+
+fn reads_in_a_batch_see_earlier_writes_on<B: KvBackend>(mut h: H<B>) {
     let out = h.group(vec![
         ("a".into(), put(&[(b"k", b"1")])),
         ("a".into(), get(&[b"k"])),
@@ -853,14 +877,21 @@ type WriteFn = dyn FnMut(&mut BatchFn<'_>) -> Result<(), KvError>;
 
 #[test]
 fn failed_batch_keeps_nothing() {
-    for redb in [false, true] {
+    for redb in ["mem", "redb", "pg"] {
         let dir = TempDir::new("abort");
-        let mut backend: Box<WriteFn> = if redb {
-            let mut s = RedbStore::open(&dir.file()).unwrap();
-            Box::new(move |f| s.write_batch(f))
-        } else {
-            let mut s = MemBackend::new();
-            Box::new(move |f| s.write_batch(f))
+        let mut backend: Box<WriteFn> = match redb {
+            "redb" => {
+                let mut s = RedbStore::open(&dir.file()).unwrap();
+                Box::new(move |f| s.write_batch(f))
+            }
+            "pg" => {
+                let mut s = pg_store("abort");
+                Box::new(move |f| s.write_batch(f))
+            }
+            _ => {
+                let mut s = MemBackend::new();
+                Box::new(move |f| s.write_batch(f))
+            }
         };
         let limits = KvLimits::default();
         backend(&mut |v| {
@@ -871,6 +902,7 @@ fn failed_batch_keeps_nothing() {
         .unwrap();
         let r = backend(&mut |v| {
             apply(v, &limits, "a", put(&[(b"new", b"2")]), 2)?;
+            apply(v, &limits, "b", put(&[(b"other", b"2")]), 2)?;
             apply(v, &limits, "a", KvRequestData::Drop, 2)?;
             v.put_meta(b"m", b"2")?;
             v.put_meta(b"n", b"2")?;
@@ -1468,4 +1500,141 @@ proptest! {
         let dir = TempDir::new("prop");
         check_against_model(RedbStore::open(&dir.file()).unwrap(), &ops, &chunks)?;
     }
+}
+
+proptest! {
+    // Every chunk is a transaction on a server: keep the case count modest.
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pg_backend_matches_model(
+        ops in prop::collection::vec(op_strategy(), 1..60),
+        chunks in prop::collection::vec(4usize..16, 0..20),
+    ) {
+        check_against_model(pg_store("prop"), &ops, &chunks)?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL: meta records, durability across reopen and a server restart
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn pg_meta_records_put_delete_load_get() {
+    let mut s = pg_store("meta");
+    s.put_meta(b"b", b"2").unwrap();
+    s.put_meta(b"a", b"1").unwrap();
+    s.put_meta(&[0xFF, 0], b"high").unwrap();
+    s.put_meta(b"b", b"22").unwrap();
+    s.delete_meta(b"missing").unwrap();
+    assert_eq!(
+        s.load_meta().unwrap(),
+        vec![
+            (k(b"a"), k(b"1")),
+            (k(b"b"), k(b"22")),
+            (vec![0xFF, 0], k(b"high"))
+        ]
+    );
+    s.delete_meta(b"a").unwrap();
+    let mut got = None;
+    s.read_batch(&mut |v| {
+        got = Some(v.get_meta(&[k(b"zz"), vec![0xFF, 0], k(b"a"), k(b"b")])?);
+        // Writes fail in a read transaction.
+        assert!(v.put_meta(b"x", b"y").is_err());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        got.unwrap(),
+        vec![(vec![0xFF, 0], k(b"high")), (k(b"b"), k(b"22"))]
+    );
+}
+
+/// Puts, a meta record and the usage; then checks they are all there after `reopen`.
+fn pg_durability_check(reopen: impl FnOnce(PgStore) -> PgStore) {
+    let url = pg_cluster::PgCluster::shared()
+        .fresh_database("durable")
+        .unwrap();
+    let mut h = H::new(PgStore::open(PgSettings::new(url.clone())).unwrap());
+    h.run("a", put(&[(b"k1", b"v1"), (b"k2", b"v2")]));
+    h.run("b", put(&[(b"x", b"yy")]));
+    h.b.put_meta(b"actor/1", b"rec").unwrap();
+    // The last put of all.
+    let v_before = version(&metadata(&h.run("b", get(&[b"x"])))[0]);
+    let b = reopen(h.b);
+    let mut h = H::new(b);
+    assert_eq!(
+        pairs(&h.run("a", list(all(), None, None))),
+        vec![(k(b"k1"), k(b"v1")), (k(b"k2"), k(b"v2"))]
+    );
+    assert_eq!(h.usage("a"), 8);
+    assert_eq!(h.usage("b"), 3);
+    assert_eq!(h.b.load_meta().unwrap(), vec![(k(b"actor/1"), k(b"rec"))]);
+    // The version sequence continues where it was.
+    h.run("a", put(&[(b"k3", b"v")]));
+    let v_after = version(&metadata(&h.run("a", get(&[b"k3"])))[0]);
+    assert_eq!(v_after, v_before + 1);
+    // And a second store on the same database sees the same data.
+    let mut other = H::new(PgStore::open(PgSettings::new(url)).unwrap());
+    assert_eq!(keys_of(&other.run("a", list(all(), None, None))).len(), 3);
+}
+
+#[test]
+fn pg_data_survives_closing_and_reopening_the_store() {
+    pg_durability_check(|s| {
+        let settings = s.settings().clone();
+        drop(s);
+        PgStore::open(settings).unwrap()
+    });
+}
+
+#[test]
+fn pg_data_survives_a_restart_of_the_server() {
+    let cluster = pg_cluster::PgCluster::start().expect("start a cluster");
+    let url = cluster.url("torpor");
+    let mut h = H::new(PgStore::open(PgSettings::new(url.clone())).unwrap());
+    h.run("a", put(&[(b"k1", b"v1")]));
+    h.b.put_meta(b"actor/1", b"rec").unwrap();
+    drop(h);
+    // An immediate stop: no checkpoint, the committed data comes back from the WAL.
+    cluster.stop();
+    cluster.start_server().expect("restart the server");
+    let mut h = H::new(PgStore::open(PgSettings::new(url)).unwrap());
+    assert_eq!(
+        pairs(&h.run("a", get(&[b"k1"]))),
+        vec![(k(b"k1"), k(b"v1"))]
+    );
+    assert_eq!(h.usage("a"), 4);
+    assert_eq!(h.b.load_meta().unwrap(), vec![(k(b"actor/1"), k(b"rec"))]);
+}
+
+#[test]
+fn pg_open_refuses_a_bad_url_and_an_unreachable_server() {
+    let e = PgStore::open(PgSettings::new("postgres://[nope")).unwrap_err();
+    assert!(matches!(e, PgOpenError::BadUrl(_)), "{e}");
+    // A port nothing listens on (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = PgStore::open(PgSettings::new(format!(
+        "postgres://u:secret@127.0.0.1:{port}/torpor"
+    )))
+    .unwrap_err();
+    let m = e.to_string();
+    assert!(matches!(e, PgOpenError::Connect { .. }), "{m}");
+    assert!(m.contains("cannot connect") && !m.contains("secret"), "{m}");
+}
+
+#[test]
+fn pg_open_refuses_a_database_whose_tables_are_not_torpors() {
+    let url = pg_cluster::PgCluster::shared()
+        .fresh_database("foreign")
+        .unwrap();
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute("CREATE TABLE kv (x int)").unwrap();
+    let e = PgStore::open(PgSettings::new(url)).unwrap_err();
+    assert!(matches!(e, PgOpenError::Schema { .. }), "{e}");
+    assert!(e.to_string().contains("tables"), "{e}");
 }
