@@ -49,8 +49,12 @@ pub struct Store {
     /// Longest run of one statement (server-side timeout, and the connection's TCP user
     /// timeout).
     pub statement_timeout_ms: u64,
-    /// Longest wait for the `SELECT 1` that checks a failed store is back.
+    /// Longest wait for the `SELECT 1` that checks a failed store is back, and for the idle
+    /// health check.
     pub probe_timeout_ms: u64,
+    /// How often an idle store that is up checks that PostgreSQL still answers (so
+    /// `/readyz` turns 503 without waiting for a request).
+    pub health_every_ms: u64,
 }
 
 impl Default for Store {
@@ -63,6 +67,7 @@ impl Default for Store {
             connect_timeout_ms: ms(p.connect_timeout),
             statement_timeout_ms: ms(p.statement_timeout),
             probe_timeout_ms: ms(p.probe_timeout),
+            health_every_ms: ms(p.health_every),
         }
     }
 }
@@ -75,6 +80,7 @@ impl Store {
             connect_timeout: ms(self.connect_timeout_ms),
             statement_timeout: ms(self.statement_timeout_ms),
             probe_timeout: ms(self.probe_timeout_ms),
+            health_every: ms(self.health_every_ms),
         }
     }
 }
@@ -672,9 +678,13 @@ impl Config {
             }
             _ => return bad("store.backend must be \"redb\" or \"postgres\""),
         }
-        if st.connect_timeout_ms == 0 || st.statement_timeout_ms == 0 || st.probe_timeout_ms == 0 {
+        if st.connect_timeout_ms == 0
+            || st.statement_timeout_ms == 0
+            || st.probe_timeout_ms == 0
+            || st.health_every_ms == 0
+        {
             return bad(
-                "store.connect_timeout_ms, statement_timeout_ms and probe_timeout_ms must be > 0",
+                "store.connect_timeout_ms, statement_timeout_ms, probe_timeout_ms and health_every_ms must be > 0",
             );
         }
         Ok(())

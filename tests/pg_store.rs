@@ -89,13 +89,14 @@ fn readyz_follows_postgres_going_away_and_coming_back() {
     create_actor(d.addr, "echo", Some("before"));
 
     cluster.stop();
-    // The store notices on its next use: a create needs a durable write.
+    // The idle store's health check notices without any request.
+    wait_ready(d.addr, 503);
+    // A create needs a durable write: refused while the server is away.
     let (status, _, body) = post_actor(
         d.addr,
         &serde_json::json!({"name": "echo", "key": "during", "runner_name_selector": "default"}),
     );
     assert_ne!(status, 200, "{}", String::from_utf8_lossy(&body));
-    wait_ready(d.addr, 503);
 
     cluster.start_server().expect("restart PostgreSQL");
     wait_ready(d.addr, 200);

@@ -326,6 +326,16 @@ pub trait KvBackend: Send + 'static {
     fn probe(&mut self) -> Result<(), KvError> {
         Ok(())
     }
+    /// How often an idle worker checks that a store which is up still answers: a database
+    /// server can go away between requests, and readiness should say so before a request
+    /// finds out. `None` (the default, a local file) never checks.
+    fn health_every(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// That check: bounded in time; `Err(StoreDown)` marks the store down.
+    fn health(&mut self) -> Result<(), KvError> {
+        Ok(())
+    }
 }
 
 /// The selection of a list request in user-key space.

@@ -65,18 +65,23 @@ pub struct PgSettings {
     /// Longest run of one statement (server-side `statement_timeout` and `lock_timeout`, and
     /// the connection's `tcp_user_timeout`).
     pub statement_timeout: Duration,
-    /// Longest wait for the probe's `SELECT 1` while the store is down.
+    /// Longest wait for the probe's `SELECT 1` while the store is down, and for the idle
+    /// health check.
     pub probe_timeout: Duration,
+    /// How often an idle worker checks the connection while the store is up.
+    pub health_every: Duration,
 }
 
 impl PgSettings {
-    /// Settings with the default timeouts (5 s to connect, 10 s per statement, 2 s probe).
+    /// Settings with the default timeouts (5 s to connect, 10 s per statement, 2 s probe, a
+    /// health check every 2 s when idle).
     pub fn new(url: impl Into<String>) -> PgSettings {
         PgSettings {
             url: url.into(),
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(10),
             probe_timeout: Duration::from_secs(2),
+            health_every: Duration::from_secs(2),
         }
     }
 
@@ -370,6 +375,20 @@ impl KvBackend for PgStore {
         self.conn = None;
         self.conn = Some(Conn::open_bounded(&self.settings)?);
         Ok(())
+    }
+
+    fn health_every(&self) -> Option<Duration> {
+        Some(self.settings.health_every)
+    }
+
+    /// The open connection answers within `probe_timeout` (`Client::is_valid`: a simple
+    /// query with a timeout, so a server that stopped answering cannot hold the worker).
+    fn health(&mut self) -> Result<(), KvError> {
+        let timeout = self.settings.probe_timeout;
+        match self.conn.as_mut() {
+            Some(c) => c.client.is_valid(timeout).map_err(pg_error),
+            None => Err(KvError::StoreDown("no connection to PostgreSQL".into())),
+        }
     }
 
     /// A fresh connection answers `SELECT 1` within `probe_timeout`.

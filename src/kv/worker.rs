@@ -20,7 +20,9 @@
 //! backend is closed and reopened ([`KvBackend::reopen`], verified after a panic) before the
 //! next batch, and again in the background with a back-off from [`RETRY_MIN`] doubling to
 //! [`RETRY_MAX`] while nothing arrives; a store that is down is used again only once
-//! [`KvBackend::probe`] sees the cause gone (free space). While down, every job is answered with a
+//! [`KvBackend::probe`] sees the cause gone (free space). A backend on a server
+//! ([`KvBackend::health_every`]) is also checked while idle, so that a server that went away
+//! marks the store down before a request finds out. While down, every job is answered with a
 //! `store.unavailable: …` error, [`KvHandle::is_up`] is false (the daemon's `/readyz` answers
 //! 503 and `torpor_store_up` reads 0), and every batch is a write transaction, so that the store
 //! is up again only once a commit succeeded. The first batch after the cause is gone (space
@@ -548,6 +550,8 @@ fn unix_ms() -> i64 {
 enum Next {
     Msg(Msg),
     Retry,
+    /// Idle for the backend's health interval while up.
+    Health,
     Closed,
 }
 
@@ -568,6 +572,12 @@ impl<B: KvBackend> Worker<B> {
                         Err(RecvTimeoutError::Timeout) => Next::Retry,
                         Err(RecvTimeoutError::Disconnected) => Next::Closed,
                     }
+                } else if let Some(every) = self.backend.health_every() {
+                    match rx.recv_timeout(every) {
+                        Ok(m) => Next::Msg(m),
+                        Err(RecvTimeoutError::Timeout) => Next::Health,
+                        Err(RecvTimeoutError::Disconnected) => Next::Closed,
+                    }
                 } else {
                     rx.recv().map_or(Next::Closed, Next::Msg)
                 };
@@ -586,6 +596,10 @@ impl<B: KvBackend> Worker<B> {
                         } else {
                             RETRY_MIN
                         };
+                        continue;
+                    }
+                    Next::Health => {
+                        self.health_check();
                         continue;
                     }
                     Next::Closed => break,
@@ -625,6 +639,23 @@ impl<B: KvBackend> Worker<B> {
     /// True while the store needs recovery work: down, or holding records to write.
     fn troubled(&self) -> bool {
         self.needs_reopen || !self.pending.is_empty() || self.stats.down.load(Ordering::Relaxed)
+    }
+
+    /// The idle check of a store that is up ([`KvBackend::health`]): a failure marks it down
+    /// (readiness 503) and it is reopened like after a failed batch.
+    fn health_check(&mut self) {
+        let backend = &mut self.backend;
+        let checked = super::panics::contain(|| backend.health()).unwrap_or_else(|panic| {
+            Err(KvError::StoreDown(format!(
+                "health check panicked: {panic}"
+            )))
+        });
+        if let Err(e) = checked {
+            if e.is_store_down() {
+                self.needs_reopen = true;
+                self.mark_down(&e);
+            }
+        }
     }
 
     fn mark_down(&mut self, e: &KvError) {
