@@ -16,7 +16,7 @@ mod hosting;
 mod session;
 mod tunnel;
 
-use std::collections::HashMap;
+use super::FastMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -49,7 +49,7 @@ pub(crate) struct InitInfo {
 /// The runner state machine.
 pub(crate) struct Core {
     pub(crate) io: Io,
-    actors: HashMap<Arc<str>, ActorSlot>,
+    actors: FastMap<Arc<str>, ActorSlot>,
     factory: Box<dyn ActorFactory>,
     init: InitInfo,
     runner_id: Option<String>,
@@ -67,7 +67,7 @@ impl Core {
     ) -> Self {
         Self {
             io: Io::new(counters, ctl_tx),
-            actors: HashMap::new(),
+            actors: FastMap::default(),
             factory,
             init,
             runner_id: None,

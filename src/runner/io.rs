@@ -8,7 +8,9 @@
 //! Sans-IO like the core: it must never touch a socket, sleep or read a clock, and never call
 //! an actor (only the core does).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use super::FastMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -103,18 +105,18 @@ pub(super) struct Remembered {
 /// actor can be borrowed mutably next to it.
 pub(crate) struct Io {
     pub(super) phase: Phase,
-    pub(super) requests: HashMap<RequestKey, Req>,
+    pub(super) requests: FastMap<RequestKey, Req>,
     /// Streamed responses being sent.
-    pub(crate) http_out: HashMap<RequestKey, HttpOut>,
+    pub(crate) http_out: FastMap<RequestKey, HttpOut>,
     /// Messages ready for the socket, in order.
     pub(super) out: VecDeque<Outgoing>,
     /// Tunnel messages produced while not connected, sent after the next `Init`.
     pub(super) backlog: VecDeque<Outgoing>,
     /// Unacknowledged events per (actor, generation), resent after every `Init`.
-    pub(super) events: HashMap<(Arc<str>, u32), VecDeque<EventWrapper>>,
+    pub(super) events: FastMap<(Arc<str>, u32), VecDeque<EventWrapper>>,
     pub(super) pending_acks: Vec<RequestKey>,
     /// Indices of hibernated sockets, per actor, for a restore in this process.
-    pub(super) remembered: HashMap<Arc<str>, HashMap<RequestKey, Remembered>>,
+    pub(super) remembered: FastMap<Arc<str>, FastMap<RequestKey, Remembered>>,
     pub(super) remembered_len: usize,
     pub(crate) counters: Arc<Counters>,
     pub(crate) ctl_tx: UnboundedSender<Ctl>,
@@ -194,13 +196,13 @@ impl Io {
     pub(super) fn new(counters: Arc<Counters>, ctl_tx: UnboundedSender<Ctl>) -> Self {
         Self {
             phase: Phase::Disconnected,
-            requests: HashMap::new(),
-            http_out: HashMap::new(),
+            requests: FastMap::default(),
+            http_out: FastMap::default(),
             out: VecDeque::new(),
             backlog: VecDeque::new(),
-            events: HashMap::new(),
+            events: FastMap::default(),
             pending_acks: Vec::new(),
-            remembered: HashMap::new(),
+            remembered: FastMap::default(),
             remembered_len: 0,
             counters,
             ctl_tx,
@@ -456,7 +458,7 @@ impl Io {
         &mut self,
         actor_id: &str,
         generation: u32,
-    ) -> HashMap<RequestKey, Remembered> {
+    ) -> FastMap<RequestKey, Remembered> {
         let mut map = self.remembered.remove(actor_id).unwrap_or_default();
         self.remembered_len -= map.len();
         map.retain(|_, r| r.generation == generation || r.generation.wrapping_add(1) == generation);
