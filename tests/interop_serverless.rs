@@ -111,6 +111,32 @@ impl NodeProc {
         self.stdin.flush().unwrap();
     }
 
+    /// Waits for one line starting with each of `prefixes`, in any order (events of two
+    /// processes, e.g. a replacement's start and the drained actor's sleep, have no fixed
+    /// order); returns them in the order of `prefixes`. Other lines are skipped.
+    fn wait_each(&self, prefixes: &[&str]) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        let mut found: Vec<Option<String>> = vec![None; prefixes.len()];
+        while found.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.proc.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with("FATAL ") => panic!("{}: {l}", self.proc.name),
+                Ok(l) => {
+                    if let Some(i) = (0..prefixes.len())
+                        .find(|&i| found[i].is_none() && l.starts_with(prefixes[i]))
+                    {
+                        found[i] = Some(l);
+                    }
+                }
+                Err(_) => panic!(
+                    "{}: no line starting with each of {prefixes:?} (found {found:?})",
+                    self.proc.name
+                ),
+            }
+        }
+        found.into_iter().flatten().collect()
+    }
+
     /// Waits for a line starting with `prefix` (FATAL lines fail the test).
     fn wait(&self, prefix: &str) -> String {
         let deadline = Instant::now() + WAIT;
@@ -327,9 +353,8 @@ fn a_runner_drained_at_its_lifespan_is_replaced_and_the_state_survives() {
     assert_eq!(s.client.wait("RES t1 "), "RES t1 ok 5");
     // The drain stops the actor (it sleeps, saving its state) and requests a replacement at
     // once; torpor closes the old stream at the end of the grace.
-    s.app.wait("ACTOR_SLEEP ");
-    assert_eq!(field(&s.app.wait("START "), "answer"), "rivetkit");
-    s.app.wait("START_END");
+    let lines = s.app.wait_each(&["ACTOR_SLEEP ", "START ", "START_END"]);
+    assert_eq!(field(&lines[1], "answer"), "rivetkit");
     s.gw.wait_metric("torpor_serverless_stops_total", |v| v >= 1.0);
     // The actor wakes on the new runner with its state.
     s.client.line("t2 action pool-c increment [2]");
