@@ -541,25 +541,33 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
         #[test]
-        fn never_two_leaders_at_once(steps in proptest::collection::vec(step(), 1..400)) {
+        fn never_two_leaders_at_once(
+            steps in proptest::collection::vec(step(), 1..400),
+            // Each node's clock rate in parts per thousand of the store's: within the 10 %
+            // that the safety margin covers (1 s of 10 s), with room for rounding.
+            rates in proptest::collection::vec(950u64..=1050, 3),
+            db_offset_ms in 0u64..1_000_000_000,
+        ) {
             let cfg = LeaseConfig::default();
             let ttl_ms = cfg.ttl.as_millis() as u64;
             let t0 = Instant::now();
+            // `now_ms` is real time; node `n` reads `t0 + now_ms * rates[n] / 1000`, the store
+            // reads `db_offset_ms + now_ms`.
             let mut now_ms = 0u64;
+            let node_now = |n: usize, now_ms: u64| t0 + Duration::from_micros(now_ms * rates[n]);
             let mut db = Db::default();
             let mut nodes: Vec<Lease> = (0..3).map(|_| Lease::new(cfg, t0)).collect();
             let mut pending: Vec<Option<Pending>> = (0..3).map(|_| None).collect();
             let mut epochs_led: Vec<(u64, usize)> = Vec::new();
             for s in steps {
-                let now = t0 + Duration::from_millis(now_ms);
                 let mut outs = Vec::new();
                 match s {
                     Step::Advance(d) => now_ms += d,
-                    Step::Tick(n) => outs.push((n, nodes[n].tick(now))),
+                    Step::Tick(n) => outs.push((n, nodes[n].tick(node_now(n, now_ms)))),
                     Step::Execute(n) => {
                         if let Some(p) = pending[n].as_mut() {
                             if p.answer.is_none() {
-                                p.answer = Some(db.run(n, p.op, now_ms, ttl_ms));
+                                p.answer = Some(db.run(n, p.op, db_offset_ms + now_ms, ttl_ms));
                             }
                         }
                     }
@@ -569,7 +577,7 @@ mod tests {
                                 Some(a) if !lose => a,
                                 _ => StoreAnswer::Error,
                             };
-                            outs.push((n, nodes[n].on_answer(now, answer)));
+                            outs.push((n, nodes[n].on_answer(node_now(n, now_ms), answer)));
                         }
                     }
                 }
@@ -593,8 +601,11 @@ mod tests {
                 }
                 // Check at this instant and just before the next step's instant could differ
                 // only by time passing, which only ends leaderships.
-                let now = t0 + Duration::from_millis(now_ms);
-                let leaders: Vec<u64> = nodes.iter().filter_map(|l| l.leader_epoch(now)).collect();
+                let leaders: Vec<u64> = nodes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(n, l)| l.leader_epoch(node_now(n, now_ms)))
+                    .collect();
                 prop_assert!(leaders.len() <= 1, "two leaders at {now_ms} ms: {leaders:?}");
                 // A node that believes it leads holds the store's current epoch... or one the
                 // store has not yet replaced.
