@@ -452,8 +452,26 @@ impl KvBackend for PgStore {
 /// The fence check inside an open write transaction (see the module doc): the row lock taken
 /// here is held until the transaction ends.
 fn check_fence(conn: &mut Conn, fence: Fence) -> Result<(), KvError> {
-    let stmt = conn.range_stmt(FENCE_SQL.to_string())?;
-    let row = conn.client.query_opt(&stmt, &[]).map_err(pg_error)?;
+    // No lease table: no lease was ever granted in this database, so no epoch is current.
+    let no_table = |e: postgres::Error| {
+        if e.code() == Some(&SqlState::UNDEFINED_TABLE) {
+            KvError::Fenced {
+                epoch: fence.epoch,
+                current: None,
+            }
+        } else {
+            pg_error(e)
+        }
+    };
+    let stmt = match conn.ranges.get(FENCE_SQL) {
+        Some(s) => s.clone(),
+        None => {
+            let s = conn.client.prepare(FENCE_SQL).map_err(no_table)?;
+            conn.ranges.insert(FENCE_SQL.to_string(), s.clone());
+            s
+        }
+    };
+    let row = conn.client.query_opt(&stmt, &[]).map_err(no_table)?;
     let (current, live) = match row {
         Some(r) => {
             let e: i64 = r.get(0);

@@ -174,6 +174,26 @@ fn a_paused_leaders_fenced_write_is_refused_and_the_new_leaders_succeeds() {
 }
 
 #[test]
+fn a_fenced_write_without_any_lease_is_refused() {
+    let url = fresh_db("lease_none");
+    let mut s = store(&url, Some(1));
+    let e = s.put_meta(b"k", b"v").unwrap_err();
+    assert_eq!(
+        e,
+        KvError::Fenced {
+            epoch: 1,
+            current: None
+        }
+    );
+    // The table exists but no lease was granted yet: refused the same way.
+    lease(&url);
+    assert_eq!(s.put_meta(b"k", b"v").unwrap_err(), e);
+    s.set_fence(None);
+    s.put_meta(b"k", b"v").expect("an unfenced write commits");
+    assert_eq!(meta(&mut s), vec![(b"k".to_vec(), b"v".to_vec())]);
+}
+
+#[test]
 fn a_write_racing_an_acquisition_commits_first_and_the_acquire_waits() {
     let url = fresh_db("lease_race");
     let mut a = lease(&url);
