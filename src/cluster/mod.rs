@@ -3,5 +3,10 @@
 //!
 //! - [`link`]: reliable, ordered delivery of control messages between two nodes over a bus
 //!   that loses, duplicates and reorders (core NATS, the simulation's bus).
+//! - [`lease`]: one placement leader at a time, the sans-IO lease state machine of a node.
+//! - [`pg_lease`]: that lease in PostgreSQL (epoch row, advisory lock) and the epoch fence on
+//!   the store's writes.
 
+pub mod lease;
 pub mod link;
+pub mod pg_lease;

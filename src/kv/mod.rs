@@ -132,6 +132,12 @@ pub enum KvError {
     /// commit succeeds again.
     #[error("store.unavailable: {0}")]
     StoreDown(String),
+    /// A write fenced with the placement lease's `epoch` was refused because the lease now has
+    /// epoch `current` (`None`: no lease row) or has expired in the database's clock: this node
+    /// is no longer the leader and must step down. Nothing of the transaction is kept. Not a
+    /// store failure: the store is up (see [`worker`] for how the worker answers it).
+    #[error("kv.fenced: write of leader epoch {epoch} refused, the lease is at epoch {current:?} or expired; this node no longer leads")]
+    Fenced { epoch: u64, current: Option<u64> },
 }
 
 impl KvError {
@@ -139,6 +145,11 @@ impl KvError {
     /// to one bad record or one refused operation).
     pub fn is_store_down(&self) -> bool {
         matches!(self, KvError::StoreDown(_))
+    }
+
+    /// True when a fenced write was refused: the node lost the placement lease.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, KvError::Fenced { .. })
     }
 }
 

@@ -39,6 +39,14 @@
 //! packets is not detected by these: a statement in flight then waits until the server resumes
 //! or the connection breaks. Connecting (open, reopen) and the probe are bounded even then: they
 //! run on a helper thread that the store thread waits for at most connect + statement timeout.
+//!
+//! Fence ([`PgStore::set_fence`]): on a node that leads placement, every write transaction
+//! first checks, under a `FOR KEY SHARE` row lock held until the commit, that the lease row of
+//! `torpor_lease` (see [`crate::cluster::pg_lease`], which creates it) still has the leader's
+//! epoch and has not expired in the database's clock; otherwise the transaction is rolled back
+//! and the batch fails with [`KvError::Fenced`]. The module doc of `pg_lease` explains why a
+//! write then either commits before the next leader's acquisition or is refused. Read batches
+//! are not fenced.
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -231,9 +239,21 @@ impl Conn {
     }
 }
 
+/// The lease epoch every write transaction of a leader is conditional on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub epoch: u64,
+}
+
+/// The fence check: the lease row, locked against a concurrent acquire until the commit.
+const FENCE_SQL: &str = "SELECT epoch, expires_at >= clock_timestamp() FROM torpor_lease \
+                         WHERE id = 1 FOR KEY SHARE";
+
 /// The PostgreSQL-backed store. `Send`: open it on one thread, hand it to the worker.
 pub struct PgStore {
     settings: PgSettings,
+    /// When set, every write transaction is conditional on this lease epoch.
+    fence: Option<Fence>,
     /// `None` after a failure until [`KvBackend::reopen`] connects again.
     conn: Option<Conn>,
 }
@@ -286,6 +306,7 @@ impl PgStore {
         })?;
         Ok(PgStore {
             settings,
+            fence: None,
             conn: Some(conn),
         })
     }
@@ -293,6 +314,18 @@ impl PgStore {
     /// Where it connects and its timeouts.
     pub fn settings(&self) -> &PgSettings {
         &self.settings
+    }
+
+    /// Makes every following write transaction conditional on the lease epoch (`None`: no
+    /// condition, a single node). Set it when the node becomes leader with an epoch, before
+    /// its first write as leader; a refused write answers [`KvError::Fenced`].
+    pub fn set_fence(&mut self, fence: Option<Fence>) {
+        self.fence = fence;
+    }
+
+    /// The fence in force.
+    pub fn fence(&self) -> Option<Fence> {
+        self.fence
     }
 
     /// Stores one meta record and commits.
@@ -318,9 +351,13 @@ impl PgStore {
     /// Runs `f` between `begin` and COMMIT; rolls back when it fails. A store-down error drops
     /// the connection.
     fn run(&mut self, begin: &str, write: bool, f: &mut BatchFn<'_>) -> Result<(), KvError> {
+        let fence = if write { self.fence } else { None };
         let conn = self.conn.as_mut().ok_or_else(not_connected)?;
         let result = (|| {
             conn.client.batch_execute(begin).map_err(pg_error)?;
+            if let Some(fence) = fence {
+                check_fence(conn, fence)?;
+            }
             let mut view = View {
                 conn: &mut *conn,
                 write,
@@ -409,6 +446,46 @@ impl KvBackend for PgStore {
                     .map(|_| ())
             },
         )
+    }
+}
+
+/// The fence check inside an open write transaction (see the module doc): the row lock taken
+/// here is held until the transaction ends.
+fn check_fence(conn: &mut Conn, fence: Fence) -> Result<(), KvError> {
+    // No lease table: no lease was ever granted in this database, so no epoch is current.
+    let no_table = |e: postgres::Error| {
+        if e.code() == Some(&SqlState::UNDEFINED_TABLE) {
+            KvError::Fenced {
+                epoch: fence.epoch,
+                current: None,
+            }
+        } else {
+            pg_error(e)
+        }
+    };
+    let stmt = match conn.ranges.get(FENCE_SQL) {
+        Some(s) => s.clone(),
+        None => {
+            let s = conn.client.prepare(FENCE_SQL).map_err(no_table)?;
+            conn.ranges.insert(FENCE_SQL.to_string(), s.clone());
+            s
+        }
+    };
+    let row = conn.client.query_opt(&stmt, &[]).map_err(no_table)?;
+    let (current, live) = match row {
+        Some(r) => {
+            let e: i64 = r.get(0);
+            (u64::try_from(e).ok(), r.get::<_, bool>(1))
+        }
+        None => (None, false),
+    };
+    if current == Some(fence.epoch) && live {
+        Ok(())
+    } else {
+        Err(KvError::Fenced {
+            epoch: fence.epoch,
+            current,
+        })
     }
 }
 

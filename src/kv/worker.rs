@@ -39,6 +39,15 @@
 //! is on disk. Writes with a `done` reply and runner KV requests are answered with the error
 //! and not retried: their submitter knows they failed.
 //!
+//! Fenced writes. A backend whose writes are conditional on the placement lease (PostgreSQL
+//! with [`super::pg_store::Fence`]) fails a batch with [`KvError::Fenced`] when this node is no
+//! longer the leader. That is not a store failure: the store stays up (no reopen, readiness
+//! unchanged), every job of the batch is answered with the `kv.fenced: …` error, and the kept
+//! fire-and-forget records are dropped rather than retried — they are the deposed leader's
+//! view, which the new leader replaces by restoring from the committed records. Whoever gets
+//! `kv.fenced` must step down (stop placing) at once; the node's lease machine does the same
+//! when its renew fails.
+//!
 //! This module must never answer a write before its commit returned, never lose a reply, and
 //! never block a submitter.
 
@@ -810,7 +819,9 @@ impl<B: KvBackend> Worker<B> {
                 Ok(()) => bump(&stats.commits),
                 Err(e) => {
                     bump(&stats.commit_failures);
-                    if !e.is_store_down() {
+                    if e.is_fenced() {
+                        tracing::warn!(error = %e, jobs = batch.len(), "kv batch refused by the lease fence: this node no longer leads; nothing of it is kept");
+                    } else if !e.is_store_down() {
                         tracing::error!(error = %e, jobs = batch.len(), "kv batch failed; nothing of it is acknowledged");
                     }
                 }
@@ -831,7 +842,12 @@ impl<B: KvBackend> Worker<B> {
                     self.needs_reopen = true;
                     self.mark_down(&e);
                 }
-                self.keep_records(&batch);
+                if e.is_fenced() {
+                    // A deposed leader's records are not retried (see the module doc).
+                    self.pending.clear();
+                } else {
+                    self.keep_records(&batch);
+                }
                 for job in batch {
                     deliver(&self.stats, job, Err(e.clone()));
                 }
