@@ -46,6 +46,21 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Ends the current lease now in the database's clock, as if its time had passed: the tests
+/// give leases a long time to live and end them on purpose, so that no outcome depends on how
+/// fast the machine runs.
+fn expire_now(url: &str) {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+    let n = c
+        .execute(
+            "UPDATE torpor_lease SET expires_at = clock_timestamp() - interval '1 second' \
+             WHERE id = 1",
+            &[],
+        )
+        .expect("expire the lease");
+    assert_eq!(n, 1, "a lease row to expire");
+}
+
 /// Polls until the lease row has expired in the database's clock.
 fn wait_expired(observer: &mut PgLease) {
     wait_for(
@@ -64,7 +79,7 @@ fn meta(s: &mut PgStore) -> Vec<(Vec<u8>, Vec<u8>)> {
 #[test]
 fn two_contenders_exactly_one_acquires_then_the_other_after_expiry() {
     let url = fresh_db("lease_two");
-    let ttl = Duration::from_secs(2);
+    let ttl = Duration::from_secs(60);
     // Both at once: exactly one gets it.
     let barrier = Arc::new(Barrier::new(2));
     let handles: Vec<_> = ["a", "b"]
@@ -105,6 +120,7 @@ fn two_contenders_exactly_one_acquires_then_the_other_after_expiry() {
     }
     assert_eq!(w.renew(winner, 1, ttl).unwrap(), Renew::Renewed);
     // The winner stops renewing: the other acquires after the expiry, with the next epoch.
+    expire_now(&url);
     let epoch = wait_for("the other contender to acquire", || {
         match l.acquire(loser, ttl).expect("acquire") {
             Acquire::Acquired { epoch } => Some(epoch),
@@ -124,13 +140,14 @@ fn two_contenders_exactly_one_acquires_then_the_other_after_expiry() {
 #[test]
 fn a_paused_leaders_fenced_write_is_refused_and_the_new_leaders_succeeds() {
     let url = fresh_db("lease_fence");
-    let ttl = Duration::from_secs(2);
+    let ttl = Duration::from_secs(60);
     let mut a = lease(&url);
     let mut b = lease(&url);
     assert_eq!(a.acquire("a", ttl).unwrap(), Acquire::Acquired { epoch: 1 });
     let mut store_a = store(&url, Some(1));
     store_a.put_meta(b"placement", b"a1").expect("a leads");
     // A is paused: it renews no more. B acquires after the expiry.
+    expire_now(&url);
     let epoch = wait_for("b to acquire", || match b.acquire("b", ttl).unwrap() {
         Acquire::Acquired { epoch } => Some(epoch),
         _ => None,
@@ -163,6 +180,7 @@ fn a_paused_leaders_fenced_write_is_refused_and_the_new_leaders_succeeds() {
         vec![(b"placement".to_vec(), b"b".to_vec())]
     );
     // Once B's lease expires too, B's writes are refused even though no one took over.
+    expire_now(&url);
     wait_expired(&mut b);
     assert_eq!(
         store_b.put_meta(b"placement", b"b2").unwrap_err(),
@@ -199,7 +217,7 @@ fn a_write_racing_an_acquisition_commits_first_and_the_acquire_waits() {
     let mut a = lease(&url);
     let mut observer = lease(&url);
     assert_eq!(
-        a.acquire("a", Duration::from_secs(2)).unwrap(),
+        a.acquire("a", Duration::from_secs(60)).unwrap(),
         Acquire::Acquired { epoch: 1 }
     );
     let mut store_a = store(&url, Some(1));
@@ -218,7 +236,9 @@ fn a_write_racing_an_acquisition_commits_first_and_the_acquire_waits() {
     in_rx
         .recv_timeout(DEADLINE)
         .expect("a's write transaction started");
-    // The lease expires while A's write is open; B tries to take over.
+    // The lease expires while A's write is open (an update of `expires_at` does not conflict
+    // with A's key-share lock); B tries to take over.
+    expire_now(&url);
     wait_expired(&mut observer);
     let (b_tx, b_rx) = crossbeam_channel::bounded(1);
     let b_url = url.clone();
@@ -313,7 +333,7 @@ fn drive(
     l: &mut Lease,
     pg: &mut PgLease,
     node: &str,
-    cfg: &LeaseConfig,
+    db_ttl: Duration,
     now: Instant,
 ) -> Vec<LeaseAction> {
     let mut all = Vec::new();
@@ -323,12 +343,12 @@ fn drive(
         for a in actions {
             all.push(a);
             let answer = match a {
-                LeaseAction::TryAcquire => Some(match pg.acquire(node, cfg.ttl) {
+                LeaseAction::TryAcquire => Some(match pg.acquire(node, db_ttl) {
                     Ok(Acquire::Acquired { epoch }) => StoreAnswer::Acquired { epoch },
                     Ok(_) => StoreAnswer::Held,
                     Err(_) => StoreAnswer::Error,
                 }),
-                LeaseAction::Renew { epoch } => Some(match pg.renew(node, epoch, cfg.ttl) {
+                LeaseAction::Renew { epoch } => Some(match pg.renew(node, epoch, db_ttl) {
                     Ok(Renew::Renewed) => StoreAnswer::Renewed,
                     Ok(Renew::Lost) => StoreAnswer::Lost,
                     Err(_) => StoreAnswer::Error,
@@ -357,8 +377,10 @@ fn the_machine_on_the_real_lease_steps_down_when_the_database_stops_and_leads_ag
     };
     cfg.validate().unwrap();
     let step = Duration::from_millis(50);
-    // The machines' clock is fake: it moves `step` per round, faster than the database's, so
-    // the machines give up before the database would.
+    // The machines' clock is fake: it moves `step` per round. The database grants a minute
+    // (longer than the machines believe, which is the safe direction), so that no outcome
+    // depends on how fast rounds run in real time; the test ends the lease on purpose.
+    let db_ttl = Duration::from_secs(60);
     let t0 = Instant::now();
     let mut t = t0;
     let names = ["a", "b"];
@@ -375,7 +397,7 @@ fn the_machine_on_the_real_lease_steps_down_when_the_database_stops_and_leads_ag
         nodes
             .iter_mut()
             .zip(names)
-            .map(|((l, pg), n)| drive(l, pg, n, &cfg, t))
+            .map(|((l, pg), n)| drive(l, pg, n, db_ttl, t))
             .collect()
     };
     let leaders = |nodes: &Vec<(Lease, PgLease)>, t: Instant| -> Vec<u64> {
@@ -421,6 +443,8 @@ fn the_machine_on_the_real_lease_steps_down_when_the_database_stops_and_leads_ag
     );
     // Phase 3: the database returns; some node leads again with a new epoch.
     cluster.start_server().expect("restart the server");
+    // The old leader's grant outlives the outage in the database's clock: end it.
+    expire_now(&url);
     let epoch = wait_for("a node to lead again", || {
         round(&mut nodes, t);
         let l = leaders(&nodes, t);
