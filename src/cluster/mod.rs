@@ -3,5 +3,11 @@
 //!
 //! - [`link`]: reliable, ordered delivery of control messages between two nodes over a bus
 //!   that loses, duplicates and reorders (core NATS, the simulation's bus).
+//! - [`bus`]: the node bus on core NATS (`async-nats` on its own thread): subjects per node,
+//!   tunnel traffic at most once, control messages over a [`link`] per peer node.
+//! - [`nats_server`]: a throwaway `nats-server` for tests.
 
+pub mod bus;
 pub mod link;
+#[doc(hidden)]
+pub mod nats_server;
