@@ -111,6 +111,15 @@ fn control_messages_exactly_once_in_order_and_tunnel_messages() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+    // A node's control link to itself works the same way.
+    for i in 0..100 {
+        a.send(A, Kind::Ctl, msg(i)).unwrap();
+    }
+    let mut exp = Expect { next: 0 };
+    until(&a_rx, "100 control messages to itself", |e| {
+        exp.take(&e, A);
+        exp.next == 100
+    });
 }
 
 #[test]
@@ -146,6 +155,13 @@ fn control_messages_survive_a_server_kill_and_restart() {
         b_up |= e == BusEvent::Reconnected;
         b_up && exp.next == 10_000
     });
+    let s = a.stats();
+    eprintln!(
+        "A: frames resent {}, frames dropped (queue full) {}",
+        s.frames_resent.load(std::sync::atomic::Ordering::Relaxed),
+        s.frames_dropped_out
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
 }
 
 #[test]
@@ -161,11 +177,22 @@ fn a_restarted_peer_is_reported_and_gets_what_follows() {
         exp.take(&e, A);
         exp.next == 100
     });
+    // A hears from this B (its instance) through a message of B's own.
+    b.send(A, Kind::Ctl, Bytes::from_static(b"from the old B"))
+        .unwrap();
+    until(&a_rx, "B's message", |e| match e {
+        BusEvent::Message { from, data, .. } => {
+            assert_eq!((from, &data[..]), (B, &b"from the old B"[..]));
+            true
+        }
+        other => panic!("unexpected {other:?}"),
+    });
     b.shutdown();
     drop(b_rx);
     let (_b2, b2_rx) = Bus::start(&server.url(), B, cfg()).unwrap();
-    // A goes on with its old link; the new B answers it with its new instance.
-    a.send(B, Kind::Ctl, msg(100)).unwrap();
+    // The new B announced itself; and should A have missed that, a probe over A's old link
+    // gets an answer carrying the new instance.
+    a.send(B, Kind::Ctl, Bytes::from_static(b"probe")).unwrap();
     until(&a_rx, "PeerRestarted", |e| match e {
         BusEvent::PeerRestarted(n) => {
             assert_eq!(n, B);
@@ -176,12 +203,22 @@ fn a_restarted_peer_is_reported_and_gets_what_follows() {
     for i in 0..1_000 {
         a.send(B, Kind::Ctl, msg(i)).unwrap();
     }
+    // The probe arrives first if it was sent after the restart was known, else never.
     let mut exp = Expect { next: 0 };
+    let mut probes = 0;
     until(&b2_rx, "1,000 messages at the new B", |e| {
-        assert!(matches!(e, BusEvent::Message { .. }), "unexpected {e:?}");
-        exp.take(&e, A);
+        match &e {
+            BusEvent::Message { data, .. } if &data[..] == b"probe" => {
+                assert_eq!((probes, exp.next), (0, 0), "the probe once, first");
+                probes += 1;
+            }
+            BusEvent::Message { .. } => exp.take(&e, A),
+            other => panic!("unexpected {other:?}"),
+        }
         exp.next == 1_000
     });
+    // Nothing more came for A: no second PeerRestarted.
+    assert!(a_rx.try_recv().is_err());
 }
 
 #[test]

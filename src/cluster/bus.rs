@@ -4,8 +4,9 @@
 //!
 //! Subjects: node `<id>` (its 4-byte gateway id, lower-case hex) receives on
 //! `torpor.node.<id>.<kind>`, kinds `ctl` (control: the frames of the reliable links) and `tun`
-//! (tunnel traffic). A bus subscribes to `torpor.node.<id>.>`; a message to node `to` is
-//! published to `torpor.node.<to>.<kind>`. The sender is named in the payload (below).
+//! (tunnel traffic). A bus subscribes to `torpor.node.<id>.>` (and to the hello subject,
+//! below); a message to node `to` is published to `torpor.node.<to>.<kind>`. The sender is
+//! named in the payload (below).
 //!
 //! Delivery. `tun` messages are at most once: NATS loses them on a reconnect or a slow
 //! consumer, the bus drops them when a queue is full (counted in [`BusStats`]). `ctl` messages
@@ -17,21 +18,27 @@
 //! Each bus start picks a random *instance* id carried by every `ctl` frame. A frame from a
 //! peer with a new instance means the peer restarted: the links to and from it start over (a
 //! new sending session; what the old one had not got acknowledged is dropped) and
-//! [`BusEvent::PeerRestarted`] is reported before anything of the new instance. A receiver
-//! that gets frames of a link session it does not know (it restarted and the sender goes on
-//! with the old session) answers with a `Reset` frame, which carries its new instance back
-//! to the sender. Frames of a peer's replaced instances are ignored.
+//! [`BusEvent::PeerRestarted`] is reported before anything of the new instance. A starting bus
+//! announces its instance on [`HELLO_SUBJECT`] (every bus subscribes to it). As the hello is
+//! at most once, a receiver that gets frames of a link session it does not know (it restarted
+//! and the sender goes on with the old session) answers with a `Reset` frame, which carries
+//! its new instance back to the sender. Frames of a peer's replaced instances are ignored.
+//! A link session that starts over without a new instance is reported as a restart too.
+//!
+//! Limit: a peer that restarts before any frame of it reached this node is not detected (there
+//! is no earlier instance to compare with): the new instance gets the link's messages from the
+//! first unacknowledged one, which its old instance may have had too.
 //!
 //! Wire encoding of a `ctl` payload (integers little-endian), a fixed 29-byte header then
 //! the message:
 //!
 //! | bytes | field |
 //! | --- | --- |
-//! | 1 | type: 1 `Data`, 2 `Ack`, 3 `Tail`, 4 `Reset` |
+//! | 1 | type: 1 `Data`, 2 `Ack`, 3 `Tail`, 4 `Reset`, 5 `Hello` (on the hello subject) |
 //! | 4 | sender's node id |
 //! | 8 | sender's bus instance |
-//! | 8 | link session (`Reset`: the session the receiver does not know) |
-//! | 8 | `Data`: seq; `Ack`: upto; `Tail`: next; `Reset`: 0 |
+//! | 8 | link session (`Reset`: the session the receiver does not know; `Hello`: 0) |
+//! | 8 | `Data`: seq; `Ack`: upto; `Tail`: next; `Reset`, `Hello`: 0 |
 //! | rest | `Data`: the message; empty otherwise |
 //!
 //! A `tun` payload is the sender's node id (4 bytes) then the message.
@@ -164,6 +171,8 @@ pub struct BusStats {
     pub frames_dropped_out: AtomicU64,
     /// Publishes the NATS client refused (too large, client closed).
     pub publish_failed: AtomicU64,
+    /// Link frames sent again (resends and tails, by the links' timer).
+    pub frames_resent: AtomicU64,
     /// Payloads that did not parse (wrong subject or header).
     pub malformed_in: AtomicU64,
 }
@@ -328,13 +337,21 @@ const T_DATA: u8 = 1;
 const T_ACK: u8 = 2;
 const T_TAIL: u8 = 3;
 const T_RESET: u8 = 4;
+const T_HELLO: u8 = 5;
+
+/// Where every bus announces its new instance when it starts.
+pub const HELLO_SUBJECT: &str = "torpor.nodes.hello";
 
 /// A control frame as it travels: a link frame, or a `Reset` (the receiver does not know
 /// `session`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Wire {
     Link(Frame<Bytes>),
-    Reset { session: u64 },
+    Reset {
+        session: u64,
+    },
+    /// On [`HELLO_SUBJECT`]: the sender started (with the instance in the header).
+    Hello,
 }
 
 fn encode_ctl(from: NodeId, instance: u64, w: &Wire) -> Bytes {
@@ -343,6 +360,7 @@ fn encode_ctl(from: NodeId, instance: u64, w: &Wire) -> Bytes {
         Wire::Link(Frame::Ack { session, upto }) => (T_ACK, *session, *upto, None),
         Wire::Link(Frame::Tail { session, next }) => (T_TAIL, *session, *next, None),
         Wire::Reset { session } => (T_RESET, *session, 0, None),
+        Wire::Hello => (T_HELLO, 0, 0, None),
     };
     let mut b = BytesMut::with_capacity(HEADER + msg.map_or(0, |m| m.len()));
     b.put_u8(t);
@@ -376,6 +394,7 @@ fn decode_ctl(p: &Bytes) -> Option<(NodeId, u64, Wire)> {
         T_ACK if bare => Wire::Link(Frame::Ack { session, upto: n }),
         T_TAIL if bare => Wire::Link(Frame::Tail { session, next: n }),
         T_RESET if bare => Wire::Reset { session },
+        T_HELLO if bare => Wire::Hello,
         _ => return None,
     };
     Some((from, instance, w))
@@ -424,6 +443,20 @@ impl Peer {
             reply: None,
         }
     }
+
+    /// The peer runs a new instance: both links start over.
+    fn restart(&mut self, instance: u64, link: LinkConfig) {
+        if let Some(old) = self.instance.replace(instance) {
+            if self.retired.len() == RETIRED_INSTANCES {
+                self.retired.pop_front();
+            }
+            self.retired.push_back(old);
+        }
+        self.tx = LinkTx::new(link, rand::random());
+        self.rx = LinkRx::new(link);
+        self.unreachable = false;
+        self.reply = None;
+    }
 }
 
 /// The thread's ends of what it shares with the handle.
@@ -449,7 +482,8 @@ struct Shell {
     overflow: VecDeque<BusEvent>,
     stats: Arc<BusStats>,
     out: mpsc::Sender<(async_nats::Subject, Bytes)>,
-    subscriber: async_nats::Subscriber,
+    /// This node's subjects and the hello subject.
+    subscriber: futures_util::stream::Select<async_nats::Subscriber, async_nats::Subscriber>,
     nats_events: mpsc::UnboundedReceiver<async_nats::Event>,
     connected_once: bool,
     peers: HashMap<NodeId, Peer>,
@@ -490,8 +524,19 @@ impl Shell {
             .subscribe(format!("torpor.node.{}.>", hex(node)))
             .await
             .map_err(io::Error::other)?;
-        // The server has the subscription once it answered a ping sent after it.
+        let hellos = client
+            .subscribe(HELLO_SUBJECT)
+            .await
+            .map_err(io::Error::other)?;
+        // The server has the subscriptions once it answered a ping sent after them.
         client.flush().await.map_err(io::Error::other)?;
+        let instance: u64 = rand::random();
+        client
+            .publish(HELLO_SUBJECT, encode_ctl(node, instance, &Wire::Hello))
+            .await
+            .map_err(io::Error::other)?;
+        client.flush().await.map_err(io::Error::other)?;
+        let subscriber = futures_util::stream::select(subscriber, hellos);
         let (out, mut out_rx) = mpsc::channel::<(async_nats::Subject, Bytes)>(cfg.out_queue);
         let publisher = client.clone();
         let publish_stats = stats.clone();
@@ -504,7 +549,7 @@ impl Shell {
         });
         Ok(Shell {
             node,
-            instance: rand::random(),
+            instance,
             cfg,
             commands,
             held: None,
@@ -638,6 +683,15 @@ impl Shell {
     }
 
     fn incoming(&mut self, msg: async_nats::Message) {
+        if msg.subject.as_str() == HELLO_SUBJECT {
+            match decode_ctl(&msg.payload) {
+                Some((from, instance, Wire::Hello)) => self.hello(from, instance),
+                _ => {
+                    self.stats.malformed_in.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
         let kind = msg.subject.rsplit('.').next().and_then(Kind::parse);
         match kind {
             Some(Kind::Tun) if msg.payload.len() >= 4 => {
@@ -667,10 +721,29 @@ impl Shell {
         }
     }
 
-    fn ctl_frame(&mut self, from: NodeId, instance: u64, w: Wire) {
-        if from == self.node && instance == self.instance {
+    /// A bus started somewhere: a peer known under another instance restarted.
+    fn hello(&mut self, from: NodeId, instance: u64) {
+        if instance == self.instance {
             return;
         }
+        let link = self.cfg.link;
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return;
+        };
+        if peer.retired.contains(&instance) || peer.instance == Some(instance) {
+            return;
+        }
+        if peer.instance.is_none() {
+            // Never heard from: whatever this node sent is still unacknowledged and goes to
+            // the new instance from the link's first message on.
+            peer.instance = Some(instance);
+            return;
+        }
+        peer.restart(instance, link);
+        self.deliver(BusEvent::PeerRestarted(from));
+    }
+
+    fn ctl_frame(&mut self, from: NodeId, instance: u64, w: Wire) {
         let link = self.cfg.link;
         let peer = self
             .peers
@@ -683,15 +756,7 @@ impl Shell {
         match peer.instance {
             None => peer.instance = Some(instance),
             Some(old) if old != instance => {
-                if peer.retired.len() == RETIRED_INSTANCES {
-                    peer.retired.pop_front();
-                }
-                peer.retired.push_back(old);
-                peer.instance = Some(instance);
-                peer.tx = LinkTx::new(link, rand::random());
-                peer.rx = LinkRx::new(link);
-                peer.unreachable = false;
-                peer.reply = None;
+                peer.restart(instance, link);
                 restarted = true;
             }
             Some(_) => {}
@@ -699,7 +764,7 @@ impl Shell {
         let now = std::time::Instant::now();
         let mut delivered = Vec::new();
         match w {
-            Wire::Reset { .. } => {}
+            Wire::Reset { .. } | Wire::Hello => {}
             Wire::Link(Frame::Ack { session, upto }) => {
                 peer.tx.on_ack(session, upto, now);
                 if peer.tx.unacked() < link.max_unacked {
@@ -712,6 +777,9 @@ impl Shell {
                     Frame::Ack { .. } => unreachable!("handled above"),
                 };
                 let r = peer.rx.on_frame(frame);
+                // The peer's sender started over without a new instance (it took this node
+                // for restarted): what its old session sent and was not delivered is gone.
+                restarted |= r.new_session;
                 delivered = r.delivered;
                 let reply = match r.ack {
                     Some(ack) => Wire::Link(ack),
@@ -755,6 +823,9 @@ impl Shell {
                 out.push((peer.ctl_subject.clone(), Wire::Link(f)));
             }
         }
+        self.stats
+            .frames_resent
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
         for (subject, w) in out {
             self.publish(subject, &w);
         }
@@ -836,6 +907,7 @@ mod tests {
                 next: 4,
             }),
             Wire::Reset { session: 9 },
+            Wire::Hello,
         ] {
             let b = encode_ctl(from, 42, &w);
             assert_eq!(decode_ctl(&b), Some((from, 42, w)));
