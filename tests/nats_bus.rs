@@ -244,3 +244,42 @@ fn a_peer_that_never_acknowledges_is_unreachable() {
         1
     );
 }
+
+#[test]
+fn a_full_caller_channel_drops_tunnel_messages_and_keeps_control_messages() {
+    let server = NatsServer::start().unwrap();
+    let (a, _a_rx) = Bus::start(&server.url(), A, cfg()).unwrap();
+    let mut small = cfg();
+    small.in_queue = 16;
+    let (b, b_rx) = Bus::start(&server.url(), B, small).unwrap();
+    for i in 0..2_000 {
+        a.send(B, Kind::Tun, msg(i)).unwrap();
+        a.send(B, Kind::Ctl, msg(i)).unwrap();
+    }
+    let mut exp = Expect { next: 0 };
+    let mut tun = Vec::new();
+    until(&b_rx, "every control message", |e| {
+        match &e {
+            BusEvent::Message {
+                kind: Kind::Tun,
+                data,
+                ..
+            } => tun.push(u32::from_le_bytes(data[..].try_into().unwrap())),
+            BusEvent::Message { .. } => exp.take(&e, A),
+            other => panic!("unexpected {other:?}"),
+        }
+        exp.next == 2_000
+    });
+    // Every tunnel message published before the last control message was either handed over
+    // (in order) or dropped and counted.
+    let dropped = b
+        .stats()
+        .tun_dropped_in
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(tun.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(tun.len() as u64 + dropped, 2_000);
+    eprintln!(
+        "tunnel messages handed over {}, dropped {dropped}",
+        tun.len()
+    );
+}
