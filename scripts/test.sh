@@ -53,6 +53,17 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
   fi
 fi
 
+# nats-server for the node bus tests (throwaway servers, src/cluster/nats_server.rs), Debian's
+# package, installed only when nats-server is neither on PATH nor at /usr/sbin/nats-server.
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nats-server
+  else
+    echo "nats-server is missing and cannot be installed here (needs root and apt-get): the node bus tests will fail under CI" >&2
+  fi
+fi
+
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)

@@ -3,10 +3,16 @@
 //!
 //! - [`link`]: reliable, ordered delivery of control messages between two nodes over a bus
 //!   that loses, duplicates and reorders (core NATS, the simulation's bus).
+//! - [`bus`]: the node bus on core NATS (`async-nats` on its own thread): subjects per node,
+//!   tunnel traffic at most once, control messages over a [`link`] per peer node.
 //! - [`lease`]: one placement leader at a time, the sans-IO lease state machine of a node.
 //! - [`pg_lease`]: that lease in PostgreSQL (epoch row, advisory lock) and the epoch fence on
 //!   the store's writes.
+//! - [`nats_server`]: a throwaway `nats-server` for tests.
 
+pub mod bus;
 pub mod lease;
 pub mod link;
+#[doc(hidden)]
+pub mod nats_server;
 pub mod pg_lease;
