@@ -230,16 +230,23 @@ unsafe fn apply_mask_avx2(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
-/// [`apply_mask`] for any CPU: 8-byte words.
+/// The mask as it applies from payload position `offset` on: byte `i` of the result masks
+/// payload byte `offset + i`.
 #[inline]
-fn apply_mask_words(buf: &mut [u8], mask: [u8; 4], offset: usize) {
+pub fn rotate_mask(mask: [u8; 4], offset: usize) -> [u8; 4] {
     let r = offset & 3;
-    let m = [
+    [
         mask[r],
         mask[(r + 1) & 3],
         mask[(r + 2) & 3],
         mask[(r + 3) & 3],
-    ];
+    ]
+}
+
+/// [`apply_mask`] for any CPU: 8-byte words.
+#[inline]
+fn apply_mask_words(buf: &mut [u8], mask: [u8; 4], offset: usize) {
+    let m = rotate_mask(mask, offset);
     let m64 = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
 
     let mut blocks = buf.chunks_exact_mut(32);

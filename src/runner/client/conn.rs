@@ -22,7 +22,7 @@ use tungstenite::error::{Error as WsLibError, ProtocolError, SubProtocolError, U
 use super::super::core::Outgoing;
 use super::super::RunnerError;
 use crate::protocol::hot::{encode_ws_message_prefix_to_server, ws_message_trailer};
-use crate::ws::frame::{apply_mask, encode_header, OpCode};
+use crate::ws::frame::{apply_mask, encode_header, rotate_mask, OpCode};
 use crate::ws::handshake::{client_key, client_request, parse_response, ClientHandshakeError};
 use crate::ws::{close_payload, Role, WsClose, WsEvent, WsReader, WsReaderConfig};
 
@@ -198,13 +198,7 @@ impl FrameWriter {
 /// bytes, written straight into the spare capacity (never zero-filled first). `offset` is the
 /// position of `src[0]` in the frame payload, as for [`apply_mask`].
 pub(crate) fn extend_masked(buf: &mut Vec<u8>, src: &[u8], mask: [u8; 4], offset: usize) {
-    let r = offset & 3;
-    let m = [
-        mask[r],
-        mask[(r + 1) & 3],
-        mask[(r + 2) & 3],
-        mask[(r + 3) & 3],
-    ];
+    let m = rotate_mask(mask, offset);
     let m64 = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
     buf.reserve(src.len());
     let spare = &mut buf.spare_capacity_mut()[..src.len()];
