@@ -56,6 +56,7 @@ fn core(id: u16, sh: &Shared) -> Gateway {
         config: sh.config.clone(),
         metrics: sh.metrics.clone(),
         gateway_id: GW,
+        clustered: false,
     };
     Gateway::new(settings, id as u64, Instant::now(), 0)
 }

@@ -32,6 +32,60 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub serverless: Serverless,
     pub store: Store,
+    pub cluster: Cluster,
+}
+
+/// `[cluster]`: several torpor nodes sharing actors, placement and KV through PostgreSQL
+/// (`[store] backend = "postgres"`, the same database for every node) and routing tunnel
+/// traffic over core NATS. Off by default: one process holds everything.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    /// Run as one node of several.
+    pub enabled: bool,
+    /// The NATS server (`nats://host:4222`); every node uses the same one.
+    pub nats_url: String,
+    /// How long a placement leader's lease lasts in PostgreSQL's clock.
+    pub lease_ttl_ms: u64,
+    /// How often the leader renews it (below `lease_ttl_ms / 3`).
+    pub lease_renew_ms: u64,
+    /// How much earlier than PostgreSQL a leader gives its lease up.
+    pub lease_safety_ms: u64,
+    /// How often a follower tries to take the lease (a standby leads within
+    /// `lease_ttl_ms + lease_retry_ms` of the leader's last renew).
+    pub lease_retry_ms: u64,
+    /// How often a node tells the leader it is alive.
+    pub heartbeat_ms: u64,
+    /// A node the leader heard nothing from for this long is counted out: its runner
+    /// connections are treated as closed and stop barriers stop waiting for its shards.
+    pub node_timeout_ms: u64,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            enabled: false,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            lease_ttl_ms: 10_000,
+            lease_renew_ms: 2_000,
+            lease_safety_ms: 1_000,
+            lease_retry_ms: 1_000,
+            heartbeat_ms: 1_000,
+            node_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Cluster {
+    /// The lease's timing.
+    pub fn lease(&self) -> crate::cluster::lease::LeaseConfig {
+        crate::cluster::lease::LeaseConfig {
+            ttl: ms(self.lease_ttl_ms),
+            renew_every: ms(self.lease_renew_ms),
+            safety_margin: ms(self.lease_safety_ms),
+            retry_every: ms(self.lease_retry_ms),
+        }
+    }
 }
 
 /// `[store]`: where actor KV and the engine's records live.
@@ -372,6 +426,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             serverless: Serverless::default(),
             store: Store::default(),
+            cluster: Cluster::default(),
         }
     }
 }
@@ -687,6 +742,25 @@ impl Config {
                 "store.connect_timeout_ms, statement_timeout_ms, probe_timeout_ms and health_every_ms must be > 0",
             );
         }
+        let c = &self.cluster;
+        if c.enabled {
+            if st.backend != "postgres" {
+                return bad("cluster.enabled needs store.backend = \"postgres\" (every node shares one PostgreSQL database)");
+            }
+            if !c.nats_url.starts_with("nats://") && !c.nats_url.starts_with("tls://") {
+                return bad(
+                    "cluster.nats_url must be a nats:// or tls:// URL (e.g. nats://127.0.0.1:4222)",
+                );
+            }
+            if let Err(e) = c.lease().validate() {
+                return Err(ConfigError::Invalid(format!("cluster.{e}")));
+            }
+            if c.heartbeat_ms == 0 || c.node_timeout_ms < 2 * c.heartbeat_ms {
+                return bad(
+                    "cluster.heartbeat_ms must be > 0 and node_timeout_ms at least twice it",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -742,7 +816,7 @@ impl Config {
 impl serde::Serialize for Config {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("Config", 12)?;
+        let mut st = s.serialize_struct("Config", 13)?;
         st.serialize_field("listen", &self.listen.to_string())?;
         st.serialize_field("shards", &self.shards)?;
         st.serialize_field("shard_port_base", &self.shard_port_base)?;
@@ -755,6 +829,7 @@ impl serde::Serialize for Config {
         st.serialize_field("timeouts", &TimeoutsSer(&self.timeouts))?;
         st.serialize_field("serverless", &self.serverless)?;
         st.serialize_field("store", &StoreSer(&self.store))?;
+        st.serialize_field("cluster", &self.cluster)?;
         st.end()
     }
 }

@@ -34,8 +34,23 @@ use std::time::Instant;
 /// Where a shard message goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum To {
+    /// A shard of this node.
     Shard(u16),
+    /// A shard of the node with this gateway id (this one, or another when several nodes
+    /// share runners): where a runner connection lives.
+    Node([u8; 4], u16),
+    /// A shard of the node that asked a question, by the peer number the leader gave it
+    /// (see [`waiter_from_peer`]; never 0).
+    Peer(u16, u16),
+    /// Every shard (of every node).
     All,
+}
+
+/// A waiter id of a shard of another node: the leader puts the number it gave that node
+/// (1..) in the top 16 bits, which a shard's own ids (shard << 32 | waiter) leave free.
+pub fn waiter_from_peer(waiter: u64, peer: u16) -> u64 {
+    debug_assert!(peer != 0 && waiter >> 48 == 0);
+    waiter | (peer as u64) << 48
 }
 
 /// What [`Plane::step`] did with a message.
@@ -214,7 +229,7 @@ impl Plane {
                     }
                     Held::Other(msg) => msg,
                 };
-                out.push((To::Shard(conn.shard), msg));
+                out.push((To::Node(conn.node, conn.shard), msg));
             }
             if q.is_empty() {
                 self.held.remove(&conn);
@@ -244,7 +259,7 @@ impl Plane {
                 },
                 Held::Other(msg) => msg,
             };
-            out.push((To::Shard(conn.shard), msg));
+            out.push((To::Node(conn.node, conn.shard), msg));
         }
     }
 
@@ -283,13 +298,19 @@ fn reply(waiter: u64, result: Result<engine::Route, ResolveError>) -> (To, Shard
     answer(waiter, Reply::Resolve(result))
 }
 
-/// Any answer to the shard that asked (the shard is the waiter id's high half).
+/// Any answer to the shard that asked (the shard is the waiter id's high half, and the
+/// asking node's peer number above it, see [`waiter_from_peer`]).
 pub fn answer(waiter: u64, reply: Reply) -> (To, ShardMsg) {
     let msg = ShardMsg::Reply {
         waiter: waiter as u32,
         reply,
     };
-    (To::Shard((waiter >> 32) as u16), msg)
+    let (peer, shard) = ((waiter >> 48) as u16, (waiter >> 32) as u16);
+    if peer == 0 {
+        (To::Shard(shard), msg)
+    } else {
+        (To::Peer(peer, shard), msg)
+    }
 }
 
 /// A whole runner-protocol message as one WebSocket frame's chunks.
@@ -497,7 +518,7 @@ mod tests {
     }
 
     fn is_runner_msg(m: &(To, ShardMsg)) -> bool {
-        matches!(m, (To::Shard(1), ShardMsg::ToRunner { .. }))
+        matches!(m, (To::Node(_, 1), ShardMsg::ToRunner { .. }))
     }
 
     /// A start of an actor whose stop a shard has not applied yet waits (and what follows it
@@ -506,6 +527,7 @@ mod tests {
     #[test]
     fn a_start_waits_until_every_shard_applied_the_stop() {
         let conn = ConnRef {
+            node: [0; 4],
             shard: 1,
             slot: 0,
             gen: 1,
@@ -576,6 +598,7 @@ mod tests {
     #[test]
     fn engine_closes_map_to_reasons() {
         let conn = ConnRef {
+            node: [0; 4],
             shard: 1,
             slot: 2,
             gen: 3,
@@ -592,7 +615,7 @@ mod tests {
             let mut out = Vec::new();
             Plane::new(1).deliver(vec![Action::CloseRunner { conn, code, reason }], &mut out);
             let [(
-                To::Shard(1),
+                To::Node(_, 1),
                 ShardMsg::CloseConn {
                     conn: id,
                     code: c,

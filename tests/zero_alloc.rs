@@ -179,6 +179,7 @@ impl Rig {
                     config: shared.config.clone(),
                     metrics: shared.metrics.clone(),
                     gateway_id: GW,
+                    clustered: false,
                 };
                 Gateway::new(settings, i as u64, now, 0)
             })

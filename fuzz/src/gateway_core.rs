@@ -475,6 +475,7 @@ impl World {
                     config: config(),
                     metrics: metrics.clone(),
                     gateway_id: GW,
+                    clustered: false,
                 };
                 let mut gw = Gateway::new(
                     settings,
@@ -1636,6 +1637,7 @@ impl World {
                         }
                         self.mailboxes[to].push_back(msg);
                     }
+                    Output::ToNode(..) => panic!("core {c} of one node sends to another node"),
                     Output::ToControl(msg) => {
                         match &*msg {
                             ControlMsg::RunnerInit { conn, .. }

@@ -99,10 +99,12 @@ pub use store_keys::{
     KEY_PREFIX, RUNNER_CONFIG_KEY_PREFIX,
 };
 
-/// One runner WebSocket connection, as the shards name it: owning shard, slab slot, and the
-/// slot's generation (so that a reused slot is a different connection).
+/// One runner WebSocket connection, as the shards name it: the node it is connected to (its
+/// gateway id; one node when torpor runs alone), owning shard, slab slot, and the slot's
+/// generation (so that a reused slot is a different connection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnRef {
+    pub node: [u8; 4],
     pub shard: u16,
     pub slot: u32,
     pub gen: u32,

@@ -197,6 +197,8 @@ impl Gateway {
             slot: conn.slot,
             gen: conn.gen,
         };
+        // Only runners of this node stream uploads (`RunnerStreams` stays on its node).
+        debug_assert_eq!(conn.node, self.gateway_id);
         if conn.shard == self.id {
             self.write_with_receipt(at, frames, receipt);
         } else {

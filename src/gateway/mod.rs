@@ -71,6 +71,10 @@ pub struct Settings {
     pub config: Arc<Config>,
     pub metrics: Metrics,
     pub gateway_id: [u8; 4],
+    /// This node is one of several (`[cluster]`): runner messages are routed by the
+    /// gateway id they echo, and connections of other nodes are reached through
+    /// [`Output::ToNode`]. Alone, the gateway id of a runner message is not looked at.
+    pub clustered: bool,
 }
 
 /// What the core asks of the shell.
@@ -83,6 +87,9 @@ pub enum Output {
     /// Reset the connection now (RST, no close handshake).
     Reset(ConnId),
     ToShard(u16, ShardMsg),
+    /// A message for a shard of another node (its gateway id, the shard): tunnel traffic
+    /// to a runner connected there, or a runner's traffic for a request of that node.
+    ToNode([u8; 4], u16, ShardMsg),
     /// Boxed: control messages are rare and large, and the output queue moves every entry.
     ToControl(Box<ControlMsg>),
     /// The answer to a question asked with [`Gateway::ask`] (`None`: it timed out).
@@ -135,6 +142,7 @@ pub struct Gateway {
     config: Arc<Config>,
     metrics: Metrics,
     gateway_id: [u8; 4],
+    clustered: bool,
     conns: Slab<Conn>,
     next_gen: u32,
     /// Live request ids (serial → slot) of this shard's client sockets and HTTP requests.
@@ -188,6 +196,7 @@ impl Gateway {
             config: s.config,
             metrics: s.metrics,
             gateway_id: s.gateway_id,
+            clustered: s.clustered,
             conns: Slab::new(),
             next_gen: 0,
             request_ids: ids::RequestIds::default(),
@@ -288,7 +297,10 @@ impl Gateway {
 
     /// Queues a message output (see [`Notice`] for the wake-ups).
     fn out(&mut self, o: Output) {
-        debug_assert!(matches!(o, Output::ToControl(_) | Output::Reply(..)));
+        debug_assert!(matches!(
+            o,
+            Output::ToControl(_) | Output::Reply(..) | Output::ToNode(..)
+        ));
         self.outputs.push_back(o);
     }
 
@@ -343,6 +355,7 @@ impl Gateway {
 
     pub fn conn_ref(&self, id: ConnId) -> ConnRef {
         ConnRef {
+            node: self.gateway_id,
             shard: self.id,
             slot: id.slot,
             gen: id.gen,

@@ -6,7 +6,7 @@
 use super::conns::ConnKind;
 use super::msg::{ControlMsg, ShardMsg, TunnelIn};
 use super::out::Frames;
-use super::{ConnId, Gateway, Reason, RequestKey};
+use super::{ConnId, Gateway, Output, Reason, RequestKey};
 use crate::engine::ConnRef;
 use crate::metrics::Counter;
 use crate::tunnel::{Detach, DetachCause, SocketState};
@@ -30,13 +30,17 @@ impl Gateway {
             slot: conn.slot,
             gen: conn.gen,
         };
-        if conn.shard == self.id {
+        if conn.shard == self.id && conn.node == self.gateway_id {
             return self.write_local(id, frames);
         }
         let msg = match frames {
             Frames::Three(frames) => ShardMsg::ToRunnerInline { conn: id, frames },
             Frames::List(frames) => ShardMsg::ToRunner { conn: id, frames },
         };
+        if conn.node != self.gateway_id {
+            self.out(Output::ToNode(conn.node, conn.shard, msg));
+            return true;
+        }
         self.mail(conn.shard, msg);
         true
     }
@@ -52,15 +56,24 @@ impl Gateway {
 
     /// Routes a runner's tunnel message to the request it names. `from` is the sending
     /// runner's index (`None` in the instant between its `Init` and its attachment).
+    /// The gateway id `gw` the runner echoes names the node of the request when several
+    /// nodes share runners; alone, it is not looked at.
     pub(super) fn route_tunnel(
         &mut self,
+        gw: [u8; 4],
         req: [u8; 4],
         msg: TunnelIn,
         from: Option<u32>,
         now: Instant,
     ) {
         let key = RequestKey::decode(req);
-        if key.shard == self.id {
+        if self.clustered && gw != self.gateway_id {
+            self.out(Output::ToNode(
+                gw,
+                key.shard,
+                ShardMsg::Tunnel { key, msg, from },
+            ));
+        } else if key.shard == self.id {
             self.tunnel_in(key, msg, from, now);
         } else if (key.shard as usize) < self.shards {
             self.mail(key.shard, ShardMsg::Tunnel { key, msg, from });
@@ -208,7 +221,8 @@ impl Gateway {
         }
         self.runners[i] = Some(conn);
         // Local connections of this runner other than `conn` are stale from now on.
-        let current = (conn.shard == self.id).then_some((conn.slot, conn.gen));
+        let current = (conn.shard == self.id && conn.node == self.gateway_id)
+            .then_some((conn.slot, conn.gen));
         for (slot, c) in self.conns.iter_mut() {
             if let ConnKind::Runner(r) = &mut c.kind {
                 if current == Some((slot as u32, c.gen)) {

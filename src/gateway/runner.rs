@@ -292,18 +292,26 @@ impl Gateway {
         let conn = self.conn_ref(id);
         match decoded {
             ToServerHot::WsMessage {
+                gateway_id,
                 request_id,
                 data,
                 binary,
                 ..
-            } => self.route_tunnel(request_id, TunnelIn::Message { data, binary }, from, now),
+            } => self.route_tunnel(
+                gateway_id,
+                request_id,
+                TunnelIn::Message { data, binary },
+                from,
+                now,
+            ),
             ToServerHot::WsAck {
+                gateway_id,
                 request_id,
                 ack_index,
                 ..
-            } => self.route_tunnel(request_id, TunnelIn::Ack(ack_index), from, now),
+            } => self.route_tunnel(gateway_id, request_id, TunnelIn::Ack(ack_index), from, now),
             ToServerHot::Other(ToServer::TunnelMessage(t)) => {
-                let req = t.message_id.request_id;
+                let (gw, req) = (t.message_id.gateway_id, t.message_id.request_id);
                 let m = match t.message_kind {
                     ToServerTunnelMessageKind::WebSocketOpen(o) => TunnelIn::Open {
                         can_hibernate: o.can_hibernate,
@@ -320,7 +328,7 @@ impl Gateway {
                     ToServerTunnelMessageKind::WebSocketMessageAck(a) => TunnelIn::Ack(a.index),
                     other => TunnelIn::Other(other),
                 };
-                self.route_tunnel(req, m, from, now);
+                self.route_tunnel(gw, req, m, from, now);
             }
             ToServerHot::Other(ToServer::Pong(p)) if p.ts < 0 => {
                 // A fence pong: the control plane's proof of delivery, kept in arrival order.

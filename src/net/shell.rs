@@ -41,6 +41,7 @@ impl Shard {
             config: shared.config.clone(),
             metrics: shared.metrics.clone(),
             gateway_id: shared.gateway_id,
+            clustered: shared.config.cluster.enabled,
         };
         let core = Gateway::new(
             settings,
@@ -117,6 +118,10 @@ impl Shard {
             match o {
                 Output::ToControl(msg) => {
                     let _ = self.shared.control.send(*msg);
+                }
+                Output::ToNode(..) => {
+                    self.metrics()
+                        .inc(crate::metrics::Counter::UnroutableTunnelMessages);
                 }
                 Output::Reply(waiter, reply) => {
                     if let Some(tx) = self.replies.borrow_mut().remove(&waiter) {

@@ -272,6 +272,14 @@ fn send(shared: &Shared, out: &mut Vec<(To, ShardMsg)>) {
                     mb.send(msg);
                 }
             }
+            To::Node(node, s) if node == shared.gateway_id => {
+                if let Some(mb) = shared.shards.get(s as usize) {
+                    mb.send(msg);
+                }
+            }
+            To::Node(..) | To::Peer(..) => {
+                tracing::warn!("a message for another node, which this node does not reach");
+            }
             To::All => {
                 for mb in shared.shards.iter() {
                     mb.send(plane::copy_for_broadcast(&msg));

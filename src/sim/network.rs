@@ -111,6 +111,7 @@ impl World {
                 let now = self.now;
                 self.control_mail[to as usize].push_back((now, msg));
             }
+            Output::ToNode(..) => unreachable!("one node: nothing for other nodes"),
             Output::ToControl(msg) => self.control(*msg),
             Output::Reply(waiter, reply) => self.answered(s, waiter, reply),
             // The clock is read at every step of `advance`.
@@ -158,7 +159,10 @@ impl World {
             }
             self.log(|| format!("control -> {to:?}: {}", brief_shard_msg(&msg)));
             match to {
-                To::Shard(s) => self.control_mail[s as usize].push_back((now, msg)),
+                To::Shard(s) | To::Node(_, s) => {
+                    self.control_mail[s as usize].push_back((now, msg))
+                }
+                To::Peer(..) => unreachable!("one node: no peers"),
                 To::All => {
                     for s in 0..self.control_mail.len() {
                         let copy = plane::copy_for_broadcast(&msg);

@@ -172,6 +172,7 @@ impl World {
                     config: config.clone(),
                     metrics: metrics.clone(),
                     gateway_id: super::actor::GATEWAY_ID,
+                    clustered: false,
                 };
                 Gateway::new(settings, seed ^ s as u64, t0, T0_MS)
             })

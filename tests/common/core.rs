@@ -17,6 +17,7 @@ pub fn core_with_runner(cfg: Config, t0: Instant) -> (Gateway, Metrics, ConnId) 
         config: Arc::new(cfg),
         metrics: metrics.clone(),
         gateway_id: [7; 4],
+        clustered: false,
     };
     let mut gw = Gateway::new(settings, 1, t0, 0);
     let accept = RunnerAccept {

@@ -27,6 +27,7 @@ const T0_MS: i64 = 1_700_000_000_000;
 
 fn c(slot: u32) -> ConnRef {
     ConnRef {
+        node: [0; 4],
         shard: 0,
         slot,
         gen: 1,

@@ -130,6 +130,7 @@ fn apply(m: &mut Model, actions: Vec<Action>) {
 fn connect(e: &mut Engine, m: &mut Model, now: Instant) {
     m.next_slot += 1;
     let conn = ConnRef {
+        node: [0; 4],
         shard: 0,
         slot: m.next_slot,
         gen: 0,
