@@ -16,3 +16,4 @@ pub mod link;
 #[doc(hidden)]
 pub mod nats_server;
 pub mod pg_lease;
+pub mod wire;
