@@ -22,7 +22,8 @@
 //! The other kinds go through the protocol's strict BARE codec ([`crate::protocol::codec`])
 //! with mirror types; a [`Reason`] travels as its index in [`Reason::ALL`]. Decoding is strict:
 //! an unknown version, kind or tag, a short buffer, trailing bytes, bad UTF-8, an unknown
-//! reason index or flag bit are a [`WireError`], never a panic.
+//! reason index or flag bit are a [`WireError`], never a panic. A BARE part above
+//! [`protocol::MAX_MESSAGE_LEN`] is refused by both sides.
 //!
 //! What never crosses nodes is refused by [`encode`] ([`Unsupported`]): `ShardMsg::{Upload,
 //! UploadWritten, RunnerStreams, Shutdown}` and `ControlMsg::{ApiChecked, InputLoaded,
@@ -186,6 +187,10 @@ fn put_bare<T: Serialize>(out: &mut BytesMut, v: &T) -> Result<(), Unsupported> 
     // message is refused rather than sent half-encoded.
     protocol::codec::to_writer(&mut buf, v)
         .map_err(|_| Unsupported("a value the BARE serializer refuses"))?;
+    // The receiving side's BARE decoder refuses more.
+    if buf.len() > protocol::MAX_MESSAGE_LEN {
+        return Err(Unsupported("a message above protocol::MAX_MESSAGE_LEN"));
+    }
     out.extend_from_slice(&buf);
     Ok(())
 }
@@ -1476,6 +1481,21 @@ mod tests {
         });
         v.push(NodeMsg::Leader { epoch: 3 });
         v
+    }
+
+    /// The BARE decoder refuses more than `MAX_MESSAGE_LEN`: so does `encode`.
+    #[test]
+    fn oversized_control_messages_are_refused() {
+        let m = NodeMsg::Control(ControlMsg::Api(ApiRequest {
+            method: "PUT".into(),
+            path: "/".into(),
+            query: vec![],
+            body: Bytes::from(vec![0; protocol::MAX_MESSAGE_LEN]),
+            waiter: 1,
+        }));
+        let mut out = BytesMut::new();
+        assert!(encode(&m, &mut out).is_err());
+        assert!(out.is_empty());
     }
 
     #[test]
