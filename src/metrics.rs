@@ -62,6 +62,8 @@ series!(Counter, COUNTERS {
     ServerlessStarted => ("torpor_serverless_started_total", "Serverless start streams that named their runner (init event)"),
     ServerlessFailures => ("torpor_serverless_failures_total", "Serverless start streams refused, broken or timed out (each backs off) or ended by the app"),
     ServerlessStops => ("torpor_serverless_stops_total", "Serverless start streams closed by torpor (drained runners, surplus, changed or deleted configs)"),
+    ClusterDropped => ("torpor_cluster_dropped_total", "Control messages of shards dropped because no placement leader was known for too long (more than 65,536 waiting), or that reached a node which does not lead"),
+    ClusterNodesLost => ("torpor_cluster_nodes_lost_total", "Nodes the leader counted out (restarted, or silent past cluster.node_timeout_ms)"),
 });
 
 series!(Gauge, GAUGES {
@@ -129,6 +131,7 @@ labels!(
         ClientIdleTimeout => "guard.client_idle_timeout",
         RunnerInitTooLarge => "runner.init_too_large",
         EngineTooManyRunners => "engine.too_many_runners",
+        ClusterLeaderChanged => "cluster.leader_changed",
         Other => "other",
     }
 );
@@ -260,6 +263,9 @@ pub struct Metrics {
     /// Actors by state, written by the control plane: sleeping, starting, running, stopping.
     pub actors: Arc<[AtomicI64; 4]>,
     pub runners_known: Arc<AtomicI64>,
+    /// The lease epoch this node places with, 0 while it does not lead (several nodes); 1
+    /// when torpor runs alone.
+    pub leading_epoch: Arc<AtomicI64>,
     /// Serverless pools by state, written by the control plane (one entry per runner config
     /// with a pool: bounded by `limits.runner_configs`).
     pub pools: Arc<std::sync::Mutex<Vec<crate::engine::PoolStatus>>>,
@@ -274,6 +280,7 @@ impl Metrics {
             control: Arc::new(ShardMetrics::default()),
             actors: Arc::new(std::array::from_fn(|_| AtomicI64::new(0))),
             runners_known: Arc::new(AtomicI64::new(0)),
+            leading_epoch: Arc::new(AtomicI64::new(0)),
             pools: Arc::default(),
             kv: Arc::new(std::sync::OnceLock::new()),
         }
@@ -386,6 +393,16 @@ impl Metrics {
             out,
             "torpor_runners_known {}",
             self.runners_known.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP torpor_cluster_leading_epoch The placement lease epoch this node leads with (0: it does not lead; 1 when torpor runs alone)"
+        );
+        let _ = writeln!(out, "# TYPE torpor_cluster_leading_epoch gauge");
+        let _ = writeln!(
+            out,
+            "torpor_cluster_leading_epoch {}",
+            self.leading_epoch.load(Relaxed)
         );
         render_pools(
             &mut out,

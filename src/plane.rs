@@ -74,13 +74,30 @@ pub enum Stepped {
 /// The control plane's state between the engine and the shards: the stop barriers.
 pub struct Plane {
     shards: usize,
+    /// Other nodes whose shards hear the broadcasts (several nodes): id and shard count.
+    remotes: Vec<([u8; 4], usize)>,
     next_barrier: u64,
-    /// Open barriers: id → (actor, shards that have not applied the stop yet).
-    barriers: HashMap<u64, (Arc<str>, usize)>,
+    /// Open barriers: id → what has not applied the stop yet.
+    barriers: HashMap<u64, Barrier>,
     /// Actors with an open barrier, and how many.
     stopping: HashMap<Arc<str>, usize>,
     /// Messages held per runner connection, in order, with the actors whose start they carry.
     held: HashMap<ConnRef, VecDeque<(Vec<String>, Held)>>,
+}
+
+/// A stop not every shard has applied yet.
+struct Barrier {
+    actor: Arc<str>,
+    /// This node's shards that have not applied it.
+    local: usize,
+    /// Other nodes' shards that have not applied it.
+    remote: Vec<([u8; 4], usize)>,
+}
+
+impl Barrier {
+    fn done(&self) -> bool {
+        self.local == 0 && self.remote.iter().all(|(_, n)| *n == 0)
+    }
 }
 
 /// A message held behind a stop barrier.
@@ -99,6 +116,7 @@ impl Plane {
     pub fn new(shards: usize) -> Plane {
         Plane {
             shards: shards.max(1),
+            remotes: Vec::new(),
             next_barrier: 1,
             barriers: HashMap::new(),
             stopping: HashMap::new(),
@@ -191,17 +209,78 @@ impl Plane {
         stepped
     }
 
-    /// A shard applied the stop of barrier `barrier`; once all have, held messages go.
-    fn applied(&mut self, barrier: u64, engine: &mut Engine, out: &mut Vec<(To, ShardMsg)>) {
-        let Some((actor, left)) = self.barriers.get_mut(&barrier) else {
+    /// Node `node` with `shards` shards hears the broadcasts from now on (or its shard count
+    /// changed); stops broadcast before it are not waited for on it.
+    pub fn set_remote(&mut self, node: [u8; 4], shards: usize) {
+        match self.remotes.iter_mut().find(|(n, _)| *n == node) {
+            Some(r) => r.1 = shards,
+            None => self.remotes.push((node, shards)),
+        }
+    }
+
+    /// The other nodes that hear the broadcasts.
+    pub fn remotes(&self) -> impl Iterator<Item = [u8; 4]> + '_ {
+        self.remotes.iter().map(|(n, _)| *n)
+    }
+
+    /// Node `node` is gone: no barrier waits for its shards any more.
+    pub fn remote_lost(
+        &mut self,
+        node: [u8; 4],
+        engine: &mut Engine,
+        out: &mut Vec<(To, ShardMsg)>,
+    ) {
+        self.remotes.retain(|(n, _)| *n != node);
+        let mut done = Vec::new();
+        for (id, b) in self.barriers.iter_mut() {
+            b.remote.retain(|(n, _)| *n != node);
+            if b.done() {
+                done.push(*id);
+            }
+        }
+        done.sort_unstable();
+        for id in done {
+            self.release(id, engine, out);
+        }
+    }
+
+    /// A shard of node `node` applied the stop of barrier `barrier`.
+    pub fn remote_applied(
+        &mut self,
+        node: [u8; 4],
+        barrier: u64,
+        engine: &mut Engine,
+        out: &mut Vec<(To, ShardMsg)>,
+    ) {
+        let Some(b) = self.barriers.get_mut(&barrier) else {
             return;
         };
-        *left -= 1;
-        if *left > 0 {
+        let Some(r) = b.remote.iter_mut().find(|(n, _)| *n == node) else {
             return;
+        };
+        r.1 = r.1.saturating_sub(1);
+        if b.done() {
+            self.release(barrier, engine, out);
         }
-        let actor = actor.clone();
-        self.barriers.remove(&barrier);
+    }
+
+    /// A shard applied the stop of barrier `barrier`; once all have, held messages go.
+    fn applied(&mut self, barrier: u64, engine: &mut Engine, out: &mut Vec<(To, ShardMsg)>) {
+        let Some(b) = self.barriers.get_mut(&barrier) else {
+            return;
+        };
+        b.local = b.local.saturating_sub(1);
+        if b.done() {
+            self.release(barrier, engine, out);
+        }
+    }
+
+    /// Every shard applied the stop of barrier `barrier`: what it held goes.
+    fn release(&mut self, barrier: u64, engine: &mut Engine, out: &mut Vec<(To, ShardMsg)>) {
+        let Some(b) = self.barriers.remove(&barrier) else {
+            return;
+        };
+        let actor = b.actor;
         if let Some(n) = self.stopping.get_mut(&actor) {
             *n -= 1;
             if *n == 0 {
@@ -267,7 +346,14 @@ impl Plane {
     fn barrier(&mut self, actor: &Arc<str>) -> u64 {
         let id = self.next_barrier;
         self.next_barrier += 1;
-        self.barriers.insert(id, (actor.clone(), self.shards));
+        self.barriers.insert(
+            id,
+            Barrier {
+                actor: actor.clone(),
+                local: self.shards,
+                remote: self.remotes.clone(),
+            },
+        );
         *self.stopping.entry(actor.clone()).or_insert(0) += 1;
         id
     }
@@ -486,6 +572,7 @@ pub fn copy_for_broadcast(msg: &ShardMsg) -> ShardMsg {
             barrier: *barrier,
         },
         ShardMsg::Shutdown => ShardMsg::Shutdown,
+        ShardMsg::LeaderChanged => ShardMsg::LeaderChanged,
         _ => unreachable!("only control events are broadcast"),
     }
 }

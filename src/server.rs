@@ -58,7 +58,8 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
         .map(std::os::fd::AsRawFd::as_raw_fd)
         .collect();
 
-    let (shared, (inboxes, control_rx)) = Shared::new(cfg.clone(), metrics.clone(), gateway_id, n)?;
+    let (mut shared, (inboxes, control_rx)) =
+        Shared::new(cfg.clone(), metrics.clone(), gateway_id, n)?;
     let control_tx = shared.control.clone();
 
     // The store: actor KV spaces and the control plane's records, in the embedded redb file
@@ -83,12 +84,43 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
         .load_meta_blocking()
         .map_err(|e| std::io::Error::other(format!("cannot read the store {store_name}: {e}")))?;
     let _ = metrics.kv.set(kv.clone());
+    // Several nodes: the bus to the others, the thread that hands what arrives to the
+    // shards and the control plane, and the thread that seeks the placement lease.
+    let mut cluster_rx = None;
+    let lease_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if cfg.cluster.enabled {
+        let c = &cfg.cluster;
+        let (node, events) =
+            crate::cluster::node::Node::start(&c.nats_url, gateway_id).map_err(|e| {
+                std::io::Error::other(format!("cannot reach NATS at {}: {e}", c.nats_url))
+            })?;
+        shared.node = Some(node.clone());
+        let (ctx, crx) = crossbeam_channel::unbounded();
+        cluster_rx = Some(crx);
+        let mailboxes = shared.shards.clone();
+        let bridge_tx = ctx.clone();
+        let bridge_node = node.clone();
+        std::thread::Builder::new()
+            .name("torpor-node".into())
+            .spawn(move || {
+                crate::cluster::node::run_bridge(bridge_node, mailboxes, events, bridge_tx)
+            })?;
+        let pg = crate::cluster::pg_lease::PgLease::new(
+            cfg.store.postgres_url.clone(),
+            Duration::from_millis(cfg.store.statement_timeout_ms),
+        );
+        let (lease, stop) = (c.lease(), lease_stop.clone());
+        std::thread::Builder::new()
+            .name("torpor-lease".into())
+            .spawn(move || crate::cluster::node::run_lease(pg, lease, node, ctx, stop))?;
+        tracing::info!(node = %crate::cluster::bus::hex(gateway_id), nats = %c.nats_url, "cluster node started");
+    }
     let control = {
         let shared = shared.clone();
         let kv = kv.clone();
         std::thread::Builder::new()
             .name("torpor-control".into())
-            .spawn(move || run_control(shared, control_rx, kv, records))?
+            .spawn(move || run_control(shared, control_rx, kv, records, cluster_rx))?
     };
     let mut threads = Vec::with_capacity(n);
     for (i, (inbox, ls)) in inboxes.into_iter().zip(listeners).enumerate() {
@@ -151,6 +183,7 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
     }
     let _ = control_tx.send(ControlMsg::Shutdown);
     let _ = control.join();
+    lease_stop.store(true, Ordering::SeqCst);
     // Everything queued is committed before the process exits; if that fails the exit
     // status says so.
     let flushed = kv.flush_blocking();

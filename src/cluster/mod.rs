@@ -15,5 +15,6 @@ pub mod lease;
 pub mod link;
 #[doc(hidden)]
 pub mod nats_server;
+pub mod node;
 pub mod pg_lease;
 pub mod wire;

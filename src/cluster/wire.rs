@@ -26,7 +26,7 @@
 //! [`protocol::MAX_MESSAGE_LEN`] is refused by both sides.
 //!
 //! What never crosses nodes is refused by [`encode`] ([`Unsupported`]): `ShardMsg::{Upload,
-//! UploadWritten, RunnerStreams, Shutdown}` and `ControlMsg::{ApiChecked, InputLoaded,
+//! UploadWritten, RunnerStreams, Shutdown, LeaderChanged}` and `ControlMsg::{ApiChecked, InputLoaded,
 //! Shutdown}`.
 
 use crate::engine::ConnRef;
@@ -559,6 +559,7 @@ impl<'a> WShard<'a> {
             ShardMsg::UploadWritten { .. } => return Err(Unsupported("ShardMsg::UploadWritten")),
             ShardMsg::RunnerStreams { .. } => return Err(Unsupported("ShardMsg::RunnerStreams")),
             ShardMsg::Shutdown => return Err(Unsupported("ShardMsg::Shutdown")),
+            ShardMsg::LeaderChanged => return Err(Unsupported("ShardMsg::LeaderChanged")),
         })
     }
 
@@ -906,6 +907,7 @@ mod tests {
             } => format!("ActorRunning {actor_id:?} {generation} {runner_idx}"),
             ShardMsg::Reply { waiter, reply } => format!("Reply {waiter} {reply:?}"),
             ShardMsg::Shutdown => "Shutdown".into(),
+            ShardMsg::LeaderChanged => "LeaderChanged".into(),
         }
     }
 

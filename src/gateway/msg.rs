@@ -67,6 +67,10 @@ pub enum ShardMsg {
     Reply { waiter: u32, reply: Reply },
     /// The graceful stop (SIGTERM): [`super::Gateway::begin_drain`].
     Shutdown,
+    /// Several nodes: the placement leader changed. What the old one knew of runners is
+    /// gone: this shard closes its runner connections (they connect again and are placed
+    /// anew) and treats every runner as lost (see [`super::Gateway::leader_changed`]).
+    LeaderChanged,
 }
 
 /// Runner → request traffic, already decoded.

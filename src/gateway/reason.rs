@@ -16,6 +16,7 @@ use crate::metrics::CloseLabel;
 use crate::tunnel::CloseReason;
 use crate::ws::close::{
     WsClose, GOING_AWAY, INTERNAL_ERROR, INVALID_PAYLOAD, MESSAGE_TOO_BIG, NORMAL, PROTOCOL_ERROR,
+    SERVICE_RESTART,
 };
 use std::fmt;
 
@@ -167,6 +168,9 @@ reasons! {
     RunnerInitTooLarge => ("runner.init_too_large", INTERNAL_ERROR, RunnerInitTooLarge),
     /// The engine: it holds as many runners as it may.
     EngineTooManyRunners => ("engine.too_many_runners", INTERNAL_ERROR, EngineTooManyRunners),
+    /// Several nodes: the placement leader changed; runners connect again and are placed
+    /// anew by the new leader.
+    ClusterLeaderChanged => ("cluster.leader_changed", SERVICE_RESTART, ClusterLeaderChanged),
 }
 
 impl Reason {

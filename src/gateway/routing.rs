@@ -182,6 +182,7 @@ impl Gateway {
             } => self.actor_running(&actor_id, generation, runner_idx, now),
             ShardMsg::Reply { waiter, reply } => self.answer(waiter, Some(reply)),
             ShardMsg::Shutdown => self.begin_drain(now),
+            ShardMsg::LeaderChanged => self.leader_changed(now),
         }
         self.check_invariants();
     }
@@ -251,6 +252,35 @@ impl Gateway {
         });
         for id in ids {
             self.replay(id, conn, now);
+        }
+    }
+
+    /// The placement leader changed (several nodes): runner indices of the old leader mean
+    /// nothing to the new one. Every runner is lost (HTTP requests fail, sockets that can
+    /// hibernate do, the others close; hibernating sockets wait for their actor's next
+    /// start), and this shard's runner connections close with `cluster.leader_changed`, so
+    /// their runners connect again to be known by the new leader.
+    pub fn leader_changed(&mut self, now: Instant) {
+        let known: Vec<u32> = (0..self.runners.len() as u32)
+            .filter(|i| self.runners[*i as usize].is_some())
+            .collect();
+        for idx in known {
+            self.runner_detached(idx, now);
+            self.runner_lost(idx, now);
+        }
+        self.runners.clear();
+        self.owed_closes.clear();
+        let ids: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(&c.kind, ConnKind::Runner(r) if r.initialised))
+            .map(|(slot, c)| ConnId {
+                slot: slot as u32,
+                gen: c.gen,
+            })
+            .collect();
+        for id in ids {
+            self.close_conn(id, Reason::ClusterLeaderChanged, now);
         }
     }
 

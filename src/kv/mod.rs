@@ -347,6 +347,12 @@ pub trait KvBackend: Send + 'static {
     fn health(&mut self) -> Result<(), KvError> {
         Ok(())
     }
+    /// Makes every later write transaction conditional on the placement lease's `epoch`
+    /// (refused with [`KvError::Fenced`] otherwise), or stops doing so (`None`). A backend
+    /// that no other node shares has nothing to fence (the default).
+    fn set_fence(&mut self, epoch: Option<u64>) {
+        let _ = epoch;
+    }
 }
 
 /// The selection of a list request in user-key space.

@@ -418,6 +418,10 @@ impl KvBackend for PgStore {
         Some(self.settings.health_every)
     }
 
+    fn set_fence(&mut self, epoch: Option<u64>) {
+        PgStore::set_fence(self, epoch.map(|epoch| Fence { epoch }));
+    }
+
     /// The open connection answers within `probe_timeout` (`Client::is_valid`: a simple
     /// query with a timeout, so a server that stopped answering cannot hold the worker).
     fn health(&mut self) -> Result<(), KvError> {

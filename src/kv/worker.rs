@@ -308,6 +308,9 @@ fn bump(a: &AtomicU64) {
 
 enum Msg {
     Job(Job),
+    /// Fence every later write with the placement lease's epoch (`None`: no fence), after
+    /// every job sent before it ([`KvBackend::set_fence`]).
+    Fence(Option<u64>),
     Shutdown,
 }
 
@@ -375,6 +378,12 @@ impl KvHandle {
     pub fn submit(&self, job: Job) -> Result<(), Closed> {
         // On failure the returned message is dropped here, which answers its replies.
         self.tx.send(Msg::Job(job)).map_err(|_| Closed)
+    }
+
+    /// Fences every write submitted after this call with the placement lease's `epoch`, or
+    /// lifts the fence (`None`). Jobs submitted before it run as they were.
+    pub fn set_fence(&self, epoch: Option<u64>) -> Result<(), Closed> {
+        self.tx.send(Msg::Fence(epoch)).map_err(|_| Closed)
     }
 
     /// Queues a KV request of `actor_id`; `reply` gets its response.
@@ -592,6 +601,10 @@ impl<B: KvBackend> Worker<B> {
                 };
                 match next {
                     Next::Msg(Msg::Job(job)) => batch.push(job),
+                    Next::Msg(Msg::Fence(epoch)) => {
+                        self.backend.set_fence(epoch);
+                        continue;
+                    }
                     Next::Msg(Msg::Shutdown) => {
                         stopping = true;
                         continue;
@@ -615,8 +628,14 @@ impl<B: KvBackend> Worker<B> {
                 }
             }
             let mut bytes: usize = batch.iter().map(Job::weight).sum();
+            let mut fence = None;
             while batch.len() < MAX_BATCH_JOBS && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
+                    Ok(Msg::Fence(epoch)) => {
+                        // The batch so far runs under the fence it was sent under.
+                        fence = Some(epoch);
+                        break;
+                    }
                     Ok(Msg::Job(job)) => {
                         let w = job.weight();
                         if bytes.saturating_add(w) > MAX_BATCH_BYTES {
@@ -631,6 +650,9 @@ impl<B: KvBackend> Worker<B> {
                 }
             }
             self.run_batch(batch);
+            if let Some(epoch) = fence {
+                self.backend.set_fence(epoch);
+            }
             if !self.troubled() {
                 self.backoff = RETRY_MIN;
             }

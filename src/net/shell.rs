@@ -119,10 +119,14 @@ impl Shard {
                 Output::ToControl(msg) => {
                     let _ = self.shared.control.send(*msg);
                 }
-                Output::ToNode(..) => {
-                    self.metrics()
-                        .inc(crate::metrics::Counter::UnroutableTunnelMessages);
-                }
+                Output::ToNode(node, shard, msg) => match &self.shared.node {
+                    Some(n) => {
+                        n.send_tun(node, shard, msg);
+                    }
+                    None => self
+                        .metrics()
+                        .inc(crate::metrics::Counter::UnroutableTunnelMessages),
+                },
                 Output::Reply(waiter, reply) => {
                     if let Some(tx) = self.replies.borrow_mut().remove(&waiter) {
                         let _ = tx.send(reply);

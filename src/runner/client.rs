@@ -52,7 +52,7 @@ impl Runner {
         config: RunnerConfig,
         factory: impl ActorFactory,
     ) -> Result<RunnerHandle, RunnerError> {
-        let url = connect_url(&config)?;
+        let urls = connect_urls(&config)?;
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let counters = Arc::new(Counters::default());
         let core = Core::new(
@@ -70,7 +70,8 @@ impl Runner {
         let seed = config.seed.unwrap_or_else(rand::random);
         let shell = Shell {
             core,
-            url,
+            urls,
+            next_url: 0,
             token: config.token.clone(),
             backoff: Backoff::new(config.reconnect_base, config.reconnect_max, seed),
             shutdown_timeout: config.shutdown_timeout,
@@ -178,6 +179,20 @@ pub(crate) fn encode_uri_component(s: &str) -> String {
     out
 }
 
+/// The connect URL of each endpoint (comma-separated) of `config`, in order.
+pub(crate) fn connect_urls(config: &RunnerConfig) -> Result<Vec<String>, RunnerError> {
+    config
+        .endpoint
+        .split(',')
+        .map(|ep| {
+            connect_url(&RunnerConfig {
+                endpoint: ep.to_string(),
+                ..config.clone()
+            })
+        })
+        .collect()
+}
+
 /// `ws://host/runners/connect?protocol_version=7&namespace=..&runner_key=..`.
 pub(crate) fn connect_url(config: &RunnerConfig) -> Result<String, RunnerError> {
     let ep = config.endpoint.trim();
@@ -214,7 +229,9 @@ enum End {
 
 struct Shell {
     core: Core,
-    url: String,
+    /// The endpoints' connect URLs; the next attempt uses `urls[next_url]`.
+    urls: Vec<String>,
+    next_url: usize,
     token: Option<String>,
     backoff: Backoff,
     shutdown_timeout: Duration,
@@ -230,7 +247,8 @@ impl Shell {
             if !self.shutdown_waiters.is_empty() {
                 break;
             }
-            match self.connect().await {
+            let url = self.urls[self.next_url].clone();
+            match self.connect(&url).await {
                 Some(Ok(ws)) => {
                     let end = self.session(ws).await;
                     self.core.connection_lost(Instant::now());
@@ -240,10 +258,12 @@ impl Shell {
                     }
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, url = %self.url, "runner connect failed");
+                    tracing::warn!(error = %e, url = %url, "runner connect failed");
                 }
                 None => break,
             }
+            // The next attempt goes to the next endpoint (the same when there is one).
+            self.next_url = (self.next_url + 1) % self.urls.len();
             if !self.shutdown_waiters.is_empty() {
                 break;
             }
@@ -324,15 +344,14 @@ impl Shell {
     }
 
     /// Connects, serving handles meanwhile. `None` when shutdown was requested.
-    async fn connect(&mut self) -> Option<Result<Conn, RunnerError>> {
+    async fn connect(&mut self, url: &str) -> Option<Result<Conn, RunnerError>> {
         let protocols = match self.protocols() {
             Ok(p) => p,
             Err(e) => return Some(Err(e)),
         };
         // One runner message is one frame of up to the protocol's message limit (a 16 MiB
         // client message tunnels as 16 MiB plus its header).
-        let url = self.url.clone();
-        let fut = Conn::connect(&url, &protocols, crate::protocol::MAX_MESSAGE_LEN);
+        let fut = Conn::connect(url, &protocols, crate::protocol::MAX_MESSAGE_LEN);
         tokio::pin!(fut);
         loop {
             let lost = self.core.lost_deadline();
@@ -598,6 +617,11 @@ mod tests {
             .unwrap()
             .starts_with("ws://h:1/base/runners/connect?"));
         assert!(connect_url(&cfg("ftp://h")).is_err());
+        let both = connect_urls(&cfg("http://a:1, ws://b:2/x")).unwrap();
+        assert_eq!(both.len(), 2);
+        assert!(both[0].starts_with("ws://a:1/runners/connect?"));
+        assert!(both[1].starts_with("ws://b:2/x/runners/connect?"));
+        assert!(connect_urls(&cfg("http://a:1,ftp://b")).is_err());
         assert_eq!(encode_uri_component("a-_.!~*'()Z9"), "a-_.!~*'()Z9");
     }
 

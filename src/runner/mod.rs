@@ -54,6 +54,9 @@ pub const PROTOCOL_VERSION: u16 = 7;
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
     /// Gateway endpoint: `http://`, `https://`, `ws://` or `wss://` (TLS is not built in).
+    /// Several nodes of one torpor cluster may be given, separated by commas: the runner
+    /// connects to the first, and moves on to the next whenever a connection attempt fails
+    /// or an open connection is lost.
     pub endpoint: String,
     pub namespace: String,
     pub runner_name: String,

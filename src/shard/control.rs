@@ -3,6 +3,9 @@
 //! runner sessions (Init, events, command acks), actor lookups and the engine HTTP API.
 
 use super::Shared;
+use crate::cluster::bus::{hex, Kind, NodeId};
+use crate::cluster::node::{ClusterIn, Node};
+use crate::cluster::wire::{NodeMsg, ALL_SHARDS};
 use crate::engine::{self, Action, ConnRef, Engine, EngineConfig, InitReport, Resolve, StoreOp};
 use crate::gateway::{ApiRequest, ControlMsg, Reply, ResolveError as ShardResolveError, ShardMsg};
 use crate::kv::worker::Done;
@@ -12,7 +15,7 @@ use crate::plane::{self, Plane, Stepped, To};
 use crate::protocol::{self, ToServer};
 use crate::serverless::{self, Hooks, Outbound};
 use crossbeam_channel::Receiver;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -47,14 +50,236 @@ fn unix_ms() -> i64 {
 /// Runs until `Shutdown` or until every sender is gone. `records` are the engine's durable
 /// records as the store holds them (restored before anything else happens); every later
 /// change goes to `kv`.
+///
+/// With several nodes (`cluster`: what the node's threads report), the engine runs only
+/// while this node holds the placement lease, restored from the records each time it starts
+/// leading; otherwise the shards' messages are forwarded to the leader ([`follow`]).
 pub fn run_control(
     shared: Shared,
     rx: Receiver<ControlMsg>,
     kv: KvHandle,
     records: Vec<(Vec<u8>, Vec<u8>)>,
+    cluster: Option<Receiver<ClusterIn>>,
 ) {
+    let Some(crx) = cluster else {
+        let gauge = &shared.metrics.leading_epoch;
+        gauge.store(1, std::sync::atomic::Ordering::Relaxed);
+        lead(&shared, &rx, &kv, records, None);
+        return;
+    };
+    let mut carried: Vec<ControlMsg> = Vec::new();
+    // The last epoch this node followed or led (0: none yet).
+    let mut last_epoch = 0;
+    loop {
+        let epoch = match follow(&shared, &rx, &crx, &mut carried, &mut last_epoch) {
+            Followed::Shutdown => return,
+            Followed::Lead(epoch) => epoch,
+        };
+        if last_epoch != 0 {
+            // Runners attached under another leader connect again to be known by this one.
+            leader_changed(&shared);
+        }
+        last_epoch = epoch;
+        // Every write from here on is conditional on this epoch; a write of an earlier term
+        // still queued runs under the earlier fence (refused if that term is over).
+        let _ = kv.set_fence(Some(epoch));
+        let records = match kv.load_meta_blocking() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, epoch, "cannot read the records to lead; waiting for the lease to pass on");
+                continue;
+            }
+        };
+        for msg in carried.drain(..) {
+            let _ = shared.control.send(msg);
+        }
+        let gauge = &shared.metrics.leading_epoch;
+        gauge.store(epoch as i64, std::sync::atomic::Ordering::Relaxed);
+        let led = lead(&shared, &rx, &kv, records, Some((&crx, epoch)));
+        gauge.store(0, std::sync::atomic::Ordering::Relaxed);
+        match led {
+            Led::Shutdown => return,
+            Led::SteppedDown => {
+                tracing::warn!(epoch, "stopped placing: the lease passed on");
+                leader_changed(&shared);
+            }
+        }
+    }
+}
+
+/// Tells this node's shards that the placement leader changed (see
+/// [`crate::gateway::Gateway::leader_changed`]).
+fn leader_changed(shared: &Shared) {
+    for mb in shared.shards.iter() {
+        mb.send(ShardMsg::LeaderChanged);
+    }
+}
+
+/// How a term as the leader ended.
+enum Led {
+    Shutdown,
+    SteppedDown,
+}
+
+/// How following ended.
+enum Followed {
+    Shutdown,
+    Lead(u64),
+}
+
+/// Most control messages a follower keeps while it knows no leader.
+const FOLLOWER_QUEUE: usize = 65_536;
+
+/// Forwards the shards' control messages to the leader (kept, up to [`FOLLOWER_QUEUE`],
+/// while no leader is known) and tells it every `cluster.heartbeat_ms` that this node is
+/// alive, until this node leads or stops. Messages kept when it starts to lead are left in
+/// `carried`.
+fn follow(
+    shared: &Shared,
+    rx: &Receiver<ControlMsg>,
+    crx: &Receiver<ClusterIn>,
+    carried: &mut Vec<ControlMsg>,
+    last_epoch: &mut u64,
+) -> Followed {
+    let node = shared.node.as_ref().expect("a cluster node has a bus");
+    let every = Duration::from_millis(shared.config.cluster.heartbeat_ms);
+    let shards = shared.shards.len() as u16;
+    let mut leader: Option<(NodeId, u64)> = None;
+    let mut queue: VecDeque<ControlMsg> = carried.drain(..).collect();
+    let mut next_beat = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= next_beat {
+            if let Some((l, epoch)) = leader {
+                node.send(l, Kind::Ctl, &NodeMsg::Heartbeat { shards, epoch });
+            }
+            next_beat = now + every;
+        }
+        let wait = next_beat.saturating_duration_since(now);
+        crossbeam_channel::select! {
+            recv(rx) -> m => match m {
+                Ok(ControlMsg::Shutdown) | Err(_) => return Followed::Shutdown,
+                Ok(msg) => match leader {
+                    Some((l, _)) => {
+                        node.send(l, Kind::Ctl, &NodeMsg::Control(msg));
+                    }
+                    None if queue.len() < FOLLOWER_QUEUE => queue.push_back(msg),
+                    None => {
+                        shared.metrics.control.inc(Counter::ClusterDropped);
+                    }
+                },
+            },
+            recv(crx) -> c => match c {
+                Err(_) => return Followed::Shutdown,
+                Ok(ClusterIn::BecameLeader { epoch }) => {
+                    carried.extend(queue);
+                    return Followed::Lead(epoch);
+                }
+                Ok(ClusterIn::LeaderIs { node: l, epoch } | ClusterIn::Leader { from: l, epoch }) => {
+                    if epoch > *last_epoch && l != node.id {
+                        tracing::info!(leader = %hex(l), epoch, "following the placement leader");
+                        if *last_epoch != 0 {
+                            leader_changed(shared);
+                        }
+                        *last_epoch = epoch;
+                        leader = Some((l, epoch));
+                        // The heartbeat first: the leader's broadcasts reach this node's
+                        // shards from then on, before any runner of it is attached.
+                        node.send(l, Kind::Ctl, &NodeMsg::Heartbeat { shards, epoch });
+                        next_beat = Instant::now() + every;
+                        for msg in queue.drain(..) {
+                            node.send(l, Kind::Ctl, &NodeMsg::Control(msg));
+                        }
+                    }
+                }
+                Ok(ClusterIn::PeerGone(n)) => {
+                    if leader.is_some_and(|(l, _)| l == n) {
+                        tracing::warn!(leader = %hex(n), "the placement leader restarted; waiting for the next");
+                        leader = None;
+                    }
+                }
+                Ok(ClusterIn::Control { .. }) => {
+                    // For a leader; this node does not lead (the sender learns who does).
+                    shared.metrics.control.inc(Counter::ClusterDropped);
+                }
+                Ok(_) => {}
+            },
+            default(wait) => {}
+        }
+    }
+}
+
+/// The leader's view of the other nodes: when each was last heard from.
+struct Members {
+    seen: HashMap<NodeId, Instant>,
+    timeout: Duration,
+}
+
+/// A control message of another node's shard, its waiter id given that node's peer number
+/// (`None`: a message that never comes from another node).
+fn from_peer(node: &Node, from: NodeId, mut msg: ControlMsg) -> Option<ControlMsg> {
+    let p = node.peer_number(from)?;
+    match &mut msg {
+        ControlMsg::Resolve { waiter, .. } | ControlMsg::ResolveNamed { waiter, .. } => {
+            *waiter = plane::waiter_from_peer(*waiter, p)
+        }
+        ControlMsg::Api(req) => req.waiter = plane::waiter_from_peer(req.waiter, p),
+        ControlMsg::Shutdown | ControlMsg::ApiChecked(_) | ControlMsg::InputLoaded { .. } => {
+            return None
+        }
+        _ => {}
+    }
+    Some(msg)
+}
+
+/// One term of running the engine: until `Shutdown`, or (several nodes) until this node no
+/// longer leads.
+fn lead(
+    shared: &Shared,
+    rx: &Receiver<ControlMsg>,
+    kv: &KvHandle,
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+    cluster: Option<(&Receiver<ClusterIn>, u64)>,
+) -> Led {
+    let never = crossbeam_channel::never();
+    let (crx, my_epoch) = match cluster {
+        Some((crx, epoch)) => (crx, epoch),
+        None => (&never, 0),
+    };
+    let mut members = Members {
+        seen: HashMap::new(),
+        timeout: Duration::from_millis(shared.config.cluster.node_timeout_ms),
+    };
+    let mut cluster_in: Vec<ClusterIn> = Vec::new();
+    // A new leader waits `cluster.node_timeout_ms` before it places anything: every live
+    // node learns the new epoch meanwhile (the lease row, or this node's answer to its
+    // heartbeat) and closes the runner connections of the old term, so no actor the old
+    // leader placed is still running when this one places it again. What arrives meanwhile
+    // is kept, in order.
+    let mut held: Vec<ControlMsg> = Vec::new();
+    if cluster.is_some() {
+        let quiet_until = Instant::now() + members.timeout;
+        loop {
+            let now = Instant::now();
+            if now >= quiet_until {
+                break;
+            }
+            crossbeam_channel::select! {
+                recv(rx) -> m => match m {
+                    Ok(ControlMsg::Shutdown) | Err(_) => return Led::Shutdown,
+                    Ok(m) => held.push(m),
+                },
+                recv(crx) -> c => match c {
+                    Ok(ClusterIn::StepDown { .. }) => return Led::SteppedDown,
+                    Ok(c) => cluster_in.push(c),
+                    Err(_) => return Led::Shutdown,
+                },
+                default(quiet_until - now) => {}
+            }
+        }
+    }
     let mut engine = Engine::new(
-        engine_config(&shared),
+        engine_config(shared),
         rand::random(),
         Instant::now(),
         unix_ms(),
@@ -67,6 +292,9 @@ pub fn run_control(
     let mut loads: Vec<String> = Vec::new();
     let mut out: Vec<(To, ShardMsg)> = Vec::new();
     let mut plane = Plane::new(shared.shards.len());
+    if cluster.is_some() {
+        tracing::info!(epoch = my_epoch, ?report, "leading placement");
+    }
     // The outbound client of the serverless pools: the engine's requests go to it, its
     // events come back to the engine.
     let (outbound, mut outbound_events) = match Outbound::spawn(
@@ -92,7 +320,14 @@ pub fn run_control(
         let first = crossbeam_channel::select! {
             recv(rx) -> m => match m {
                 Ok(m) => Some(m),
-                Err(_) => return,
+                Err(_) => return Led::Shutdown,
+            },
+            recv(crx) -> c => match c {
+                Ok(c) => {
+                    cluster_in.push(c);
+                    None
+                }
+                Err(_) => return Led::Shutdown,
             },
             recv(outbound_events) -> ev => {
                 match ev {
@@ -103,6 +338,17 @@ pub fn run_control(
             },
             default(wake) => None,
         };
+        if cluster.is_some()
+            && shared
+                .node
+                .as_ref()
+                .is_some_and(|n| !n.may_place(Instant::now()))
+        {
+            // The lease ran out (paused, or renewals failed) before the lease thread said
+            // so: nothing more is placed or answered in this term. What was taken from the
+            // channels is dropped: the next leader starts afresh.
+            return Led::SteppedDown;
+        }
         if outbound_gone {
             tracing::error!(
                 "the serverless outbound client stopped; no pool runner will be started"
@@ -111,14 +357,80 @@ pub fn run_control(
         }
         pool_events.extend(outbound_events.try_iter());
         for ev in pool_events.drain(..) {
-            log_pool_event(&shared, &ev);
+            log_pool_event(shared, &ev);
             let actions = engine.pool_event(ev, Instant::now());
             plane.deliver(actions, &mut out);
-            persist(&mut engine, &kv);
-            send(&shared, &mut out);
+            persist(&mut engine, kv);
+            send(shared, &mut out);
         }
-        let mut batch: Vec<ControlMsg> = first.into_iter().collect();
+        let mut batch: Vec<ControlMsg> = std::mem::take(&mut held);
+        batch.extend(first);
         batch.extend(rx.try_iter());
+        if let Some(node) = shared.node.as_deref().filter(|_| cluster.is_some()) {
+            cluster_in.extend(crx.try_iter());
+            let now = Instant::now();
+            for c in cluster_in.drain(..) {
+                match c {
+                    ClusterIn::Control {
+                        from,
+                        msg: ControlMsg::StopApplied { barrier },
+                    } => plane.remote_applied(from, barrier, &mut engine, &mut out),
+                    ClusterIn::Control { from, msg } => {
+                        members.seen.entry(from).or_insert(now);
+                        batch.extend(from_peer(node, from, msg));
+                    }
+                    ClusterIn::Heartbeat {
+                        from,
+                        shards,
+                        epoch,
+                    } => {
+                        if epoch != my_epoch {
+                            node.send(from, Kind::Ctl, &NodeMsg::Leader { epoch: my_epoch });
+                        }
+                        if members.seen.insert(from, now).is_none() {
+                            tracing::info!(node = %hex(from), shards, "a node joined");
+                        }
+                        plane.set_remote(from, shards as usize);
+                    }
+                    ClusterIn::StepDown { .. } => return Led::SteppedDown,
+                    ClusterIn::Leader { epoch, .. } | ClusterIn::LeaderIs { epoch, .. }
+                        if epoch > my_epoch =>
+                    {
+                        return Led::SteppedDown
+                    }
+                    ClusterIn::PeerGone(n) => node_lost(
+                        shared,
+                        n,
+                        &mut members,
+                        &mut plane,
+                        &mut engine,
+                        &peers,
+                        &mut out,
+                    ),
+                    _ => {}
+                }
+            }
+            let lost: Vec<NodeId> = members
+                .seen
+                .iter()
+                .filter(|(_, at)| now.saturating_duration_since(**at) > members.timeout)
+                .map(|(n, _)| *n)
+                .collect();
+            for n in lost {
+                node_lost(
+                    shared,
+                    n,
+                    &mut members,
+                    &mut plane,
+                    &mut engine,
+                    &peers,
+                    &mut out,
+                );
+            }
+            node.set_members(plane.remotes().collect());
+            persist(&mut engine, kv);
+            send(shared, &mut out);
+        }
         for msg in batch {
             let now = Instant::now();
             match plane.step(&mut engine, msg, now, &mut out) {
@@ -137,31 +449,31 @@ pub fn run_control(
                         key: &runner_key,
                         peer,
                     };
-                    log_init(&shared, &mut peers, conn, who, report);
+                    log_init(shared, &mut peers, conn, who, report);
                 }
                 Stepped::Closed(conn) => {
                     peers.remove(&conn);
                 }
                 Stepped::Caller(msg) => {
-                    if !caller_msg(&shared, &mut plane, &mut engine, &kv, msg, now, &mut out) {
-                        return;
+                    if !caller_msg(shared, &mut plane, &mut engine, kv, msg, now, &mut out) {
+                        return Led::Shutdown;
                     }
                 }
             }
-            persist(&mut engine, &kv);
+            persist(&mut engine, kv);
             loads.append(&mut engine.take_input_loads());
-            send(&shared, &mut out);
+            send(shared, &mut out);
         }
         let now = Instant::now();
         if engine.next_deadline().is_some_and(|t| t <= now) {
             let actions = engine.tick(now);
             plane.deliver(actions, &mut out);
-            persist(&mut engine, &kv);
+            persist(&mut engine, kv);
             loads.append(&mut engine.take_input_loads());
-            send(&shared, &mut out);
+            send(shared, &mut out);
         }
         if !loads.is_empty() {
-            load_inputs(&shared, &kv, std::mem::take(&mut loads));
+            load_inputs(shared, kv, std::mem::take(&mut loads));
         }
         for cmd in engine.take_outbound() {
             let m = &shared.metrics.control;
@@ -174,7 +486,32 @@ pub fn run_control(
                 o.send(cmd);
             }
         }
-        publish_gauges(&shared, &engine);
+        publish_gauges(shared, &engine);
+    }
+}
+
+/// Node `n` is gone (restarted, or silent past `cluster.node_timeout_ms`): its runner
+/// connections are closed as far as the engine is concerned, and no stop waits for its
+/// shards.
+fn node_lost(
+    shared: &Shared,
+    n: NodeId,
+    members: &mut Members,
+    plane: &mut Plane,
+    engine: &mut Engine,
+    peers: &HashMap<ConnRef, SocketAddr>,
+    out: &mut Vec<(To, ShardMsg)>,
+) {
+    members.seen.remove(&n);
+    shared.metrics.control.inc(Counter::ClusterNodesLost);
+    tracing::warn!(node = %hex(n), "a node is lost: its runners are treated as disconnected");
+    plane.remote_lost(n, engine, out);
+    let now = Instant::now();
+    let mut conns: Vec<ConnRef> = peers.keys().filter(|c| c.node == n).copied().collect();
+    conns.sort_unstable();
+    for conn in conns {
+        let actions = engine.runner_closed(conn, now);
+        plane.deliver(actions, out);
     }
 }
 
@@ -277,10 +614,24 @@ fn send(shared: &Shared, out: &mut Vec<(To, ShardMsg)>) {
                     mb.send(msg);
                 }
             }
-            To::Node(..) | To::Peer(..) => {
-                tracing::warn!("a message for another node, which this node does not reach");
-            }
+            To::Node(to, s) => match &shared.node {
+                Some(node) => {
+                    node.send_shard_ctl(to, s, msg);
+                }
+                None => tracing::warn!("a message for another node, but this node runs alone"),
+            },
+            To::Peer(p, s) => match shared.node.as_ref().and_then(|n| Some((n, n.peer(p)?))) {
+                Some((node, to)) => {
+                    node.send_shard_ctl(to, s, msg);
+                }
+                None => tracing::warn!(peer = p, "an answer for a node this node does not know"),
+            },
             To::All => {
+                if let Some(node) = &shared.node {
+                    for to in node.members() {
+                        node.send_shard_ctl(to, ALL_SHARDS, plane::copy_for_broadcast(&msg));
+                    }
+                }
                 for mb in shared.shards.iter() {
                     mb.send(plane::copy_for_broadcast(&msg));
                 }
@@ -519,12 +870,14 @@ fn kv_request(
         move |data: protocol::KvResponseData| {
             let msg =
                 protocol::ToClient::KvResponse(protocol::ToClientKvResponse { request_id, data });
-            if let Some(mb) = shared.shards.get(conn.shard as usize) {
-                mb.send(ShardMsg::ToRunner {
-                    conn: plane::conn_id(conn),
-                    frames: plane::frames(&msg),
-                });
-            }
+            let to_runner = ShardMsg::ToRunner {
+                conn: plane::conn_id(conn),
+                frames: plane::frames(&msg),
+            };
+            send(
+                &shared,
+                &mut vec![(To::Node(conn.node, conn.shard), to_runner)],
+            );
         }
     };
     if !engine.actor_placed_on(&req.actor_id, conn) {

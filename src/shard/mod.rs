@@ -32,6 +32,9 @@ pub struct Shared {
     pub drained: Arc<std::sync::atomic::AtomicUsize>,
     /// Who may call the engine API and connect runners.
     pub access: Arc<crate::http::access::Access>,
+    /// This node's bus to the other nodes (`[cluster] enabled`), set before the threads
+    /// start.
+    pub node: Option<Arc<crate::cluster::node::Node>>,
 }
 
 /// What [`Shared::new`] makes besides the shared part: each shard's inbox (index = shard
@@ -67,6 +70,7 @@ impl Shared {
             control,
             draining: Arc::new(AtomicBool::new(false)),
             drained: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            node: None,
         };
         Ok((shared, (inboxes, control_rx)))
     }
