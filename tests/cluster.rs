@@ -1,69 +1,14 @@
 //! Several torpor nodes (`[cluster] enabled`) on one throwaway PostgreSQL cluster and one
 //! throwaway `nats-server`, all on loopback: the real daemon binaries, the real echo runner.
 //!
-//! The lease timings are shortened for tests (a 3 s lease, renewed every 0.5 s) so that a
-//! failover is quick; no assertion depends on them being met in time, only on what happens.
+//! The harness (`common::cluster`) shortens the lease timings so that failovers are quick;
+//! no verdict depends on them being met in time.
 
 mod common;
 
-use common::{create_actor, ws_connect, ws_recv, Daemon, Rng, Runner, WAIT};
-use std::time::{Duration, Instant};
-use torpor::cluster::nats_server::NatsServer;
-use torpor::kv::pg_cluster::PgCluster;
+use common::cluster::Backends;
+use common::{create_actor, ws_connect, ws_recv, Rng, Runner};
 use tungstenite::Message;
-
-/// The PostgreSQL cluster and the NATS server the nodes share.
-struct Shared {
-    pg: PgCluster,
-    nats: NatsServer,
-}
-
-impl Shared {
-    fn start() -> Shared {
-        Shared {
-            pg: PgCluster::start().expect("start a PostgreSQL cluster"),
-            nats: NatsServer::start().expect("start nats-server"),
-        }
-    }
-
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("TORPOR_STORE__BACKEND", "postgres".into()),
-            ("TORPOR_STORE__POSTGRES_URL", self.pg.url("torpor")),
-            ("TORPOR_STORE__CONNECT_TIMEOUT_MS", "2000".into()),
-            ("TORPOR_STORE__PROBE_TIMEOUT_MS", "2000".into()),
-            ("TORPOR_CLUSTER__ENABLED", "true".into()),
-            ("TORPOR_CLUSTER__NATS_URL", self.nats.url()),
-            ("TORPOR_CLUSTER__LEASE_TTL_MS", "3000".into()),
-            ("TORPOR_CLUSTER__LEASE_RENEW_MS", "500".into()),
-            ("TORPOR_CLUSTER__LEASE_SAFETY_MS", "500".into()),
-            ("TORPOR_CLUSTER__LEASE_RETRY_MS", "200".into()),
-            ("TORPOR_CLUSTER__HEARTBEAT_MS", "200".into()),
-            ("TORPOR_CLUSTER__NODE_TIMEOUT_MS", "2000".into()),
-        ]
-    }
-
-    /// Starts one node.
-    fn node(&self, shards: usize) -> Daemon {
-        let env = self.env();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Daemon::start(shards, &env)
-    }
-}
-
-/// Waits (bounded) until `node` leads placement; returns its epoch.
-fn wait_leading(node: &Daemon) -> f64 {
-    node.wait_metric("torpor_cluster_leading_epoch", |v| v > 0.0)
-}
-
-/// Three nodes: the leader (started first, so it takes the lease), then two followers.
-fn three_nodes(shared: &Shared) -> [Daemon; 3] {
-    let leader = shared.node(1);
-    wait_leading(&leader);
-    let n1 = shared.node(1);
-    let n2 = shared.node(1);
-    [n1, n2, leader]
-}
 
 /// Mixed sizes from 1 B to 256 KiB, mostly small, text and binary.
 fn message(rng: &mut Rng, i: usize) -> Message {
@@ -90,8 +35,8 @@ fn message(rng: &mut Rng, i: usize) -> Message {
 /// order and byte-identical through the cross-node hop in both directions.
 #[test]
 fn echo_10k_client_on_one_node_runner_on_another_leader_on_a_third() {
-    let shared = Shared::start();
-    let [n1, n2, n3] = three_nodes(&shared);
+    let backends = Backends::start();
+    let [n1, n2, n3] = backends.three_nodes(&[]);
     let _runner = Runner::start(&n2.endpoint(), &[]);
     let actor = create_actor(n1.addr, "echo", None);
     let mut ws = ws_connect(n1.addr, &actor, "/echo");
@@ -124,5 +69,4 @@ fn echo_10k_client_on_one_node_runner_on_another_leader_on_a_third() {
     assert_eq!(n3.metric("torpor_tunnel_messages_to_runner_total"), 0.0);
     assert_eq!(n1.metric("torpor_cluster_leading_epoch"), 0.0);
     assert_eq!(n2.metric("torpor_cluster_leading_epoch"), 0.0);
-    let _ = (WAIT, Instant::now(), Duration::ZERO);
 }

@@ -2,14 +2,16 @@
 //! hands what arrives to the shards and the control plane (`torpor-node`), and the thread
 //! that holds or seeks the placement lease (`torpor-lease`).
 //!
-//! What goes where:
-//! - *Tunnel traffic* (frames for a runner connected to another node, a runner's messages for
-//!   a request of another node) is one `tun` publish: at most once, as protocol v7 allows
-//!   runner → client; a lost client → runner message is recovered by the pending window's
-//!   replay. It goes straight from the shard that made it to the receiving node's shard.
-//! - *Control* (a shard's questions and runner sessions for the leader's engine; the leader's
-//!   answers, commands and broadcasts for other nodes' shards; heartbeats) goes over the
-//!   reliable `ctl` link: exactly once, in order per pair of nodes.
+//! What goes where (both straight from the shard that made it to the receiving node's
+//! shard, through the bus):
+//! - *A runner's WebSocket messages for a client of another node* are one `tun` publish each:
+//!   at most once, as protocol v7 allows runner → client.
+//! - *Everything else* goes over the reliable `ctl` link, exactly once and in order per pair
+//!   of nodes, also across NATS reconnects and restarts: the frames for a runner connected to
+//!   another node (a hole in a socket's indices would make the runner close it), a runner's
+//!   opens, closes and acks, a shard's questions and runner sessions for the leader's engine,
+//!   the leader's answers, commands and broadcasts, heartbeats. What a node that dies held
+//!   is recovered by the pending windows' replay to the runner's next connection.
 //!
 //! Nothing here decides placement: the control thread (`shard::control`) runs the engine
 //! while this node leads and forwards to the leader otherwise.
@@ -136,9 +138,21 @@ impl Node {
         true
     }
 
-    /// Tunnel traffic for shard `shard` of node `to`.
-    pub fn send_tun(&self, to: NodeId, shard: u16, msg: ShardMsg) -> bool {
-        self.send(to, Kind::Tun, &NodeMsg::Shard { shard, msg })
+    /// A shard's message for shard `shard` of node `to`. A runner's WebSocket message for a
+    /// client of that node is one `tun` publish: at most once, as protocol v7 allows in that
+    /// direction. Everything else — above all the frames for a runner, whose indices must
+    /// reach it without a hole — goes over the control link, exactly once and in order,
+    /// through NATS reconnects and restarts; only the death of a node loses what it held,
+    /// and then the pending windows replay to the runner's next connection.
+    pub fn send_from_shard(&self, to: NodeId, shard: u16, msg: ShardMsg) -> bool {
+        let kind = match &msg {
+            ShardMsg::Tunnel {
+                msg: crate::gateway::TunnelIn::Message { .. },
+                ..
+            } => Kind::Tun,
+            _ => Kind::Ctl,
+        };
+        self.send(to, kind, &NodeMsg::Shard { shard, msg })
     }
 
     /// A control message for shard `shard` of node `to` (`ALL_SHARDS`: every shard).

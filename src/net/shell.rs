@@ -121,7 +121,7 @@ impl Shard {
                 }
                 Output::ToNode(node, shard, msg) => match &self.shared.node {
                     Some(n) => {
-                        n.send_tun(node, shard, msg);
+                        n.send_from_shard(node, shard, msg);
                     }
                     None => self
                         .metrics()
