@@ -132,6 +132,7 @@ labels!(
         RunnerInitTooLarge => "runner.init_too_large",
         EngineTooManyRunners => "engine.too_many_runners",
         ClusterLeaderChanged => "cluster.leader_changed",
+        ClusterNodeRejoined => "cluster.node_rejoined",
         Other => "other",
     }
 );
@@ -266,6 +267,8 @@ pub struct Metrics {
     /// The lease epoch this node places with, 0 while it does not lead (several nodes); 1
     /// when torpor runs alone.
     pub leading_epoch: Arc<AtomicI64>,
+    /// 1 while this node's NATS connection is up (several nodes), else 0.
+    pub nats_connected: Arc<AtomicI64>,
     /// Serverless pools by state, written by the control plane (one entry per runner config
     /// with a pool: bounded by `limits.runner_configs`).
     pub pools: Arc<std::sync::Mutex<Vec<crate::engine::PoolStatus>>>,
@@ -281,6 +284,7 @@ impl Metrics {
             actors: Arc::new(std::array::from_fn(|_| AtomicI64::new(0))),
             runners_known: Arc::new(AtomicI64::new(0)),
             leading_epoch: Arc::new(AtomicI64::new(0)),
+            nats_connected: Arc::new(AtomicI64::new(0)),
             pools: Arc::default(),
             kv: Arc::new(std::sync::OnceLock::new()),
         }
@@ -403,6 +407,16 @@ impl Metrics {
             out,
             "torpor_cluster_leading_epoch {}",
             self.leading_epoch.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP torpor_cluster_nats_connected 1 while this node's NATS connection is up (several nodes)"
+        );
+        let _ = writeln!(out, "# TYPE torpor_cluster_nats_connected gauge");
+        let _ = writeln!(
+            out,
+            "torpor_cluster_nats_connected {}",
+            self.nats_connected.load(Relaxed)
         );
         render_pools(
             &mut out,

@@ -572,7 +572,7 @@ pub fn copy_for_broadcast(msg: &ShardMsg) -> ShardMsg {
             barrier: *barrier,
         },
         ShardMsg::Shutdown => ShardMsg::Shutdown,
-        ShardMsg::LeaderChanged => ShardMsg::LeaderChanged,
+        ShardMsg::ResetRunners(r) => ShardMsg::ResetRunners(*r),
         _ => unreachable!("only control events are broadcast"),
     }
 }

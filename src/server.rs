@@ -100,10 +100,17 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
         let mailboxes = shared.shards.clone();
         let bridge_tx = ctx.clone();
         let bridge_node = node.clone();
+        let connected = metrics.nats_connected.clone();
         std::thread::Builder::new()
             .name("torpor-node".into())
             .spawn(move || {
-                crate::cluster::node::run_bridge(bridge_node, mailboxes, events, bridge_tx)
+                crate::cluster::node::run_bridge(
+                    bridge_node,
+                    mailboxes,
+                    events,
+                    bridge_tx,
+                    connected,
+                )
             })?;
         let pg = crate::cluster::pg_lease::PgLease::new(
             cfg.store.postgres_url.clone(),

@@ -70,3 +70,183 @@ fn echo_10k_client_on_one_node_runner_on_another_leader_on_a_third() {
     assert_eq!(n1.metric("torpor_cluster_leading_epoch"), 0.0);
     assert_eq!(n2.metric("torpor_cluster_leading_epoch"), 0.0);
 }
+
+/// The echo runner's `COUNTERS` line as name → value.
+fn counters(runner: &Runner) -> std::collections::HashMap<String, u64> {
+    runner.proc.signal(libc::SIGUSR1);
+    let line = runner.proc.wait_line("COUNTERS");
+    line.split_whitespace()
+        .skip(1)
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn count(c: &std::collections::HashMap<String, u64>, k: &str) -> u64 {
+    *c.get(k)
+        .unwrap_or_else(|| panic!("COUNTERS has no {k}: {c:?}"))
+}
+
+/// Waits (bounded) until the runner's actor got at least `n` messages.
+fn wait_delivered(runner: &Runner, n: u64) -> std::collections::HashMap<String, u64> {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let c = counters(runner);
+        if count(&c, "messages") >= n {
+            return c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the actor got {} of {n} messages: {c:?}",
+            count(&c, "messages")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A client WebSocket whose echoes are read (and dropped) by a thread of their own, so the
+/// client can send without waiting for them: runner → client messages are at most once
+/// across nodes, so the verdict is what the actor received, not what came back.
+struct Sender {
+    ws: common::Ws,
+    reader: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Sender {
+    fn open(addr: std::net::SocketAddr, actor: &str) -> Sender {
+        let ws = ws_connect(addr, actor, "/stream");
+        let stream = ws.get_ref().try_clone().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut rx = tungstenite::WebSocket::from_raw_socket(
+                stream,
+                tungstenite::protocol::Role::Client,
+                None,
+            );
+            let mut n = 0;
+            while let Ok(m) = rx.read() {
+                if m.is_text() || m.is_binary() {
+                    n += 1;
+                }
+            }
+            n
+        });
+        Sender {
+            ws,
+            reader: Some(reader),
+        }
+    }
+
+    /// Sends numbered messages `from..to` (`"{i}:"` and a few bytes, as `--check-sequence`
+    /// expects).
+    fn send(&mut self, from: usize, to: usize) {
+        for i in from..to {
+            let m = format!("{i}:{}", "x".repeat(i % 200));
+            self.ws.send(Message::text(m)).unwrap();
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let _ = self.ws.close(None);
+        let _ = self.ws.flush();
+        let _ = self.ws.get_ref().shutdown(std::net::Shutdown::Both);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// `kill -9` of the runner's node while a client on another node streams numbered messages
+/// on a hibernatable socket: the runner connects to its next endpoint (another node), the
+/// client's node replays its pending window to the new connection, and the actor receives
+/// every message exactly once, in order.
+#[test]
+fn kill_9_of_the_runners_node_loses_and_repeats_nothing() {
+    let backends = Backends::start();
+    // The runner comes back within the lost threshold, so its actor stays placed on it.
+    let extra = [("TORPOR_TIMEOUTS__RUNNER_LOST_THRESHOLD_MS", "120000")];
+    let [n1, mut n2, n3] = backends.three_nodes(&extra);
+    let endpoints = format!("{},{}", n2.endpoint(), n3.endpoint());
+    let runner = Runner::start(
+        &endpoints,
+        &[
+            "--runner-key",
+            "kill-node",
+            "--check-sequence",
+            "--reconnect-base-ms",
+            "50",
+        ],
+    );
+    let actor = create_actor(n1.addr, "echo", None);
+    let mut client = Sender::open(n1.addr, &actor);
+    client.send(0, 1_000);
+    wait_delivered(&runner, 1_000);
+    // Half of the next messages are sent before the kill, half after.
+    client.send(1_000, 1_500);
+    let _ = n2.proc.child.kill();
+    let _ = n2.proc.child.wait();
+    client.send(1_500, 3_000);
+    let c = wait_delivered(&runner, 3_000);
+    assert_eq!(
+        count(&c, "seq_errors"),
+        0,
+        "the actor saw a duplicate or a hole: {c:?}"
+    );
+    assert_eq!(count(&c, "gaps"), 0, "the runner saw an index gap: {c:?}");
+    assert_eq!(count(&c, "messages"), 3_000, "{c:?}");
+    assert!(
+        count(&c, "connections") >= 2,
+        "the runner reconnected: {c:?}"
+    );
+    assert!(n1.metric("torpor_tunnel_replays_total") >= 1.0);
+    drop(client);
+    drop(n3);
+}
+
+/// A NATS restart while a client on node 1 streams numbered messages to the actor on node
+/// 2's runner: the nodes reconnect, the control link sends again what the restart lost, and
+/// the actor receives every message exactly once, in order; echoes flow again afterwards.
+#[test]
+fn a_nats_restart_under_traffic_duplicates_and_loses_nothing_towards_the_actor() {
+    let backends = Backends::start();
+    let extra = [("TORPOR_TIMEOUTS__RUNNER_LOST_THRESHOLD_MS", "120000")];
+    let [n1, n2, _n3] = backends.three_nodes(&extra);
+    let runner = Runner::start(
+        &n2.endpoint(),
+        &[
+            "--runner-key",
+            "nats-restart",
+            "--check-sequence",
+            "--reconnect-base-ms",
+            "50",
+        ],
+    );
+    let actor = create_actor(n1.addr, "echo", None);
+    let mut client = Sender::open(n1.addr, &actor);
+    client.send(0, 1_000);
+    wait_delivered(&runner, 1_000);
+    client.send(1_000, 1_500);
+    backends.nats.kill();
+    client.send(1_500, 2_000);
+    backends.nats.restart().expect("restart nats-server");
+    for n in [&n1, &n2] {
+        n.wait_metric("torpor_cluster_nats_connected", |v| v == 1.0);
+    }
+    client.send(2_000, 3_000);
+    let c = wait_delivered(&runner, 3_000);
+    assert_eq!(
+        count(&c, "seq_errors"),
+        0,
+        "the actor saw a duplicate or a hole: {c:?}"
+    );
+    assert_eq!(count(&c, "gaps"), 0, "the runner saw an index gap: {c:?}");
+    assert_eq!(count(&c, "messages"), 3_000, "{c:?}");
+    drop(client);
+    // Traffic resumes both ways: a new socket's echo comes back.
+    let mut ws = ws_connect(n1.addr, &actor, "/after");
+    ws.send(Message::text("0:after")).unwrap();
+    assert_eq!(ws_recv(&mut ws).into_text().unwrap().as_str(), "0:after");
+}

@@ -219,7 +219,10 @@ pub fn run_bridge(
     shards: Arc<[Mailbox<ShardMsg>]>,
     events: Receiver<BusEvent>,
     control: Sender<ClusterIn>,
+    connected: Arc<std::sync::atomic::AtomicI64>,
 ) {
+    // The bus reports its first connection by starting at all.
+    connected.store(1, Ordering::Relaxed);
     let deliver = |shard: u16, msg: ShardMsg| {
         if shard == ALL_SHARDS {
             for mb in shards.iter() {
@@ -241,10 +244,14 @@ pub fn run_bridge(
                 continue;
             }
             BusEvent::Disconnected => {
+                connected.store(0, Ordering::Relaxed);
+                tracing::warn!("NATS connection lost; reconnecting");
                 let _ = control.send(ClusterIn::BusDown);
                 continue;
             }
             BusEvent::Reconnected => {
+                connected.store(1, Ordering::Relaxed);
+                tracing::info!("NATS connection back");
                 let _ = control.send(ClusterIn::BusUp);
                 continue;
             }

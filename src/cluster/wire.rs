@@ -26,7 +26,7 @@
 //! [`protocol::MAX_MESSAGE_LEN`] is refused by both sides.
 //!
 //! What never crosses nodes is refused by [`encode`] ([`Unsupported`]): `ShardMsg::{Upload,
-//! UploadWritten, RunnerStreams, Shutdown, LeaderChanged}` and `ControlMsg::{ApiChecked, InputLoaded,
+//! UploadWritten, RunnerStreams, Shutdown}` and `ControlMsg::{ApiChecked, InputLoaded,
 //! Shutdown}`.
 
 use crate::engine::ConnRef;
@@ -454,6 +454,8 @@ enum WShard<'a> {
         waiter: u32,
         reply: WReply<'a>,
     },
+    /// Its reason's index in `Reason::ALL`.
+    ResetRunners(u8),
 }
 
 /// The index of `r` in [`Reason::ALL`] (which lists every variant, in declaration order).
@@ -559,7 +561,7 @@ impl<'a> WShard<'a> {
             ShardMsg::UploadWritten { .. } => return Err(Unsupported("ShardMsg::UploadWritten")),
             ShardMsg::RunnerStreams { .. } => return Err(Unsupported("ShardMsg::RunnerStreams")),
             ShardMsg::Shutdown => return Err(Unsupported("ShardMsg::Shutdown")),
-            ShardMsg::LeaderChanged => return Err(Unsupported("ShardMsg::LeaderChanged")),
+            ShardMsg::ResetRunners(r) => WShard::ResetRunners(reason_index(*r)),
         })
     }
 
@@ -586,6 +588,7 @@ impl<'a> WShard<'a> {
                 },
                 from,
             },
+            WShard::ResetRunners(r) => ShardMsg::ResetRunners(reason_at(r)?),
             WShard::CloseConn { conn, code, reason } => ShardMsg::CloseConn {
                 conn: ConnId {
                     slot: conn.slot,
@@ -907,7 +910,7 @@ mod tests {
             } => format!("ActorRunning {actor_id:?} {generation} {runner_idx}"),
             ShardMsg::Reply { waiter, reply } => format!("Reply {waiter} {reply:?}"),
             ShardMsg::Shutdown => "Shutdown".into(),
-            ShardMsg::LeaderChanged => "LeaderChanged".into(),
+            ShardMsg::ResetRunners(r) => format!("ResetRunners {r:?}"),
         }
     }
 
@@ -1071,6 +1074,7 @@ mod tests {
             })
             .collect();
         v.extend([
+            ShardMsg::ResetRunners(Reason::ClusterNodeRejoined),
             ShardMsg::CloseConn {
                 conn: ConnId { slot: 9, gen: 2 },
                 code: 1011,

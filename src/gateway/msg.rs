@@ -67,10 +67,11 @@ pub enum ShardMsg {
     Reply { waiter: u32, reply: Reply },
     /// The graceful stop (SIGTERM): [`super::Gateway::begin_drain`].
     Shutdown,
-    /// Several nodes: the placement leader changed. What the old one knew of runners is
-    /// gone: this shard closes its runner connections (they connect again and are placed
-    /// anew) and treats every runner as lost (see [`super::Gateway::leader_changed`]).
-    LeaderChanged,
+    /// Several nodes: what the leader knew of this node's runners is gone (the leader
+    /// changed, or it counted this node out): this shard closes its runner connections with
+    /// the reason (they connect again and are placed anew) and treats every runner as lost
+    /// (see [`super::Gateway::reset_runners`]).
+    ResetRunners(Reason),
 }
 
 /// Runner → request traffic, already decoded.

@@ -171,6 +171,9 @@ reasons! {
     /// Several nodes: the placement leader changed; runners connect again and are placed
     /// anew by the new leader.
     ClusterLeaderChanged => ("cluster.leader_changed", SERVICE_RESTART, ClusterLeaderChanged),
+    /// Several nodes: the leader had counted this node out (silent past
+    /// `cluster.node_timeout_ms`) and forgot its runners; they connect again.
+    ClusterNodeRejoined => ("cluster.node_rejoined", SERVICE_RESTART, ClusterNodeRejoined),
 }
 
 impl Reason {

@@ -182,7 +182,7 @@ impl Gateway {
             } => self.actor_running(&actor_id, generation, runner_idx, now),
             ShardMsg::Reply { waiter, reply } => self.answer(waiter, Some(reply)),
             ShardMsg::Shutdown => self.begin_drain(now),
-            ShardMsg::LeaderChanged => self.leader_changed(now),
+            ShardMsg::ResetRunners(reason) => self.reset_runners(reason, now),
         }
         self.check_invariants();
     }
@@ -255,12 +255,12 @@ impl Gateway {
         }
     }
 
-    /// The placement leader changed (several nodes): runner indices of the old leader mean
-    /// nothing to the new one. Every runner is lost (HTTP requests fail, sockets that can
-    /// hibernate do, the others close; hibernating sockets wait for their actor's next
-    /// start), and this shard's runner connections close with `cluster.leader_changed`, so
-    /// their runners connect again to be known by the new leader.
-    pub fn leader_changed(&mut self, now: Instant) {
+    /// What the placement leader knew of runners is gone (several nodes: the leader changed,
+    /// or it counted this node out): runner indices it gave mean nothing any more. Every
+    /// runner is lost (HTTP requests fail, sockets that can hibernate do, the others close;
+    /// hibernating sockets wait for their actor's next start), and this shard's runner
+    /// connections close with `reason`, so their runners connect again and are known anew.
+    pub fn reset_runners(&mut self, reason: Reason, now: Instant) {
         let known: Vec<u32> = (0..self.runners.len() as u32)
             .filter(|i| self.runners[*i as usize].is_some())
             .collect();
@@ -280,7 +280,7 @@ impl Gateway {
             })
             .collect();
         for id in ids {
-            self.close_conn(id, Reason::ClusterLeaderChanged, now);
+            self.close_conn(id, reason, now);
         }
     }
 

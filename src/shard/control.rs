@@ -7,7 +7,9 @@ use crate::cluster::bus::{hex, Kind, NodeId};
 use crate::cluster::node::{ClusterIn, Node};
 use crate::cluster::wire::{NodeMsg, ALL_SHARDS};
 use crate::engine::{self, Action, ConnRef, Engine, EngineConfig, InitReport, Resolve, StoreOp};
-use crate::gateway::{ApiRequest, ControlMsg, Reply, ResolveError as ShardResolveError, ShardMsg};
+use crate::gateway::{
+    ApiRequest, ControlMsg, Reason, Reply, ResolveError as ShardResolveError, ShardMsg,
+};
 use crate::kv::worker::Done;
 use crate::kv::{Job, KvError, KvHandle, MetaRecord, Reply as KvReply};
 use crate::metrics::Counter;
@@ -108,10 +110,10 @@ pub fn run_control(
 }
 
 /// Tells this node's shards that the placement leader changed (see
-/// [`crate::gateway::Gateway::leader_changed`]).
+/// [`crate::gateway::Gateway::reset_runners`]).
 fn leader_changed(shared: &Shared) {
     for mb in shared.shards.iter() {
-        mb.send(ShardMsg::LeaderChanged);
+        mb.send(ShardMsg::ResetRunners(Reason::ClusterLeaderChanged));
     }
 }
 
@@ -209,9 +211,11 @@ fn follow(
     }
 }
 
-/// The leader's view of the other nodes: when each was last heard from.
+/// The leader's view of the other nodes: when each was last heard from, and those it
+/// counted out.
 struct Members {
     seen: HashMap<NodeId, Instant>,
+    lost: HashSet<NodeId>,
     timeout: Duration,
 }
 
@@ -248,6 +252,7 @@ fn lead(
     };
     let mut members = Members {
         seen: HashMap::new(),
+        lost: HashSet::new(),
         timeout: Duration::from_millis(shared.config.cluster.node_timeout_ms),
     };
     let mut cluster_in: Vec<ClusterIn> = Vec::new();
@@ -387,6 +392,13 @@ fn lead(
                         if epoch != my_epoch {
                             node.send(from, Kind::Ctl, &NodeMsg::Leader { epoch: my_epoch });
                         }
+                        if members.lost.remove(&from) {
+                            // Its runners were forgotten when it was counted out: they
+                            // connect again (through its shards) to be known anew.
+                            tracing::warn!(node = %hex(from), "a node counted out is back; its runners connect again");
+                            let reset = ShardMsg::ResetRunners(Reason::ClusterNodeRejoined);
+                            node.send_shard_ctl(from, ALL_SHARDS, reset);
+                        }
                         if members.seen.insert(from, now).is_none() {
                             tracing::info!(node = %hex(from), shards, "a node joined");
                         }
@@ -503,6 +515,11 @@ fn node_lost(
     out: &mut Vec<(To, ShardMsg)>,
 ) {
     members.seen.remove(&n);
+    if members.lost.len() >= 4_096 {
+        // Bounded: a node id is one process's; ids of long-dead nodes never come back.
+        members.lost.clear();
+    }
+    members.lost.insert(n);
     shared.metrics.control.inc(Counter::ClusterNodesLost);
     tracing::warn!(node = %hex(n), "a node is lost: its runners are treated as disconnected");
     plane.remote_lost(n, engine, out);

@@ -589,7 +589,7 @@ fn brief_shard_msg(m: &ShardMsg) -> String {
         } => format!("actor {actor_id} g{generation} running on runner {runner_idx}"),
         ShardMsg::Reply { waiter, reply } => format!("reply to {waiter}: {reply:?}"),
         ShardMsg::Shutdown => "shutdown".into(),
-        ShardMsg::LeaderChanged => "leader changed".into(),
+        ShardMsg::ResetRunners(r) => format!("reset runners ({r})"),
     }
 }
 
