@@ -317,6 +317,8 @@ pub fn run_lease(
         .min(cfg.renew_every)
         .min(Duration::from_millis(100));
     let mut known: Option<(NodeId, u64)> = None;
+    // Renewals that failed in a row (for the log).
+    let mut failures: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
         let mut actions: VecDeque<LeaseAction> = lease.tick(Instant::now()).into();
         while let Some(a) = actions.pop_front() {
@@ -342,10 +344,17 @@ pub fn run_lease(
                     Some(answer)
                 }
                 LeaseAction::Renew { epoch } => Some(match pg.renew(&me, epoch, cfg.ttl) {
-                    Ok(Renew::Renewed) => StoreAnswer::Renewed,
+                    Ok(Renew::Renewed) => {
+                        failures = 0;
+                        StoreAnswer::Renewed
+                    }
                     Ok(Renew::Lost) => StoreAnswer::Lost,
                     Err(e) => {
-                        tracing::warn!(error = %e, "lease renew failed");
+                        failures += 1;
+                        // The first failure, then every power of two: not every retry.
+                        if failures.is_power_of_two() {
+                            tracing::warn!(error = %e, failures, epoch, "lease renew failed");
+                        }
                         StoreAnswer::Error
                     }
                 }),

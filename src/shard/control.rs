@@ -66,14 +66,14 @@ pub fn run_control(
     let Some(crx) = cluster else {
         let gauge = &shared.metrics.leading_epoch;
         gauge.store(1, std::sync::atomic::Ordering::Relaxed);
-        lead(&shared, &rx, &kv, records, None);
+        lead(&shared, &rx, &kv, records, None, &mut Vec::new());
         return;
     };
     let mut carried: Vec<ControlMsg> = Vec::new();
     // The last epoch this node followed or led (0: none yet).
     let mut last_epoch = 0;
     loop {
-        let epoch = match follow(&shared, &rx, &crx, &mut carried, &mut last_epoch) {
+        let epoch = match follow(&shared, &rx, &crx, &kv, &mut carried, &mut last_epoch) {
             Followed::Shutdown => return,
             Followed::Lead(epoch) => epoch,
         };
@@ -97,7 +97,14 @@ pub fn run_control(
         }
         let gauge = &shared.metrics.leading_epoch;
         gauge.store(epoch as i64, std::sync::atomic::Ordering::Relaxed);
-        let led = lead(&shared, &rx, &kv, records, Some((&crx, epoch)));
+        let led = lead(
+            &shared,
+            &rx,
+            &kv,
+            records,
+            Some((&crx, epoch)),
+            &mut carried,
+        );
         gauge.store(0, std::sync::atomic::Ordering::Relaxed);
         match led {
             Led::Shutdown => return,
@@ -140,6 +147,7 @@ fn follow(
     shared: &Shared,
     rx: &Receiver<ControlMsg>,
     crx: &Receiver<ClusterIn>,
+    kv: &KvHandle,
     carried: &mut Vec<ControlMsg>,
     last_epoch: &mut u64,
 ) -> Followed {
@@ -149,6 +157,32 @@ fn follow(
     let mut leader: Option<(NodeId, u64)> = None;
     let mut queue: VecDeque<ControlMsg> = carried.drain(..).collect();
     let mut next_beat = Instant::now();
+    // Questions forwarded to the current leader (they may never be answered if it dies).
+    let mut asked: VecDeque<Asked> = VecDeque::new();
+    let forward = |l: NodeId, msg: ControlMsg, asked: &mut VecDeque<Asked>| {
+        let now = Instant::now();
+        while asked
+            .front()
+            .is_some_and(|a| now.saturating_duration_since(a.at) > ASK_MAX)
+        {
+            asked.pop_front();
+        }
+        match &msg {
+            ControlMsg::Resolve { waiter, .. } | ControlMsg::ResolveNamed { waiter, .. } => asked
+                .push_back(Asked {
+                    waiter: *waiter,
+                    api: false,
+                    at: now,
+                }),
+            ControlMsg::Api(r) => asked.push_back(Asked {
+                waiter: r.waiter,
+                api: true,
+                at: now,
+            }),
+            _ => {}
+        }
+        node.send(l, Kind::Ctl, &NodeMsg::Control(msg));
+    };
     loop {
         let now = Instant::now();
         if now >= next_beat {
@@ -161,10 +195,9 @@ fn follow(
         crossbeam_channel::select! {
             recv(rx) -> m => match m {
                 Ok(ControlMsg::Shutdown) | Err(_) => return Followed::Shutdown,
+                Ok(msg) if !kv.is_up() && refuse_while_down(shared, kv, &msg) => {}
                 Ok(msg) => match leader {
-                    Some((l, _)) => {
-                        node.send(l, Kind::Ctl, &NodeMsg::Control(msg));
-                    }
+                    Some((l, _)) => forward(l, msg, &mut asked),
                     None if queue.len() < FOLLOWER_QUEUE => queue.push_back(msg),
                     None => {
                         shared.metrics.control.inc(Counter::ClusterDropped);
@@ -174,6 +207,7 @@ fn follow(
             recv(crx) -> c => match c {
                 Err(_) => return Followed::Shutdown,
                 Ok(ClusterIn::BecameLeader { epoch }) => {
+                    fail_asked(shared, &mut asked);
                     carried.extend(queue);
                     return Followed::Lead(epoch);
                 }
@@ -183,6 +217,7 @@ fn follow(
                         if *last_epoch != 0 {
                             leader_changed(shared);
                         }
+                        fail_asked(shared, &mut asked);
                         *last_epoch = epoch;
                         leader = Some((l, epoch));
                         // The heartbeat first: the leader's broadcasts reach this node's
@@ -190,7 +225,7 @@ fn follow(
                         node.send(l, Kind::Ctl, &NodeMsg::Heartbeat { shards, epoch });
                         next_beat = Instant::now() + every;
                         for msg in queue.drain(..) {
-                            node.send(l, Kind::Ctl, &NodeMsg::Control(msg));
+                            forward(l, msg, &mut asked);
                         }
                     }
                 }
@@ -198,6 +233,7 @@ fn follow(
                     if leader.is_some_and(|(l, _)| l == n) {
                         tracing::warn!(leader = %hex(n), "the placement leader restarted; waiting for the next");
                         leader = None;
+                        fail_asked(shared, &mut asked);
                     }
                 }
                 Ok(ClusterIn::Control { .. }) => {
@@ -209,6 +245,81 @@ fn follow(
             default(wait) => {}
         }
     }
+}
+
+/// While this node's store cannot commit, neither can the leader's (they share one
+/// PostgreSQL): an engine API call that changes actors is answered 503
+/// `store.unavailable` and a runner's KV request gets the same error at once, as a leader's
+/// store would answer, instead of waiting for a leader that may not be there (its lease cannot be renewed
+/// either). Returns whether `msg` was answered.
+fn refuse_while_down(shared: &Shared, kv: &KvHandle, msg: &ControlMsg) -> bool {
+    let why = KvError::StoreDown(kv.down_reason().unwrap_or_default());
+    match msg {
+        ControlMsg::Api(req) if writes_actors(&req.method) => {
+            send_reply(shared, req.waiter, store_unavailable(&why));
+            true
+        }
+        ControlMsg::RunnerMsg {
+            conn,
+            msg: ToServer::KvRequest(req),
+        } => {
+            let data = protocol::KvResponseData::Error(protocol::KvErrorResponse {
+                message: why.to_string(),
+            });
+            let msg = protocol::ToClient::KvResponse(protocol::ToClientKvResponse {
+                request_id: req.request_id,
+                data,
+            });
+            let to_runner = ShardMsg::ToRunner {
+                conn: plane::conn_id(*conn),
+                frames: plane::frames(&msg),
+            };
+            send(
+                shared,
+                &mut vec![(To::Node(conn.node, conn.shard), to_runner)],
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A question of a shard forwarded to the leader.
+struct Asked {
+    waiter: u64,
+    /// An engine API call (else a routing question).
+    api: bool,
+    at: Instant,
+}
+
+/// Longest a shard waits for an answer of the control plane (the engine API's wait).
+const ASK_MAX: Duration = Duration::from_secs(60);
+
+/// The leader that was asked is gone or deposed: its answers may never come, so each
+/// question gets "unavailable" now (an API change it made may have been committed: a 503
+/// means "unknown, retry", as when the store fails). An answer that did come already makes
+/// the shard ignore this one.
+fn fail_asked(shared: &Shared, asked: &mut VecDeque<Asked>) {
+    let mut out = Vec::with_capacity(asked.len());
+    for a in asked.drain(..) {
+        let reply = if a.api {
+            let body = serde_json::json!({
+                "group": "cluster",
+                "code": "leader_changed",
+                "message": "the placement leader changed while this request was with it; \
+                            whether it took effect is unknown: retry (a retried create is \
+                            safe with PUT /actors, get-or-create)",
+            });
+            Reply::Api {
+                status: 503,
+                body: body.to_string(),
+            }
+        } else {
+            Reply::Resolve(Err(ShardResolveError::Unavailable))
+        };
+        out.push(plane::answer(a.waiter, reply));
+    }
+    send(shared, &mut out);
 }
 
 /// The leader's view of the other nodes: when each was last heard from, and those it
@@ -237,13 +348,15 @@ fn from_peer(node: &Node, from: NodeId, mut msg: ControlMsg) -> Option<ControlMs
 }
 
 /// One term of running the engine: until `Shutdown`, or (several nodes) until this node no
-/// longer leads.
+/// longer leads; then the shards' messages it took and did not handle are left in
+/// `carried` (the follower forwards them to the next leader).
 fn lead(
     shared: &Shared,
     rx: &Receiver<ControlMsg>,
     kv: &KvHandle,
     records: Vec<(Vec<u8>, Vec<u8>)>,
     cluster: Option<(&Receiver<ClusterIn>, u64)>,
+    carried: &mut Vec<ControlMsg>,
 ) -> Led {
     let never = crossbeam_channel::never();
     let (crx, my_epoch) = match cluster {
@@ -275,7 +388,10 @@ fn lead(
                     Ok(m) => held.push(m),
                 },
                 recv(crx) -> c => match c {
-                    Ok(ClusterIn::StepDown { .. }) => return Led::SteppedDown,
+                    Ok(ClusterIn::StepDown { .. }) => {
+                        carried.append(&mut held);
+                        return Led::SteppedDown;
+                    }
                     Ok(c) => cluster_in.push(c),
                     Err(_) => return Led::Shutdown,
                 },
@@ -350,8 +466,11 @@ fn lead(
                 .is_some_and(|n| !n.may_place(Instant::now()))
         {
             // The lease ran out (paused, or renewals failed) before the lease thread said
-            // so: nothing more is placed or answered in this term. What was taken from the
-            // channels is dropped: the next leader starts afresh.
+            // so: nothing more is placed or answered in this term; what this node's shards
+            // asked goes to the next leader.
+            carried.append(&mut held);
+            carried.extend(first);
+            carried.extend(rx.try_iter());
             return Led::SteppedDown;
         }
         if outbound_gone {
@@ -374,6 +493,9 @@ fn lead(
         if let Some(node) = shared.node.as_deref().filter(|_| cluster.is_some()) {
             cluster_in.extend(crx.try_iter());
             let now = Instant::now();
+            // Other nodes' messages (their waiters carry this leader's peer numbers, so they
+            // are never carried over to a next leader).
+            let mut from_remote = Vec::new();
             for c in cluster_in.drain(..) {
                 match c {
                     ClusterIn::Control {
@@ -382,7 +504,7 @@ fn lead(
                     } => plane.remote_applied(from, barrier, &mut engine, &mut out),
                     ClusterIn::Control { from, msg } => {
                         members.seen.entry(from).or_insert(now);
-                        batch.extend(from_peer(node, from, msg));
+                        from_remote.extend(from_peer(node, from, msg));
                     }
                     ClusterIn::Heartbeat {
                         from,
@@ -404,11 +526,15 @@ fn lead(
                         }
                         plane.set_remote(from, shards as usize);
                     }
-                    ClusterIn::StepDown { .. } => return Led::SteppedDown,
+                    ClusterIn::StepDown { .. } => {
+                        carried.append(&mut batch);
+                        return Led::SteppedDown;
+                    }
                     ClusterIn::Leader { epoch, .. } | ClusterIn::LeaderIs { epoch, .. }
                         if epoch > my_epoch =>
                     {
-                        return Led::SteppedDown
+                        carried.append(&mut batch);
+                        return Led::SteppedDown;
                     }
                     ClusterIn::PeerGone(n) => node_lost(
                         shared,
@@ -440,6 +566,7 @@ fn lead(
                 );
             }
             node.set_members(plane.remotes().collect());
+            batch.append(&mut from_remote);
             persist(&mut engine, kv);
             send(shared, &mut out);
         }
