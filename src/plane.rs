@@ -46,6 +46,23 @@ pub enum To {
     All,
 }
 
+/// A control message of a shard of the node the leader numbers `peer`, as the leader's plane
+/// takes it: its waiter id carries the peer number (see [`waiter_from_peer`]). `None` for a
+/// message that never comes from another node.
+pub fn from_peer(mut msg: ControlMsg, peer: u16) -> Option<ControlMsg> {
+    match &mut msg {
+        ControlMsg::Resolve { waiter, .. } | ControlMsg::ResolveNamed { waiter, .. } => {
+            *waiter = waiter_from_peer(*waiter, peer)
+        }
+        ControlMsg::Api(req) => req.waiter = waiter_from_peer(req.waiter, peer),
+        ControlMsg::Shutdown | ControlMsg::ApiChecked(_) | ControlMsg::InputLoaded { .. } => {
+            return None
+        }
+        _ => {}
+    }
+    Some(msg)
+}
+
 /// A waiter id of a shard of another node: the leader puts the number it gave that node
 /// (1..) in the top 16 bits, which a shard's own ids (shard << 32 | waiter) leave free.
 pub fn waiter_from_peer(waiter: u64, peer: u16) -> u64 {

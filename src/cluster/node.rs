@@ -145,14 +145,7 @@ impl Node {
     /// through NATS reconnects and restarts; only the death of a node loses what it held,
     /// and then the pending windows replay to the runner's next connection.
     pub fn send_from_shard(&self, to: NodeId, shard: u16, msg: ShardMsg) -> bool {
-        let kind = match &msg {
-            ShardMsg::Tunnel {
-                msg: crate::gateway::TunnelIn::Message { .. },
-                ..
-            } => Kind::Tun,
-            _ => Kind::Ctl,
-        };
-        self.send(to, kind, &NodeMsg::Shard { shard, msg })
+        self.send(to, kind_of(&msg), &NodeMsg::Shard { shard, msg })
     }
 
     /// A control message for shard `shard` of node `to` (`ALL_SHARDS`: every shard).
@@ -209,6 +202,18 @@ impl Node {
     /// The bus's counters.
     pub fn bus_stats(&self) -> &super::bus::BusStats {
         self.bus.stats()
+    }
+}
+
+/// How a shard's message crosses to another node (see [`Node::send_from_shard`]): a
+/// runner's WebSocket message for a client is `Tun` (at most once), everything else `Ctl`.
+pub fn kind_of(msg: &ShardMsg) -> Kind {
+    match msg {
+        ShardMsg::Tunnel {
+            msg: crate::gateway::TunnelIn::Message { .. },
+            ..
+        } => Kind::Tun,
+        _ => Kind::Ctl,
     }
 }
 

@@ -332,19 +332,8 @@ struct Members {
 
 /// A control message of another node's shard, its waiter id given that node's peer number
 /// (`None`: a message that never comes from another node).
-fn from_peer(node: &Node, from: NodeId, mut msg: ControlMsg) -> Option<ControlMsg> {
-    let p = node.peer_number(from)?;
-    match &mut msg {
-        ControlMsg::Resolve { waiter, .. } | ControlMsg::ResolveNamed { waiter, .. } => {
-            *waiter = plane::waiter_from_peer(*waiter, p)
-        }
-        ControlMsg::Api(req) => req.waiter = plane::waiter_from_peer(req.waiter, p),
-        ControlMsg::Shutdown | ControlMsg::ApiChecked(_) | ControlMsg::InputLoaded { .. } => {
-            return None
-        }
-        _ => {}
-    }
-    Some(msg)
+fn from_peer(node: &Node, from: NodeId, msg: ControlMsg) -> Option<ControlMsg> {
+    plane::from_peer(msg, node.peer_number(from)?)
 }
 
 /// One term of running the engine: until `Shutdown`, or (several nodes) until this node no
