@@ -500,6 +500,28 @@ impl Engine {
         }
     }
 
+    /// Forgets every hibernating-socket record of the node with gateway id `gateway` (several
+    /// nodes: the node is gone, so are its client sockets). Returns how many. A node that was
+    /// only cut off for a while records its sockets again with its next refresh
+    /// (`timeouts.hibernation_refresh_ms`).
+    pub fn forget_gateway(&mut self, gateway: crate::protocol::GatewayId) -> usize {
+        let mut n = 0;
+        for (id, a) in self.actors.iter_mut() {
+            let gone: Vec<HibernatingRequest> = a
+                .hibernating
+                .keys()
+                .filter(|h| h.gateway_id == gateway)
+                .copied()
+                .collect();
+            for req in gone {
+                a.hibernating.remove(&req);
+                self.hib_ops.push(store_keys::hib_delete(id, req));
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// The sockets a start of `actor_id` g`generation` lists, brought up to date with the
     /// actor's records as they are now; the start kept for resending is updated too. `None`
     /// when no such start waits for its acknowledgement.

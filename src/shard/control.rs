@@ -639,6 +639,10 @@ fn node_lost(
     shared.metrics.control.inc(Counter::ClusterNodesLost);
     tracing::warn!(node = %hex(n), "a node is lost: its runners are treated as disconnected");
     plane.remote_lost(n, engine, out);
+    let forgotten = engine.forget_gateway(n);
+    if forgotten > 0 {
+        tracing::info!(node = %hex(n), sockets = forgotten, "forgot the hibernating sockets of a lost node");
+    }
     let now = Instant::now();
     let mut conns: Vec<ConnRef> = peers.keys().filter(|c| c.node == n).copied().collect();
     conns.sort_unstable();

@@ -458,6 +458,37 @@ fn start_lists_fresh_hibernating_requests() {
     }
 }
 
+/// A lost node's hibernating sockets are forgotten (records deleted), other nodes' kept.
+#[test]
+fn a_lost_nodes_hibernating_sockets_are_forgotten() {
+    let (mut e, t0, id, _) = running_actor();
+    let lost = HibernatingRequest {
+        gateway_id: [9, 9, 9, 9],
+        request_id: [0, 0, 0, 1],
+    };
+    let kept = HibernatingRequest {
+        gateway_id: [1, 2, 3, 4],
+        request_id: [0, 0, 0, 1],
+    };
+    e.hibernating_upsert(&id, lost, t0);
+    e.hibernating_upsert(&id, kept, t0);
+    e.take_store_ops();
+    assert_eq!(e.forget_gateway([9, 9, 9, 9]), 1);
+    assert_eq!(e.forget_gateway([9, 9, 9, 9]), 0);
+    let ops = e.take_store_ops();
+    assert!(
+        matches!(&ops[..], [crate::engine::StoreOp::Delete { .. }]),
+        "{ops:?}"
+    );
+    e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))], t0);
+    e.runner_events(c(1), vec![ev(&id, 0, 2, stopped(StopCode::Ok))], t0);
+    let (_, a) = e.resolve(&id, 1, secs(t0, 1.0));
+    match &starts(&a)[0].inner {
+        Command::StartActor(s) => assert_eq!(s.hibernating_requests, vec![kept]),
+        _ => unreachable!(),
+    }
+}
+
 #[test]
 fn resolve_by_name_gets_or_creates() {
     let (mut e, t0) = new_engine();
