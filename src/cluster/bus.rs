@@ -339,8 +339,16 @@ impl Bus {
     /// order), `Tun` as one plain publish (at most once). Refused when the command queue is
     /// full.
     pub fn send(&self, to: NodeId, kind: Kind, data: Bytes) -> Result<(), BusFull> {
+        let r = self.queue(to, kind, data);
+        self.wake();
+        r
+    }
+
+    /// [`Self::send`] without waking the bus thread: a caller with several messages queues
+    /// them and then calls [`Self::wake`] once (a wake-up of a parked thread is a system
+    /// call).
+    pub fn queue(&self, to: NodeId, kind: Kind, data: Bytes) -> Result<(), BusFull> {
         let r = self.commands.try_send(Command { to, kind, data });
-        self.notify.notify_one();
         match r {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -350,6 +358,11 @@ impl Bus {
                 Err(BusFull)
             }
         }
+    }
+
+    /// Wakes the bus thread to take what was queued.
+    pub fn wake(&self) {
+        self.notify.notify_one();
     }
 
     /// Shuts the thread down and waits for it.

@@ -120,6 +120,14 @@ impl Node {
     /// Sends `msg` to node `to` (`Tun`: at most once; `Ctl`: exactly once, in order).
     /// Returns false when it could not be encoded or queued (counted).
     pub fn send(&self, to: NodeId, kind: Kind, msg: &NodeMsg) -> bool {
+        let sent = self.queue(to, kind, msg);
+        self.bus.wake();
+        sent
+    }
+
+    /// [`Self::send`] without waking the bus thread; the caller calls [`Self::wake_bus`]
+    /// after its last message.
+    fn queue(&self, to: NodeId, kind: Kind, msg: &NodeMsg) -> bool {
         let mut out = BytesMut::new();
         if let Err(e) = wire::encode(msg, &mut out) {
             tracing::error!(?e, "a message that cannot cross to another node");
@@ -131,7 +139,7 @@ impl Node {
             Kind::Ctl => &self.stats.ctl_out,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        if self.bus.send(to, kind, out.freeze()).is_err() {
+        if self.bus.queue(to, kind, out.freeze()).is_err() {
             self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
             return false;
         }
@@ -144,8 +152,14 @@ impl Node {
     /// reach it without a hole — goes over the control link, exactly once and in order,
     /// through NATS reconnects and restarts; only the death of a node loses what it held,
     /// and then the pending windows replay to the runner's next connection.
+    /// The bus thread is woken by [`Self::wake_bus`], once after a run of these.
     pub fn send_from_shard(&self, to: NodeId, shard: u16, msg: ShardMsg) -> bool {
-        self.send(to, kind_of(&msg), &NodeMsg::Shard { shard, msg })
+        self.queue(to, kind_of(&msg), &NodeMsg::Shard { shard, msg })
+    }
+
+    /// Wakes the bus thread to take what [`Self::send_from_shard`] queued.
+    pub fn wake_bus(&self) {
+        self.bus.wake();
     }
 
     /// A control message for shard `shard` of node `to` (`ALL_SHARDS`: every shard).

@@ -114,6 +114,7 @@ impl Shard {
         if let Some(p) = pending {
             shards[p].wake();
         }
+        let mut to_nodes = false;
         while let Some(o) = core.poll_message() {
             match o {
                 Output::ToControl(msg) => {
@@ -122,6 +123,7 @@ impl Shard {
                 Output::ToNode(node, shard, msg) => match &self.shared.node {
                     Some(n) => {
                         n.send_from_shard(node, shard, msg);
+                        to_nodes = true;
                     }
                     None => self
                         .metrics()
@@ -134,6 +136,12 @@ impl Shard {
                 }
                 // `poll_message` yields messages only; the rest come from the other polls.
                 _ => debug_assert!(false, "not a message"),
+            }
+        }
+        if to_nodes {
+            // One wake-up of the bus thread for the run of messages to other nodes.
+            if let Some(n) = &self.shared.node {
+                n.wake_bus();
             }
         }
         while let Some(n) = core.poll_notice() {
