@@ -310,6 +310,8 @@ pub struct Engine {
     actor_deadlines: BTreeSet<(Instant, String)>,
     /// Destroyed actors to forget: (forget at, actor id).
     destroyed_gc: BTreeSet<(Instant, String)>,
+    /// No actor is placed before this moment (see [`Engine::hold_placement_until`]).
+    placement_hold: Option<Instant>,
     /// Actor names announced by the runners currently known, by namespace (see
     /// `runners::NameHolders`). A runner's names leave with the runner.
     actor_names: HashMap<String, BTreeMap<String, runners::NameHolders>>,
@@ -358,6 +360,7 @@ impl Engine {
             alarms: BTreeSet::new(),
             actor_deadlines: BTreeSet::new(),
             destroyed_gc: BTreeSet::new(),
+            placement_hold: None,
             actor_names: HashMap::new(),
             fresh_inputs: HashMap::new(),
             input_loads: Vec::new(),
@@ -453,6 +456,9 @@ impl Engine {
         }
         if let Some((t, _)) = self.waiter_deadlines.first() {
             consider(*t);
+        }
+        if let Some(t) = self.placement_hold {
+            consider(t);
         }
         if let Some((t, _)) = self.actor_deadlines.first() {
             consider(*t);

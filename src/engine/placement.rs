@@ -25,7 +25,12 @@ impl Engine {
                 if a.pending {
                     return;
                 }
-                match self.find_runner(actor_id) {
+                let runner = if self.placement_held(now) {
+                    None
+                } else {
+                    self.find_runner(actor_id)
+                };
+                match runner {
                     Some(idx) => self.place_on(actor_id, idx, now),
                     None => {
                         let now_ms = self.unix_ms(now);
@@ -44,6 +49,30 @@ impl Engine {
             }
             ActorStatus::Stopping => a.wake_after_stop = true,
             ActorStatus::Starting | ActorStatus::Running | ActorStatus::Destroyed => {}
+        }
+    }
+
+    /// Holds every placement until `until`: actors asked for meanwhile wait as pending (as
+    /// when no runner is there) and are placed at the first [`Engine::tick`] after it.
+    ///
+    /// A new placement leader (several nodes) restores every actor as sleeping, but an
+    /// instance the old leader started may still run on a runner whose connection was down
+    /// when the nodes fenced their runners: such a runner stops its actors by itself only
+    /// `runner_lost_threshold` after it lost its connection. The leader holds placement that
+    /// long, so no actor runs twice.
+    pub fn hold_placement_until(&mut self, until: Instant) {
+        self.placement_hold = Some(until);
+    }
+
+    /// Placement is held at `now` (a hold that ran out is forgotten).
+    fn placement_held(&mut self, now: Instant) -> bool {
+        match self.placement_hold {
+            Some(t) if now < t => true,
+            Some(_) => {
+                self.placement_hold = None;
+                false
+            }
+            None => false,
         }
     }
 
@@ -66,7 +95,10 @@ impl Engine {
 
     /// Place pending actors on runners that have room, oldest first.
     pub(super) fn place_pending(&mut self, now: Instant) {
-        if self.pending.is_empty() || !self.runners.iter().any(|(_, r)| r.placeable()) {
+        if self.pending.is_empty()
+            || self.placement_held(now)
+            || !self.runners.iter().any(|(_, r)| r.placeable())
+        {
             return;
         }
         let queue = std::mem::take(&mut self.pending);

@@ -272,12 +272,45 @@ impl Gateway {
     /// those actors anew once it waited out its quiet period; without the fence the old and
     /// the new instance of an actor could run at once.
     pub fn reset_runners(&mut self, reason: Reason, now: Instant) {
-        let known: Vec<u32> = (0..self.runners.len() as u32)
+        // Every index in use, also of runners this shard no longer knows (a socket keeps
+        // the index of a runner that disconnected until it is lost): the next leader gives
+        // indices anew, and a socket left with an old one would be replayed to whichever
+        // runner gets it.
+        let mut indices: Vec<u32> = (0..self.runners.len() as u32)
             .filter(|i| self.runners[*i as usize].is_some())
             .collect();
-        for idx in known {
+        for c in self.conns.iter().map(|(_, c)| &c.kind) {
+            match c {
+                ConnKind::Client(cc) if cc.hibernation.is_none() => indices.push(cc.runner_idx),
+                ConnKind::Request(r) => indices.push(r.runner_idx),
+                _ => {}
+            }
+        }
+        indices.sort_unstable();
+        indices.dedup();
+        for idx in indices {
             self.runner_detached(idx, now);
             self.runner_lost(idx, now);
+        }
+        // A wake asked of the old leader may be lost with it: hibernating sockets with
+        // messages ask the next one.
+        let rewake: Vec<ConnId> = self
+            .conns
+            .iter_mut()
+            .filter_map(|(slot, c)| match &mut c.kind {
+                ConnKind::Client(cc) if !c.out.closing => {
+                    let h = cc.hibernation.as_mut()?;
+                    h.waking = false;
+                    (cc.socket.pending_len() > 0).then_some(ConnId {
+                        slot: slot as u32,
+                        gen: c.gen,
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        for id in rewake {
+            self.wake_for(id);
         }
         self.runners.clear();
         self.owed_closes.clear();

@@ -396,6 +396,14 @@ fn lead(
     );
     let report = engine.restore(records, Instant::now());
     tracing::info!(?report, "control plane restored its actors");
+    if cluster.is_some() && my_epoch > 1 {
+        // A runner whose connection was down when the nodes fenced theirs still runs what
+        // the old leader placed, until `runner_lost_threshold` after its loss (at the latest
+        // the end of the quiet period): nothing is placed before that. Epoch 1 is the first
+        // leader of the database: nothing was placed before it.
+        let threshold = crate::config::ms(shared.config.timeouts.runner_lost_threshold_ms);
+        engine.hold_placement_until(Instant::now() + threshold);
+    }
     // The TCP peer of each runner connection that sent an accepted Init (for log lines).
     let mut peers: HashMap<ConnRef, SocketAddr> = HashMap::new();
     // Actors whose stored input this round of messages needs (read in one job per round).

@@ -39,6 +39,8 @@ impl Backends {
             ("TORPOR_CLUSTER__LEASE_RETRY_MS", "200".into()),
             ("TORPOR_CLUSTER__HEARTBEAT_MS", "200".into()),
             ("TORPOR_CLUSTER__NODE_TIMEOUT_MS", "2000".into()),
+            // A new leader holds placement this long after its quiet period.
+            ("TORPOR_TIMEOUTS__RUNNER_LOST_THRESHOLD_MS", "2000".into()),
         ]
     }
 

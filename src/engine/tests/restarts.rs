@@ -309,3 +309,34 @@ fn a_close_before_the_pong_leaves_no_possession_check_behind() {
     let (r, _) = e.resolve(&id, 1, secs(t0, 2.2));
     assert_eq!(r, Resolve::Ready(route(&id, 0, c(3))));
 }
+
+/// A new placement leader holds placement (`hold_placement_until`): a wake and a create wait
+/// as pending while runners connect, and go out at the first tick after the hold.
+#[test]
+fn a_placement_hold_defers_every_start_until_it_ends() {
+    let (mut e, t0) = new_engine();
+    let until = secs(t0, 5.0);
+    e.hold_placement_until(until);
+    let a = e.runner_init(c(1), "default", "k1", init("default", 10), t0);
+    assert!(starts(&a).is_empty());
+    let (id, a) = create(&mut e, "counter", Some("x"), secs(t0, 1.0));
+    assert!(
+        starts(&a).is_empty(),
+        "a create places nothing during the hold"
+    );
+    let (r, a) = e.resolve(&id, 7, secs(t0, 2.0));
+    assert!(matches!(r, Resolve::Pending { .. }));
+    assert!(
+        starts(&a).is_empty(),
+        "a wake places nothing during the hold"
+    );
+    assert_eq!(status(&e, &id), ActorStatus::Sleeping);
+    assert!(e.next_deadline().is_some_and(|t| t <= until));
+    assert!(starts(&e.tick(secs(t0, 4.9))).is_empty());
+    let a = e.tick(until);
+    let (checkpoint, _) = start_of(&a);
+    assert_eq!(checkpoint.actor_id, id);
+    // Past the hold, placement is immediate again.
+    let (other, a) = create(&mut e, "counter", Some("y"), secs(t0, 6.0));
+    assert_eq!(start_of(&a).0.actor_id, other);
+}
