@@ -105,6 +105,7 @@ impl World {
             id,
             super::actor::Durable {
                 actor: actor.clone(),
+                gw: super::actor::gateway_id(shard / self.cfg.shards),
                 req: [0; 4],
                 want_hib,
                 opened: false,
@@ -182,7 +183,8 @@ impl World {
         let req = self.gw[shard].request_id(conn).expect("just opened");
         {
             let mut store = lock(&self.shared);
-            store.reqs.entry(req).or_default().push(id);
+            let gw = super::actor::gateway_id(shard / self.cfg.shards);
+            store.reqs.entry((gw, req)).or_default().push(id);
             if let Some(d) = store.socks.get_mut(&id) {
                 d.req = req;
             }
@@ -443,7 +445,7 @@ impl World {
             if let Some(ConnKind::Client(cc)) = self.gw[c.shard].kind(conn) {
                 if cc.hibernation.is_some() {
                     let req = crate::protocol::HibernatingRequest {
-                        gateway_id: super::actor::GATEWAY_ID,
+                        gateway_id: super::actor::gateway_id(c.shard / self.cfg.shards),
                         request_id: cc.req,
                     };
                     todo.push((*id, c.actor.clone(), req));
