@@ -64,6 +64,7 @@ series!(Counter, COUNTERS {
     ServerlessStops => ("torpor_serverless_stops_total", "Serverless start streams closed by torpor (drained runners, surplus, changed or deleted configs)"),
     ClusterDropped => ("torpor_cluster_dropped_total", "Control messages of shards dropped because no placement leader was known for too long (more than 65,536 waiting), or that reached a node which does not lead"),
     ClusterNodesLost => ("torpor_cluster_nodes_lost_total", "Nodes the leader counted out (restarted, or silent past cluster.node_timeout_ms)"),
+    RunnersFenced => ("torpor_cluster_runners_fenced_total", "Runner connections told to stop every actor (a fencing Init) and closed because the placement leader changed or counted this node out"),
 });
 
 series!(Gauge, GAUGES {

@@ -41,7 +41,13 @@
 //! | 8 | `Data`: seq; `Ack`: upto; `Tail`: next; `Reset`, `Hello`: 0 |
 //! | rest | `Data`: the message; empty otherwise |
 //!
-//! A `tun` payload is the sender's node id (4 bytes) then the message.
+//! A `tun` payload is a 20-byte header then the message: the sender's node id (4 bytes), the
+//! session of its control link to the receiver (8) and how many control messages it had sent
+//! on it (8). The receiver holds a `tun` message until its end of that link delivered those
+//! control messages ([`TunGate`]): a runner's first message on a WebSocket never overtakes
+//! the socket's `Open`. Held: at most [`TUN_HELD_MSGS`] messages and [`TUN_HELD_BYTES`] bytes
+//! per peer; past that, or when the session was replaced, they are dropped (counted as
+//! `tun_dropped_in`).
 //!
 //! Bounds (defaults in [`BusConfig`]):
 //! - commands from the caller: [`BusConfig::command_queue`] (65,536); [`Bus::send`] refuses
@@ -75,7 +81,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use super::link::{Frame, LinkConfig, LinkRx, LinkTx};
+use super::link::{Frame, LinkConfig, LinkRx, LinkTx, TunGate};
 
 /// A node's id: its 4-byte gateway id.
 pub type NodeId = [u8; 4];
@@ -162,7 +168,8 @@ impl Default for BusConfig {
 pub struct BusStats {
     /// `tun` messages dropped because the outgoing queue was full.
     pub tun_dropped_out: AtomicU64,
-    /// `tun` messages dropped because the caller's channel was full.
+    /// `tun` messages dropped on the way in: the caller's channel was full, the gate behind
+    /// the control link was full, or they came from a replaced link session.
     pub tun_dropped_in: AtomicU64,
     /// Control messages refused because the peer's link was full.
     pub ctl_refused: AtomicU64,
@@ -400,11 +407,30 @@ fn decode_ctl(p: &Bytes) -> Option<(NodeId, u64, Wire)> {
     Some((from, instance, w))
 }
 
-fn encode_tun(from: NodeId, data: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(4 + data.len());
+const TUN_HEADER: usize = 20;
+/// Most `tun` messages held per peer behind control messages not yet delivered.
+pub const TUN_HELD_MSGS: usize = 1_024;
+/// Most bytes of `tun` messages held per peer.
+pub const TUN_HELD_BYTES: usize = 8 << 20;
+
+fn encode_tun(from: NodeId, session: u64, after: u64, data: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(TUN_HEADER + data.len());
     b.put_slice(&from);
+    b.put_u64_le(session);
+    b.put_u64_le(after);
     b.put_slice(data);
     b.freeze()
+}
+
+/// `(from, session, after, message)`, or `None` for a payload shorter than the header.
+fn decode_tun(p: &Bytes) -> Option<(NodeId, u64, u64, Bytes)> {
+    if p.len() < TUN_HEADER {
+        return None;
+    }
+    let from: NodeId = p[..4].try_into().expect("4 bytes");
+    let session = u64::from_le_bytes(p[4..12].try_into().expect("8 bytes"));
+    let after = u64::from_le_bytes(p[12..20].try_into().expect("8 bytes"));
+    Some((from, session, after, p.slice(TUN_HEADER..)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -425,6 +451,8 @@ struct Peer {
     retired: VecDeque<u64>,
     tx: LinkTx<Bytes>,
     rx: LinkRx<Bytes>,
+    /// `tun` messages from the peer waiting for control messages sent before them.
+    gate: TunGate<Bytes>,
     /// PeerUnreachable was reported and the peer acknowledged nothing since.
     unreachable: bool,
     /// An ack or reset to send after the current batch.
@@ -439,6 +467,7 @@ impl Peer {
             retired: VecDeque::new(),
             tx: LinkTx::new(cfg, rand::random()),
             rx: LinkRx::new(cfg),
+            gate: TunGate::new(TUN_HELD_MSGS, TUN_HELD_BYTES),
             unreachable: false,
             reply: None,
         }
@@ -454,6 +483,10 @@ impl Peer {
         }
         self.tx = LinkTx::new(link, rand::random());
         self.rx = LinkRx::new(link);
+        // What the old instance sent is void (and counted as dropped).
+        let dropped = self.gate.dropped + self.gate.held() as u64;
+        self.gate = TunGate::new(TUN_HELD_MSGS, TUN_HELD_BYTES);
+        self.gate.dropped = dropped;
         self.unreachable = false;
         self.reply = None;
     }
@@ -643,7 +676,9 @@ impl Shell {
     fn send(&mut self, to: NodeId, kind: Kind, data: Bytes) {
         match kind {
             Kind::Tun => {
-                let payload = encode_tun(self.node, &data);
+                let link = self.cfg.link;
+                let peer = self.peers.entry(to).or_insert_with(|| Peer::new(to, link));
+                let payload = encode_tun(self.node, peer.tx.session(), peer.tx.next_seq(), &data);
                 if self
                     .out
                     .try_send((subject(to, kind).into(), payload))
@@ -694,9 +729,20 @@ impl Shell {
         }
         let kind = msg.subject.rsplit('.').next().and_then(Kind::parse);
         match kind {
-            Some(Kind::Tun) if msg.payload.len() >= 4 => {
-                let from: NodeId = msg.payload[..4].try_into().expect("4 bytes");
-                let data = msg.payload.slice(4..);
+            Some(Kind::Tun) => {
+                let Some((from, session, after, data)) = decode_tun(&msg.payload) else {
+                    self.stats.malformed_in.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                let link = self.cfg.link;
+                let peer = self
+                    .peers
+                    .entry(from)
+                    .or_insert_with(|| Peer::new(from, link));
+                let Some(data) = peer.gate.offer(&peer.rx, session, after, data) else {
+                    self.count_gate_drops(from);
+                    return;
+                };
                 if self.overflow.is_empty() {
                     match self.events.try_send(BusEvent::Message {
                         from,
@@ -791,6 +837,8 @@ impl Shell {
                 }
             }
         }
+        let released = peer.gate.release(&peer.rx);
+        self.count_gate_drops(from);
         if restarted {
             self.deliver(BusEvent::PeerRestarted(from));
         }
@@ -800,6 +848,23 @@ impl Shell {
                 kind: Kind::Ctl,
                 data,
             });
+        }
+        for data in released {
+            self.deliver(BusEvent::Message {
+                from,
+                kind: Kind::Tun,
+                data,
+            });
+        }
+    }
+
+    /// Moves what a peer's gate dropped into the counters.
+    fn count_gate_drops(&mut self, from: NodeId) {
+        if let Some(peer) = self.peers.get_mut(&from) {
+            let n = std::mem::take(&mut peer.gate.dropped);
+            if n > 0 {
+                self.stats.tun_dropped_in.fetch_add(n, Ordering::Relaxed);
+            }
         }
     }
 
@@ -925,6 +990,21 @@ mod tests {
         let mut bad = BytesMut::from(&ack[..]);
         bad[0] = 9;
         assert_eq!(decode_ctl(&bad.freeze()), None, "unknown type");
+    }
+
+    #[test]
+    fn tun_payloads_round_trip() {
+        let p = encode_tun([9, 8, 7, 6], u64::MAX, 3, b"data");
+        assert_eq!(p.len(), TUN_HEADER + 4);
+        assert_eq!(
+            decode_tun(&p),
+            Some(([9, 8, 7, 6], u64::MAX, 3, Bytes::from_static(b"data")))
+        );
+        assert_eq!(decode_tun(&p.slice(..TUN_HEADER - 1)), None);
+        assert_eq!(
+            decode_tun(&p.slice(..TUN_HEADER)).map(|t| t.3.len()),
+            Some(0)
+        );
     }
 
     #[test]

@@ -91,6 +91,12 @@ impl<T: Clone> LinkTx<T> {
         self.session
     }
 
+    /// How many messages this session has sent: a message sent after them carries this
+    /// number to say which control messages must be delivered before it (see [`TunGate`]).
+    pub fn next_seq(&self) -> u64 {
+        self.next
+    }
+
     /// Messages sent and not yet acknowledged.
     pub fn unacked(&self) -> usize {
         self.unacked.len()
@@ -201,6 +207,17 @@ impl<T> LinkRx<T> {
         self.early.len()
     }
 
+    /// The session being received and how many of its messages were delivered (`None`
+    /// before the first session started).
+    pub fn position(&self) -> Option<(u64, u64)> {
+        self.session.map(|s| (s, self.next))
+    }
+
+    /// `session` was replaced by a newer one: nothing of it is delivered any more.
+    pub fn is_retired(&self, session: u64) -> bool {
+        self.retired.contains(&session)
+    }
+
     /// A data or tail frame from the sender (acks are for the sender's end: ignored here).
     pub fn on_frame(&mut self, frame: Frame<T>) -> Received<T> {
         let mut out = Received {
@@ -253,6 +270,105 @@ impl<T> LinkRx<T> {
             session,
             upto: self.next,
         });
+        out
+    }
+}
+
+/// Keeps the unreliable messages of a peer behind the reliable ones sent before them.
+///
+/// Tunnel messages travel outside the link (at most once, no resend), but some must not
+/// arrive before a control message the same sender sent earlier: a runner's first message
+/// on a WebSocket must not reach the client's node before the socket's `Open` did. Each
+/// such message carries the sender's link session and [`LinkTx::next_seq`] at the moment it
+/// was sent (`after`); the receiver delivers it once its [`LinkRx`] has delivered `after`
+/// messages of that session, holds it until then (bounded: `max_msgs` and `max_bytes`,
+/// past which it is dropped, as the bus may drop it anyway), and drops it when the session
+/// was replaced (the sender restarted: what it sent before is void). Over a bus that keeps
+/// each publisher's order (core NATS) nothing is held unless a control frame was lost and
+/// waits for its resend.
+#[derive(Debug)]
+pub struct TunGate<T> {
+    held: VecDeque<(u64, u64, T)>,
+    held_bytes: usize,
+    max_msgs: usize,
+    max_bytes: usize,
+    /// Messages dropped: over the bounds, or of a replaced session.
+    pub dropped: u64,
+}
+
+impl<T: AsRef<[u8]>> TunGate<T> {
+    pub fn new(max_msgs: usize, max_bytes: usize) -> Self {
+        TunGate {
+            held: VecDeque::new(),
+            held_bytes: 0,
+            max_msgs,
+            max_bytes,
+            dropped: 0,
+        }
+    }
+
+    /// Messages held.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    fn ready<U>(rx: &LinkRx<U>, session: u64, after: u64) -> Option<bool> {
+        if after == 0 {
+            return Some(true);
+        }
+        if rx.is_retired(session) {
+            return None;
+        }
+        Some(
+            rx.position()
+                .is_some_and(|(s, next)| s == session && next >= after),
+        )
+    }
+
+    /// A message sent after the first `after` control messages of `session`: returned when
+    /// it can be delivered now, else held (or dropped).
+    pub fn offer<U>(&mut self, rx: &LinkRx<U>, session: u64, after: u64, msg: T) -> Option<T> {
+        match Self::ready(rx, session, after) {
+            Some(true) if self.held.is_empty() => Some(msg),
+            None => {
+                self.dropped += 1;
+                None
+            }
+            _ => {
+                let len = msg.as_ref().len();
+                if self.held.len() >= self.max_msgs
+                    || self.held_bytes.saturating_add(len) > self.max_bytes
+                {
+                    self.dropped += 1;
+                } else {
+                    self.held_bytes += len;
+                    self.held.push_back((session, after, msg));
+                }
+                None
+            }
+        }
+    }
+
+    /// Held messages that can be delivered now (call after the receiver took control
+    /// frames), in the order they came; messages of replaced sessions are dropped.
+    pub fn release<U>(&mut self, rx: &LinkRx<U>) -> Vec<T> {
+        let mut out = Vec::new();
+        let mut keep = VecDeque::with_capacity(self.held.len());
+        for (session, after, msg) in self.held.drain(..) {
+            match Self::ready(rx, session, after) {
+                // Once one waits, the later ones wait too: they stay in arrival order.
+                Some(true) if keep.is_empty() => {
+                    self.held_bytes -= msg.as_ref().len();
+                    out.push(msg);
+                }
+                None => {
+                    self.held_bytes -= msg.as_ref().len();
+                    self.dropped += 1;
+                }
+                _ => keep.push_back((session, after, msg)),
+            }
+        }
+        self.held = keep;
         out
     }
 }
@@ -475,5 +591,62 @@ mod tests {
             prop_assert_eq!(got, (0..n).collect::<Vec<_>>());
             prop_assert_eq!(tx.unacked(), 0);
         }
+    }
+
+    #[test]
+    fn tunnel_messages_wait_for_the_control_messages_sent_before_them() {
+        let t = Instant::now();
+        let mut tx: LinkTx<&str> = LinkTx::new(cfg(), 5);
+        let mut rx: LinkRx<&str> = LinkRx::new(cfg());
+        let mut gate: TunGate<&str> = TunGate::new(4, 1 << 20);
+        // Nothing sent on the link yet: a tunnel message goes through.
+        assert_eq!(
+            gate.offer(&rx, tx.session(), tx.next_seq(), "t0"),
+            Some("t0")
+        );
+        let open = tx.send("open", t).unwrap();
+        let after = tx.next_seq();
+        // The tunnel message overtakes the control message: held, and so is a later one.
+        assert_eq!(gate.offer(&rx, 5, after, "t1"), None);
+        assert_eq!(gate.offer(&rx, 5, after, "t2"), None);
+        assert_eq!(gate.held(), 2);
+        assert!(gate.release(&rx).is_empty());
+        assert_eq!(rx.on_frame(open).delivered, vec!["open"]);
+        assert_eq!(gate.release(&rx), vec!["t1", "t2"]);
+        assert_eq!(gate.held(), 0);
+        // Caught up: straight through.
+        assert_eq!(gate.offer(&rx, 5, after, "t3"), Some("t3"));
+        assert_eq!(gate.dropped, 0);
+    }
+
+    #[test]
+    fn the_gate_is_bounded_and_drops_what_a_replaced_session_sent() {
+        let t = Instant::now();
+        let mut old: LinkTx<&str> = LinkTx::new(cfg(), 1);
+        let mut rx: LinkRx<&str> = LinkRx::new(cfg());
+        let mut gate: TunGate<&str> = TunGate::new(2, 5);
+        rx.on_frame(old.send("a", t).unwrap());
+        // Message 1 is lost on the way.
+        let _ = old.send("b", t).unwrap();
+        let after = old.next_seq();
+        assert_eq!(gate.offer(&rx, 1, after, "xx"), None);
+        assert_eq!(gate.offer(&rx, 1, after, "yy"), None);
+        // Over the message bound, then over the byte bound (2 + 2 + 3 > 5).
+        assert_eq!(gate.offer(&rx, 1, after, "z"), None);
+        assert_eq!(gate.dropped, 1);
+        // The sender restarts: its new session replaces the old one, whose held messages
+        // are dropped, as are late ones.
+        let mut new: LinkTx<&str> = LinkTx::new(cfg(), 2);
+        assert!(rx.on_frame(new.send("c", t).unwrap()).new_session);
+        assert!(gate.release(&rx).is_empty());
+        assert_eq!(gate.held(), 0);
+        assert_eq!(gate.dropped, 3);
+        assert_eq!(gate.offer(&rx, 1, after, "late"), None);
+        assert_eq!(gate.dropped, 4);
+        assert_eq!(gate.offer(&rx, 2, new.next_seq(), "ok"), Some("ok"));
+        let mut small: TunGate<&str> = TunGate::new(8, 5);
+        assert_eq!(small.offer(&rx, 2, 9, "abc"), None);
+        assert_eq!(small.offer(&rx, 2, 9, "abc"), None);
+        assert_eq!((small.held(), small.dropped), (1, 1));
     }
 }

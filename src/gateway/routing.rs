@@ -13,6 +13,10 @@ use crate::tunnel::{Detach, DetachCause, SocketState};
 use bytes::Bytes;
 use std::time::Instant;
 
+/// The runner id of the `ToClientInit` that fences a runner of an old placement term (see
+/// [`Gateway::reset_runners`]); no engine issues it.
+pub const FENCED_RUNNER_ID: &str = "torpor.fenced";
+
 impl Gateway {
     /// Sends frames to the runner's current connection, wherever it lives.
     pub(super) fn send_to_runner(&mut self, runner_idx: u32, frames: impl Into<Frames>) -> bool {
@@ -260,6 +264,13 @@ impl Gateway {
     /// runner is lost (HTTP requests fail, sockets that can hibernate do, the others close;
     /// hibernating sockets wait for their actor's next start), and this shard's runner
     /// connections close with `reason`, so their runners connect again and are known anew.
+    ///
+    /// Before the close, each runner gets a `ToClientInit` naming it [`FENCED_RUNNER_ID`]:
+    /// a runner stops every actor it hosts when its runner id changes (the Rivet runner
+    /// libraries and torpor's alike), where a close alone leaves them running until the
+    /// runner connects again or its `runnerLostThreshold` passes. The next leader may place
+    /// those actors anew once it waited out its quiet period; without the fence the old and
+    /// the new instance of an actor could run at once.
     pub fn reset_runners(&mut self, reason: Reason, now: Instant) {
         let known: Vec<u32> = (0..self.runners.len() as u32)
             .filter(|i| self.runners[*i as usize].is_some())
@@ -279,7 +290,19 @@ impl Gateway {
                 gen: c.gen,
             })
             .collect();
+        let t = &self.config.timeouts;
+        let fence = crate::protocol::ToClient::Init(crate::protocol::ToClientInit {
+            runner_id: FENCED_RUNNER_ID.to_string(),
+            metadata: crate::protocol::ProtocolMetadata {
+                runner_lost_threshold: t.runner_lost_threshold_ms.min(i64::MAX as u64) as i64,
+                actor_stop_threshold: t.actor_stop_threshold_ms.min(i64::MAX as u64) as i64,
+                serverless_drain_grace_period: None,
+            },
+        });
         for id in ids {
+            let frames = self.runner_frame(&fence);
+            self.write_local(id, frames);
+            self.metrics().inc(Counter::RunnersFenced);
             self.close_conn(id, reason, now);
         }
     }
