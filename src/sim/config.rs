@@ -51,7 +51,9 @@ pub(crate) struct SimConfig {
     pub shards: usize,
     /// Nodes (each with `shards` gateway shards), joined by the simulated bus; one leads.
     pub nodes: usize,
-    /// The leader may lose its lease at a random step (several nodes only).
+    /// The leader may lose its lease at a random step (several nodes only). Off unless
+    /// `SIM_LEASE_LOSS=1` (then in half the multi-node seeds): it finds failures in the
+    /// shipped gateway (see `leader_lease_loss`).
     pub lease_loss: bool,
     /// Check that no actor ever runs on two runners at once (`SIM_SINGLE_INSTANCE=0`: not),
     pub single_instance: bool,
@@ -61,6 +63,10 @@ pub(crate) struct SimConfig {
     /// Followers' first heartbeats cross the lossy bus while runners already attach
     /// (`SIM_LATE_JOIN=1`; fails: see `a_node_joining_late_learns_the_runners`).
     pub late_join: bool,
+    /// What the gateway wrote to a runner before closing its connection is lost with the
+    /// close (as the simulation did before several nodes), instead of read up to the close
+    /// frame. Loses the fencing `Init` of a leader change (see `unfenced_runners_are_caught`).
+    pub drop_before_close: bool,
 }
 
 impl SimConfig {
@@ -99,6 +105,7 @@ impl SimConfig {
             single_instance: true,
             strict_drain: false,
             late_join: env_flag("SIM_LATE_JOIN").unwrap_or(false),
+            drop_before_close: false,
         }
         .with_nodes(seed)
     }

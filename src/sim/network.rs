@@ -446,6 +446,12 @@ impl World {
             self.gw[shard].written(id, bytes);
         }
         if closed || matches!(turn, crate::gateway::WriterTurn::Shutdown) {
+            if closed && !self.cfg.drop_before_close {
+                // A close frame follows what was written before it: the runner reads up to
+                // it (a fencing `Init` before a leader change's close, say).
+                let n = self.conns.get(&gen).map_or(0, |c| c.g2r.len());
+                self.deliver_g2r(gen, n);
+            }
             self.gateway_closed_runner(gen);
         }
         self.pump();
