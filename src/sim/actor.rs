@@ -62,7 +62,7 @@ pub(super) fn payload(id: u32, seq: u32, pad: usize) -> Bytes {
     Bytes::from(v)
 }
 
-fn parse(data: &[u8]) -> Option<(u32, u32)> {
+pub(super) fn parse(data: &[u8]) -> Option<(u32, u32)> {
     let id = u32::from_le_bytes(data.get(0..4)?.try_into().ok()?);
     let seq = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?);
     Some((id, seq))
@@ -91,6 +91,8 @@ pub(super) struct Durable {
     pub actor_closed: bool,
     /// The last ack the current actor instance asked for: (runner, generation, index).
     pub acked_by: Option<(usize, u32, u16)>,
+    /// Messages the actor sent to the client so far (the next one carries this + 1).
+    pub sent: u32,
 }
 
 /// State shared by every actor of every runner and the simulation driver.
@@ -110,6 +112,9 @@ pub(super) struct Store {
     pub strict_drain: bool,
     /// Runners that sent `Stopping` (their process exits once drained).
     pub draining: BTreeSet<usize>,
+    /// Actors send to their clients: a greeting when a socket opens, an echo of every
+    /// message (runner → client traffic: at most once between nodes).
+    pub actor_sends: bool,
     /// Running actor instances: actor id → (runner number, generation, handle).
     pub handles: BTreeMap<String, (usize, u32, ActorHandle)>,
     /// Violations found inside actor callbacks.
@@ -198,7 +203,7 @@ impl Actor for SimActor {
         self.policy
     }
 
-    fn on_websocket_open(&mut self, _cx: &mut ActorCx<'_>, open: &WsOpen<'_>) -> WsOpenReply {
+    fn on_websocket_open(&mut self, cx: &mut ActorCx<'_>, open: &WsOpen<'_>) -> WsOpenReply {
         let mut guard = lock(&self.shared);
         let s = &mut *guard;
         let Some(id) = sock_of(s, &open.key) else {
@@ -235,6 +240,11 @@ impl Actor for SimActor {
             ));
         }
         d.opened = true;
+        if s.actor_sends {
+            // A greeting right away: it goes out just after the open answer.
+            d.sent += 1;
+            cx.send(open.key, payload(id, d.sent, 3), true);
+        }
         WsOpenReply::Accept {
             can_hibernate: d.want_hib,
         }
@@ -298,7 +308,7 @@ impl Actor for SimActor {
 
     fn on_websocket_message(
         &mut self,
-        _cx: &mut ActorCx<'_>,
+        cx: &mut ActorCx<'_>,
         key: RequestKey,
         index: u16,
         data: Bytes,
@@ -353,6 +363,10 @@ impl Actor for SimActor {
         } else {
             d.last_seq = seq;
             d.last_index = index;
+            if s.actor_sends && seq % 2 == 1 {
+                d.sent += 1;
+                cx.send(key, payload(id, d.sent, 5), true);
+            }
         }
         match err {
             Some(e) => s.failures.push(e),

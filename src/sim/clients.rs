@@ -52,6 +52,8 @@ pub(crate) struct Client {
     /// The global cap could not take the last message offered, or a parked one.
     pub over_global: bool,
     pub closed: Option<String>,
+    /// The last of the actor's messages the client received (0: none).
+    pub last_in: u32,
     reader: WsReader,
     buf: BytesMut,
 }
@@ -114,6 +116,7 @@ impl World {
                 gw_closed: false,
                 actor_closed: false,
                 acked_by: None,
+                sent: 0,
             },
         );
         let waiter = self.ask_resolve(shard, &actor, Some(id));
@@ -129,6 +132,7 @@ impl World {
                 offered: 0,
                 over_global: false,
                 closed: None,
+                last_in: 0,
                 reader: client_reader(),
                 buf: BytesMut::new(),
             },
@@ -298,10 +302,26 @@ impl World {
             c.buf.extend_from_slice(b);
         }
         let mut closes = Vec::new();
+        let mut wrong = Vec::new();
         loop {
             match c.reader.next(&mut c.buf) {
                 Ok(Some(WsEvent::Close { code, reason })) => closes.push((code, reason)),
-                // The actors of the simulation send nothing to clients; idle pings are off.
+                // The actor's messages: at most once, in order, only this socket's.
+                Ok(Some(WsEvent::Message { data, .. })) if self.cfg.actor_sends => {
+                    match super::actor::parse(&data) {
+                        Some((sock, n)) if sock == id && n > c.last_in => c.last_in = n,
+                        Some((sock, n)) if sock == id => wrong.push(format!(
+                            "client {id}: the actor's message {n} arrived after its message {} \
+                             (duplicate or reordered)",
+                            c.last_in
+                        )),
+                        other => wrong.push(format!(
+                            "client {id}: got a message of another socket {other:?} (misrouted)"
+                        )),
+                    }
+                    self.stats.actor_messages += 1;
+                }
+                // Idle pings are off.
                 Ok(Some(other)) => {
                     let e = format!("client {id}: unexpected frame from the gateway {other:?}");
                     self.fail(e);
@@ -313,6 +333,9 @@ impl World {
                     return;
                 }
             }
+        }
+        for w in wrong {
+            self.fail(w);
         }
         if bytes > 0 {
             self.gw[shard].written(conn, bytes);

@@ -67,6 +67,11 @@ pub(crate) struct SimConfig {
     /// close (as the simulation did before several nodes), instead of read up to the close
     /// frame. Loses the fencing `Init` of a leader change (see `unfenced_runners_are_caught`).
     pub drop_before_close: bool,
+    /// Actors send to their clients (a greeting at open, echoes); several nodes only.
+    pub actor_sends: bool,
+    /// The receiving node delivers a runner's tunnel message at once, without waiting for
+    /// the control messages sent before it (no `TunGate`; see `tun_gate_is_needed`).
+    pub no_tun_gate: bool,
 }
 
 impl SimConfig {
@@ -106,6 +111,8 @@ impl SimConfig {
             strict_drain: false,
             late_join: env_flag("SIM_LATE_JOIN").unwrap_or(false),
             drop_before_close: false,
+            actor_sends: false,
+            no_tun_gate: false,
         }
         .with_nodes(seed)
     }
@@ -116,6 +123,7 @@ impl SimConfig {
         let mut r = StdRng::seed_from_u64(seed ^ 0x6a09_e667_f3bc_c908);
         if r.random_bool(0.2) {
             self.nodes = if r.random_bool(0.75) { 2 } else { 3 };
+            self.actor_sends = r.random_bool(0.5);
             self.lease_loss = env_flag("SIM_LEASE_LOSS").unwrap_or(false) && r.random_bool(0.5);
         }
         match env_flag("SIM_SINGLE_INSTANCE") {
@@ -175,6 +183,8 @@ pub(crate) struct Stats {
     /// Runs with several nodes, leases lost, frames the bus lost.
     pub multi_node: u64,
     pub lease_losses: u64,
+    /// Messages of actors that reached their clients.
+    pub actor_messages: u64,
     pub bus_dropped: u64,
 }
 

@@ -112,6 +112,7 @@ fn run_shard(shard: u64, shards: u64) {
                 total.multi_node += s.multi_node;
                 total.lease_losses += s.lease_losses;
                 total.bus_dropped += s.bus_dropped;
+                total.actor_messages += s.actor_messages;
             }
             Err(f) => panic!("{}", report(&f)),
         }
@@ -275,6 +276,7 @@ fn run_nodes(test: &str, runs: u64, tweak: impl Fn(u64, &mut SimConfig)) -> Stat
                 total.multi_node += s.multi_node;
                 total.lease_losses += s.lease_losses;
                 total.bus_dropped += s.bus_dropped;
+                total.actor_messages += s.actor_messages;
             }
             Err(f) => panic!("{}", report_for(&f, test)),
         }
@@ -287,10 +289,15 @@ fn run_nodes(test: &str, runs: u64, tweak: impl Fn(u64, &mut SimConfig)) -> Stat
 /// one leading placement; the bus between them loses, duplicates and reorders frames.
 #[test]
 fn two_nodes_over_a_lossy_bus() {
-    let total = run_nodes("sim::two_nodes_over_a_lossy_bus", 600, |_, c| {
-        c.lease_loss = false
+    let total = run_nodes("sim::two_nodes_over_a_lossy_bus", 600, |seed, c| {
+        c.lease_loss = false;
+        c.actor_sends = seed % 2 == 0;
     });
     assert!(total.bus_dropped > 0, "the bus never lost a frame");
+    assert!(
+        total.actor_messages > 0,
+        "no actor's message reached a client"
+    );
 }
 
 /// Known failure (single node): a draining runner's actor is placed again before it stopped.
@@ -367,5 +374,25 @@ fn unfenced_runners_are_caught() {
     assert!(
         found,
         "no seed ran an actor on two runners at once without the fence"
+    );
+}
+
+/// A runner's tunnel message (at most once, outside the control link) must not overtake the
+/// socket's `Open` answer (a control message) sent before it: without the receiving node's
+/// `TunGate` the simulation must catch the greeting an actor sends at open arriving first.
+#[test]
+fn tun_gate_is_needed() {
+    let f = (0..600u64).find_map(|seed| {
+        let mut cfg = SimConfig::from_seed(seed);
+        cfg.nodes = if seed % 4 == 3 { 3 } else { 2 };
+        cfg.actor_sends = true;
+        cfg.no_tun_gate = true;
+        World::new(seed, cfg).run().err()
+    });
+    let f = f.expect("no seed failed without the tunnel gate");
+    assert!(
+        f.message.contains("closed illegitimately"),
+        "unexpected failure: {}",
+        report(&f)
     );
 }

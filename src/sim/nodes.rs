@@ -32,8 +32,8 @@ use bytes::{Bytes, BytesMut};
 use rand::Rng;
 
 use super::world::{World, T0_MS};
-use crate::cluster::bus::Kind;
-use crate::cluster::link::{Frame, LinkConfig, LinkRx, LinkTx};
+use crate::cluster::bus::{Kind, TUN_HELD_BYTES, TUN_HELD_MSGS};
+use crate::cluster::link::{Frame, LinkConfig, LinkRx, LinkTx, TunGate};
 use crate::cluster::node;
 use crate::cluster::wire::{self, NodeMsg, ALL_SHARDS};
 use crate::engine::{Engine, EngineConfig, StoreOp};
@@ -50,8 +50,13 @@ enum Wire {
     Ctl(Frame<Bytes>),
     /// An acknowledgement of the control link from `to` back to `from`'s sender.
     Ack(Frame<Bytes>),
-    /// A tunnel datagram (at most once).
-    Tun(Bytes),
+    /// A tunnel datagram (at most once), sent after the first `after` messages of the
+    /// sender's control link `session` (for the receiver's [`TunGate`]).
+    Tun {
+        session: u64,
+        after: u64,
+        data: Bytes,
+    },
 }
 
 /// A frame on the bus.
@@ -85,6 +90,9 @@ pub(crate) struct Cluster {
     /// `tx[from][to]` and `rx[to][from]`: the control links.
     tx: Vec<Vec<LinkTx<Bytes>>>,
     rx: Vec<Vec<LinkRx<Bytes>>>,
+    /// `gate[to][from]`: tunnel messages held until the control messages sent before them
+    /// arrived.
+    gate: Vec<Vec<TunGate<Bytes>>>,
     flight: Vec<Flight>,
     /// The durable records the engines wrote (the store).
     pub records: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -95,7 +103,7 @@ pub(crate) struct Cluster {
     pub duplicated: u64,
 }
 
-/// Loss and duplication on the bus.
+/// Loss and duplication (of control-link frames) on the bus.
 const DROP: f64 = 0.1;
 const DUPLICATE: f64 = 0.05;
 
@@ -112,7 +120,15 @@ impl Cluster {
         let rx = (0..nodes)
             .map(|_| (0..nodes).map(|_| LinkRx::new(cfg)).collect())
             .collect();
+        let gate = (0..nodes)
+            .map(|_| {
+                (0..nodes)
+                    .map(|_| TunGate::new(TUN_HELD_MSGS, TUN_HELD_BYTES))
+                    .collect()
+            })
+            .collect();
         Cluster {
+            gate,
             leader: 0,
             epoch: 1,
             quiet_until: None,
@@ -309,7 +325,14 @@ impl World {
         let data = buf.freeze();
         let now = self.now;
         let wire = match kind {
-            Kind::Tun => Wire::Tun(data),
+            Kind::Tun => {
+                let tx = &self.cluster.tx[from][to];
+                Wire::Tun {
+                    session: tx.session(),
+                    after: tx.next_seq(),
+                    data,
+                }
+            }
             Kind::Ctl => match self.cluster.tx[from][to].send(data, now) {
                 Ok(f) => Wire::Ctl(f),
                 Err(_) => {
@@ -337,8 +360,23 @@ impl World {
             if self.cluster.flight.is_empty() {
                 return;
             }
-            let i = self.rng.random_range(0..self.cluster.flight.len());
-            let f = if self.rng.random_bool(DUPLICATE) {
+            let mut i = self.rng.random_range(0..self.cluster.flight.len());
+            // Core NATS keeps each publisher's order and never delivers one publish twice:
+            // tunnel datagrams between two nodes arrive in order (or not at all); the link's
+            // frames are reordered and come twice (its resends do anyway).
+            let tun = matches!(self.cluster.flight[i].wire, Wire::Tun { .. });
+            if tun {
+                let (from, to) = (self.cluster.flight[i].from, self.cluster.flight[i].to);
+                i = self
+                    .cluster
+                    .flight
+                    .iter()
+                    .position(|f| {
+                        f.from == from && f.to == to && matches!(f.wire, Wire::Tun { .. })
+                    })
+                    .unwrap_or(i);
+            }
+            let f = if !tun && self.rng.random_bool(DUPLICATE) {
                 self.cluster.duplicated += 1;
                 self.cluster.flight[i].clone()
             } else {
@@ -447,8 +485,29 @@ impl World {
                 for data in r.delivered {
                     self.node_receive(f.to, f.from, data);
                 }
+                let released = {
+                    let c = &mut self.cluster;
+                    c.gate[f.to][f.from].release(&c.rx[f.to][f.from])
+                };
+                for data in released {
+                    self.node_receive(f.to, f.from, data);
+                }
             }
-            Wire::Tun(data) => self.node_receive(f.to, f.from, data),
+            Wire::Tun {
+                session,
+                after,
+                data,
+            } => {
+                let data = if self.cfg.no_tun_gate {
+                    Some(data)
+                } else {
+                    let c = &mut self.cluster;
+                    c.gate[f.to][f.from].offer(&c.rx[f.to][f.from], session, after, data)
+                };
+                if let Some(data) = data {
+                    self.node_receive(f.to, f.from, data);
+                }
+            }
         }
         self.pump();
     }

@@ -133,6 +133,7 @@ impl World {
         let shared: Shared = Arc::new(std::sync::Mutex::new(Store {
             single_instance: cfg.single_instance,
             strict_drain: cfg.strict_drain,
+            actor_sends: cfg.actor_sends,
             ..Store::default()
         }));
         let mut engine = Engine::new(EngineConfig::default(), seed, t0, T0_MS);
