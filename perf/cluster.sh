@@ -106,9 +106,19 @@ for r in $(seq "$ROUNDS"); do
       pids=("$N1_PID" "$N2_PID" "$N3_PID" "$NATS_PID")
     fi
     c0=$(cpu_of "${pids[@]}")
+    each0=(); for p in "${pids[@]}"; do each0+=("$(proc_cpu_s "$p")"); done
     run_load hop "$peer" "$r" - -- "${target[@]}" --mode closed -c "$CONNS" -s "$SIZE" \
       -d "$DUR" --warmup-secs "$WARMUP"
     c1=$(cpu_of "${pids[@]}")
+    if [[ $peer == three ]]; then
+      # Where the cluster's CPU went: each process's share of the run.
+      split=""; i=0
+      for name in n1 n2 n3 nats; do
+        split+="$name=$(python3 -c "print(round($(proc_cpu_s "${pids[$i]}") - ${each0[$i]}, 2))")s "
+        i=$((i + 1))
+      done
+      echo "    CPU by process over the run: $split"
+    fi
     # The CPU of the proxies (and NATS) over the run, per echoed message.
     python3 - "$RESULTS" "$c0" "$c1" <<'EOF'
 import json, sys
@@ -122,6 +132,13 @@ print("    proxy CPU (torpor processes%s): %.1f us per echoed message (over the 
       % (" + nats-server" if r["peer"] == "three" else "", r["proxy_cpu_us"] or 0))
 EOF
   done
+done
+# How many frames each NATS message carried (the bus publishes one message per node and round).
+for n in N1 N2; do
+  port_var="${n}_PORT"
+  curl -sf "http://127.0.0.1:${!port_var}/metrics" |
+    awk -v n="$n" '/^torpor_cluster_bus_messages_out_total/ { m = $2 } /^torpor_cluster_bus_frames_out_total/ { f = $2 }
+      END { if (m > 0) printf "  %s: %d NATS messages out, %.2f frames each\n", n, m, f / m }'
 done
 python3 - "$RESULTS" <<'EOF'
 import json, statistics, sys

@@ -275,6 +275,8 @@ pub struct Metrics {
     pub pools: Arc<std::sync::Mutex<Vec<crate::engine::PoolStatus>>>,
     /// The actor KV store, once open (its counters are rendered with the rest).
     pub kv: Arc<std::sync::OnceLock<crate::kv::KvHandle>>,
+    /// The node bus's counters, with several nodes.
+    pub bus: Arc<std::sync::OnceLock<Arc<crate::cluster::bus::BusStats>>>,
 }
 
 impl Metrics {
@@ -288,6 +290,7 @@ impl Metrics {
             nats_connected: Arc::new(AtomicI64::new(0)),
             pools: Arc::default(),
             kv: Arc::new(std::sync::OnceLock::new()),
+            bus: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -426,6 +429,9 @@ impl Metrics {
         if let Some(kv) = self.kv.get() {
             render_kv(&mut out, &kv.stats());
         }
+        if let Some(bus) = self.bus.get() {
+            render_bus(&mut out, bus);
+        }
         out
     }
 }
@@ -546,6 +552,61 @@ fn render_pools(out: &mut String, pools: &[crate::engine::PoolStatus]) {
             "torpor_serverless_pool_failing{{namespace=\"{ns}\",pool=\"{pool}\"}} {}",
             u8::from(p.failing)
         );
+    }
+}
+
+fn render_bus(out: &mut String, b: &crate::cluster::bus::BusStats) {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+    for (name, help, v) in [
+        (
+            "torpor_cluster_bus_messages_out_total",
+            "NATS messages published to other nodes (each carries the frames one round of work had for a node)",
+            get(&b.messages_out),
+        ),
+        (
+            "torpor_cluster_bus_frames_out_total",
+            "Frames (control and tunnel) published to other nodes",
+            get(&b.frames_out),
+        ),
+        (
+            "torpor_cluster_bus_frames_resent_total",
+            "Control-link frames sent again because no acknowledgement came",
+            get(&b.frames_resent),
+        ),
+        (
+            "torpor_cluster_bus_tun_dropped_out_total",
+            "Runner-to-client tunnel messages not published: the outgoing queue was full",
+            get(&b.tun_dropped_out),
+        ),
+        (
+            "torpor_cluster_bus_tun_dropped_in_total",
+            "Runner-to-client tunnel messages dropped on arrival: the node's queue was full, more than 1,024 messages or 8 MiB waited behind a lost control frame, or their sender restarted",
+            get(&b.tun_dropped_in),
+        ),
+        (
+            "torpor_cluster_bus_ctl_refused_total",
+            "Control messages refused because a peer acknowledged nothing for 65,536 messages",
+            get(&b.ctl_refused),
+        ),
+        (
+            "torpor_cluster_bus_frames_dropped_out_total",
+            "Control-link frames not published because the outgoing queue was full (sent again later)",
+            get(&b.frames_dropped_out),
+        ),
+        (
+            "torpor_cluster_bus_publish_failed_total",
+            "Publishes the NATS client refused",
+            get(&b.publish_failed),
+        ),
+        (
+            "torpor_cluster_bus_malformed_total",
+            "NATS messages or frames from other nodes that did not parse",
+            get(&b.malformed_in),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {v}");
     }
 }
 

@@ -95,6 +95,7 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
                 std::io::Error::other(format!("cannot reach NATS at {}: {e}", c.nats_url))
             })?;
         shared.node = Some(node.clone());
+        let _ = metrics.bus.set(node.bus_stats_handle());
         let (ctx, crx) = crossbeam_channel::unbounded();
         cluster_rx = Some(crx);
         let mailboxes = shared.shards.clone();

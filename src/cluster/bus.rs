@@ -3,16 +3,18 @@
 //! ([`Bus::send`]), everything received goes out over another ([`BusEvent`]).
 //!
 //! Subjects: node `<id>` (its 4-byte gateway id, lower-case hex) receives on
-//! `torpor.node.<id>.<kind>`, kinds `ctl` (control: the frames of the reliable links) and `tun`
-//! (tunnel traffic). A bus subscribes to `torpor.node.<id>.>` (and to the hello subject,
-//! below); a message to node `to` is published to `torpor.node.<to>.<kind>`. The sender is
-//! named in the payload (below).
+//! `torpor.node.<id>` (and on the hello subject, below). What a bus has for one node after a
+//! round of work (the commands that were waiting, the acknowledgements of a batch of received
+//! frames, the resends that fell due) goes out as one NATS message of up to [`BATCH_BYTES`]:
+//! a sequence of frames, each `kind` (1 byte: 1 `ctl`, 2 `tun`), length (4 bytes, LE) and the
+//! frame, in the order they were sent. Frames of kind `ctl` are the reliable links'; `tun` is
+//! tunnel traffic. The sender is named in each frame (below).
 //!
 //! Delivery. `tun` messages are at most once: NATS loses them on a reconnect or a slow
 //! consumer, the bus drops them when a queue is full (counted in [`BusStats`]). `ctl` messages
 //! go through a control link per peer node ([`LinkTx`] to it, [`LinkRx`] from it, see
-//! [`super::link`]): they arrive exactly once and in order, acknowledgements travel back on
-//! the sender's own `ctl` subject, and the link's timer (resends, tails) runs in the bus
+//! [`super::link`]): they arrive exactly once and in order, acknowledgements travel back to
+//! the sender's subject, and the link's timer (resends, tails) runs in the bus
 //! thread.
 //!
 //! Each bus start picks a random *instance* id carried by every `ctl` frame. A frame from a
@@ -29,8 +31,8 @@
 //! is no earlier instance to compare with): the new instance gets the link's messages from the
 //! first unacknowledged one, which its old instance may have had too.
 //!
-//! Wire encoding of a `ctl` payload (integers little-endian), a fixed 29-byte header then
-//! the message:
+//! Wire encoding of a `ctl` frame (integers little-endian), a fixed 29-byte header then the
+//! message (a hello is one such frame in a message of its own):
 //!
 //! | bytes | field |
 //! | --- | --- |
@@ -41,7 +43,7 @@
 //! | 8 | `Data`: seq; `Ack`: upto; `Tail`: next; `Reset`, `Hello`: 0 |
 //! | rest | `Data`: the message; empty otherwise |
 //!
-//! A `tun` payload is a 20-byte header then the message: the sender's node id (4 bytes), the
+//! A `tun` frame is a 20-byte header then the message: the sender's node id (4 bytes), the
 //! session of its control link to the receiver (8) and how many control messages it had sent
 //! on it (8). The receiver holds a `tun` message until its end of that link delivered those
 //! control messages ([`TunGate`]): a runner's first message on a WebSocket never overtakes
@@ -102,14 +104,6 @@ impl Kind {
             Kind::Tun => "tun",
         }
     }
-
-    fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "ctl" => Some(Kind::Ctl),
-            "tun" => Some(Kind::Tun),
-            _ => None,
-        }
-    }
 }
 
 /// What the bus reports, in order.
@@ -163,7 +157,7 @@ impl Default for BusConfig {
     }
 }
 
-/// Counters of what the bus dropped or refused.
+/// Counters of what the bus sent, dropped or refused (rendered as `torpor_cluster_bus_*`).
 #[derive(Debug, Default)]
 pub struct BusStats {
     /// `tun` messages dropped because the outgoing queue was full.
@@ -182,6 +176,9 @@ pub struct BusStats {
     pub frames_resent: AtomicU64,
     /// Payloads that did not parse (wrong subject or header).
     pub malformed_in: AtomicU64,
+    /// NATS messages handed to the client, and the frames they carried.
+    pub messages_out: AtomicU64,
+    pub frames_out: AtomicU64,
 }
 
 /// [`Bus::send`] refused: the command queue is full or the bus thread is gone.
@@ -217,9 +214,44 @@ pub fn hex(id: NodeId) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The subject node `to` receives `kind` messages on.
-pub fn subject(to: NodeId, kind: Kind) -> String {
-    format!("torpor.node.{}.{}", hex(to), kind.as_str())
+/// The subject node `to` receives on.
+pub fn subject(to: NodeId) -> String {
+    format!("torpor.node.{}", hex(to))
+}
+
+/// Most bytes of frames one NATS message carries (a single larger frame goes alone).
+pub const BATCH_BYTES: usize = 64 << 10;
+const K_CTL: u8 = 1;
+const K_TUN: u8 = 2;
+
+/// The frames of one NATS message: `(kind, frame)` each, or `Err` at the first one that is
+/// cut short or of an unknown kind (nothing after it is read).
+fn records(p: &Bytes) -> impl Iterator<Item = Result<(Kind, Bytes), ()>> + '_ {
+    let mut at = 0;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || at == p.len() {
+            return None;
+        }
+        let head = p.get(at..at + 5);
+        let kind = head.and_then(|h| match h[0] {
+            K_CTL => Some(Kind::Ctl),
+            K_TUN => Some(Kind::Tun),
+            _ => None,
+        });
+        let len = head.map(|h| u32::from_le_bytes(h[1..5].try_into().expect("4 bytes")) as usize);
+        match (kind, len) {
+            (Some(kind), Some(len)) if p.len() - at - 5 >= len => {
+                let frame = p.slice(at + 5..at + 5 + len);
+                at += 5 + len;
+                Some(Ok((kind, frame)))
+            }
+            _ => {
+                failed = true;
+                Some(Err(()))
+            }
+        }
+    })
 }
 
 impl Bus {
@@ -293,9 +325,14 @@ impl Bus {
         self.node
     }
 
-    /// Counters of what was dropped or refused.
+    /// Counters of what was sent, dropped or refused.
     pub fn stats(&self) -> &BusStats {
         &self.stats
+    }
+
+    /// The counters, shared (for the metrics page).
+    pub fn stats_handle(&self) -> Arc<BusStats> {
+        self.stats.clone()
     }
 
     /// Sends `data` to node `to`: `Ctl` over the control link to it (exactly once, in
@@ -362,23 +399,29 @@ enum Wire {
 }
 
 fn encode_ctl(from: NodeId, instance: u64, w: &Wire) -> Bytes {
-    let (t, session, n, msg) = match w {
-        Wire::Link(Frame::Data { session, seq, msg }) => (T_DATA, *session, *seq, Some(msg)),
-        Wire::Link(Frame::Ack { session, upto }) => (T_ACK, *session, *upto, None),
-        Wire::Link(Frame::Tail { session, next }) => (T_TAIL, *session, *next, None),
-        Wire::Reset { session } => (T_RESET, *session, 0, None),
-        Wire::Hello => (T_HELLO, 0, 0, None),
-    };
-    let mut b = BytesMut::with_capacity(HEADER + msg.map_or(0, |m| m.len()));
+    let (t, session, n, msg) = ctl_fields(w);
+    let mut b = BytesMut::with_capacity(HEADER + msg.len());
+    put_ctl(&mut b, t, from, instance, session, n, msg);
+    b.freeze()
+}
+
+fn ctl_fields(w: &Wire) -> (u8, u64, u64, &[u8]) {
+    match w {
+        Wire::Link(Frame::Data { session, seq, msg }) => (T_DATA, *session, *seq, &msg[..]),
+        Wire::Link(Frame::Ack { session, upto }) => (T_ACK, *session, *upto, &[]),
+        Wire::Link(Frame::Tail { session, next }) => (T_TAIL, *session, *next, &[]),
+        Wire::Reset { session } => (T_RESET, *session, 0, &[]),
+        Wire::Hello => (T_HELLO, 0, 0, &[]),
+    }
+}
+
+fn put_ctl(b: &mut BytesMut, t: u8, from: NodeId, instance: u64, session: u64, n: u64, msg: &[u8]) {
     b.put_u8(t);
     b.put_slice(&from);
     b.put_u64_le(instance);
     b.put_u64_le(session);
     b.put_u64_le(n);
-    if let Some(m) = msg {
-        b.put_slice(m);
-    }
-    b.freeze()
+    b.put_slice(msg);
 }
 
 /// `(from, instance, frame)`, or `None` for a malformed payload.
@@ -413,13 +456,18 @@ pub const TUN_HELD_MSGS: usize = 1_024;
 /// Most bytes of `tun` messages held per peer.
 pub const TUN_HELD_BYTES: usize = 8 << 20;
 
+#[cfg(test)]
 fn encode_tun(from: NodeId, session: u64, after: u64, data: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(TUN_HEADER + data.len());
+    put_tun(&mut b, from, session, after, data);
+    b.freeze()
+}
+
+fn put_tun(b: &mut BytesMut, from: NodeId, session: u64, after: u64, data: &[u8]) {
     b.put_slice(&from);
     b.put_u64_le(session);
     b.put_u64_le(after);
     b.put_slice(data);
-    b.freeze()
 }
 
 /// `(from, session, after, message)`, or `None` for a payload shorter than the header.
@@ -439,13 +487,14 @@ fn decode_tun(p: &Bytes) -> Option<(NodeId, u64, u64, Bytes)> {
 
 /// Replaced instances of a peer remembered (their late frames are ignored).
 const RETIRED_INSTANCES: usize = 16;
+/// Most commands taken before what they produced is published.
+const COMMANDS_PER_FLUSH: usize = 256;
 /// Most NATS messages handled before pending acks are flushed.
 const BATCH: usize = 256;
 /// How often a caller's full channel is tried again.
 const RETRY_DELIVERY: Duration = Duration::from_millis(5);
 
 struct Peer {
-    ctl_subject: async_nats::Subject,
     /// The peer's instance last heard from.
     instance: Option<u64>,
     retired: VecDeque<u64>,
@@ -460,9 +509,8 @@ struct Peer {
 }
 
 impl Peer {
-    fn new(node: NodeId, cfg: LinkConfig) -> Peer {
+    fn new(cfg: LinkConfig) -> Peer {
         Peer {
-            ctl_subject: subject(node, Kind::Ctl).into(),
             instance: None,
             retired: VecDeque::new(),
             tx: LinkTx::new(cfg, rand::random()),
@@ -490,6 +538,15 @@ impl Peer {
         self.unreachable = false;
         self.reply = None;
     }
+}
+
+/// Frames on their way to one node.
+struct Batch {
+    to: NodeId,
+    subject: async_nats::Subject,
+    buf: BytesMut,
+    ctl: u64,
+    tun: u64,
 }
 
 /// The thread's ends of what it shares with the handle.
@@ -520,6 +577,8 @@ struct Shell {
     nats_events: mpsc::UnboundedReceiver<async_nats::Event>,
     connected_once: bool,
     peers: HashMap<NodeId, Peer>,
+    /// Frames for each node not yet published (one NATS message per node and round).
+    batches: Vec<Batch>,
     /// Peers with a reply pending.
     replies: Vec<NodeId>,
     _client: async_nats::Client,
@@ -554,7 +613,7 @@ impl Shell {
             .await
             .map_err(io::Error::other)?;
         let subscriber = client
-            .subscribe(format!("torpor.node.{}.>", hex(node)))
+            .subscribe(subject(node))
             .await
             .map_err(io::Error::other)?;
         let hellos = client
@@ -596,6 +655,7 @@ impl Shell {
             nats_events,
             connected_once: false,
             peers: HashMap::new(),
+            batches: Vec::new(),
             replies: Vec::new(),
             _client: client,
         })
@@ -610,6 +670,7 @@ impl Shell {
             if !self.take_commands() {
                 return;
             }
+            self.flush_batches();
             let deadline = self
                 .peers
                 .values()
@@ -644,13 +705,20 @@ impl Shell {
                 _ = sleep_until(deadline) => self.poll_links(),
                 _ = tokio::time::sleep(RETRY_DELIVERY), if retry => {}
             }
+            self.flush_batches();
             self.drain_overflow();
         }
     }
 
     /// Takes commands while the outgoing queue has room; false once the handle is gone.
     fn take_commands(&mut self) -> bool {
+        let mut taken = 0;
         loop {
+            if taken == COMMANDS_PER_FLUSH {
+                // Publish what was taken so far: the outgoing queue's room is checked again.
+                self.flush_batches();
+                taken = 0;
+            }
             if self.out.capacity() == 0 {
                 if self.held.is_none() {
                     match self.commands.try_recv() {
@@ -670,6 +738,7 @@ impl Shell {
                 },
             };
             self.send(c.to, c.kind, c.data);
+            taken += 1;
         }
     }
 
@@ -677,25 +746,19 @@ impl Shell {
         match kind {
             Kind::Tun => {
                 let link = self.cfg.link;
-                let peer = self.peers.entry(to).or_insert_with(|| Peer::new(to, link));
-                let payload = encode_tun(self.node, peer.tx.session(), peer.tx.next_seq(), &data);
-                if self
-                    .out
-                    .try_send((subject(to, kind).into(), payload))
-                    .is_err()
-                {
-                    self.stats.tun_dropped_out.fetch_add(1, Ordering::Relaxed);
-                }
+                let peer = self.peers.entry(to).or_insert_with(|| Peer::new(link));
+                let (session, after) = (peer.tx.session(), peer.tx.next_seq());
+                let from = self.node;
+                self.queue(to, Kind::Tun, TUN_HEADER + data.len(), |b| {
+                    put_tun(b, from, session, after, &data)
+                });
             }
             Kind::Ctl => {
                 let now = std::time::Instant::now();
                 let link = self.cfg.link;
-                let peer = self.peers.entry(to).or_insert_with(|| Peer::new(to, link));
+                let peer = self.peers.entry(to).or_insert_with(|| Peer::new(link));
                 match peer.tx.send(data, now) {
-                    Ok(frame) => {
-                        let subject = peer.ctl_subject.clone();
-                        self.publish(subject, &Wire::Link(frame));
-                    }
+                    Ok(frame) => self.publish(to, &Wire::Link(frame)),
                     Err(_full) => {
                         self.stats.ctl_refused.fetch_add(1, Ordering::Relaxed);
                         if !peer.unreachable {
@@ -708,12 +771,75 @@ impl Shell {
         }
     }
 
-    fn publish(&mut self, subject: async_nats::Subject, w: &Wire) {
-        let payload = encode_ctl(self.node, self.instance, w);
-        if self.out.try_send((subject, payload)).is_err() {
+    /// Queues a control frame for node `to`.
+    fn publish(&mut self, to: NodeId, w: &Wire) {
+        let (t, session, n, msg) = ctl_fields(w);
+        let (from, instance) = (self.node, self.instance);
+        self.queue(to, Kind::Ctl, HEADER + msg.len(), |b| {
+            put_ctl(b, t, from, instance, session, n, msg)
+        });
+    }
+
+    /// Appends a frame of `len` bytes (written by `put`) to the batch for node `to`; a batch
+    /// that would grow past [`BATCH_BYTES`] is published first.
+    fn queue(&mut self, to: NodeId, kind: Kind, len: usize, put: impl FnOnce(&mut BytesMut)) {
+        let i = match self.batches.iter().position(|b| b.to == to) {
+            Some(i) => i,
+            None => {
+                self.batches.push(Batch {
+                    to,
+                    subject: subject(to).into(),
+                    buf: BytesMut::new(),
+                    ctl: 0,
+                    tun: 0,
+                });
+                self.batches.len() - 1
+            }
+        };
+        if !self.batches[i].buf.is_empty() && self.batches[i].buf.len() + 5 + len > BATCH_BYTES {
+            self.publish_batch(i);
+        }
+        let b = &mut self.batches[i];
+        b.buf.reserve(5 + len);
+        b.buf.put_u8(match kind {
+            Kind::Ctl => K_CTL,
+            Kind::Tun => K_TUN,
+        });
+        b.buf.put_u32_le(len as u32);
+        let start = b.buf.len();
+        put(&mut b.buf);
+        debug_assert_eq!(b.buf.len() - start, len);
+        match kind {
+            Kind::Ctl => b.ctl += 1,
+            Kind::Tun => b.tun += 1,
+        }
+    }
+
+    /// Hands batch `i` to the NATS client (its frames are dropped and counted when the
+    /// outgoing queue is full: control frames are sent again by their links).
+    fn publish_batch(&mut self, i: usize) {
+        let b = &mut self.batches[i];
+        if b.buf.is_empty() {
+            return;
+        }
+        let payload = b.buf.split().freeze();
+        let (ctl, tun) = (std::mem::take(&mut b.ctl), std::mem::take(&mut b.tun));
+        self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .frames_out
+            .fetch_add(ctl + tun, Ordering::Relaxed);
+        if self.out.try_send((b.subject.clone(), payload)).is_err() {
             self.stats
                 .frames_dropped_out
-                .fetch_add(1, Ordering::Relaxed);
+                .fetch_add(ctl, Ordering::Relaxed);
+            self.stats.tun_dropped_out.fetch_add(tun, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes every batch.
+    fn flush_batches(&mut self) {
+        for i in 0..self.batches.len() {
+            self.publish_batch(i);
         }
     }
 
@@ -727,44 +853,44 @@ impl Shell {
             }
             return;
         }
-        let kind = msg.subject.rsplit('.').next().and_then(Kind::parse);
-        match kind {
-            Some(Kind::Tun) => {
-                let Some((from, session, after, data)) = decode_tun(&msg.payload) else {
-                    self.stats.malformed_in.fetch_add(1, Ordering::Relaxed);
-                    return;
-                };
-                let link = self.cfg.link;
-                let peer = self
-                    .peers
-                    .entry(from)
-                    .or_insert_with(|| Peer::new(from, link));
-                let Some(data) = peer.gate.offer(&peer.rx, session, after, data) else {
-                    self.count_gate_drops(from);
-                    return;
-                };
-                if self.overflow.is_empty() {
-                    match self.events.try_send(BusEvent::Message {
-                        from,
-                        kind: Kind::Tun,
-                        data,
-                    }) {
-                        Ok(()) | Err(TrySendError::Disconnected(_)) => return,
-                        Err(TrySendError::Full(_)) => {}
+        for r in records(&msg.payload) {
+            match r {
+                Ok((Kind::Ctl, frame)) => match decode_ctl(&frame) {
+                    Some((from, instance, w)) => self.ctl_frame(from, instance, w),
+                    None => {
+                        self.stats.malformed_in.fetch_add(1, Ordering::Relaxed);
                     }
-                }
-                self.stats.tun_dropped_in.fetch_add(1, Ordering::Relaxed);
-            }
-            Some(Kind::Ctl) => match decode_ctl(&msg.payload) {
-                Some((from, instance, w)) => self.ctl_frame(from, instance, w),
-                None => {
+                },
+                Ok((Kind::Tun, frame)) => self.tun_frame(&frame),
+                Err(()) => {
                     self.stats.malformed_in.fetch_add(1, Ordering::Relaxed);
                 }
-            },
-            _ => {
-                self.stats.malformed_in.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    fn tun_frame(&mut self, frame: &Bytes) {
+        let Some((from, session, after, data)) = decode_tun(frame) else {
+            self.stats.malformed_in.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let link = self.cfg.link;
+        let peer = self.peers.entry(from).or_insert_with(|| Peer::new(link));
+        let Some(data) = peer.gate.offer(&peer.rx, session, after, data) else {
+            self.count_gate_drops(from);
+            return;
+        };
+        if self.overflow.is_empty() {
+            match self.events.try_send(BusEvent::Message {
+                from,
+                kind: Kind::Tun,
+                data,
+            }) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => return,
+                Err(TrySendError::Full(_)) => {}
+            }
+        }
+        self.stats.tun_dropped_in.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A bus started somewhere: a peer known under another instance restarted.
@@ -791,10 +917,7 @@ impl Shell {
 
     fn ctl_frame(&mut self, from: NodeId, instance: u64, w: Wire) {
         let link = self.cfg.link;
-        let peer = self
-            .peers
-            .entry(from)
-            .or_insert_with(|| Peer::new(from, link));
+        let peer = self.peers.entry(from).or_insert_with(|| Peer::new(link));
         if peer.retired.contains(&instance) {
             return;
         }
@@ -874,8 +997,7 @@ impl Shell {
                 continue;
             };
             if let Some(w) = peer.reply.take() {
-                let subject = peer.ctl_subject.clone();
-                self.publish(subject, &w);
+                self.publish(node, &w);
             }
         }
     }
@@ -883,16 +1005,16 @@ impl Shell {
     fn poll_links(&mut self) {
         let now = std::time::Instant::now();
         let mut out = Vec::new();
-        for peer in self.peers.values_mut() {
+        for (node, peer) in self.peers.iter_mut() {
             for f in peer.tx.poll(now) {
-                out.push((peer.ctl_subject.clone(), Wire::Link(f)));
+                out.push((*node, Wire::Link(f)));
             }
         }
         self.stats
             .frames_resent
             .fetch_add(out.len() as u64, Ordering::Relaxed);
-        for (subject, w) in out {
-            self.publish(subject, &w);
+        for (node, w) in out {
+            self.publish(node, &w);
         }
     }
 
@@ -1009,9 +1131,46 @@ mod tests {
 
     #[test]
     fn subjects() {
+        assert_eq!(subject([0, 0xab, 1, 0x10]), "torpor.node.00ab0110");
+    }
+
+    #[test]
+    fn a_message_carries_frames_in_order_and_stops_at_a_bad_one() {
+        let mut b = BytesMut::new();
+        for (k, f) in [(K_CTL, &b"abc"[..]), (K_TUN, b""), (K_TUN, b"xyz1")] {
+            b.put_u8(k);
+            b.put_u32_le(f.len() as u32);
+            b.put_slice(f);
+        }
+        let p = b.clone().freeze();
+        let got: Vec<_> = records(&p).collect();
         assert_eq!(
-            subject([0, 0xab, 1, 0x10], Kind::Ctl),
-            "torpor.node.00ab0110.ctl"
+            got,
+            vec![
+                Ok((Kind::Ctl, Bytes::from_static(b"abc"))),
+                Ok((Kind::Tun, Bytes::new())),
+                Ok((Kind::Tun, Bytes::from_static(b"xyz1"))),
+            ]
+        );
+        assert_eq!(records(&Bytes::new()).count(), 0);
+        // Cut short: the frames before it, then one error and nothing more.
+        let cut = p.slice(..p.len() - 1);
+        let got: Vec<_> = records(&cut).collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2], Err(()));
+        // An unknown kind.
+        let mut bad = b.clone();
+        bad.put_u8(9);
+        bad.put_u32_le(0);
+        bad.put_u8(K_CTL);
+        bad.put_u32_le(0);
+        let got: Vec<_> = records(&bad.freeze()).collect();
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[3], Err(()));
+        // A header cut short.
+        assert_eq!(
+            records(&Bytes::from_static(&[K_CTL, 1, 0])).collect::<Vec<_>>(),
+            vec![Err(())]
         );
     }
 }

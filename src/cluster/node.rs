@@ -203,6 +203,11 @@ impl Node {
     pub fn bus_stats(&self) -> &super::bus::BusStats {
         self.bus.stats()
     }
+
+    /// The bus's counters, shared (for the metrics page).
+    pub fn bus_stats_handle(&self) -> Arc<super::bus::BusStats> {
+        self.bus.stats_handle()
+    }
 }
 
 /// How a shard's message crosses to another node (see [`Node::send_from_shard`]): a
