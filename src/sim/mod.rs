@@ -435,3 +435,31 @@ fn tun_gate_is_needed() {
         report(&f)
     );
 }
+
+/// Several nodes (and a lost lease) replay the same from the same seed.
+#[test]
+fn several_nodes_same_seed_same_run() {
+    for seed in [5u64, 42, 77] {
+        let run = || {
+            let mut cfg = SimConfig::from_seed(seed);
+            cfg.nodes = 3;
+            cfg.actor_sends = true;
+            cfg.lease_loss = true;
+            World::new(seed, cfg).run()
+        };
+        let (a, b) = (run(), run());
+        match (a, b) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a.1, b.1, "seed {seed}: two runs diverged");
+                assert_eq!(a.0.messages_delivered, b.0.messages_delivered);
+                assert_eq!(a.0.actor_messages, b.0.actor_messages);
+            }
+            (Err(a), Err(b)) => assert_eq!((a.step, a.message), (b.step, b.message)),
+            (a, b) => panic!(
+                "seed {seed}: one run failed, the other not: {:?} / {:?}",
+                a.err(),
+                b.err()
+            ),
+        }
+    }
+}
