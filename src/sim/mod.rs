@@ -374,15 +374,21 @@ fn a_node_joining_late_learns_the_runners() {
 ///   connection is down when the leader changes never gets the fence; it keeps its actors
 ///   until its own `runnerLostThreshold` (15 s) after the loss, but the new leader restores
 ///   them as sleeping and places them again after its quiet period (`node_timeout_ms`, 5 s).
+///   With `SIM_QUIET_MS=16000` (a quiet period longer than the threshold) none of seeds
+///   0..700 runs an actor twice.
 /// - seed 344 (also 583, 639, 666): a start lists a socket closed before the leader change.
 ///   The follower forwarded the record's removal to the old leader, which dropped it (it no
-///   longer led); the new leader restored the record.
+///   longer led); the new leader restored the record. The other way round (seed 510 with
+///   `SIM_QUIET_MS=16000`): a record written then is missing, so a start does not list a
+///   hibernating socket, which is never restored.
 /// - seed 62 (same symptom: 326, 536, 594, 690; cause read from the trace of 62): a client
 ///   socket detached from a runner that was not known at the reset (it had dropped its
 ///   connection) keeps that runner's index; the next leader gives the index to another
 ///   runner, whose attachment makes the shard replay the socket's window to it. That runner
 ///   does not host the actor, nothing is acknowledged, and the client is closed 1011
-///   `guard.websocket_message_not_acked`.
+///   `guard.websocket_message_not_acked`; or (seed 571 with `SIM_QUIET_MS=16000`) the
+///   messages replayed to the wrong runner are lost and the restored socket's runner closes
+///   it 1008 `ws.message_index_skip`.
 /// - seed 212 (also 217, 296, 341, 351, ...): a hibernating socket with messages asks for a
 ///   wake once per sleep (`Hibernation::waking`); the wake went to the old leader, the reset
 ///   does not clear the flag, the next leader never hears of it, and the socket waits

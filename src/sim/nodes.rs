@@ -675,7 +675,12 @@ impl World {
             self.reset_node(next);
         }
         self.cluster.last_epoch[next] = self.cluster.epoch;
-        let timeout = Duration::from_millis(self.cfg.gateway_config().cluster.node_timeout_ms);
+        // `SIM_QUIET_MS` overrides the quiet period (`cluster.node_timeout_ms`) to try others.
+        let quiet_ms = std::env::var("SIM_QUIET_MS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let ms = quiet_ms.unwrap_or(self.cfg.gateway_config().cluster.node_timeout_ms);
+        let timeout = Duration::from_millis(ms);
         let quiet = self.now + timeout;
         self.cluster.quiet_until = Some(quiet);
         // Every other node reads the lease row within the quiet period.
