@@ -396,7 +396,9 @@ fn a_node_joining_late_learns_the_runners() {
 #[test]
 #[ignore]
 fn leader_lease_loss() {
-    let total = run_nodes("sim::leader_lease_loss", 400, |_, c| c.lease_loss = true);
+    let total = run_nodes("sim::leader_lease_loss -- --ignored", 400, |_, c| {
+        c.lease_loss = true
+    });
     assert!(total.lease_losses > 0, "no lease was lost");
 }
 
