@@ -7,7 +7,7 @@
 //! at the moment it reaches the actor. It never decides anything about the gateway; it only
 //! records and reports.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -18,8 +18,15 @@ use crate::runner::{
     AckPolicy, Actor, ActorCx, ActorHandle, ActorInfo, RequestKey, WsOpen, WsOpenReply, WsRestore,
 };
 
-/// The gateway id of the simulated gateway.
+/// The gateway id of the simulated gateway (node 0; node `k` has `k` added to the last byte).
 pub(super) const GATEWAY_ID: [u8; 4] = [0x5a, 0x17, 0x00, 0x01];
+
+/// The gateway id of node `node`.
+pub(super) fn gateway_id(node: usize) -> [u8; 4] {
+    let mut id = GATEWAY_ID;
+    id[3] = id[3].wrapping_add(node as u8);
+    id
+}
 
 /// Reason an actor uses when it closes a socket itself (a legitimate close).
 pub(super) const ACTOR_CLOSE_REASON: &str = "sim.actor_close";
@@ -28,18 +35,19 @@ pub(super) const ACTOR_CLOSE_REASON: &str = "sim.actor_close";
 /// second socket (it numbers requests by a 24-bit counter per shard, so not within a run), a
 /// message for the old socket that reached the new one is caught as misrouted.
 pub(super) fn sock_of(store: &Store, key: &RequestKey) -> Option<u32> {
-    if key.gateway_id != GATEWAY_ID {
-        return None;
-    }
-    store.reqs.get(&key.request_id)?.last().copied()
+    store
+        .reqs
+        .get(&(key.gateway_id, key.request_id))?
+        .last()
+        .copied()
 }
 
 /// The socket a delivery on `key` carrying socket `pid`'s payload is for: `pid` if the
 /// request id ever named it (a message sent before the id was reused), else the socket that
 /// holds the id now (so a message of another socket shows as misrouted).
 fn delivery_sock(store: &Store, key: &RequestKey, pid: u32) -> Option<u32> {
-    let held = store.reqs.get(&key.request_id)?;
-    if key.gateway_id == GATEWAY_ID && held.contains(&pid) {
+    let held = store.reqs.get(&(key.gateway_id, key.request_id))?;
+    if held.contains(&pid) {
         return Some(pid);
     }
     sock_of(store, key)
@@ -54,7 +62,7 @@ pub(super) fn payload(id: u32, seq: u32, pad: usize) -> Bytes {
     Bytes::from(v)
 }
 
-fn parse(data: &[u8]) -> Option<(u32, u32)> {
+pub(super) fn parse(data: &[u8]) -> Option<(u32, u32)> {
     let id = u32::from_le_bytes(data.get(0..4)?.try_into().ok()?);
     let seq = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?);
     Some((id, seq))
@@ -64,6 +72,8 @@ fn parse(data: &[u8]) -> Option<(u32, u32)> {
 #[derive(Debug, Clone)]
 pub(super) struct Durable {
     pub actor: String,
+    /// The gateway id of the node the client connected to.
+    pub gw: [u8; 4],
     /// The request id the gateway gave the socket (all zero until its tunnel opened).
     pub req: [u8; 4],
     /// The actor accepts this socket as hibernatable (decided by the client generator).
@@ -81,14 +91,30 @@ pub(super) struct Durable {
     pub actor_closed: bool,
     /// The last ack the current actor instance asked for: (runner, generation, index).
     pub acked_by: Option<(usize, u32, u16)>,
+    /// Messages the actor sent to the client so far (the next one carries this + 1).
+    pub sent: u32,
 }
 
 /// State shared by every actor of every runner and the simulation driver.
 #[derive(Default)]
 pub(super) struct Store {
     pub socks: BTreeMap<u32, Durable>,
-    /// Request id → the client sockets that held it, in order (the last holds it now).
-    pub reqs: BTreeMap<[u8; 4], Vec<u32>>,
+    /// (Gateway id, request id) → the client sockets that held it, in order (the last holds
+    /// it now).
+    pub reqs: BTreeMap<([u8; 4], [u8; 4]), Vec<u32>>,
+    /// Actor instances started and not stopped: actor id → (runner number, generation).
+    /// More than one runner at once is a violation (checked when `single_instance`).
+    pub instances: BTreeMap<String, BTreeSet<(usize, u32)>>,
+    /// Check that no actor ever runs on two runners at once.
+    pub single_instance: bool,
+    /// ... also when the older instance is on a draining runner (known to fail: the engine
+    /// counts a draining runner's actors stopped when the runner says `Stopping`).
+    pub strict_drain: bool,
+    /// Runners that sent `Stopping` (their process exits once drained).
+    pub draining: BTreeSet<usize>,
+    /// Actors send to their clients: a greeting when a socket opens, an echo of every
+    /// message (runner → client traffic: at most once between nodes).
+    pub actor_sends: bool,
     /// Running actor instances: actor id → (runner number, generation, handle).
     pub handles: BTreeMap<String, (usize, u32, ActorHandle)>,
     /// Violations found inside actor callbacks.
@@ -125,6 +151,24 @@ impl Actor for SimActor {
     fn on_start(&mut self, cx: &mut ActorCx<'_>) {
         let h = cx.handle();
         let mut store = lock(&self.shared);
+        let (runner, generation) = (self.runner, self.generation);
+        let (strict, draining) = (store.strict_drain, store.draining.clone());
+        let set = store.instances.entry(self.actor_id.clone()).or_default();
+        set.insert((runner, generation));
+        let others: Vec<(usize, u32)> = set
+            .iter()
+            .filter(|(r, _)| *r != runner)
+            .filter(|(r, _)| strict || !draining.contains(r))
+            .copied()
+            .collect();
+        if store.single_instance && !others.is_empty() {
+            let msg = format!(
+                "actor {} g{generation} started on runner {runner} while it still runs on \
+                 (runner, generation) {others:?}: one actor on two runners at once",
+                self.actor_id
+            );
+            store.failures.push(msg);
+        }
         // An older generation that starts late (its start reached its runner after a newer
         // one was placed, and its stop follows) does not take the newer one's place.
         let newer = store
@@ -143,6 +187,9 @@ impl Actor for SimActor {
     fn on_stop(&mut self, _cx: &mut ActorCx<'_>) {
         let mut guard = lock(&self.shared);
         let s = &mut *guard;
+        if let Some(set) = s.instances.get_mut(&self.actor_id) {
+            set.remove(&(self.runner, self.generation));
+        }
         let mine = s
             .handles
             .get(&self.actor_id)
@@ -156,7 +203,7 @@ impl Actor for SimActor {
         self.policy
     }
 
-    fn on_websocket_open(&mut self, _cx: &mut ActorCx<'_>, open: &WsOpen<'_>) -> WsOpenReply {
+    fn on_websocket_open(&mut self, cx: &mut ActorCx<'_>, open: &WsOpen<'_>) -> WsOpenReply {
         let mut guard = lock(&self.shared);
         let s = &mut *guard;
         let Some(id) = sock_of(s, &open.key) else {
@@ -193,6 +240,11 @@ impl Actor for SimActor {
             ));
         }
         d.opened = true;
+        if s.actor_sends {
+            // A greeting right away: it goes out just after the open answer.
+            d.sent += 1;
+            cx.send(open.key, payload(id, d.sent, 3), true);
+        }
         WsOpenReply::Accept {
             can_hibernate: d.want_hib,
         }
@@ -256,7 +308,7 @@ impl Actor for SimActor {
 
     fn on_websocket_message(
         &mut self,
-        _cx: &mut ActorCx<'_>,
+        cx: &mut ActorCx<'_>,
         key: RequestKey,
         index: u16,
         data: Bytes,
@@ -311,6 +363,10 @@ impl Actor for SimActor {
         } else {
             d.last_seq = seq;
             d.last_index = index;
+            if s.actor_sends && seq % 2 == 1 {
+                d.sent += 1;
+                cx.send(key, payload(id, d.sent, 5), true);
+            }
         }
         match err {
             Some(e) => s.failures.push(e),

@@ -164,6 +164,8 @@ impl World {
                 .all(|c| c.g2r.is_empty() && c.r2g.is_empty())
             && self.control_mail.iter().all(|q| q.is_empty())
             && self.pending_notices.is_empty()
+            && self.cluster.placing()
+            && self.cluster.idle()
     }
 
     fn check_all_delivered(&mut self) -> Result<(), Failure> {
@@ -366,7 +368,9 @@ impl World {
                     ));
                 }
                 let has_data = n > 0 || cc.socket.is_paused();
-                if cc.hibernation.is_some_and(|h| !h.waking) && has_data {
+                // (While a new leader waits its quiet period, nothing is placed.)
+                let placing = self.cluster.placing();
+                if placing && cc.hibernation.is_some_and(|h| !h.waking) && has_data {
                     // Only while the actor still runs (or is stopping) without this socket,
                     // which the runner handed back: the wake follows its `ActorStopped`.
                     let placed = self.engine.actor(&c.actor).is_some_and(|i| {

@@ -52,6 +52,8 @@ pub(crate) struct Client {
     /// The global cap could not take the last message offered, or a parked one.
     pub over_global: bool,
     pub closed: Option<String>,
+    /// The last of the actor's messages the client received (0: none).
+    pub last_in: u32,
     reader: WsReader,
     buf: BytesMut,
 }
@@ -105,6 +107,7 @@ impl World {
             id,
             super::actor::Durable {
                 actor: actor.clone(),
+                gw: super::actor::gateway_id(shard / self.cfg.shards),
                 req: [0; 4],
                 want_hib,
                 opened: false,
@@ -113,6 +116,7 @@ impl World {
                 gw_closed: false,
                 actor_closed: false,
                 acked_by: None,
+                sent: 0,
             },
         );
         let waiter = self.ask_resolve(shard, &actor, Some(id));
@@ -128,6 +132,7 @@ impl World {
                 offered: 0,
                 over_global: false,
                 closed: None,
+                last_in: 0,
                 reader: client_reader(),
                 buf: BytesMut::new(),
             },
@@ -182,7 +187,8 @@ impl World {
         let req = self.gw[shard].request_id(conn).expect("just opened");
         {
             let mut store = lock(&self.shared);
-            store.reqs.entry(req).or_default().push(id);
+            let gw = super::actor::gateway_id(shard / self.cfg.shards);
+            store.reqs.entry((gw, req)).or_default().push(id);
             if let Some(d) = store.socks.get_mut(&id) {
                 d.req = req;
             }
@@ -296,10 +302,26 @@ impl World {
             c.buf.extend_from_slice(b);
         }
         let mut closes = Vec::new();
+        let mut wrong = Vec::new();
         loop {
             match c.reader.next(&mut c.buf) {
                 Ok(Some(WsEvent::Close { code, reason })) => closes.push((code, reason)),
-                // The actors of the simulation send nothing to clients; idle pings are off.
+                // The actor's messages: at most once, in order, only this socket's.
+                Ok(Some(WsEvent::Message { data, .. })) if self.cfg.actor_sends => {
+                    match super::actor::parse(&data) {
+                        Some((sock, n)) if sock == id && n > c.last_in => c.last_in = n,
+                        Some((sock, n)) if sock == id => wrong.push(format!(
+                            "client {id}: the actor's message {n} arrived after its message {} \
+                             (duplicate or reordered)",
+                            c.last_in
+                        )),
+                        other => wrong.push(format!(
+                            "client {id}: got a message of another socket {other:?} (misrouted)"
+                        )),
+                    }
+                    self.stats.actor_messages += 1;
+                }
+                // Idle pings are off.
                 Ok(Some(other)) => {
                     let e = format!("client {id}: unexpected frame from the gateway {other:?}");
                     self.fail(e);
@@ -311,6 +333,9 @@ impl World {
                     return;
                 }
             }
+        }
+        for w in wrong {
+            self.fail(w);
         }
         if bytes > 0 {
             self.gw[shard].written(conn, bytes);
@@ -443,7 +468,7 @@ impl World {
             if let Some(ConnKind::Client(cc)) = self.gw[c.shard].kind(conn) {
                 if cc.hibernation.is_some() {
                     let req = crate::protocol::HibernatingRequest {
-                        gateway_id: super::actor::GATEWAY_ID,
+                        gateway_id: super::actor::gateway_id(c.shard / self.cfg.shards),
                         request_id: cc.req,
                     };
                     todo.push((*id, c.actor.clone(), req));

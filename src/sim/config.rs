@@ -47,8 +47,31 @@ pub(crate) struct SimConfig {
     /// holds back the core's early records. Only for the test that shows why the core's
     /// eager rule is needed.
     pub naive_records: bool,
-    /// Gateway shards (each a gateway core); clients and runners land on any of them.
+    /// Gateway shards (each a gateway core) per node; clients and runners land on any of them.
     pub shards: usize,
+    /// Nodes (each with `shards` gateway shards), joined by the simulated bus; one leads.
+    pub nodes: usize,
+    /// The leader may lose its lease at a random step (several nodes only). Off unless
+    /// `SIM_LEASE_LOSS=1` (then in half the multi-node seeds): it finds failures in the
+    /// shipped gateway (see `leader_lease_loss`).
+    pub lease_loss: bool,
+    /// Check that no actor ever runs on two runners at once (`SIM_SINGLE_INSTANCE=0`: not),
+    pub single_instance: bool,
+    /// ... also when the older instance is on a draining runner (`SIM_SINGLE_INSTANCE=1`;
+    /// fails: see `single_instance_through_drains`).
+    pub strict_drain: bool,
+    /// Followers' first heartbeats cross the lossy bus while runners already attach
+    /// (`SIM_LATE_JOIN=1`; fails: see `a_node_joining_late_learns_the_runners`).
+    pub late_join: bool,
+    /// What the gateway wrote to a runner before closing its connection is lost with the
+    /// close (as the simulation did before several nodes), instead of read up to the close
+    /// frame. Loses the fencing `Init` of a leader change (see `unfenced_runners_are_caught`).
+    pub drop_before_close: bool,
+    /// Actors send to their clients (a greeting at open, echoes); several nodes only.
+    pub actor_sends: bool,
+    /// The receiving node delivers a runner's tunnel message at once, without waiting for
+    /// the control messages sent before it (no `TunGate`; see `tun_gate_is_needed`).
+    pub no_tun_gate: bool,
 }
 
 impl SimConfig {
@@ -82,7 +105,33 @@ impl SimConfig {
             refresh_every: Duration::from_secs(45),
             naive_records: false,
             shards: r.random_range(1..=2),
+            nodes: 1,
+            lease_loss: false,
+            single_instance: true,
+            strict_drain: false,
+            late_join: env_flag("SIM_LATE_JOIN").unwrap_or(false),
+            drop_before_close: false,
+            actor_sends: false,
+            no_tun_gate: false,
         }
+        .with_nodes(seed)
+    }
+
+    /// About one seed in five runs several nodes (drawn apart from the other knobs, so that
+    /// one-node seeds keep their shape).
+    fn with_nodes(mut self, seed: u64) -> SimConfig {
+        let mut r = StdRng::seed_from_u64(seed ^ 0x6a09_e667_f3bc_c908);
+        if r.random_bool(0.2) {
+            self.nodes = if r.random_bool(0.75) { 2 } else { 3 };
+            self.actor_sends = r.random_bool(0.5);
+            self.lease_loss = env_flag("SIM_LEASE_LOSS").unwrap_or(false) && r.random_bool(0.5);
+        }
+        match env_flag("SIM_SINGLE_INSTANCE") {
+            Some(true) => self.strict_drain = true,
+            Some(false) => self.single_instance = false,
+            None => {}
+        }
+        self
     }
 
     /// The gateway's configuration for this run: the window and global caps, and the
@@ -100,6 +149,11 @@ impl SimConfig {
         c.timeouts.client_idle_ping_ms = 0;
         c
     }
+}
+
+/// A boolean from the environment (`1` or `0`), if set.
+pub(crate) fn env_flag(name: &str) -> Option<bool> {
+    std::env::var(name).ok().map(|v| v.trim() == "1")
 }
 
 /// Counts over a run (reported by the tests).
@@ -126,6 +180,12 @@ pub(crate) struct Stats {
     pub acks_ignored: u64,
     /// Most messages delivered on one socket.
     pub longest_socket: u64,
+    /// Runs with several nodes, leases lost, frames the bus lost.
+    pub multi_node: u64,
+    pub lease_losses: u64,
+    /// Messages of actors that reached their clients.
+    pub actor_messages: u64,
+    pub bus_dropped: u64,
 }
 
 /// A violated invariant, with what is needed to reproduce it.

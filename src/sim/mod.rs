@@ -1,6 +1,6 @@
-//! sim: a seeded, deterministic simulation that runs the shipped code — one or two gateway
-//! cores ([`crate::gateway::Gateway`]), the control plane's step ([`crate::plane::Plane`])
-//! around the real [`crate::engine::Engine`], and the real runner core
+//! sim: a seeded, deterministic simulation that runs the shipped code — one to three nodes
+//! of one or two gateway cores each ([`crate::gateway::Gateway`]), the control plane's step
+//! ([`crate::plane::Plane`]) around the real [`crate::engine::Engine`], and the real runner core
 //! (`crate::runner::core::Core`) hosting simulated actors — over a simulated network and
 //! clock ([`world`]): per-connection order, delays, drops, runners reconnecting, and each
 //! shard's mailbox (the control plane's messages and other shards') read late, in sending
@@ -28,6 +28,35 @@
 //! to sleep and woken once and its start must list exactly its live hibernatable sockets;
 //! after every client closed, no pending byte, no waiter, no owed close, and wakes list nobody.
 //!
+//! Several nodes ([`nodes`]): about one seed in five (and the `two_nodes_over_a_lossy_bus`
+//! test) runs two or three nodes, each with its own gateway shards (`Settings.clustered`, its
+//! own gateway id), runners and clients landing on any node. Node 0 leads: the engine and the
+//! plane run there; the others forward their shards' control messages to it and receive its
+//! commands and broadcasts. Everything crossing nodes is the real `cluster::wire` encoding;
+//! `node::kind_of` decides how: control traffic through a real `LinkTx`/`LinkRx` pair per
+//! ordered pair of nodes (resend timer on simulated time; the bus loses, repeats and
+//! reorders its frames), a runner's messages for a client as at-most-once datagrams through
+//! the real `TunGate` (the bus loses them but keeps each sender's order, as core NATS).
+//! Waiters of other nodes go through `plane::from_peer`. In multi-node runs actors also send
+//! to their clients (a greeting at open, echoes), which the clients check: their own, in
+//! order, never twice. With `SIM_LEASE_LOSS=1` the leader may lose its lease: it stops
+//! placing at once (engine dropped), its shards reset (fence and close) their runners; a
+//! standby takes the next epoch, waits the quiet period (`node_timeout_ms`), and places with
+//! an engine restored from the records the engines wrote (a durable map fed by
+//! `take_store_ops`); every other node learns the new leader within the quiet period, resets
+//! its runners and heartbeats the new leader. Runners connect again anywhere. Not modelled:
+//! a node dying or being counted out, periodic heartbeats, the store or the engine API.
+//!
+//! Also checked everywhere: no actor ever starts on a runner while another runner still
+//! runs it (instances tracked from `on_start` to `on_stop` or the process's death); drains
+//! are exempt unless `SIM_SINGLE_INSTANCE=1` (known failure, see
+//! `single_instance_through_drains`). What the gateway wrote to a runner before a close frame
+//! reaches the runner (the fencing `Init` of a leader change).
+//!
+//! Known failures kept behind ignored tests (shipped code, not fixed here):
+//! `single_instance_through_drains`, `a_node_joining_late_learns_the_runners`
+//! (`SIM_LATE_JOIN=1`), `leader_lease_loss` (`SIM_LEASE_LOSS=1`).
+//!
 //! A failure prints its seed and the command that replays just that seed:
 //! `SIM_SEED=<seed> cargo test --lib sim::`. `SIM_RUNS=<n>` sets the number of runs and
 //! `SIM_FIRST=<seed>` the first seed; `scripts/sim_long.sh` runs many in release mode.
@@ -40,6 +69,7 @@ mod checks;
 mod clients;
 mod config;
 mod network;
+mod nodes;
 mod time;
 mod world;
 
@@ -108,6 +138,10 @@ fn run_shard(shard: u64, shards: u64) {
                 total.legit_closes += s.legit_closes;
                 total.refusals += s.refusals;
                 total.acks_ignored += s.acks_ignored;
+                total.multi_node += s.multi_node;
+                total.lease_losses += s.lease_losses;
+                total.bus_dropped += s.bus_dropped;
+                total.actor_messages += s.actor_messages;
             }
             Err(f) => panic!("{}", report(&f)),
         }
@@ -244,4 +278,196 @@ fn out_of_order_actor_acks_keep_the_newest() {
     assert_no_failure("sim::out_of_order_actor_acks_keep_the_newest", 3000, |c| {
         c.late_actor_acks = true
     });
+}
+
+/// Runs `runs` seeds (from `SIM_FIRST`, or only `SIM_SEED`) with several nodes; `tweak`
+/// sets the rest. Returns the total counts.
+fn run_nodes(test: &str, runs: u64, tweak: impl Fn(u64, &mut SimConfig)) -> Stats {
+    let seeds: Vec<u64> = match env_u64("SIM_SEED") {
+        Some(s) => vec![s],
+        None => {
+            let first = env_u64("SIM_FIRST").unwrap_or(0);
+            (first..first + env_u64("SIM_NODE_RUNS").unwrap_or(runs)).collect()
+        }
+    };
+    let start = Instant::now();
+    let mut total = Stats::default();
+    for seed in seeds {
+        let mut cfg = SimConfig::from_seed(seed);
+        cfg.nodes = if seed % 4 == 3 { 3 } else { 2 };
+        tweak(seed, &mut cfg);
+        match World::new(seed, cfg).run() {
+            Ok((s, _)) => {
+                total.steps += s.steps;
+                total.sockets += s.sockets;
+                total.messages_delivered += s.messages_delivered;
+                total.runners_lost += s.runners_lost;
+                total.multi_node += s.multi_node;
+                total.lease_losses += s.lease_losses;
+                total.bus_dropped += s.bus_dropped;
+                total.actor_messages += s.actor_messages;
+            }
+            Err(f) => panic!("{}", report_for(&f, test)),
+        }
+    }
+    eprintln!("{test}: {:?}: {total:?}", start.elapsed());
+    total
+}
+
+/// Two or three nodes, each with its own gateway shards, runners and clients on any of them,
+/// one leading placement; the bus between them loses, duplicates and reorders frames.
+#[test]
+fn two_nodes_over_a_lossy_bus() {
+    let total = run_nodes("sim::two_nodes_over_a_lossy_bus", 600, |seed, c| {
+        c.lease_loss = false;
+        c.actor_sends = seed % 2 == 0;
+    });
+    assert!(total.bus_dropped > 0, "the bus never lost a frame");
+    assert!(
+        total.actor_messages > 0,
+        "no actor's message reached a client"
+    );
+}
+
+/// Known failure (single node): a draining runner's actor is placed again before it stopped.
+/// The engine counts a runner's actors stopped when the runner says `Stopping` and places
+/// them elsewhere at once, while the draining runner still runs them until its
+/// `CommandStopActor` arrives. Run with `cargo test --lib sim::single_instance_through_drains
+/// -- --ignored` (or `SIM_SINGLE_INSTANCE=1` for every test).
+#[test]
+#[ignore]
+fn single_instance_through_drains() {
+    assert_no_failure("sim::single_instance_through_drains", 6000, |c| {
+        c.strict_drain = true
+    });
+}
+
+/// Known failure (several nodes): a node whose first heartbeat reaches the leader after a
+/// runner attached never hears that runner's `RunnerAttached` (the leader broadcasts to the
+/// nodes it knows, and does not tell a joining node the runners attached before), so when an
+/// actor with a socket hibernating on that node is placed on that runner, the node's shard
+/// ignores `ActorRunning` (it does not know the runner's connection) and the socket stays
+/// hibernating, never restored. Run with
+/// `cargo test --lib sim::a_node_joining_late_learns_the_runners -- --ignored`.
+#[test]
+#[ignore]
+fn a_node_joining_late_learns_the_runners() {
+    run_nodes(
+        "sim::a_node_joining_late_learns_the_runners -- --ignored",
+        3000,
+        |_, c| {
+            c.late_join = true;
+            c.lease_loss = false;
+        },
+    );
+}
+
+/// Several nodes, and the leader loses its lease at random steps: a standby leads with an
+/// engine restored from the records after its quiet period, every node resets (fences) its
+/// runners, which connect again anywhere. Same invariants, and no actor ever runs on two
+/// runners at once.
+///
+/// Known failures (shipped code, ignored until fixed; `SIM_SEED=<seed> cargo test --lib
+/// sim::leader_lease_loss -- --ignored`, or `SIM_LEASE_LOSS=1` for the seed tests). About 3%
+/// of the seeds fail:
+/// - seed 314 (also 126, 404, 580): one actor on two runners at once. A runner whose
+///   connection is down when the leader changes never gets the fence; it keeps its actors
+///   until its own `runnerLostThreshold` (15 s) after the loss, but the new leader restores
+///   them as sleeping and places them again after its quiet period (`node_timeout_ms`, 5 s).
+///   With `SIM_QUIET_MS=16000` (a quiet period longer than the threshold) none of seeds
+///   0..700 runs an actor twice.
+/// - seed 344 (also 583, 639, 666): a start lists a socket closed before the leader change.
+///   The follower forwarded the record's removal to the old leader, which dropped it (it no
+///   longer led); the new leader restored the record. The other way round (seed 510 with
+///   `SIM_QUIET_MS=16000`): a record written then is missing, so a start does not list a
+///   hibernating socket, which is never restored.
+/// - seed 62 (same symptom: 326, 536, 594, 690; cause read from the trace of 62): a client
+///   socket detached from a runner that was not known at the reset (it had dropped its
+///   connection) keeps that runner's index; the next leader gives the index to another
+///   runner, whose attachment makes the shard replay the socket's window to it. That runner
+///   does not host the actor, nothing is acknowledged, and the client is closed 1011
+///   `guard.websocket_message_not_acked`; or (seed 571 with `SIM_QUIET_MS=16000`) the
+///   messages replayed to the wrong runner are lost and the restored socket's runner closes
+///   it 1008 `ws.message_index_skip`.
+/// - seed 212 (also 217, 296, 341, 351, ...): a hibernating socket with messages asks for a
+///   wake once per sleep (`Hibernation::waking`); the wake went to the old leader, the reset
+///   does not clear the flag, the next leader never hears of it, and the socket waits
+///   forever.
+#[test]
+#[ignore]
+fn leader_lease_loss() {
+    let total = run_nodes("sim::leader_lease_loss -- --ignored", 400, |_, c| {
+        c.lease_loss = true
+    });
+    assert!(total.lease_losses > 0, "no lease was lost");
+}
+
+/// The fence of a leader change must reach the runners: when what the gateway wrote before
+/// closing a runner connection is lost with the close (the fencing `Init` included), an old
+/// term's runner keeps its actors and the next leader places them again. The simulation must
+/// catch that (one actor on two runners at once).
+#[test]
+fn unfenced_runners_are_caught() {
+    let found = (0..400u64).any(|seed| {
+        let mut cfg = SimConfig::from_seed(seed);
+        cfg.nodes = if seed % 4 == 3 { 3 } else { 2 };
+        cfg.lease_loss = true;
+        cfg.drop_before_close = true;
+        World::new(seed, cfg)
+            .run()
+            .err()
+            .is_some_and(|f| f.message.contains("two runners at once"))
+    });
+    assert!(
+        found,
+        "no seed ran an actor on two runners at once without the fence"
+    );
+}
+
+/// A runner's tunnel message (at most once, outside the control link) must not overtake the
+/// socket's `Open` answer (a control message) sent before it: without the receiving node's
+/// `TunGate` the simulation must catch the greeting an actor sends at open arriving first.
+#[test]
+fn tun_gate_is_needed() {
+    let f = (0..600u64).find_map(|seed| {
+        let mut cfg = SimConfig::from_seed(seed);
+        cfg.nodes = if seed % 4 == 3 { 3 } else { 2 };
+        cfg.actor_sends = true;
+        cfg.no_tun_gate = true;
+        World::new(seed, cfg).run().err()
+    });
+    let f = f.expect("no seed failed without the tunnel gate");
+    assert!(
+        f.message.contains("closed illegitimately"),
+        "unexpected failure: {}",
+        report(&f)
+    );
+}
+
+/// Several nodes (and a lost lease) replay the same from the same seed.
+#[test]
+fn several_nodes_same_seed_same_run() {
+    for seed in [5u64, 42, 77] {
+        let run = || {
+            let mut cfg = SimConfig::from_seed(seed);
+            cfg.nodes = 3;
+            cfg.actor_sends = true;
+            cfg.lease_loss = true;
+            World::new(seed, cfg).run()
+        };
+        let (a, b) = (run(), run());
+        match (a, b) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a.1, b.1, "seed {seed}: two runs diverged");
+                assert_eq!(a.0.messages_delivered, b.0.messages_delivered);
+                assert_eq!(a.0.actor_messages, b.0.actor_messages);
+            }
+            (Err(a), Err(b)) => assert_eq!((a.step, a.message), (b.step, b.message)),
+            (a, b) => panic!(
+                "seed {seed}: one run failed, the other not: {:?} / {:?}",
+                a.err(),
+                b.err()
+            ),
+        }
+    }
 }

@@ -14,7 +14,7 @@ use rand::Rng;
 use super::actor::{lock, SimRunner};
 use super::world::World;
 use crate::gateway::{ConnId, ControlMsg, Gateway, Next, Output, RunnerAccept, ShardMsg};
-use crate::plane::{self, Stepped, To};
+use crate::plane::{Stepped, To};
 use crate::protocol::{Command, ToClient, ToServer};
 use crate::ws::reader::{Role, WsEvent, WsReader, WsReaderConfig};
 
@@ -109,18 +109,19 @@ impl World {
             // later (as a shard's one crossbeam channel is).
             Output::ToShard(to, msg) => {
                 let now = self.now;
-                self.control_mail[to as usize].push_back((now, msg));
+                let g = self.shard_at(self.node_of(s), to);
+                self.control_mail[g].push_back((now, msg));
             }
-            Output::ToNode(..) => unreachable!("one node: nothing for other nodes"),
-            Output::ToControl(msg) => self.control(*msg),
+            Output::ToNode(node, shard, msg) => self.send_to_node(s, node, shard, msg),
+            Output::ToControl(msg) => self.control_from(self.node_of(s), *msg),
             Output::Reply(waiter, reply) => self.answered(s, waiter, reply),
             // The clock is read at every step of `advance`.
             Output::Rearm | Output::Drained => {}
         }
     }
 
-    /// The control plane's handling of a shard's message.
-    fn control(&mut self, msg: ControlMsg) {
+    /// The control plane's handling of a shard's message (on the leader, placing).
+    pub(super) fn control(&mut self, msg: ControlMsg) {
         if let ControlMsg::Hibernating {
             actor_id,
             req,
@@ -150,27 +151,17 @@ impl World {
         self.post(out);
     }
 
-    /// Sends the control plane's messages to their shards' mailboxes (delivered later).
+    /// Sends the control plane's messages to their shards' mailboxes (delivered later), over
+    /// the bus for other nodes' shards; what the engine wrote goes to the records.
     pub(super) fn post(&mut self, out: Vec<(To, ShardMsg)>) {
-        let now = self.now;
         for (to, msg) in out {
             if let ShardMsg::RunnerDetached { lost: true, .. } = msg {
                 self.stats.runners_lost += 1;
             }
             self.log(|| format!("control -> {to:?}: {}", brief_shard_msg(&msg)));
-            match to {
-                To::Shard(s) | To::Node(_, s) => {
-                    self.control_mail[s as usize].push_back((now, msg))
-                }
-                To::Peer(..) => unreachable!("one node: no peers"),
-                To::All => {
-                    for s in 0..self.control_mail.len() {
-                        let copy = plane::copy_for_broadcast(&msg);
-                        self.control_mail[s].push_back((now, copy));
-                    }
-                }
-            }
+            self.post_one(to, msg);
         }
+        self.persist();
     }
 
     /// Shard `s` reads up to `n` of the control plane's messages.
@@ -236,7 +227,7 @@ impl World {
 
     /// Runs the engine's deadlines due now.
     pub(super) fn engine_tick(&mut self) {
-        if self.engine.next_deadline().is_some_and(|t| t <= self.now) {
+        if self.cluster.placing() && self.engine.next_deadline().is_some_and(|t| t <= self.now) {
             let mut out = Vec::new();
             let actions = self.engine.tick(self.now);
             self.plane.deliver(actions, &mut out);
@@ -266,7 +257,8 @@ impl World {
                 {
                     if c.reason.as_deref() == Some(super::actor::ACTOR_CLOSE_REASON) {
                         let mut store = lock(&self.shared);
-                        let holder = store.reqs.get(&t.message_id.request_id);
+                        let id = &t.message_id;
+                        let holder = store.reqs.get(&(id.gateway_id, id.request_id));
                         if let Some(id) = holder.and_then(|h| h.last()).copied() {
                             if let Some(d) = store.socks.get_mut(&id) {
                                 d.actor_closed = true;
@@ -359,7 +351,12 @@ impl World {
             &self.shared,
         );
         // Its actor instances died with it.
-        lock(&self.shared).handles.retain(|_, (r, _, _)| *r != no);
+        let mut store = lock(&self.shared);
+        store.handles.retain(|_, (r, _, _)| *r != no);
+        store.draining.remove(&no);
+        for set in store.instances.values_mut() {
+            set.retain(|(r, _)| *r != no);
+        }
     }
 
     /// The gateway's reader of a runner connection sees it end.
@@ -449,6 +446,12 @@ impl World {
             self.gw[shard].written(id, bytes);
         }
         if closed || matches!(turn, crate::gateway::WriterTurn::Shutdown) {
+            if closed && !self.cfg.drop_before_close {
+                // A close frame follows what was written before it: the runner reads up to
+                // it (a fencing `Init` before a leader change's close, say).
+                let n = self.conns.get(&gen).map_or(0, |c| c.g2r.len());
+                self.deliver_g2r(gen, n);
+            }
             self.gateway_closed_runner(gen);
         }
         self.pump();
@@ -469,8 +472,13 @@ impl World {
                 let store = lock(&self.shared);
                 s.hibernating_requests
                     .iter()
-                    .filter(|h| h.gateway_id == super::actor::GATEWAY_ID)
-                    .filter_map(|h| store.reqs.get(&h.request_id)?.last().copied())
+                    .filter_map(|h| {
+                        store
+                            .reqs
+                            .get(&(h.gateway_id, h.request_id))?
+                            .last()
+                            .copied()
+                    })
                     .collect()
             };
             for id in &ids {

@@ -35,7 +35,14 @@ impl World {
                     next = next.min(t);
                 }
             }
-            if let Some(t) = self.engine.next_deadline() {
+            if let Some(t) = self
+                .engine
+                .next_deadline()
+                .filter(|_| self.cluster.placing())
+            {
+                next = next.min(t);
+            }
+            if let Some(t) = self.cluster.deadline() {
                 next = next.min(t);
             }
             let next = next.max(self.now);
@@ -46,6 +53,7 @@ impl World {
                     self.call(s, |g, now| g.handle_timeout(now));
                 }
             }
+            self.cluster_timers();
             self.engine_tick();
             for no in 0..self.runners.len() {
                 self.runners[no].core.poll(self.now);
@@ -102,6 +110,10 @@ impl World {
                 }
             }
             moved |= self.deliver_control_until(Some(deadline));
+            let bus = until
+                .checked_sub(super::nodes::BUS_LATENCY)
+                .unwrap_or(self.t0);
+            moved |= self.bus_deliver_until(Some(bus));
             if !moved {
                 break;
             }
@@ -149,12 +161,15 @@ impl World {
                 }
             }
             moved |= self.deliver_control_until(None);
+            moved |= self.bus_deliver_until(None);
+            moved |= self.bus_resend_now();
             self.ack_all();
             let in_flight = self
                 .conns
                 .values()
                 .any(|c| !c.g2r.is_empty() || !c.r2g.is_empty())
-                || self.control_mail.iter().any(|q| !q.is_empty());
+                || self.control_mail.iter().any(|q| !q.is_empty())
+                || !self.cluster.idle();
             if !moved && !in_flight && self.pending_notices.is_empty() {
                 return;
             }

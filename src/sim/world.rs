@@ -42,9 +42,12 @@ pub(crate) struct World {
     pub engine: Engine,
     /// The control plane's state (stop barriers) in front of the engine.
     pub plane: crate::plane::Plane,
-    /// The gateway shards' cores, by shard id.
+    /// The gateway shards' cores of every node, by global index (node × shards + shard).
     pub gw: Vec<Gateway>,
-    pub metrics: Metrics,
+    /// Each node's metrics.
+    pub metrics: Vec<Metrics>,
+    /// The nodes, the bus between them and the placement lease.
+    pub cluster: super::nodes::Cluster,
     /// Each shard's mailbox (its one channel in the daemon): the control plane's messages
     /// and other shards' (tunnel traffic, frames for a runner), with the moment each was
     /// sent. Senders are other threads, so these arrive late and in any order relative to
@@ -102,6 +105,7 @@ enum Ev {
     ActorClose,
     Drain,
     Crash,
+    LeaseLoss,
 }
 
 const EVENTS: &[(u32, Ev)] = &[
@@ -120,12 +124,18 @@ const EVENTS: &[(u32, Ev)] = &[
     (1, Ev::ActorClose),
     (1, Ev::Drain),
     (1, Ev::Crash),
+    (1, Ev::LeaseLoss),
 ];
 
 impl World {
     pub fn new(seed: u64, cfg: SimConfig) -> World {
         let t0 = Instant::now();
-        let shared: Shared = Arc::new(std::sync::Mutex::new(Store::default()));
+        let shared: Shared = Arc::new(std::sync::Mutex::new(Store {
+            single_instance: cfg.single_instance,
+            strict_drain: cfg.strict_drain,
+            actor_sends: cfg.actor_sends,
+            ..Store::default()
+        }));
         let mut engine = Engine::new(EngineConfig::default(), seed, t0, T0_MS);
         let mut actor_ids = Vec::new();
         for i in 0..cfg.actors {
@@ -162,21 +172,28 @@ impl World {
                 )
             })
             .collect();
-        let metrics = Metrics::new(cfg.shards);
+        let metrics: Vec<Metrics> = (0..cfg.nodes).map(|_| Metrics::new(cfg.shards)).collect();
         let config = Arc::new(cfg.gateway_config());
-        let gw = (0..cfg.shards)
-            .map(|s| {
+        let gw = (0..cfg.nodes * cfg.shards)
+            .map(|g| {
+                let (node, s) = (g / cfg.shards, g % cfg.shards);
                 let settings = Settings {
                     shard: s as u16,
                     shards: cfg.shards,
                     config: config.clone(),
-                    metrics: metrics.clone(),
-                    gateway_id: super::actor::GATEWAY_ID,
-                    clustered: false,
+                    metrics: metrics[node].clone(),
+                    gateway_id: super::actor::gateway_id(node),
+                    clustered: cfg.nodes > 1,
                 };
-                Gateway::new(settings, seed ^ s as u64, t0, T0_MS)
+                Gateway::new(settings, seed ^ g as u64, t0, T0_MS)
             })
             .collect();
+        let mut cluster = super::nodes::Cluster::new(cfg.nodes, seed);
+        for op in engine.take_store_ops() {
+            if let crate::engine::StoreOp::Put { key, value } = op {
+                cluster.records.insert(key, value);
+            }
+        }
         World {
             rng: StdRng::seed_from_u64(seed),
             seed,
@@ -187,7 +204,10 @@ impl World {
             plane: crate::plane::Plane::new(cfg.shards),
             gw,
             metrics,
-            control_mail: (0..cfg.shards).map(|_| VecDeque::new()).collect(),
+            cluster,
+            control_mail: (0..cfg.nodes * cfg.shards)
+                .map(|_| VecDeque::new())
+                .collect(),
             outputs: VecDeque::new(),
             pumping: false,
             shared,
@@ -252,6 +272,7 @@ impl World {
 
     /// Runs the whole scenario; `Err` on the first violated invariant.
     pub fn run(mut self) -> Result<(Stats, u64), Failure> {
+        self.cluster_start();
         // Runners come up first.
         for no in 0..self.runners.len() {
             self.runner_connect(no);
@@ -279,19 +300,25 @@ impl World {
                 .unwrap_or(0);
         }
         use crate::metrics::Counter;
-        let m = &self.metrics;
-        self.stats.replays = m.counter(Counter::Replays);
-        self.stats.replayed_messages = m.counter(Counter::ReplayedMessages);
-        self.stats.hibernations = m.counter(Counter::Hibernations);
-        self.stats.acks_ignored = m.counter(Counter::AcksIgnored);
+        let count = |c: Counter| self.metrics.iter().map(|m| m.counter(c)).sum::<u64>();
+        self.stats.replays = count(Counter::Replays);
+        self.stats.replayed_messages = count(Counter::ReplayedMessages);
+        self.stats.hibernations = count(Counter::Hibernations);
+        self.stats.acks_ignored = count(Counter::AcksIgnored);
+        self.stats.lease_losses = self.cluster.losses;
+        self.stats.multi_node = u64::from(self.cfg.nodes > 1);
+        self.stats.bus_dropped = self.cluster.dropped;
         Ok((self.stats, self.digest.finish()))
     }
 
     fn random_step(&mut self) {
-        let total: u32 = EVENTS.iter().map(|(w, _)| w).sum();
+        // A lease is lost only in runs that model it (the others draw as before).
+        let lease = self.cfg.lease_loss;
+        let events = EVENTS.iter().filter(|(_, e)| lease || *e != Ev::LeaseLoss);
+        let total: u32 = events.clone().map(|(w, _)| w).sum();
         let mut pick = self.rng.random_range(0..total);
         let mut ev = Ev::Deliver;
-        for (w, e) in EVENTS {
+        for (w, e) in events {
             if pick < *w {
                 ev = *e;
                 break;
@@ -346,13 +373,17 @@ impl World {
                         busy.push((s as u32, 2));
                     }
                 }
+                if self.bus_busy() {
+                    busy.push((0, 3));
+                }
                 if !busy.is_empty() {
                     let (g, way) = busy[self.rng.random_range(0..busy.len())];
                     let n = self.rng.random_range(1..=4);
                     match way {
                         0 => self.deliver_g2r(g, n),
                         1 => self.deliver_r2g(g, n),
-                        _ => self.deliver_control(g as usize, n),
+                        2 => self.deliver_control(g as usize, n),
+                        _ => self.bus_deliver_random(n),
                     }
                 }
             }
@@ -419,8 +450,14 @@ impl World {
                 if !up.is_empty() {
                     let no = up[self.rng.random_range(0..up.len())];
                     self.runners[no].draining = true;
+                    lock(&self.shared).draining.insert(no);
                     self.runners[no].core.begin_shutdown();
                     self.runner_flush(no);
+                }
+            }
+            Ev::LeaseLoss => {
+                if self.rng.random_bool(0.3) {
+                    self.lose_lease();
                 }
             }
             Ev::Crash => {
@@ -600,9 +637,12 @@ impl World {
 
 /// The runner library's name for the request of client `id` (as the gateway numbered it).
 pub(super) fn key_of(shared: &Shared, id: u32) -> crate::runner::RequestKey {
-    let req = lock(shared).socks.get(&id).map_or([0; 4], |d| d.req);
+    let (gw, req) = lock(shared)
+        .socks
+        .get(&id)
+        .map_or((super::actor::GATEWAY_ID, [0; 4]), |d| (d.gw, d.req));
     crate::runner::RequestKey {
-        gateway_id: super::actor::GATEWAY_ID,
+        gateway_id: gw,
         request_id: req,
     }
 }
