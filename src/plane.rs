@@ -216,6 +216,14 @@ impl Plane {
                 }
                 (Vec::new(), Stepped::Done)
             }
+            ControlMsg::HibernatingSync {
+                gateway_id,
+                shard,
+                records,
+            } => {
+                engine.hibernating_sync(gateway_id, shard, &records, now);
+                (Vec::new(), Stepped::Done)
+            }
             ControlMsg::StopApplied { barrier } => {
                 self.applied(barrier, engine, out);
                 (Vec::new(), Stepped::Done)

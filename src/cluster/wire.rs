@@ -724,6 +724,11 @@ enum WControl<'a> {
     },
     HibernatingRefresh(Vec<(Cow<'a, str>, HibernatingRequest)>),
     Api(WApi<'a>),
+    HibernatingSync {
+        gateway_id: [u8; 4],
+        shard: u16,
+        records: Vec<(Cow<'a, str>, HibernatingRequest)>,
+    },
 }
 
 impl<'a> WControl<'a> {
@@ -784,6 +789,18 @@ impl<'a> WControl<'a> {
                     .map(|(a, r)| (Cow::Borrowed(&**a), *r))
                     .collect(),
             ),
+            ControlMsg::HibernatingSync {
+                gateway_id,
+                shard,
+                records,
+            } => WControl::HibernatingSync {
+                gateway_id: *gateway_id,
+                shard: *shard,
+                records: records
+                    .iter()
+                    .map(|(a, r)| (Cow::Borrowed(&**a), *r))
+                    .collect(),
+            },
             ControlMsg::Api(a) => WControl::Api(WApi {
                 method: Cow::Borrowed(&a.method),
                 path: Cow::Borrowed(&a.path),
@@ -850,6 +867,18 @@ impl<'a> WControl<'a> {
             WControl::HibernatingRefresh(list) => ControlMsg::HibernatingRefresh(
                 list.into_iter().map(|(a, r)| (Arc::from(a), r)).collect(),
             ),
+            WControl::HibernatingSync {
+                gateway_id,
+                shard,
+                records,
+            } => ControlMsg::HibernatingSync {
+                gateway_id,
+                shard,
+                records: records
+                    .into_iter()
+                    .map(|(a, r)| (Arc::from(a), r))
+                    .collect(),
+            },
             WControl::Api(a) => ControlMsg::Api(ApiRequest {
                 method: a.method.into_owned(),
                 path: a.path.into_owned(),
@@ -954,6 +983,11 @@ mod tests {
                 keep,
             } => format!("Hibernating {actor_id:?} {req:?} {keep}"),
             ControlMsg::HibernatingRefresh(l) => format!("HibernatingRefresh {l:?}"),
+            ControlMsg::HibernatingSync {
+                gateway_id,
+                shard,
+                records,
+            } => format!("HibernatingSync {gateway_id:?} {shard} {records:?}"),
             ControlMsg::Api(a) => format!("Api {}", show_api(a)),
             ControlMsg::ApiChecked(a) => format!("ApiChecked {}", show_api(a)),
             ControlMsg::InputLoaded { actor_id, input } => {
@@ -1244,6 +1278,17 @@ mod tests {
                 keep: false,
             },
             ControlMsg::HibernatingRefresh(vec![]),
+            ControlMsg::HibernatingSync {
+                gateway_id: [9, 8, 7, 6],
+                shard: 1,
+                records: vec![(
+                    "actor-2".into(),
+                    HibernatingRequest {
+                        gateway_id: [9, 8, 7, 6],
+                        request_id: [1, 0, 0, 7],
+                    },
+                )],
+            },
             ControlMsg::HibernatingRefresh(vec![
                 (Arc::from("a"), req(3)),
                 (Arc::from("b"), req(4)),

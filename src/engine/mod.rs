@@ -431,6 +431,8 @@ impl Engine {
     /// Time-driven work: lost runners, start/stop deadlines, waiter timeouts, alarms,
     /// forgetting destroyed actors.
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        // A hold that ran out is forgotten here (its deadline must not come back).
+        self.placement_held(now);
         self.expire_runners(now);
         self.expire_actor_deadlines(now);
         self.expire_waiters(now);
@@ -504,6 +506,45 @@ impl Engine {
                 self.hib_ops.push(store_keys::hib_delete(actor_id, req));
             }
         }
+    }
+
+    /// The complete list of the hibernatable sockets of shard `shard` of the node with gateway
+    /// id `gateway` (several nodes: each shard sends it when the placement leader changed).
+    /// Records of that shard that are not listed are forgotten (their removal may have been
+    /// lost with the old leader), listed ones are recorded (their record may have been).
+    /// The shard of a record is the first byte of its request id. Returns how many were
+    /// forgotten.
+    pub fn hibernating_sync(
+        &mut self,
+        gateway: crate::protocol::GatewayId,
+        shard: u16,
+        listed: &[(std::sync::Arc<str>, HibernatingRequest)],
+        now: Instant,
+    ) -> usize {
+        let keep: std::collections::HashSet<(&str, HibernatingRequest)> =
+            listed.iter().map(|(a, r)| (&**a, *r)).collect();
+        let mut n = 0;
+        for (id, a) in self.actors.iter_mut() {
+            let gone: Vec<HibernatingRequest> = a
+                .hibernating
+                .keys()
+                .filter(|h| {
+                    h.gateway_id == gateway
+                        && u16::from(h.request_id[0]) == shard
+                        && !keep.contains(&(id.as_str(), **h))
+                })
+                .copied()
+                .collect();
+            for req in gone {
+                a.hibernating.remove(&req);
+                self.hib_ops.push(store_keys::hib_delete(id, req));
+                n += 1;
+            }
+        }
+        for (actor_id, req) in listed {
+            let _ = self.hibernating_upsert(actor_id, *req, now);
+        }
+        n
     }
 
     /// Forgets every hibernating-socket record of the node with gateway id `gateway` (several

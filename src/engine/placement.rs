@@ -65,7 +65,7 @@ impl Engine {
     }
 
     /// Placement is held at `now` (a hold that ran out is forgotten).
-    fn placement_held(&mut self, now: Instant) -> bool {
+    pub(super) fn placement_held(&mut self, now: Instant) -> bool {
         match self.placement_hold {
             Some(t) if now < t => true,
             Some(_) => {

@@ -166,6 +166,13 @@ pub enum ControlMsg {
     },
     /// Refresh the records of these hibernatable sockets (actor id, request).
     HibernatingRefresh(Vec<(Arc<str>, protocol::HibernatingRequest)>),
+    /// Every hibernatable socket of shard `shard` of the node `gateway_id` (sent when the
+    /// placement leader changed): records of that shard not listed are forgotten.
+    HibernatingSync {
+        gateway_id: [u8; 4],
+        shard: u16,
+        records: Vec<(Arc<str>, protocol::HibernatingRequest)>,
+    },
     /// An engine API request (`/actors`, `/metadata`, …).
     Api(ApiRequest),
     /// An engine API request held while the store was down, let through once a probe commit

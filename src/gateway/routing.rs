@@ -265,6 +265,10 @@ impl Gateway {
     /// hibernating sockets wait for their actor's next start), and this shard's runner
     /// connections close with `reason`, so their runners connect again and are known anew.
     ///
+    /// Hibernating sockets with messages ask for their wake again, and the shard sends the
+    /// complete list of its socket records (`ControlMsg::HibernatingSync`): what was sent to
+    /// the old leader may be lost with it.
+    ///
     /// Before the close, each runner gets a `ToClientInit` naming it [`FENCED_RUNNER_ID`]:
     /// a runner stops every actor it hosts when its runner id changes (the Rivet runner
     /// libraries and torpor's alike), where a close alone leaves them running until the
@@ -312,6 +316,25 @@ impl Gateway {
         for id in rewake {
             self.wake_for(id);
         }
+        // The records of this shard's sockets as they are: a record change sent to the old
+        // leader may be lost with it (and the next one restored the records it had).
+        let gw = self.gateway_id;
+        let records: Vec<_> = self
+            .conns
+            .iter()
+            .filter_map(|(_, c)| match &c.kind {
+                ConnKind::Client(cc) if cc.record_refresh_at.is_some() => Some((
+                    cc.actor_id.clone(),
+                    super::hibernation::hibernating_request(gw, cc.req),
+                )),
+                _ => None,
+            })
+            .collect();
+        self.control(ControlMsg::HibernatingSync {
+            gateway_id: gw,
+            shard: self.id,
+            records,
+        });
         self.runners.clear();
         self.owed_closes.clear();
         let ids: Vec<ConnId> = self

@@ -51,9 +51,8 @@ pub(crate) struct SimConfig {
     pub shards: usize,
     /// Nodes (each with `shards` gateway shards), joined by the simulated bus; one leads.
     pub nodes: usize,
-    /// The leader may lose its lease at a random step (several nodes only). Off unless
-    /// `SIM_LEASE_LOSS=1` (then in half the multi-node seeds): it finds failures in the
-    /// shipped gateway (see `leader_lease_loss`).
+    /// The leader may lose its lease at a random step (several nodes only): in half the
+    /// multi-node seeds (`SIM_LEASE_LOSS=0`: never).
     pub lease_loss: bool,
     /// Check that no actor ever runs on two runners at once (`SIM_SINGLE_INSTANCE=0`: not),
     pub single_instance: bool,
@@ -67,6 +66,9 @@ pub(crate) struct SimConfig {
     /// close (as the simulation did before several nodes), instead of read up to the close
     /// frame. Loses the fencing `Init` of a leader change (see `unfenced_runners_are_caught`).
     pub drop_before_close: bool,
+    /// A new leader holds placement for `runner_lost_threshold` after its quiet period, as
+    /// `lead()` does (off only to show that the simulation catches its absence).
+    pub placement_hold: bool,
     /// Actors send to their clients (a greeting at open, echoes); several nodes only.
     pub actor_sends: bool,
     /// The receiving node delivers a runner's tunnel message at once, without waiting for
@@ -111,6 +113,7 @@ impl SimConfig {
             strict_drain: false,
             late_join: env_flag("SIM_LATE_JOIN").unwrap_or(false),
             drop_before_close: false,
+            placement_hold: true,
             actor_sends: false,
             no_tun_gate: false,
         }
@@ -124,7 +127,7 @@ impl SimConfig {
         if r.random_bool(0.2) {
             self.nodes = if r.random_bool(0.75) { 2 } else { 3 };
             self.actor_sends = r.random_bool(0.5);
-            self.lease_loss = env_flag("SIM_LEASE_LOSS").unwrap_or(false) && r.random_bool(0.5);
+            self.lease_loss = env_flag("SIM_LEASE_LOSS").unwrap_or(true) && r.random_bool(0.5);
         }
         match env_flag("SIM_SINGLE_INSTANCE") {
             Some(true) => self.strict_drain = true,

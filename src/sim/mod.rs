@@ -39,10 +39,11 @@
 //! the real `TunGate` (the bus loses them but keeps each sender's order, as core NATS).
 //! Waiters of other nodes go through `plane::from_peer`. In multi-node runs actors also send
 //! to their clients (a greeting at open, echoes), which the clients check: their own, in
-//! order, never twice. With `SIM_LEASE_LOSS=1` the leader may lose its lease: it stops
-//! placing at once (engine dropped), its shards reset (fence and close) their runners; a
+//! order, never twice. In half the multi-node seeds (`SIM_LEASE_LOSS=0`: none) the leader
+//! loses its lease: it stops placing at once (engine dropped), its shards reset (fence and close) their runners; a
 //! standby takes the next epoch, waits the quiet period (`node_timeout_ms`), and places with
-//! an engine restored from the records the engines wrote (a durable map fed by
+//! an engine restored from the records the engines wrote, holding placement for
+//! `runner_lost_threshold` as `lead()` does (a durable map fed by
 //! `take_store_ops`); every other node learns the new leader within the quiet period, resets
 //! its runners and heartbeats the new leader. Runners connect again anywhere. Not modelled:
 //! a node dying or being counted out, periodic heartbeats, the store or the engine API.
@@ -55,7 +56,7 @@
 //!
 //! Known failures kept behind ignored tests (shipped code, not fixed here):
 //! `single_instance_through_drains`, `a_node_joining_late_learns_the_runners`
-//! (`SIM_LATE_JOIN=1`), `leader_lease_loss` (`SIM_LEASE_LOSS=1`).
+//! (`SIM_LATE_JOIN=1`).
 //!
 //! A failure prints its seed and the command that replays just that seed:
 //! `SIM_SEED=<seed> cargo test --lib sim::`. `SIM_RUNS=<n>` sets the number of runs and
@@ -367,61 +368,45 @@ fn a_node_joining_late_learns_the_runners() {
 /// runners, which connect again anywhere. Same invariants, and no actor ever runs on two
 /// runners at once.
 ///
-/// Known failures (shipped code, ignored until fixed; `SIM_SEED=<seed> cargo test --lib
-/// sim::leader_lease_loss -- --ignored`, or `SIM_LEASE_LOSS=1` for the seed tests). About 3%
-/// of the seeds fail:
-/// - seed 314 (also 126, 404, 580): one actor on two runners at once. A runner whose
-///   connection is down when the leader changes never gets the fence; it keeps its actors
-///   until its own `runnerLostThreshold` (15 s) after the loss, but the new leader restores
-///   them as sleeping and places them again after its quiet period (`node_timeout_ms`, 5 s).
-///   With `SIM_QUIET_MS=16000` (a quiet period longer than the threshold) none of seeds
-///   0..700 runs an actor twice.
-/// - seed 344 (also 583, 639, 666): a start lists a socket closed before the leader change.
-///   The follower forwarded the record's removal to the old leader, which dropped it (it no
-///   longer led); the new leader restored the record. The other way round (seed 510 with
-///   `SIM_QUIET_MS=16000`): a record written then is missing, so a start does not list a
-///   hibernating socket, which is never restored.
-/// - seed 62 (same symptom: 326, 536, 594, 690; cause read from the trace of 62): a client
-///   socket detached from a runner that was not known at the reset (it had dropped its
-///   connection) keeps that runner's index; the next leader gives the index to another
-///   runner, whose attachment makes the shard replay the socket's window to it. That runner
-///   does not host the actor, nothing is acknowledged, and the client is closed 1011
-///   `guard.websocket_message_not_acked`; or (seed 571 with `SIM_QUIET_MS=16000`) the
-///   messages replayed to the wrong runner are lost and the restored socket's runner closes
-///   it 1008 `ws.message_index_skip`.
-/// - seed 212 (also 217, 296, 341, 351, ...): a hibernating socket with messages asks for a
-///   wake once per sleep (`Hibernation::waking`); the wake went to the old leader, the reset
-///   does not clear the flag, the next leader never hears of it, and the socket waits
-///   forever.
+/// Failures it found in the shipped code, fixed: a runner whose connection was down at the
+/// reset missed the fence and kept its actors for `runnerLostThreshold`, longer than the
+/// quiet period (the new leader now holds placement that long: seed 314); a record removal
+/// sent to the old leader was lost with it (each shard now sends its complete record list at
+/// the reset: seed 344); a socket kept the index of a runner its shard no longer knew and was
+/// replayed to the runner the next leader gave that index (seed 62); a wake asked of the old
+/// leader was lost and the hibernating socket waited forever (seed 212); a hold that ran out
+/// with nothing pending kept its deadline, and the leader's loop spun (seed 11).
 #[test]
-#[ignore]
 fn leader_lease_loss() {
-    let total = run_nodes("sim::leader_lease_loss -- --ignored", 400, |_, c| {
-        c.lease_loss = true
-    });
+    let total = run_nodes("sim::leader_lease_loss", 400, |_, c| c.lease_loss = true);
     assert!(total.lease_losses > 0, "no lease was lost");
 }
 
-/// The fence of a leader change must reach the runners: when what the gateway wrote before
-/// closing a runner connection is lost with the close (the fencing `Init` included), an old
-/// term's runner keeps its actors and the next leader places them again. The simulation must
-/// catch that (one actor on two runners at once).
+/// A new leader must not place before runners of the old term stopped their actors. Without
+/// its placement hold, a runner whose connection was down at the reset (it missed the fence)
+/// still runs its actors when the next leader places them again; without the hold and the
+/// fence (what the gateway wrote before closing a runner connection lost with the close), so
+/// does every runner of the old term until it connects again. The simulation must catch
+/// both (one actor on two runners at once).
 #[test]
-fn unfenced_runners_are_caught() {
-    let found = (0..400u64).any(|seed| {
-        let mut cfg = SimConfig::from_seed(seed);
-        cfg.nodes = if seed % 4 == 3 { 3 } else { 2 };
-        cfg.lease_loss = true;
-        cfg.drop_before_close = true;
-        World::new(seed, cfg)
-            .run()
-            .err()
-            .is_some_and(|f| f.message.contains("two runners at once"))
-    });
-    assert!(
-        found,
-        "no seed ran an actor on two runners at once without the fence"
-    );
+fn unheld_or_unfenced_placements_are_caught() {
+    for unfenced in [false, true] {
+        let found = (0..600u64).any(|seed| {
+            let mut cfg = SimConfig::from_seed(seed);
+            cfg.nodes = if seed % 4 == 3 { 3 } else { 2 };
+            cfg.lease_loss = true;
+            cfg.placement_hold = false;
+            cfg.drop_before_close = unfenced;
+            World::new(seed, cfg)
+                .run()
+                .err()
+                .is_some_and(|f| f.message.contains("two runners at once"))
+        });
+        assert!(
+            found,
+            "no seed ran an actor on two runners at once without the hold (unfenced: {unfenced})"
+        );
+    }
 }
 
 /// A runner's tunnel message (at most once, outside the control link) must not overtake the

@@ -712,6 +712,11 @@ impl World {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         engine.restore(records, self.now);
+        // As `lead()` does after a leader change: no placement for `runner_lost_threshold`.
+        if self.cfg.placement_hold {
+            let hold = EngineConfig::default().runner_lost_threshold;
+            engine.hold_placement_until(self.now + hold);
+        }
         self.engine = engine;
         self.plane = Plane::new(self.cfg.shards);
         self.log(|| {

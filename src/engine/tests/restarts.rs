@@ -336,7 +336,41 @@ fn a_placement_hold_defers_every_start_until_it_ends() {
     let a = e.tick(until);
     let (checkpoint, _) = start_of(&a);
     assert_eq!(checkpoint.actor_id, id);
+    assert!(
+        e.next_deadline().is_none_or(|t| t > until),
+        "the hold's deadline is gone once it ran out"
+    );
+    // A hold with nothing waiting runs out at its tick too.
+    e.hold_placement_until(secs(t0, 5.5));
+    e.tick(secs(t0, 5.5));
+    assert!(e.next_deadline().is_none_or(|t| t > secs(t0, 5.5)));
     // Past the hold, placement is immediate again.
     let (other, a) = create(&mut e, "counter", Some("y"), secs(t0, 6.0));
     assert_eq!(start_of(&a).0.actor_id, other);
+}
+
+/// A shard's complete list of socket records (sent when the placement leader changed)
+/// forgets that shard's records it does not list, keeps other shards' and nodes', and
+/// records what it lists.
+#[test]
+fn a_hibernating_sync_replaces_one_shards_records() {
+    let (mut e, t0, id, _) = running_actor();
+    let gw = [1, 2, 3, 4];
+    let req = |shard: u8, n: u8| HibernatingRequest {
+        gateway_id: gw,
+        request_id: [shard, n, 0, 0],
+    };
+    let other_node = HibernatingRequest {
+        gateway_id: [9, 9, 9, 9],
+        request_id: [0, 1, 0, 0],
+    };
+    for r in [req(0, 1), req(0, 2), req(1, 1), other_node] {
+        assert!(e.hibernating_upsert(&id, r, t0));
+    }
+    let listed = vec![(std::sync::Arc::from(id.as_str()), req(0, 3))];
+    assert_eq!(e.hibernating_sync(gw, 0, &listed, t0), 2);
+    let mut left: Vec<HibernatingRequest> =
+        e.hibernating(&id).into_iter().map(|(h, _)| h).collect();
+    left.sort_by_key(|h| (h.gateway_id, h.request_id));
+    assert_eq!(left, vec![req(0, 3), req(1, 1), other_node]);
 }
