@@ -523,24 +523,11 @@ impl Engine {
     ) -> usize {
         let keep: std::collections::HashSet<(&str, HibernatingRequest)> =
             listed.iter().map(|(a, r)| (&**a, *r)).collect();
-        let mut n = 0;
-        for (id, a) in self.actors.iter_mut() {
-            let gone: Vec<HibernatingRequest> = a
-                .hibernating
-                .keys()
-                .filter(|h| {
-                    h.gateway_id == gateway
-                        && u16::from(h.request_id[0]) == shard
-                        && !keep.contains(&(id.as_str(), **h))
-                })
-                .copied()
-                .collect();
-            for req in gone {
-                a.hibernating.remove(&req);
-                self.hib_ops.push(store_keys::hib_delete(id, req));
-                n += 1;
-            }
-        }
+        let n = self.forget_records(|id, h| {
+            h.gateway_id == gateway
+                && u16::from(h.request_id[0]) == shard
+                && !keep.contains(&(id, *h))
+        });
         for (actor_id, req) in listed {
             let _ = self.hibernating_upsert(actor_id, *req, now);
         }
@@ -552,19 +539,23 @@ impl Engine {
     /// only cut off for a while records its sockets again with its next refresh
     /// (`timeouts.hibernation_refresh_ms`).
     pub fn forget_gateway(&mut self, gateway: crate::protocol::GatewayId) -> usize {
+        self.forget_records(|_, h| h.gateway_id == gateway)
+    }
+
+    /// Forgets the hibernating-socket records `(actor id, record)` that `gone` picks, in
+    /// memory and in the store. Returns how many.
+    fn forget_records(&mut self, gone: impl Fn(&str, &HibernatingRequest) -> bool) -> usize {
         let mut n = 0;
         for (id, a) in self.actors.iter_mut() {
-            let gone: Vec<HibernatingRequest> = a
-                .hibernating
-                .keys()
-                .filter(|h| h.gateway_id == gateway)
-                .copied()
-                .collect();
-            for req in gone {
-                a.hibernating.remove(&req);
-                self.hib_ops.push(store_keys::hib_delete(id, req));
-                n += 1;
-            }
+            let before = a.hibernating.len();
+            a.hibernating.retain(|h, _| {
+                let forget = gone(id, h);
+                if forget {
+                    self.hib_ops.push(store_keys::hib_delete(id, *h));
+                }
+                !forget
+            });
+            n += before - a.hibernating.len();
         }
         n
     }

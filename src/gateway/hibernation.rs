@@ -5,7 +5,7 @@
 //! hibernatable socket from its open to its close (refreshed here), so whatever starts the
 //! actor lists it.
 
-use super::conns::{ConnKind, Hibernation};
+use super::conns::{ClientConn, ConnKind, Hibernation};
 use super::msg::{ControlMsg, TunnelIn};
 use super::{ConnId, Gateway, Reason};
 use crate::engine::ConnRef;
@@ -122,6 +122,25 @@ impl Gateway {
         self.metrics().inc(Counter::WakeRequests);
     }
 
+    /// Hibernating sockets that `pick` selects (and that are not closing) may ask for a wake
+    /// again; returns those with messages waiting (to ask now).
+    pub(super) fn forget_wakes(&mut self, pick: impl Fn(&ClientConn) -> bool) -> Vec<ConnId> {
+        self.conns
+            .iter_mut()
+            .filter_map(|(s, c)| match &mut c.kind {
+                ConnKind::Client(cc) if pick(cc) && !c.out.closing => {
+                    let h = cc.hibernation.as_mut()?;
+                    h.waking = false;
+                    (cc.socket.pending_len() > 0).then_some(ConnId {
+                        slot: s as u32,
+                        gen: c.gen,
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The socket stops hibernating (reattached or closed).
     pub(super) fn leave_hibernation(&mut self, id: ConnId) {
         let Some(ConnKind::Client(cc)) = self.conn_mut(id).map(|c| &mut c.kind) else {
@@ -215,21 +234,7 @@ impl Gateway {
         self.fail_requests("actor.stopped", |r| &*r.actor_id == actor_id);
         // Sockets that hibernated while the actor still ran (it handed them back) and asked
         // for a wake then: the actor is down now, so a wake starts it.
-        let held: Vec<ConnId> = self
-            .conns
-            .iter_mut()
-            .filter_map(|(s, c)| match &mut c.kind {
-                ConnKind::Client(cc) if &*cc.actor_id == actor_id && !c.out.closing => {
-                    let h = cc.hibernation.as_mut()?;
-                    h.waking = false;
-                    (cc.socket.pending_len() > 0).then_some(ConnId {
-                        slot: s as u32,
-                        gen: c.gen,
-                    })
-                }
-                _ => None,
-            })
-            .collect();
+        let held = self.forget_wakes(|cc| &*cc.actor_id == actor_id);
         let affected =
             self.clients_where(|cc| &*cc.actor_id == actor_id && cc.hibernation.is_none());
         for id in affected {

@@ -298,21 +298,7 @@ impl Gateway {
         }
         // A wake asked of the old leader may be lost with it: hibernating sockets with
         // messages ask the next one.
-        let rewake: Vec<ConnId> = self
-            .conns
-            .iter_mut()
-            .filter_map(|(slot, c)| match &mut c.kind {
-                ConnKind::Client(cc) if !c.out.closing => {
-                    let h = cc.hibernation.as_mut()?;
-                    h.waking = false;
-                    (cc.socket.pending_len() > 0).then_some(ConnId {
-                        slot: slot as u32,
-                        gen: c.gen,
-                    })
-                }
-                _ => None,
-            })
-            .collect();
+        let rewake = self.forget_wakes(|_| true);
         for id in rewake {
             self.wake_for(id);
         }
