@@ -21,6 +21,7 @@
 //! came would not list them (the runner would never restore them). (Found by the
 //! simulation once other shards' messages arrived late too.)
 
+use crate::cluster::wire::ALL_SHARDS;
 use crate::engine::{self, Action, ConnRef, Engine, InitReport, Resolve};
 use crate::gateway::{ConnId, ControlMsg, Reason, Reply, ResolveError, Routed, ShardMsg};
 use crate::protocol::{self, ToServer};
@@ -235,11 +236,25 @@ impl Plane {
     }
 
     /// Node `node` with `shards` shards hears the broadcasts from now on (or its shard count
-    /// changed); stops broadcast before it are not waited for on it.
-    pub fn set_remote(&mut self, node: [u8; 4], shards: usize) {
-        match self.remotes.iter_mut().find(|(n, _)| *n == node) {
-            Some(r) => r.1 = shards,
-            None => self.remotes.push((node, shards)),
+    /// changed); stops broadcast before it are not waited for on it. A node that did not
+    /// hear them until now (it joined, came back, or this leader is new) first learns every
+    /// runner attached now, in `out`: the broadcasts it missed. What it learns of actors
+    /// comes with the routing answers to its own questions.
+    pub fn set_remote(
+        &mut self,
+        node: [u8; 4],
+        shards: usize,
+        engine: &Engine,
+        out: &mut Vec<(To, ShardMsg)>,
+    ) {
+        if let Some(r) = self.remotes.iter_mut().find(|(n, _)| *n == node) {
+            r.1 = shards;
+            return;
+        }
+        self.remotes.push((node, shards));
+        for (runner_idx, conn) in engine.attached_runners() {
+            let msg = ShardMsg::RunnerAttached { runner_idx, conn };
+            out.push((To::Node(node, ALL_SHARDS), msg));
         }
     }
 
@@ -704,6 +719,59 @@ mod tests {
         }];
         plane.deliver(actions, &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    /// A node the leader starts broadcasting to first hears every runner attached now (the
+    /// `RunnerAttached` broadcasts it missed), for all its shards; a node already heard from
+    /// hears nothing again, and a detached runner is not announced.
+    #[test]
+    fn a_new_remote_first_learns_the_attached_runners() {
+        let t0 = Instant::now();
+        let mut engine = Engine::new(engine::EngineConfig::default(), 7, t0, 1_700_000_000_000);
+        let conn = |slot| ConnRef {
+            node: [0; 4],
+            shard: 0,
+            slot,
+            gen: 1,
+        };
+        let init = || protocol::ToServerInit {
+            name: "default".into(),
+            version: 1,
+            total_slots: 4,
+            prepopulate_actor_names: None,
+            metadata: None,
+        };
+        for (slot, key) in [(1, "k1"), (2, "k2"), (3, "k3")] {
+            engine.runner_init(conn(slot), "default", key, init(), t0);
+        }
+        engine.runner_closed(conn(2), t0);
+        let mut plane = Plane::new(2);
+        let mut out = Vec::new();
+        let node = [9, 9, 9, 9];
+        plane.set_remote(node, 3, &engine, &mut out);
+        let heard: Vec<(u32, ConnRef)> = out
+            .iter()
+            .map(|m| match m {
+                (To::Node(n, ALL_SHARDS), ShardMsg::RunnerAttached { runner_idx, conn })
+                    if *n == node =>
+                {
+                    (*runner_idx, *conn)
+                }
+                (to, _) => panic!("only RunnerAttached to every shard of the node, not {to:?}"),
+            })
+            .collect();
+        assert_eq!(heard, vec![(0, conn(1)), (2, conn(3))]);
+        out.clear();
+        plane.set_remote(node, 4, &engine, &mut out);
+        assert!(out.is_empty(), "a known node is not told again");
+        assert_eq!(plane.remotes().collect::<Vec<_>>(), vec![node]);
+        plane.remote_lost(node, &mut engine, &mut out);
+        plane.set_remote(node, 4, &engine, &mut out);
+        assert_eq!(
+            out.len(),
+            2,
+            "a node that was lost and came back is told again"
+        );
     }
 
     /// The engine's runner closes become the gateway's reasons with the engine's codes.

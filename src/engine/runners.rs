@@ -566,6 +566,14 @@ impl Engine {
             .map(|r| r.runner_id.as_str())
     }
 
+    /// Every runner with a connection now, and that connection: what a node that starts
+    /// hearing the broadcasts must learn first (the `RunnerAttached` it missed).
+    pub fn attached_runners(&self) -> impl Iterator<Item = (RunnerIdx, ConnRef)> + '_ {
+        self.runners
+            .iter()
+            .filter_map(|(idx, r)| Some((RunnerIdx::try_from(idx).ok()?, r.conn?)))
+    }
+
     /// Number of runner records (connected or waiting to reconnect).
     pub fn runner_count(&self) -> usize {
         self.runners.len()

@@ -521,7 +521,7 @@ fn lead(
                         if members.seen.insert(from, now).is_none() {
                             tracing::info!(node = %hex(from), shards, "a node joined");
                         }
-                        plane.set_remote(from, shards as usize);
+                        plane.set_remote(from, shards as usize, &engine, &mut out);
                     }
                     ClusterIn::StepDown { .. } => {
                         carried.append(&mut batch);

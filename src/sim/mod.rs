@@ -55,8 +55,7 @@
 //! reaches the runner (the fencing `Init` of a leader change).
 //!
 //! Known failures kept behind ignored tests (shipped code, not fixed here):
-//! `single_instance_through_drains`, `a_node_joining_late_learns_the_runners`
-//! (`SIM_LATE_JOIN=1`).
+//! `single_instance_through_drains`.
 //!
 //! A failure prints its seed and the command that replays just that seed:
 //! `SIM_SEED=<seed> cargo test --lib sim::`. `SIM_RUNS=<n>` sets the number of runs and
@@ -343,18 +342,17 @@ fn single_instance_through_drains() {
     });
 }
 
-/// Known failure (several nodes): a node whose first heartbeat reaches the leader after a
-/// runner attached never hears that runner's `RunnerAttached` (the leader broadcasts to the
-/// nodes it knows, and does not tell a joining node the runners attached before), so when an
-/// actor with a socket hibernating on that node is placed on that runner, the node's shard
-/// ignores `ActorRunning` (it does not know the runner's connection) and the socket stays
-/// hibernating, never restored. Run with
-/// `cargo test --lib sim::a_node_joining_late_learns_the_runners -- --ignored`.
+/// Several nodes whose first heartbeats cross the lossy bus while runners already attach.
+/// Failure it found in the shipped code, fixed: the leader broadcast `RunnerAttached` only to
+/// the nodes it had heard from, so a node that joined later never learned the runners
+/// attached before; when an actor with a socket hibernating on that node was placed on such
+/// a runner, the node's shard ignored `ActorRunning` (it did not know the runner's
+/// connection) and the socket was never restored (seed 1253). A node the leader starts
+/// broadcasting to now first hears every attached runner (`Plane::set_remote`).
 #[test]
-#[ignore]
 fn a_node_joining_late_learns_the_runners() {
     run_nodes(
-        "sim::a_node_joining_late_learns_the_runners -- --ignored",
+        "sim::a_node_joining_late_learns_the_runners",
         3000,
         |_, c| {
             c.late_join = true;

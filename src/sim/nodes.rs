@@ -595,8 +595,16 @@ impl World {
             let e = self.cluster.epoch;
             self.bus_send(leader, from, Kind::Ctl, NodeMsg::Leader { epoch: e });
         }
+        if !self.cluster.placing() {
+            // As `lead()` does: heartbeats of the quiet period are applied to the plane
+            // that places (see `start_placing`).
+            return;
+        }
+        let mut out = Vec::new();
+        let id = super::actor::gateway_id(from);
         self.plane
-            .set_remote(super::actor::gateway_id(from), shards as usize);
+            .set_remote(id, shards as usize, &self.engine, &mut out);
+        self.post(out);
     }
 
     /// Node `n`'s shards: the placement leader changed (`leader_changed`).
@@ -731,8 +739,11 @@ impl World {
             if self.cluster.known[n]
                 .is_some_and(|(l, e)| l == self.cluster.leader && e == self.cluster.epoch)
             {
+                let mut out = Vec::new();
+                let id = super::actor::gateway_id(n);
                 self.plane
-                    .set_remote(super::actor::gateway_id(n), self.cfg.shards);
+                    .set_remote(id, self.cfg.shards, &self.engine, &mut out);
+                self.post(out);
             }
         }
         self.persist();
