@@ -43,8 +43,14 @@ pub struct Config {
 pub struct Cluster {
     /// Run as one node of several.
     pub enabled: bool,
-    /// The NATS server (`nats://host:4222`); every node uses the same one.
+    /// The NATS server (`nats://host:4222`) or servers of one NATS cluster, comma-separated;
+    /// every node uses the same. Credentials go in the URL (`nats://user:password@host:4222`,
+    /// or `nats://token@host:4222`); `check-config` shows them as `***`.
     pub nats_url: String,
+    /// PEM file of the certificate authorities that sign the NATS servers' certificates:
+    /// set, the bus requires TLS and trusts these only. Unset, `tls://` addresses (or a server
+    /// that requires TLS) are verified against the system's roots.
+    pub nats_tls_ca_file: Option<PathBuf>,
     /// How long a placement leader's lease lasts in PostgreSQL's clock.
     pub lease_ttl_ms: u64,
     /// How often the leader renews it (below `lease_ttl_ms / 3`).
@@ -66,6 +72,7 @@ impl Default for Cluster {
         Cluster {
             enabled: false,
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_tls_ca_file: None,
             lease_ttl_ms: 10_000,
             lease_renew_ms: 2_000,
             lease_safety_ms: 1_000,
@@ -146,6 +153,16 @@ impl serde::Serialize for StoreSer<'_> {
         let mut st = self.0.clone();
         st.postgres_url = crate::kv::pg_store::redacted(&st.postgres_url);
         st.serialize(s)
+    }
+}
+
+/// `[cluster]` as `check-config` prints it: passwords and tokens in `nats_url` redacted.
+struct ClusterSer<'a>(&'a Cluster);
+impl serde::Serialize for ClusterSer<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut c = self.0.clone();
+        c.nats_url = crate::cluster::nats_addr::redacted(&c.nats_url);
+        c.serialize(s)
     }
 }
 
@@ -598,6 +615,7 @@ impl Config {
             // The round trip below goes through `Serialize`, which redacts the token.
             let token = self.auth.admin_token.clone();
             let pg_url = self.store.postgres_url.clone();
+            let nats_url = self.cluster.nats_url.clone();
             let mut current = toml::Table::try_from(&*self).map_err(|e| ConfigError::Env {
                 name: name.clone(),
                 err: e.to_string(),
@@ -614,6 +632,9 @@ impl Config {
             }
             if !(section.as_deref() == Some("store") && field == "postgres_url") {
                 self.store.postgres_url = pg_url;
+            }
+            if !(section.as_deref() == Some("cluster") && field == "nats_url") {
+                self.cluster.nats_url = nats_url;
             }
         }
         Ok(())
@@ -747,10 +768,16 @@ impl Config {
             if st.backend != "postgres" {
                 return bad("cluster.enabled needs store.backend = \"postgres\" (every node shares one PostgreSQL database)");
             }
-            if !c.nats_url.starts_with("nats://") && !c.nats_url.starts_with("tls://") {
-                return bad(
-                    "cluster.nats_url must be a nats:// or tls:// URL (e.g. nats://127.0.0.1:4222)",
-                );
+            if let Err(e) = crate::cluster::nats_addr::parse(&c.nats_url) {
+                return Err(ConfigError::Invalid(format!("cluster.nats_url: {e}")));
+            }
+            if let Some(ca) = &c.nats_tls_ca_file {
+                if let Err(e) = std::fs::metadata(ca) {
+                    return Err(ConfigError::Invalid(format!(
+                        "cluster.nats_tls_ca_file {}: {e}",
+                        ca.display()
+                    )));
+                }
             }
             if let Err(e) = c.lease().validate() {
                 return Err(ConfigError::Invalid(format!("cluster.{e}")));
@@ -829,7 +856,7 @@ impl serde::Serialize for Config {
         st.serialize_field("timeouts", &TimeoutsSer(&self.timeouts))?;
         st.serialize_field("serverless", &self.serverless)?;
         st.serialize_field("store", &StoreSer(&self.store))?;
-        st.serialize_field("cluster", &self.cluster)?;
+        st.serialize_field("cluster", &ClusterSer(&self.cluster))?;
         st.end()
     }
 }
@@ -1111,6 +1138,42 @@ mod tests {
         )])
         .unwrap();
         assert_eq!(c.serverless.public_url, "http://127.0.0.1:9");
+    }
+
+    /// `cluster.nats_url`: several servers and credentials; a bad one refused by name and
+    /// without its secret; the password never printed and kept across env overrides.
+    #[test]
+    fn cluster_nats_url() {
+        let base = "[store]\nbackend = \"postgres\"\npostgres_url = \"postgres://u@127.0.0.1/t\"\n[cluster]\nenabled = true\n";
+        let c = Config::from_toml(&format!(
+            "{base}nats_url = \"nats://torpor:hunter2@a:4222,nats://b:4222\"\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        let printed = toml::to_string(&c).unwrap();
+        assert!(
+            !printed.contains("hunter2") && printed.contains("nats://torpor:***@a:4222"),
+            "{printed}"
+        );
+        let mut c2 = c.clone();
+        c2.apply_env(vec![("TORPOR_SHARDS".to_string(), "2".to_string())])
+            .unwrap();
+        assert_eq!(c2.cluster.nats_url, c.cluster.nats_url);
+        c2.apply_env(vec![(
+            "TORPOR_CLUSTER__NATS_URL".to_string(),
+            "nats://c:4222".to_string(),
+        )])
+        .unwrap();
+        assert_eq!(c2.cluster.nats_url, "nats://c:4222");
+        let bad = Config::from_toml(&format!(
+            "{base}nats_url = \"nats://u:one@a:4222,nats://u:hunter2@b:4222\"\n"
+        ))
+        .unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("cluster.nats_url") && !err.contains("hunter2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -91,9 +91,11 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
     if cfg.cluster.enabled {
         let c = &cfg.cluster;
         let (node, events) =
-            crate::cluster::node::Node::start(&c.nats_url, gateway_id).map_err(|e| {
-                std::io::Error::other(format!("cannot reach NATS at {}: {e}", c.nats_url))
-            })?;
+            crate::cluster::node::Node::start(&c.nats_url, c.nats_tls_ca_file.clone(), gateway_id)
+                .map_err(|e| {
+                    let at = crate::cluster::nats_addr::redacted(&c.nats_url);
+                    std::io::Error::other(format!("cannot reach NATS at {at}: {e}"))
+                })?;
         shared.node = Some(node.clone());
         let _ = metrics.bus.set(node.bus_stats_handle());
         let (ctx, crx) = crossbeam_channel::unbounded();
@@ -121,7 +123,7 @@ pub fn run(cfg: Config) -> std::io::Result<()> {
         std::thread::Builder::new()
             .name("torpor-lease".into())
             .spawn(move || crate::cluster::node::run_lease(pg, lease, node, ctx, stop))?;
-        tracing::info!(node = %crate::cluster::bus::hex(gateway_id), nats = %c.nats_url, "cluster node started");
+        tracing::info!(node = %crate::cluster::bus::hex(gateway_id), nats = %crate::cluster::nats_addr::redacted(&c.nats_url), "cluster node started");
     }
     let control = {
         let shared = shared.clone();

@@ -283,3 +283,116 @@ fn a_full_caller_channel_drops_tunnel_messages_and_keeps_control_messages() {
         tun.len()
     );
 }
+
+/// A server that wants credentials: buses with the right user and password in the URL (one
+/// of two addresses, the other one down) exchange control messages; a wrong password or none
+/// is refused at start, by name; a token works the same way.
+#[test]
+fn credentials_in_the_url() {
+    let server = NatsServer::start_with(&["--user", "torpor", "--pass", "p@ss:w"]).unwrap();
+    let port = server.port();
+    // Port 1 on loopback refuses connections: the client moves on to the next address.
+    let good = format!("nats://torpor:p%40ss%3Aw@127.0.0.1:1,nats://127.0.0.1:{port}");
+    let (a, _a_rx) = Bus::start(&good, A, cfg()).unwrap();
+    let (_b, b_rx) = Bus::start(&good, B, cfg()).unwrap();
+    for i in 0..100 {
+        a.send(B, Kind::Ctl, msg(i)).unwrap();
+    }
+    let mut exp = Expect { next: 0 };
+    until(&b_rx, "100 control messages", |e| {
+        exp.take(&e, A);
+        exp.next == 100
+    });
+    const C: NodeId = [0, 0, 0, 0xc];
+    for bad in [
+        format!("nats://torpor:wrong@127.0.0.1:{port}"),
+        server.url(),
+    ] {
+        let err = match Bus::start(&bad, C, cfg()) {
+            Ok(_) => panic!("{bad}: a bus without the right credentials started"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.to_lowercase().contains("authoriz") && !err.contains("wrong"),
+            "{bad}: {err}"
+        );
+    }
+    let server = NatsServer::start_with(&["--auth", "t0ken"]).unwrap();
+    let (a, _a_rx) = Bus::start(
+        &format!("nats://t0ken@127.0.0.1:{}", server.port()),
+        A,
+        cfg(),
+    )
+    .unwrap();
+    let (_b, b_rx) = Bus::start(
+        &format!("nats://t0ken@127.0.0.1:{}", server.port()),
+        B,
+        cfg(),
+    )
+    .unwrap();
+    a.send(B, Kind::Ctl, msg(0)).unwrap();
+    let mut exp = Expect { next: 0 };
+    until(&b_rx, "a control message", |e| {
+        exp.take(&e, A);
+        exp.next == 1
+    });
+    assert!(Bus::start(&server.url(), C, cfg()).is_err());
+}
+
+/// A certificate authority and a server certificate for 127.0.0.1 signed by it, as PEM files
+/// in a fresh directory: (CA file, server certificate file, server key file).
+fn tls_files(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let files = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&files.0, ca_cert.pem()).unwrap();
+    std::fs::write(&files.1, cert.pem()).unwrap();
+    std::fs::write(&files.2, key.serialize_pem()).unwrap();
+    files
+}
+
+/// A server that requires TLS: buses that trust its certificate authority
+/// (`BusConfig::tls_ca_file`) exchange control messages over TLS; a bus that trusts only the
+/// system's roots is refused.
+#[test]
+fn tls_with_a_private_certificate_authority() {
+    let dir = std::env::temp_dir().join(format!("torpor-nats-tls-{}", std::process::id()));
+    let (ca, cert, key) = tls_files(&dir);
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let server = NatsServer::start_with(&["--tls", "--tlscert", cert, "--tlskey", key]).unwrap();
+    let tls = BusConfig {
+        tls_ca_file: Some(ca),
+        ..cfg()
+    };
+    let (a, _a_rx) = Bus::start(&server.url(), A, tls.clone()).unwrap();
+    let (_b, b_rx) = Bus::start(&server.url(), B, tls).unwrap();
+    for i in 0..100 {
+        a.send(B, Kind::Ctl, msg(i)).unwrap();
+    }
+    let mut exp = Expect { next: 0 };
+    until(&b_rx, "100 control messages over TLS", |e| {
+        exp.take(&e, A);
+        exp.next == 100
+    });
+    const C: NodeId = [0, 0, 0, 0xc];
+    let tls_url = server.url().replace("nats://", "tls://");
+    assert!(
+        Bus::start(&tls_url, C, cfg()).is_err(),
+        "a certificate of an unknown authority is refused"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -84,6 +84,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use super::link::{Frame, LinkConfig, LinkRx, LinkTx, TunGate};
+use super::nats_addr::NatsAuth;
 
 /// A node's id: its 4-byte gateway id.
 pub type NodeId = [u8; 4];
@@ -128,7 +129,7 @@ pub enum BusEvent {
 }
 
 /// Limits of a bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusConfig {
     /// The control links' limits and timing.
     pub link: LinkConfig,
@@ -142,6 +143,10 @@ pub struct BusConfig {
     pub subscription_capacity: usize,
     /// Most events waiting for the caller.
     pub in_queue: usize,
+    /// PEM file of the certificate authorities that sign the NATS servers' certificates:
+    /// TLS is required, verified against these only (`None`: TLS only for `tls://`
+    /// addresses or a server that asks for it, verified against the system's roots).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for BusConfig {
@@ -153,6 +158,7 @@ impl Default for BusConfig {
             client_capacity: 1_024,
             subscription_capacity: 8_192,
             in_queue: 8_192,
+            tls_ca_file: None,
         }
     }
 }
@@ -607,7 +613,19 @@ impl Shell {
             stats,
         } = ends;
         let (nats_tx, nats_events) = mpsc::unbounded_channel();
-        let client = async_nats::ConnectOptions::new()
+        let target = super::nats_addr::parse(url).map_err(io::Error::other)?;
+        let options = match target.auth {
+            Some(NatsAuth::UserPassword { user, password }) => {
+                async_nats::ConnectOptions::with_user_and_password(user, password)
+            }
+            Some(NatsAuth::Token(token)) => async_nats::ConnectOptions::with_token(token),
+            None => async_nats::ConnectOptions::new(),
+        };
+        let options = match &cfg.tls_ca_file {
+            Some(ca) => options.add_root_certificates(ca.clone()).require_tls(true),
+            None => options,
+        };
+        let client = options
             .name(format!("torpor-{}", hex(node)))
             .max_reconnects(None)
             .reconnect_delay_callback(|attempts| {
@@ -622,7 +640,7 @@ impl Shell {
                     let _ = tx.send(e);
                 }
             })
-            .connect(url)
+            .connect(target.servers)
             .await
             .map_err(io::Error::other)?;
         let subscriber = client

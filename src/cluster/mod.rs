@@ -11,11 +11,13 @@
 //! - [`lease`]: one placement leader at a time, the sans-IO lease state machine of a node.
 //! - [`pg_lease`]: that lease in PostgreSQL (epoch row, advisory lock) and the epoch fence on
 //!   the store's writes.
+//! - [`nats_addr`]: `cluster.nats_url` (one server or several, credentials in the URL).
 //! - [`nats_server`]: a throwaway `nats-server` for tests.
 
 pub mod bus;
 pub mod lease;
 pub mod link;
+pub mod nats_addr;
 #[doc(hidden)]
 pub mod nats_server;
 pub mod node;

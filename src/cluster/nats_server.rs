@@ -28,6 +28,8 @@ pub struct NatsServer {
     /// Unique per server: checked in the `INFO` line.
     name: String,
     log: PathBuf,
+    /// More `nats-server` arguments (e.g. `--user`/`--pass`), at every start.
+    extra: Vec<String>,
     port: Mutex<u16>,
     child: Mutex<Option<Child>>,
 }
@@ -62,6 +64,12 @@ fn free_port() -> io::Result<u16> {
 impl NatsServer {
     /// Starts a server on a free loopback port and waits until it accepts clients.
     pub fn start() -> io::Result<NatsServer> {
+        Self::start_with(&[])
+    }
+
+    /// [`start`](Self::start) with more `nats-server` arguments, e.g. `["--user", "u",
+    /// "--pass", "p"]` or `["--auth", "token"]` for a server that wants credentials.
+    pub fn start_with(extra: &[&str]) -> io::Result<NatsServer> {
         static N: AtomicU64 = AtomicU64::new(0);
         let bin = find_bin().ok_or_else(|| {
             io::Error::other(
@@ -75,6 +83,7 @@ impl NatsServer {
             bin,
             name,
             log,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             port: Mutex::new(0),
             child: Mutex::new(None),
         };
@@ -110,6 +119,7 @@ impl NatsServer {
             let mut child = Command::new(&self.bin)
                 .args(["-a", "127.0.0.1", "-p", &port.to_string()])
                 .args(["-n", &self.name])
+                .args(&self.extra)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)

@@ -103,9 +103,17 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Connects to NATS as node `id`.
-    pub fn start(nats_url: &str, id: NodeId) -> io::Result<(Arc<Node>, Receiver<BusEvent>)> {
-        let (bus, events) = Bus::start(nats_url, id, BusConfig::default())?;
+    /// Connects to NATS as node `id` (`tls_ca_file`: see [`BusConfig::tls_ca_file`]).
+    pub fn start(
+        nats_url: &str,
+        tls_ca_file: Option<std::path::PathBuf>,
+        id: NodeId,
+    ) -> io::Result<(Arc<Node>, Receiver<BusEvent>)> {
+        let cfg = BusConfig {
+            tls_ca_file,
+            ..BusConfig::default()
+        };
+        let (bus, events) = Bus::start(nats_url, id, cfg)?;
         let node = Node {
             id,
             bus,
