@@ -95,8 +95,8 @@ pub(super) struct Runner {
     /// While a reconnect's fence is out: the (actor, generation)s whose events came back on
     /// the new connection. The engine withholds the acknowledgement of each placed actor's
     /// latest event, so a runner that still hosts an actor re-sends that event right after
-    /// `Init`; at the pong, a running actor with no event back is not hosted there any more
-    /// (a new process that reuses the runner key).
+    /// `Init`; at the pong, an actor that ran here (it sent an event) with no event back is
+    /// not hosted there any more (a new process that reuses the runner key).
     pub proof: Option<BTreeSet<(String, u32)>>,
 }
 
@@ -523,9 +523,12 @@ impl Engine {
         for (actor_id, generation) in &vanished {
             r.prune_actor(actor_id, *generation);
         }
-        // Running actors that sent nothing back before the pong: a new process behind the
-        // same runner key does not host them. Starting ones are left to the in-doubt rule
-        // above and the start deadline.
+        // Actors that ran here (the runner sent an event of their generation) and sent
+        // nothing back before the pong: a new process behind the same runner key does not
+        // host them. One that never sent an event proves nothing either way: its start may
+        // have gone out after the fence ping (placed on this connection, then stopped by a
+        // drain before its `Running`), so the runner may host it still. Those are left to
+        // the in-doubt rule above and the start and stop deadlines.
         let mut gone: Vec<(String, u32)> = Vec::new();
         if let Some(proof) = proof {
             for id in &r.actors {
@@ -533,7 +536,8 @@ impl Engine {
                     continue;
                 };
                 let key = (id.clone(), a.generation);
-                let ran = matches!(a.status, ActorStatus::Running | ActorStatus::Stopping);
+                let ran = matches!(a.status, ActorStatus::Running | ActorStatus::Stopping)
+                    && a.last_event_idx >= 0;
                 if ran && !proof.contains(&key) && !vanished.contains(&key) {
                     gone.push(key);
                 }

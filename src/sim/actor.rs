@@ -103,15 +103,11 @@ pub(super) struct Store {
     /// it now).
     pub reqs: BTreeMap<([u8; 4], [u8; 4]), Vec<u32>>,
     /// Actor instances started and not stopped: actor id → (runner number, generation).
-    /// More than one runner at once is a violation (checked when `single_instance`).
+    /// More than one runner at once is a violation (checked when `single_instance`), a
+    /// draining runner's included (it runs its actors until their `CommandStopActor`).
     pub instances: BTreeMap<String, BTreeSet<(usize, u32)>>,
     /// Check that no actor ever runs on two runners at once.
     pub single_instance: bool,
-    /// ... also when the older instance is on a draining runner (known to fail: the engine
-    /// counts a draining runner's actors stopped when the runner says `Stopping`).
-    pub strict_drain: bool,
-    /// Runners that sent `Stopping` (their process exits once drained).
-    pub draining: BTreeSet<usize>,
     /// Actors send to their clients: a greeting when a socket opens, an echo of every
     /// message (runner → client traffic: at most once between nodes).
     pub actor_sends: bool,
@@ -152,15 +148,9 @@ impl Actor for SimActor {
         let h = cx.handle();
         let mut store = lock(&self.shared);
         let (runner, generation) = (self.runner, self.generation);
-        let (strict, draining) = (store.strict_drain, store.draining.clone());
         let set = store.instances.entry(self.actor_id.clone()).or_default();
         set.insert((runner, generation));
-        let others: Vec<(usize, u32)> = set
-            .iter()
-            .filter(|(r, _)| *r != runner)
-            .filter(|(r, _)| strict || !draining.contains(r))
-            .copied()
-            .collect();
+        let others: Vec<(usize, u32)> = set.iter().filter(|(r, _)| *r != runner).copied().collect();
         if store.single_instance && !others.is_empty() {
             let msg = format!(
                 "actor {} g{generation} started on runner {runner} while it still runs on \

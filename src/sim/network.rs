@@ -353,7 +353,6 @@ impl World {
         // Its actor instances died with it.
         let mut store = lock(&self.shared);
         store.handles.retain(|_, (r, _, _)| *r != no);
-        store.draining.remove(&no);
         for set in store.instances.values_mut() {
             set.retain(|(r, _)| *r != no);
         }

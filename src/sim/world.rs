@@ -132,7 +132,6 @@ impl World {
         let t0 = Instant::now();
         let shared: Shared = Arc::new(std::sync::Mutex::new(Store {
             single_instance: cfg.single_instance,
-            strict_drain: cfg.strict_drain,
             actor_sends: cfg.actor_sends,
             ..Store::default()
         }));
@@ -450,7 +449,13 @@ impl World {
                 if !up.is_empty() {
                     let no = up[self.rng.random_range(0..up.len())];
                     self.runners[no].draining = true;
-                    lock(&self.shared).draining.insert(no);
+                    let hosting = lock(&self.shared)
+                        .instances
+                        .values()
+                        .any(|s| s.iter().any(|(r, _)| *r == no));
+                    if hosting {
+                        self.stats.drains_hosting += 1;
+                    }
                     self.runners[no].core.begin_shutdown();
                     self.runner_flush(no);
                 }

@@ -374,3 +374,54 @@ fn a_hibernating_sync_replaces_one_shards_records() {
     left.sort_by_key(|h| (h.gateway_id, h.request_id));
     assert_eq!(left, vec![req(0, 3), req(1, 1), other_node]);
 }
+
+#[test]
+fn an_actor_placed_after_the_fence_and_drained_before_it_ran_stays_until_its_stopped() {
+    // The runner reconnects while it hosts an actor: a possession fence is out. A new actor is
+    // placed on the new connection after the fence ping, and the runner drains before that
+    // actor's `Running` came back. The pong proves nothing about it (the runner got its start
+    // after the ping): it stays placed, stopping, until the runner reports it stopped, and
+    // is never started on another runner meanwhile (single instance).
+    let (mut e, t0, id, _) = running_actor();
+    e.runner_closed(c(1), t0);
+    let a = e.runner_init(c(2), "default", "k1", init("default", 10), secs(t0, 1.0));
+    let ts = fence_ts(&a).expect("possession fence");
+    // The same process: the hosted actor's latest event comes back.
+    e.runner_events(c(2), vec![ev(&id, 0, 0, running())], secs(t0, 1.0));
+    let (b, a) = create(&mut e, "n", None, secs(t0, 1.1));
+    assert_eq!(start_of(&a).0, cp(&b, 0, 0));
+    assert_eq!(commands(&a)[0].0, c(2));
+    // Another runner with room, and a request that wants `b` running.
+    e.runner_init(c(3), "default", "k2", init("default", 10), secs(t0, 1.2));
+    let (r, _) = e.resolve(&b, 1, secs(t0, 1.2));
+    assert!(matches!(r, Resolve::Pending { .. }));
+    let a = e.runner_message(c(2), ToServer::Stopping, secs(t0, 1.3));
+    let s: Vec<ActorCheckpoint> = stops(&a).into_iter().map(|w| w.checkpoint).collect();
+    assert!(
+        s.contains(&cp(&b, 0, 1)) && s.contains(&cp(&id, 0, 1)),
+        "{s:?}"
+    );
+    let a = e.runner_pong(c(2), ts, secs(t0, 1.4));
+    assert!(
+        !a.contains(&Action::ActorStopped {
+            actor_id: b.clone()
+        }),
+        "{a:?}"
+    );
+    assert!(starts(&a).is_empty(), "{a:?}");
+    assert_eq!(status(&e, &b), ActorStatus::Stopping);
+    // The runner started `b` after the ping and stops it now: only then does it run elsewhere.
+    let a = e.runner_events(c(2), vec![ev(&b, 0, 0, running())], secs(t0, 1.5));
+    assert!(starts(&a).is_empty(), "{a:?}");
+    assert_eq!(status(&e, &b), ActorStatus::Stopping);
+    let a = e.runner_events(
+        c(2),
+        vec![ev(&b, 0, 1, stopped(StopCode::Ok))],
+        secs(t0, 1.6),
+    );
+    assert!(a.contains(&Action::ActorStopped {
+        actor_id: b.clone()
+    }));
+    assert_eq!(start_of(&a).0, cp(&b, 1, 0));
+    assert_eq!(commands(&a)[0].0, c(3));
+}
