@@ -544,6 +544,18 @@ impl Engine {
             }
         }
         let r = &mut self.runners[idx];
+        // Stops written now, again (in doubt) or for the first time (queued while the runner
+        // was away or fenced): the runner has `actor_stop_threshold` from now to report them.
+        let stops_sent: Vec<(String, u32)> = r
+            .outbox
+            .iter()
+            .filter(|c| matches!(c.state, CmdState::Held | CmdState::Unsent))
+            .filter(|c| matches!(c.cmd.inner, Command::StopActor))
+            .map(|c| {
+                let cp = &c.cmd.checkpoint;
+                (cp.actor_id.clone(), cp.generation)
+            })
+            .collect();
         // Stops in doubt are sent again: stopping an absent instance is a no-op for the runner.
         for c in &mut r.outbox {
             if c.state == CmdState::Held {
@@ -554,9 +566,10 @@ impl Engine {
             self.placement_vanished(&actor_id, generation, idx, now);
         }
         // What is still placed here is hosted here: stops wait for their `Stopped` again
-        // (a deadline that passed while the runner was away or fenced did nothing), and the
-        // lookups that waited for the proof get their route.
-        self.rearm_stop_deadlines(idx, now);
+        // (a deadline that passed while the runner was away or fenced did nothing; a stop
+        // written now gets its whole threshold), and the lookups that waited for the proof
+        // get their route.
+        self.rearm_stop_deadlines(idx, &stops_sent, now);
         self.flush(idx);
         self.answer_runner_waiters(idx);
         self.place_pending(now);

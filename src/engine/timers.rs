@@ -87,15 +87,26 @@ impl Engine {
 
     /// Give every stopping actor placed on runner `idx` that has no stop deadline a fresh
     /// one (its deadline passed while the runner was disconnected or fenced, when it cannot
-    /// end the stop: see `expire_actor_deadlines`).
-    pub(super) fn rearm_stop_deadlines(&mut self, idx: usize, now: Instant) {
+    /// end the stop: see `expire_actor_deadlines`), and so every one whose stop command is
+    /// written to the runner now (`stops_sent`: actor, generation): a runner that reconnects
+    /// has the whole `actor_stop_threshold` to report a stop it gets again, not what was left
+    /// of it when the stop was first sent.
+    pub(super) fn rearm_stop_deadlines(
+        &mut self,
+        idx: usize,
+        stops_sent: &[(String, u32)],
+        now: Instant,
+    ) {
         let Some(r) = self.runners.get(idx) else {
             return;
         };
         let deadline = now + self.cfg.actor_stop_threshold;
         for id in &r.actors {
             if let Some(a) = self.actors.get_mut(id) {
-                if a.status == ActorStatus::Stopping && a.deadline.is_none() {
+                let sent_now = stops_sent
+                    .iter()
+                    .any(|(id, generation)| *id == a.id && *generation == a.generation);
+                if a.status == ActorStatus::Stopping && (a.deadline.is_none() || sent_now) {
                     set_deadline(&mut self.actor_deadlines, a, Some(deadline));
                 }
             }

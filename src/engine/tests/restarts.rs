@@ -289,6 +289,38 @@ fn a_stop_deadline_that_passed_while_fenced_is_rearmed_at_the_pong() {
     }));
 }
 
+/// A stop sent again at a reconnect's pong gets the whole `actor_stop_threshold` from then:
+/// the deadline it had before the runner went away would end it (and place the actor
+/// elsewhere) while the runner, which got it again a moment ago, still runs the actor.
+/// (Found by the simulation, seed 1023808.)
+#[test]
+fn a_stop_sent_again_at_the_pong_gets_its_whole_threshold() {
+    let (mut e, t0, id, _) = running_actor();
+    e.runner_events(c(1), vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))], t0);
+    e.runner_closed(c(1), secs(t0, 1.0));
+    let a = e.runner_init(c(2), "default", "k1", init("default", 10), secs(t0, 28.0));
+    let ts = fence_ts(&a).unwrap();
+    e.runner_events(
+        c(2),
+        vec![ev(&id, 0, 1, intent(ActorIntent::Sleep))],
+        secs(t0, 29.0),
+    );
+    let a = e.runner_pong(c(2), ts, secs(t0, 29.0));
+    assert_eq!(
+        stops(&a)[0].checkpoint,
+        cp(&id, 0, 1),
+        "the stop goes again"
+    );
+    // The first deadline (t0 + 30 s) passes: the runner has had the stop for 1 s only.
+    assert!(e.tick(secs(t0, 31.0)).is_empty());
+    assert_eq!(status(&e, &id), ActorStatus::Stopping);
+    assert!(e.tick(secs(t0, 58.9)).is_empty());
+    let a = e.tick(secs(t0, 59.0));
+    assert!(a.contains(&Action::ActorStopped {
+        actor_id: id.clone()
+    }));
+}
+
 #[test]
 fn a_close_before_the_pong_leaves_no_possession_check_behind() {
     let (mut e, t0, id, _) = running_actor();
