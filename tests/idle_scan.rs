@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use torpor::config::Config;
-use torpor::gateway::{ConnId, Gateway};
+use torpor::gateway::{ConnId, Gateway, WriterTurn};
 use torpor::metrics::{Counter, Metrics};
 use torpor::tunnel::TunnelSocket;
 use torpor::ws::OpCode;
@@ -144,6 +144,53 @@ fn a_slow_client_that_makes_progress_stays() {
     // Nothing more during the next period: reset.
     r.scan(IDLE * 2);
     assert_eq!(r.closing(), (true, true));
+}
+
+/// The writer took the whole queue into one write that the kernel never completes (the
+/// client reads nothing): the client is still behind, so its reader stays paused, and the
+/// scan resets it as too slow. Counting only what is still queued, it looked caught up the
+/// moment the writer took its batch: nothing woke its paused reader (only the writer's
+/// progress does), and the scan pinged it and then closed it as idle, with a close frame
+/// stuck behind everything it never read.
+#[test]
+fn a_client_whose_whole_queue_is_in_a_stuck_write_is_reset() {
+    let mut r = rig(IDLE.as_millis() as u64);
+    r.unread(600);
+    assert!(r.st.client_out_full(r.client), "behind: its reader pauses");
+    let mut batch = Vec::new();
+    let turn = r.st.writer_turn(r.client, &mut batch, 1024);
+    assert!(matches!(turn, WriterTurn::Write { .. }), "{turn:?}");
+    assert!(r.queued().is_empty(), "the writer holds it all");
+    assert!(
+        r.st.client_out_full(r.client),
+        "still unread while the write is not done"
+    );
+    r.scan(IDLE);
+    assert_eq!(r.closing(), (true, true), "reset, not pinged");
+    assert_eq!(r.pings(), 0);
+    assert_eq!(r.metrics.closes("guard.client_too_slow"), 1);
+}
+
+/// Once the writer reports the write done, the client is caught up: it is read again and
+/// its silence is only idleness.
+#[test]
+fn a_completed_write_ends_the_pause() {
+    let mut r = rig(IDLE.as_millis() as u64);
+    r.unread(600);
+    let mut batch = Vec::new();
+    let WriterTurn::Write { bytes } = r.st.writer_turn(r.client, &mut batch, 1024) else {
+        panic!("a write");
+    };
+    assert!(r.st.client_out_full(r.client));
+    batch.clear();
+    assert_eq!(
+        r.st.writer_next(r.client, bytes, &mut batch, 1024),
+        WriterTurn::Idle
+    );
+    assert!(!r.st.client_out_full(r.client), "caught up");
+    r.scan(IDLE);
+    assert_eq!(r.closing(), (false, false));
+    assert_eq!(r.pings(), 1, "took its queue, then silent: pinged");
 }
 
 #[test]

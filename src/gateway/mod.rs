@@ -477,7 +477,7 @@ impl Gateway {
         let Some(c) = self.conn_mut(id) else {
             return;
         };
-        c.out.written += bytes as u64;
+        c.out.wrote(bytes);
         let written = c.out.written;
         // Only a runner connection carrying a streamed request body has receipts.
         let due = c.out.receipts.front().is_some_and(|&(at, _)| at <= written);

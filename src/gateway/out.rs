@@ -68,6 +68,11 @@ impl IntoIterator for Frames {
 pub struct OutQueue {
     pub(crate) chunks: VecDeque<Bytes>,
     pub(crate) bytes: usize,
+    /// Bytes of the batch last handed to the writer whose write has not been reported
+    /// ([`super::Gateway::written`]): out of the queue, but not taken by the kernel yet. A
+    /// writer asks for its next batch only once its last write is over, so taking a batch
+    /// replaces it.
+    pub(crate) in_flight: usize,
     /// Set once a close frame is queued: the writer half-closes after flushing.
     pub(crate) closing: bool,
     /// The peer does not read, so no close handshake can happen: the connection is reset
@@ -122,10 +127,24 @@ impl OutQueue {
         wake
     }
 
-    /// More than `half` bytes queued and no close frame among them: the peer is behind on
-    /// reading (see [`Pause::Unread`]).
+    /// Bytes queued or in a write that has not completed: what the peer has not taken yet.
+    pub fn unwritten(&self) -> usize {
+        self.bytes + self.in_flight
+    }
+
+    /// More than `half` bytes not written yet (queued, or in the writer's unfinished write)
+    /// and no close frame among them: the peer is behind on reading (see [`Pause::Unread`]).
+    /// A batch the writer takes still counts until its write is reported, so only the
+    /// writer's progress ends this (and wakes a reader that waits on it): a peer that reads
+    /// nothing stays behind even once its whole queue sits in one stuck write.
     pub(crate) fn behind(&self, half: usize) -> bool {
-        self.bytes > half && !self.closing
+        self.unwritten() > half && !self.closing
+    }
+
+    /// The writer reports `bytes` of its last batch written.
+    pub(crate) fn wrote(&mut self, bytes: usize) {
+        self.written += bytes as u64;
+        self.in_flight = self.in_flight.saturating_sub(bytes);
     }
 
     /// Moves up to `max` queued chunks, oldest first, onto the end of `batch` (one vectored
@@ -140,6 +159,7 @@ impl OutQueue {
             batch.push(c);
         }
         self.bytes -= bytes;
+        self.in_flight = bytes;
         bytes
     }
 
@@ -170,8 +190,8 @@ impl OutQueue {
 pub enum Pause {
     /// The pending window is full: the runner has not acknowledged enough (woken by acks).
     Window,
-    /// More than half of `client_outbound_bytes` is queued to the client: it does not read
-    /// what it is sent, so its own input (an echo flood) must stall in its TCP window
+    /// More than half of `client_outbound_bytes` is unwritten to the client (queued, or in a
+    /// write the kernel has not taken yet): it does not read what it is sent, so its own input (an echo flood) must stall in its TCP window
     /// instead of costing the shard (woken as its writer makes progress).
     Unread,
 }
