@@ -191,8 +191,9 @@ pub enum Pause {
     /// The pending window is full: the runner has not acknowledged enough (woken by acks).
     Window,
     /// More than half of `client_outbound_bytes` is unwritten to the client (queued, or in a
-    /// write the kernel has not taken yet): it does not read what it is sent, so its own input (an echo flood) must stall in its TCP window
-    /// instead of costing the shard (woken as its writer makes progress).
+    /// write the kernel has not taken yet): it does not read what it is sent, so its own
+    /// input (an echo flood) must stall in its TCP window instead of costing the shard (woken
+    /// as its writer makes progress).
     Unread,
 }
 
