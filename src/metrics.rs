@@ -268,6 +268,9 @@ pub struct Metrics {
     /// The lease epoch this node places with, 0 while it does not lead (several nodes); 1
     /// when torpor runs alone.
     pub leading_epoch: Arc<AtomicI64>,
+    /// The newest lease epoch this node knows a leader of (leading or following), 0 before
+    /// it knows one (several nodes); 1 when torpor runs alone.
+    pub known_epoch: Arc<AtomicI64>,
     /// 1 while this node's NATS connection is up (several nodes), else 0.
     pub nats_connected: Arc<AtomicI64>,
     /// Serverless pools by state, written by the control plane (one entry per runner config
@@ -287,6 +290,7 @@ impl Metrics {
             actors: Arc::new(std::array::from_fn(|_| AtomicI64::new(0))),
             runners_known: Arc::new(AtomicI64::new(0)),
             leading_epoch: Arc::new(AtomicI64::new(0)),
+            known_epoch: Arc::new(AtomicI64::new(0)),
             nats_connected: Arc::new(AtomicI64::new(0)),
             pools: Arc::default(),
             kv: Arc::new(std::sync::OnceLock::new()),
@@ -411,6 +415,16 @@ impl Metrics {
             out,
             "torpor_cluster_leading_epoch {}",
             self.leading_epoch.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP torpor_cluster_epoch The newest placement lease epoch this node knows a leader of, leading or following (0: none yet; 1 when torpor runs alone)"
+        );
+        let _ = writeln!(out, "# TYPE torpor_cluster_epoch gauge");
+        let _ = writeln!(
+            out,
+            "torpor_cluster_epoch {}",
+            self.known_epoch.load(Relaxed)
         );
         let _ = writeln!(
             out,

@@ -66,6 +66,8 @@ pub fn run_control(
     let Some(crx) = cluster else {
         let gauge = &shared.metrics.leading_epoch;
         gauge.store(1, std::sync::atomic::Ordering::Relaxed);
+        let known = &shared.metrics.known_epoch;
+        known.store(1, std::sync::atomic::Ordering::Relaxed);
         lead(&shared, &rx, &kv, records, None, &mut Vec::new());
         return;
     };
@@ -82,6 +84,8 @@ pub fn run_control(
             leader_changed(&shared);
         }
         last_epoch = epoch;
+        let known = &shared.metrics.known_epoch;
+        known.store(epoch as i64, std::sync::atomic::Ordering::Relaxed);
         // Every write from here on is conditional on this epoch; a write of an earlier term
         // still queued runs under the earlier fence (refused if that term is over).
         let _ = kv.set_fence(Some(epoch));
@@ -219,6 +223,8 @@ fn follow(
                         }
                         fail_asked(shared, &mut asked);
                         *last_epoch = epoch;
+                        let known = &shared.metrics.known_epoch;
+                        known.store(epoch as i64, std::sync::atomic::Ordering::Relaxed);
                         leader = Some((l, epoch));
                         // The heartbeat first: the leader's broadcasts reach this node's
                         // shards from then on, before any runner of it is attached.
