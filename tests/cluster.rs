@@ -335,6 +335,8 @@ fn kill_9_of_the_leader_while_creating_loses_no_acknowledged_actor() {
          {} creates answered 503 meanwhile",
         refused.len()
     );
+    // n2 may still follow the killed leader: it asks the new one once it follows it.
+    wait_one_leader(&[&n1, &n2]);
     for (key, id) in &created {
         assert_eq!(with_key(n2.addr, key), vec![id.clone()], "actor {key}");
     }
@@ -396,6 +398,7 @@ fn sigstop_of_the_leader_past_its_lease_then_sigcont_places_nothing_twice() {
     );
     n3.wait_metric("torpor_cluster_leading_epoch", |v| v == 0.0);
     assert!(standby.metric("torpor_cluster_leading_epoch") > first);
+    wait_one_leader(&[&n1, &n2, &n3]);
     // Each actor once, and every one still answers (placed by the one leader).
     assert_eq!(with_key(n2.addr, "before"), vec![a.clone()]);
     assert_eq!(with_key(n2.addr, "during"), vec![b.clone()]);
